@@ -1,0 +1,37 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both create ./.venv on first use.
+# TORCH_SPEC pins the PyTorch build the venv gets; the project itself only asks for torch>=2.3, so
+# GPU users installing with `pip install -e .` keep their CUDA build. Override, e.g.:
+#   make test TORCH_SPEC='torch>=2.3'
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dreamcoeff-installed
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m dreamcoeff.demo --output_dir demo_out
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_attention.py
+	$(BIN)/python benchmarks/bench_train_step.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,251 @@
+"""Save, load and validate alpha files (`coeff_weights.safetensors`).
+
+Layout (DESIGN.md section 4): one float32 H x H tensor per tuned attention module under the key
+`unet.<module path>.alpha`, holding the *residual* alpha (A = I + scale * alpha), and string metadata
+`format=dreamcoeff`, `format_version`, `base_model`, `targets`, `coeff_dropout`, plus whatever the
+caller adds (the trainer stores its arguments as JSON under `training_args`).
+
+Files are untrusted input: only safetensors is read (never pickle), the header is parsed and checked
+(size, keys, shapes, dtypes) before any tensor is allocated, values must be finite, and loading is
+all-or-nothing: nothing on the pipeline changes unless the whole file fits it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .processor import attention_modules, coeff_modules, coeff_state_dict, install_coeff_processors, remove_coeff, unwrap_unet
+
+__all__ = [
+    "COEFF_WEIGHTS_NAME",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "CoeffWeightsError",
+    "save_coeff_weights",
+    "load_coeff_weights",
+    "read_coeff_file",
+    "atomic_write",
+]
+
+COEFF_WEIGHTS_NAME = "coeff_weights.safetensors"
+FORMAT_NAME = "dreamcoeff"
+FORMAT_VERSION = "1"
+# A dreamcoeff header for all of SDXL is ~20 KB; anything near this limit is not ours.
+MAX_HEADER_BYTES = 8 * 2**20
+MAX_HEADS = 1024
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+class CoeffWeightsError(ValueError):
+    """An alpha file that cannot be saved or does not fit the model; the message says why and what to do."""
+
+
+def atomic_write(path: str | os.PathLike, write_fn) -> Path:
+    """Call `write_fn(tmp_path)` on a temporary file beside `path`, then rename it over `path`.
+
+    A crash or a failed write (full disk) never leaves a half-written file under the final name, and
+    an existing file stays intact until the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _metadata_strings(metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    out = {}
+    for key, value in (metadata or {}).items():
+        out[str(key)] = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
+    return out
+
+
+def save_coeff_weights(
+    path: str | os.PathLike, unet, metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Write the model's alpha to a safetensors file, atomically (temp file + rename).
+
+    `path` may be a directory (the file is then `coeff_weights.safetensors` inside it). Metadata values
+    that are not strings are stored as JSON. Refuses non-finite alpha, so a diverged run never
+    overwrites good weights with NaNs.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / COEFF_WEIGHTS_NAME
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in coeff_state_dict(unet).items()}
+    if not tensors:
+        raise CoeffWeightsError("nothing to save: the model has no coeff processors (call apply_coeff first)")
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CoeffWeightsError(
+            f"refusing to save non-finite alpha ({len(bad)} layers, e.g. {bad[0]}): the run diverged; "
+            "lower --coeff_lr / --learning_rate or resume from an earlier checkpoint"
+        )
+    modules = coeff_modules(unet)
+    first = next(iter(modules.values())).processor
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "targets": ",".join(sorted({p.rsplit(".", 1)[-1] for p in modules})),
+        "coeff_dropout": str(first.dropout),
+        "base_model": "",
+    }
+    meta.update(_metadata_strings(metadata))
+    try:
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    except OSError as exc:
+        raise CoeffWeightsError(f"could not write {path}: {exc.strerror or exc}; the previous file (if any) is intact") from exc
+
+
+def _read_header(path: Path) -> dict:
+    """Parse and sanity-check a safetensors header without touching the tensor data."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise CoeffWeightsError(
+                f"{path} is a pickle / torch.save file; dreamcoeff only reads safetensors (pickle can run code)"
+            )
+        if len(head) < 8:
+            raise CoeffWeightsError(f"{path} is not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES or header_len + 8 > size:
+            raise CoeffWeightsError(
+                f"{path} is not a valid safetensors file (header of {header_len} bytes for a {size}-byte file)"
+            )
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CoeffWeightsError(f"{path} is not a valid safetensors file (unreadable header: {exc})") from exc
+    if not isinstance(header, dict):
+        raise CoeffWeightsError(f"{path} is not a valid safetensors file (header is not a mapping)")
+    data_len = size - 8 - header_len
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets", [0, 0]) if isinstance(info, dict) else None
+        if not offsets or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1] <= data_len:
+            raise CoeffWeightsError(f"{path} is corrupt or truncated (tensor {key!r} lies outside the file)")
+    return header
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / COEFF_WEIGHTS_NAME
+    if not path.is_file():
+        raise CoeffWeightsError(f"alpha file not found: {path}")
+    return path
+
+
+def _validated_entries(path: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Check a file's header: format marker, key names, square shapes of sane size, float dtypes.
+
+    Returns ({key: heads}, metadata) without reading any tensor data.
+    """
+    header = _read_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    if metadata.get("format") != FORMAT_NAME:
+        raise CoeffWeightsError(
+            f"{path} is not a dreamcoeff alpha file (metadata format={metadata.get('format')!r}); "
+            "LoRA files load with pipe.load_lora_weights, not load_coeff_weights"
+        )
+    problems, entries = [], {}
+    for key, info in header.items():
+        shape, dtype = info.get("shape"), info.get("dtype")
+        if not (key.startswith("unet.") and key.endswith(".alpha")):
+            problems.append(f"{key}: not a 'unet.<attention module>.alpha' key")
+        elif dtype not in _FLOAT_DTYPES:
+            problems.append(f"{key}: dtype {dtype}, expected a float type")
+        elif not (isinstance(shape, list) and len(shape) == 2 and shape[0] == shape[1] and 0 < shape[0] <= MAX_HEADS):
+            problems.append(f"{key}: shape {shape}, expected square H x H with H <= {MAX_HEADS}")
+        else:
+            entries[key] = shape[0]
+    if problems:
+        raise CoeffWeightsError(f"{path} has invalid entries:\n  " + "\n  ".join(problems))
+    if not entries:
+        raise CoeffWeightsError(f"{path} holds no alpha tensors")
+    return entries, dict(metadata)
+
+
+def _load_tensors(path: Path, keys) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        tensors = {key: fh.get_tensor(key).to(torch.float32) for key in keys}
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CoeffWeightsError(
+            f"{path} holds non-finite alpha in {len(bad)} layers (e.g. {bad[0]}); the run that wrote it diverged"
+        )
+    return tensors
+
+
+def read_coeff_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read and validate a dreamcoeff file on its own (no model): (tensors, metadata).
+
+    `path` may be a training output directory. Raises `CoeffWeightsError` naming the file and problem.
+    """
+    path = _resolve(path)
+    entries, metadata = _validated_entries(path)
+    return _load_tensors(path, entries), metadata
+
+
+def load_coeff_weights(pipe_or_unet, path: str | os.PathLike, scale: float = 1.0) -> list[str]:
+    """Load an alpha file into a pipeline or UNet, replacing any alpha it had.
+
+    Every key must name an attention module of the UNet with the same head count; otherwise a
+    `CoeffWeightsError` lists all mismatches and the model is left exactly as it was. Afterwards the
+    file's modules carry `CoeffAttnProcessor`s with the loaded alpha at strength `scale`, and modules
+    not in the file have plain attention. Returns the module paths loaded.
+    """
+    unet = unwrap_unet(pipe_or_unet)
+    path = _resolve(path)
+    entries, _ = _validated_entries(path)
+    modules = attention_modules(unet)
+    problems = []
+    for key, heads in entries.items():
+        module_path = key[len("unet.") : -len(".alpha")]
+        module = modules.get(module_path)
+        if module is None:
+            problems.append(f"{key}: the UNet has no attention module '{module_path}'")
+        elif heads != module.heads:
+            problems.append(f"{key}: {heads} heads in the file, {module.heads} in the UNet")
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CoeffWeightsError(
+            f"{path} does not fit this UNet ({len(problems)} of {len(entries)} entries); "
+            "was it trained on another base model?\n  " + "\n  ".join(shown)
+        )
+    tensors = _load_tensors(path, entries)
+    wanted = [key[len("unet.") : -len(".alpha")] for key in tensors]
+    # From here on nothing can fail on account of the file: replace the model's alpha with it.
+    keep = set(wanted)
+    if any(p not in keep for p in coeff_modules(unet)):
+        remove_coeff(unet)
+    install_coeff_processors(unet, wanted)
+    installed = coeff_modules(unet)
+    with torch.no_grad():
+        for module_path in wanted:
+            processor = installed[module_path].processor
+            processor.alpha.copy_(tensors[f"unet.{module_path}.alpha"].to(processor.alpha.device))
+            processor.scale = float(scale)
+    return wanted
