@@ -273,8 +273,11 @@ def install_coeff_processors(
         if isinstance(processor, CoeffAttnProcessor):
             processor.dropout = float(dropout)
         else:
-            device = module.to_q.weight.device
-            module.set_processor(CoeffAttnProcessor(module.heads, dropout=dropout, chunk_size=chunk_size).to(device))
+            processor = CoeffAttnProcessor(module.heads, dropout=dropout, chunk_size=chunk_size)
+            # A new nn.Module starts in training mode: follow the host module, or coefficient
+            # dropout would act at inference on a model that is in eval().
+            processor.to(module.to_q.weight.device).train(module.training)
+            module.set_processor(processor)
     _install_scale_hooks(unet)
 
 

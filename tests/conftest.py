@@ -1,0 +1,46 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED_DREAMBOOTH = Path(__file__).resolve().parents[1].parent / "shared" / "dreambooth"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny SDXL pipeline saved as a diffusers folder, the way a real model is loaded."""
+    from dreamcoeff.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
+
+
+@pytest.fixture
+def tiny_pipe():
+    from dreamcoeff.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def unet_inputs():
+    """A batch of UNet inputs for the tiny SDXL UNet (latents, timesteps, text, added conditions)."""
+    from dreamcoeff.tiny import tiny_unet_config
+
+    cfg = tiny_unet_config()
+    g = torch.Generator().manual_seed(123)
+    b, size = 2, 8
+    pooled_dim = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    return dict(
+        sample=torch.randn(b, cfg["in_channels"], size, size, generator=g),
+        timestep=torch.tensor([10, 700]),
+        encoder_hidden_states=torch.randn(b, 77, cfg["cross_attention_dim"], generator=g),
+        added_cond_kwargs={
+            "text_embeds": torch.randn(b, pooled_dim, generator=g),
+            "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * b, dtype=torch.float32),
+        },
+    )
