@@ -147,8 +147,9 @@ def tiny_unet_config() -> dict[str, Any]:
     * 3 resolution levels, ``block_out_channels=(32, 64, 128)`` [(320, 640, 1280)], attention only
       in the two lower-resolution levels and the mid block;
     * ``attention_head_dim=(2, 4, 8)`` [(5, 10, 20)] - despite the name diffusers reads this as the
-      *number of heads* per block (diffusers issue #2011), so every attention level has its own head
-      count while the per-head width stays 16 [64];
+      *number of heads* per block (diffusers issue #2011). The first, attention-free level ignores
+      its entry, so the attention layers get 4 heads at 1/2 resolution and 8 heads at 1/4 resolution
+      and in the mid block, with a per-head width of 16 [64] everywhere;
     * ``transformer_layers_per_block=(1, 1, 2)`` [(1, 2, 10)]: the deepest level stacks more layers;
     * ``cross_attention_dim = 32 + 64`` [768 + 1280]: the concatenated text encoder hidden states;
     * ``text_time`` added conditioning: ``6 * 8 + 32`` [6 * 256 + 1280] input features.
@@ -222,7 +223,9 @@ def tiny_scheduler_config() -> dict[str, Any]:
     }
 
 
-def tiny_text_encoder_configs(vocab_size: int, bos_token_id: int, eos_token_id: int) -> tuple[CLIPTextConfig, CLIPTextConfig]:
+def tiny_text_encoder_configs(
+    vocab_size: int, bos_token_id: int, eos_token_id: int
+) -> tuple[CLIPTextConfig, CLIPTextConfig]:
     """Return the configs of ``text_encoder`` (CLIPTextModel) and ``text_encoder_2`` (with projection).
 
     Two layers each, the minimum for SDXL's "penultimate hidden state" to differ from the embeddings.

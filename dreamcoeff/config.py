@@ -1,0 +1,233 @@
+"""Training configuration: one dataclass that is also the command line.
+
+Each field of `TrainConfig` carries its flag's help text, group and choices in its metadata, so the
+argparse parser, `--config FILE` (YAML or TOML) and `args.json` all come from one definition.
+Flag names follow diffusers' `examples/dreambooth/train_dreambooth_lora_sdxl.py` where it has one.
+Booleans are `store_true` switches (never `type=bool`, where "False" would parse as True).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class UsageError(ValueError):
+    """A bad flag, flag combination or config file; the message says what to change."""
+
+
+def _f(default, help, group, choices=None, aliases=(), nargs=None, action=None):
+    return field(default=default, metadata=dict(help=help, group=group, choices=choices, aliases=aliases, nargs=nargs, action=action))
+
+
+MODEL, DATA, METHOD, TRAIN, OPTIM, PRIOR, CKPT, VALID, SYSTEM = (
+    "model", "data", "method (Coeff-Tuning / LoRA)", "training", "optimizer", "prior preservation",
+    "checkpoints and output", "validation and logging", "speed and memory",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a dreamcoeff training run (see `--help` for each flag)."""
+
+    # model
+    pretrained_model_name_or_path: str | None = _f(None, "SDXL base: a hub id or a local diffusers folder (required)", MODEL)
+    pretrained_vae_model_name_or_path: str | None = _f(None, "a better VAE (e.g. an fp16-safe one); by default the model's own VAE, kept in float32", MODEL)
+    revision: str | None = _f(None, "hub revision of the model", MODEL)
+    variant: str | None = _f(None, "weight variant to load, e.g. fp16", MODEL)
+
+    # data
+    instance_data_dir: str | None = _f(None, "folder of instance images (jpg/png/webp) of the subject (required)", DATA, aliases=("--instance_dir",))
+    instance_prompt: str | None = _f(None, "prompt with the identifier, e.g. 'a photo of sks dog' (required unless every image has a caption file)", DATA)
+    caption_ext: str | None = _f(None, "read per-image captions from sidecar files with this extension, e.g. .txt (name.jpg -> name.txt)", DATA)
+    resolution: int = _f(1024, "training resolution (pixels of the square, or the area of each aspect bucket)", DATA)
+    square_crop: bool = _f(False, "square crops like diffusers' script instead of aspect-ratio buckets", DATA)
+    center_crop: bool = _f(False, "center crops instead of random crops", DATA)
+    random_flip: bool = _f(False, "random horizontal flips", DATA)
+    repeats: int = _f(1, "repeat the instance images this many times per epoch", DATA)
+    skip_bad_images: bool = _f(False, "skip unreadable images with a warning instead of stopping", DATA)
+    dataloader_num_workers: int = _f(0, "data loading worker processes", DATA)
+
+    # method
+    tuning: str = _f("coeff", "what to train: Coeff-Tuning alpha, LoRA, or both", METHOD, choices=("coeff", "lora", "coeff+lora"))
+    coeff_targets: str = _f("both", "attention modules that get alpha: self- (attn1), cross- (attn2) or both", METHOD, choices=("attn1", "attn2", "both"))
+    coeff_dropout: float = _f(0.1, "coefficient dropout on alpha's elements (the paper's ablation found 0.1-0.2 best)", METHOD)
+    coeff_lr: float = _f(1e-3, "learning rate of alpha (its own param group)", METHOD)
+    rank: int = _f(4, "LoRA rank", METHOD)
+    lora_alpha: int | None = _f(None, "LoRA scaling numerator (default: = rank)", METHOD)
+    lora_dropout: float = _f(0.0, "dropout in the LoRA layers", METHOD)
+
+    # training
+    train_batch_size: int = _f(1, "batch size per device", TRAIN)
+    max_train_steps: int | None = _f(None, "total optimizer steps (overrides --num_train_epochs)", TRAIN)
+    num_train_epochs: int = _f(1, "epochs, used when --max_train_steps is not given", TRAIN)
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", TRAIN)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm", TRAIN)
+    snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is the paper's choice); off by default", TRAIN)
+    noise_offset: float = _f(0.0, "noise offset (0.0357 is common for SDXL)", TRAIN)
+    seed: int = _f(0, "seed for data order, augmentation, noise and validation", TRAIN)
+    max_bad_steps: int = _f(10, "stop after this many consecutive steps with a non-finite loss or gradient", TRAIN)
+
+    # optimizer
+    learning_rate: float = _f(1e-4, "learning rate of LoRA weights", OPTIM)
+    lr_scheduler: str = _f("constant", "learning-rate schedule", OPTIM, choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"))
+    lr_warmup_steps: int = _f(0, "warm-up steps of the schedule", OPTIM)
+    use_8bit_adam: bool = _f(False, "bitsandbytes' 8-bit AdamW (pip install bitsandbytes)", OPTIM)
+    adam_beta1: float = _f(0.9, "AdamW beta1", OPTIM)
+    adam_beta2: float = _f(0.999, "AdamW beta2", OPTIM)
+    adam_weight_decay: float = _f(1e-4, "AdamW weight decay of LoRA weights (alpha gets none: decay pulls it to the base model)", OPTIM)
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon", OPTIM)
+
+    # prior preservation
+    with_prior_preservation: bool = _f(False, "add the prior-preservation loss on class images (square crops)", PRIOR)
+    class_data_dir: str | None = _f(None, "folder of class images; missing ones are generated with the base model", PRIOR)
+    class_prompt: str | None = _f(None, "prompt of the class images, e.g. 'a photo of a dog'", PRIOR)
+    num_class_images: int = _f(100, "class images wanted; missing ones are generated", PRIOR)
+    prior_loss_weight: float = _f(1.0, "weight of the prior-preservation loss", PRIOR)
+    sample_batch_size: int = _f(4, "batch size when generating class images", PRIOR)
+    class_generation_steps: int = _f(25, "inference steps when generating class images", PRIOR)
+
+    # checkpoints and output
+    output_dir: str = _f("dreamcoeff-output", "where weights, checkpoints, model card and validation images go", CKPT)
+    overwrite_output_dir: bool = _f(False, "allow writing into an output dir that holds a previous run", CKPT)
+    checkpointing_steps: int = _f(500, "save a resumable checkpoint every N optimizer steps (0: never)", CKPT)
+    checkpoints_total_limit: int | None = _f(None, "keep at most this many checkpoints", CKPT)
+    resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder to continue from", CKPT)
+
+    # validation and logging
+    validation_prompt: list[str] | None = _f(None, "prompt for validation images (repeatable)", VALID, action="append")
+    num_validation_images: int = _f(4, "images per validation prompt", VALID)
+    validation_steps: int = _f(100, "run validation every N optimizer steps (and at the end)", VALID)
+    validation_inference_steps: int = _f(25, "inference steps of validation images", VALID)
+    report_to: str = _f("tensorboard", "tracker for logs: tensorboard, wandb, all or none (skipped with a note when not installed)", VALID)
+    logging_dir: str = _f("logs", "tracker folder, relative to --output_dir", VALID)
+
+    # speed and memory
+    mixed_precision: str | None = _f(None, "fp16 / bf16 activations and frozen weights (trainable ones stay float32)", SYSTEM, choices=("no", "fp16", "bf16"))
+    allow_tf32: bool = _f(False, "allow TF32 matmuls on Ampere+ GPUs", SYSTEM)
+    gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward to save memory", SYSTEM)
+    enable_xformers_memory_efficient_attention: bool = _f(False, "xformers for plain attention (layers without alpha; alpha layers keep exact mixing)", SYSTEM)
+    cache_latents: bool = _f(False, "encode each augmentation variant with the VAE once and reuse it", SYSTEM)
+    coeff_chunk_size: int | None = _f(None, "query rows per chunk in the exact mixed attention (default: from a memory budget)", SYSTEM)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_dreambooth_coeff.py",
+        description="DreamBooth for SDXL with Coeff-Tuning (alpha), LoRA, or both, on accelerate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML or TOML file supplying any flag; the command line wins")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        names = [f"--{f.name}", *meta["aliases"]]
+        kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"], "default": f.default}
+        if f.type in ("bool", bool):
+            kwargs["action"] = "store_true"
+        elif meta["action"]:
+            kwargs["action"] = meta["action"]
+        else:
+            kwargs["type"] = _scalar_type(f.type)
+            if meta["choices"]:
+                kwargs["choices"] = meta["choices"]
+        group.add_argument(*names, **kwargs)
+    return parser
+
+
+def _scalar_type(annotation: str):
+    text = str(annotation)
+    if text.startswith("int"):
+        return int
+    if text.startswith("float"):
+        return float
+    return str
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML or TOML config; keys are flag names without dashes."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path}: file not found")
+    try:
+        if p.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        else:
+            import yaml
+
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except Exception as exc:
+        raise UsageError(f"--config {path}: cannot parse it ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values")
+    data = {k.replace("-", "_").lstrip("_"): v for k, v in data.items()}
+    unknown = sorted(k for k in data if k not in FIELDS)
+    if unknown:
+        raise UsageError(f"--config {path}: unknown setting(s) {unknown}; see --help for the flag names")
+    if data.get("validation_prompt") is not None and isinstance(data["validation_prompt"], str):
+        data["validation_prompt"] = [data["validation_prompt"]]
+    return data
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Command line (and optional --config file) -> validated `TrainConfig`."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config_file(known.config))
+    ns = vars(parser.parse_args(argv))
+    ns.pop("config")
+    cfg = TrainConfig(**ns)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse missing or contradicting settings with a message that says what to do."""
+    if not cfg.pretrained_model_name_or_path:
+        raise UsageError("--pretrained_model_name_or_path is required (e.g. stabilityai/stable-diffusion-xl-base-1.0)")
+    if not cfg.instance_data_dir:
+        raise UsageError("--instance_data_dir (or --instance_dir) is required: the folder with photos of your subject")
+    if not cfg.instance_prompt and not cfg.caption_ext:
+        raise UsageError("--instance_prompt is required (e.g. 'a photo of sks dog'), unless --caption_ext gives per-image captions")
+    if cfg.with_prior_preservation:
+        if not cfg.class_prompt:
+            raise UsageError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog')")
+        if not cfg.class_data_dir:
+            raise UsageError("--with_prior_preservation needs --class_data_dir (generated images are stored there)")
+    elif cfg.class_data_dir or cfg.class_prompt:
+        raise UsageError("--class_data_dir / --class_prompt are only used with --with_prior_preservation; add it or drop them")
+    positive = ["resolution", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "rank", "repeats", "num_validation_images", "validation_steps", "max_bad_steps"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
+        raise UsageError(f"--max_train_steps must be >= 1, got {cfg.max_train_steps}")
+    if cfg.resolution % 8:
+        raise UsageError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {cfg.resolution}")
+    if not 0.0 <= cfg.coeff_dropout < 1.0:
+        raise UsageError(f"--coeff_dropout must be in [0, 1), got {cfg.coeff_dropout}")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise UsageError("--checkpoints_total_limit must be >= 1")
+    if cfg.checkpointing_steps < 0:
+        raise UsageError("--checkpointing_steps must be >= 0 (0 disables checkpoints)")
+    if cfg.learning_rate <= 0 or cfg.coeff_lr <= 0:
+        raise UsageError("--learning_rate and --coeff_lr must be > 0")
+
+
+def defaults() -> dict[str, Any]:
+    return {name: (f.default if f.default is not MISSING else None) for name, f in FIELDS.items()}
