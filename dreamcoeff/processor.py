@@ -262,18 +262,20 @@ def apply_coeff(
 
 
 def install_coeff_processors(
-    unet, paths: Iterable[str], dropout: float = 0.0, chunk_size: int | None = None
+    unet, paths: Iterable[str], dropout: float | None = None, chunk_size: int | None = None
 ) -> None:
-    """Install coeff processors on exactly these module paths; existing ones keep their alpha."""
+    """Install coeff processors on exactly these module paths; existing ones keep their alpha
+    (and their dropout unless `dropout` is given; new ones get `dropout or 0.0`)."""
     unet = unwrap_unet(unet)
     modules = attention_modules(unet)
     for path in paths:
         module = modules[path]
         processor = module.processor
         if isinstance(processor, CoeffAttnProcessor):
-            processor.dropout = float(dropout)
+            if dropout is not None:
+                processor.dropout = float(dropout)
         else:
-            processor = CoeffAttnProcessor(module.heads, dropout=dropout, chunk_size=chunk_size)
+            processor = CoeffAttnProcessor(module.heads, dropout=dropout or 0.0, chunk_size=chunk_size)
             # A new nn.Module starts in training mode: follow the host module, or coefficient
             # dropout would act at inference on a model that is in eval().
             processor.to(module.to_q.weight.device).train(module.training)

@@ -299,7 +299,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Check the data before loading gigabytes of model.
     instance_paths = data_lib.list_images(cfg.instance_data_dir, what="instance")
 
+    # `accelerate launch --multi_gpu` (torchrun) on a machine without CUDA: run the processes on
+    # the CPU with gloo instead of silently training N independent single-process copies.
+    cpu_distributed = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=cpu_distributed,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=_trackers(cfg.report_to),
@@ -430,12 +434,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     resume_path = resolve_resume(cfg, out)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
-        # The hook re-created the alpha parameters; the optimizer must keep pointing at them.
         state = json.loads((resume_path / "dreamcoeff_state.json").read_text())
         global_step = int(state["global_step"])
-        if "coeff" in cfg.tuning:
-            _rebind_optimizer(optimizer, coeff_params, coeff_parameters(bare_unet))
-            coeff_params = coeff_parameters(bare_unet)
+        # The load hook copies into the existing alpha parameters, so the optimizer still holds them.
+        assert all(a is b for a, b in zip(coeff_params, coeff_parameters(bare_unet)))
         logger.info("resumed from %s at step %d", resume_path, global_step)
 
     first_epoch = global_step // updates_per_epoch
@@ -553,6 +555,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     bar.close()
 
     accelerator.wait_for_everyone()
+    _check_ranks_agree(accelerator, coeff_params + lora_params)
     files: list[Path] = []
     if accelerator.is_main_process:
         meta = {"base_model": cfg.pretrained_model_name_or_path, "training_args": asdict(cfg)}
@@ -592,15 +595,16 @@ def save_checkpoint(accelerator, out: Path, step: int, limit: int | None) -> Pat
     return final
 
 
-def _rebind_optimizer(optimizer, old_params, new_params) -> None:
-    """Point the optimizer's param groups and state at re-created parameters (same order)."""
-    mapping = {id(o): n for o, n in zip(old_params, new_params)}
-    inner = getattr(optimizer, "optimizer", optimizer)
-    for group in inner.param_groups:
-        group["params"] = [mapping.get(id(p), p) for p in group["params"]]
-    for old in list(inner.state.keys()):
-        if id(old) in mapping:
-            inner.state[mapping[id(old)]] = inner.state.pop(old)
+def _check_ranks_agree(accelerator, params) -> None:
+    """Every process must end with the same weights (DDP keeps them in step); say so, or fail."""
+    if accelerator.num_processes == 1 or not params:
+        return
+    flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+    gathered = accelerator.gather(flat.unsqueeze(0))
+    spread = (gathered - gathered[0:1]).abs().max().item()
+    if spread > 0:
+        raise TrainingError(f"trainable weights differ across {accelerator.num_processes} processes (max diff {spread:g})")
+    logger.info("weights identical on all %d processes", accelerator.num_processes)
 
 
 def _with_class_batch(batch, dataset, cfg, micro: int, accelerator):

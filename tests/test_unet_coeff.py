@@ -341,3 +341,19 @@ def test_real_sdxl_layout_on_meta_device():
     heads = {m.heads for m in coeff_modules(unet).values()}
     assert heads == {10, 20}
     assert len(apply_coeff(unet, targets="attn2")) == 140  # re-apply keeps all, returns all coeff modules
+
+
+def test_load_keeps_dropout_and_parameters_of_existing_processors(tiny_pipe, tmp_path):
+    """Resuming loads alpha into the live processors: same Parameter objects (the optimizer holds
+    them) and the training dropout unchanged."""
+    apply_coeff(tiny_pipe.unet, dropout=0.2)
+    params = coeff_parameters(tiny_pipe.unet)
+    _randomize(tiny_pipe.unet)
+    save_coeff_weights(tmp_path, tiny_pipe.unet)
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    load_coeff_weights(tiny_pipe.unet, tmp_path)
+    after = coeff_parameters(tiny_pipe.unet)
+    assert all(a is b for a, b in zip(params, after)) and any(p.abs().max() > 0 for p in after)
+    assert all(m.processor.dropout == 0.2 for m in coeff_modules(tiny_pipe.unet).values())

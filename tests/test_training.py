@@ -1,0 +1,296 @@
+"""The trainer end to end on the tiny SDXL pipeline saved as a folder (the real loading path)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+
+from dreamcoeff import load_coeff_weights, read_coeff_file
+from dreamcoeff.config import UsageError, parse_args
+from dreamcoeff.training import list_checkpoints, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _make_images(folder: Path, sizes=((64, 64), (80, 64), (64, 80)), seed=0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(sizes):
+        arr = np.zeros((h, w, 3), np.uint8)
+        arr[..., 0] = 200
+        arr[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = rng.integers(0, 255, 3)
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, PartialState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
+
+def _args(model_dir, instance_dir, out, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(model_dir), "--instance_dir", str(instance_dir),
+        "--instance_prompt", "a photo of sks dog", "--output_dir", str(out), "--resolution", "64",
+        "--report_to", "none", "--checkpointing_steps", "0", *map(str, extra),
+    ]
+
+
+def _images(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tuning", ["coeff", "lora", "coeff+lora"])
+def test_each_mode_trains_saves_and_loads(tiny_pipeline_dir, tmp_path, tuning):
+    inst = _make_images(tmp_path / "inst")
+    out = tmp_path / "out"
+    assert main(_args(tiny_pipeline_dir, inst, out, "--tuning", tuning, "--max_train_steps", 3,
+                      "--coeff_lr", "5e-2", "--learning_rate", "5e-2", "--random_flip")) == 0
+    assert (out / "args.json").is_file() and (out / "README.md").is_file()
+    card = (out / "README.md").read_text()
+    assert "trainable parameters" in card and "sks dog" in card
+    assert json.loads((out / "args.json").read_text())["tuning"] == tuning
+
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)
+    base_images = _images(base)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)
+    if "coeff" in tuning:
+        tensors, meta = read_coeff_file(out / "coeff_weights.safetensors")
+        assert meta["base_model"] == str(tiny_pipeline_dir) and meta["coeff_dropout"] == "0.1"
+        assert json.loads(meta["training_args"])["tuning"] == tuning
+        assert any(t.abs().max() > 0 for t in tensors.values())
+        load_coeff_weights(pipe, out)
+    else:
+        assert not (out / "coeff_weights.safetensors").exists()
+    if "lora" in tuning:
+        pipe.load_lora_weights(out)
+    else:
+        assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert np.abs(_images(pipe) - base_images).max() > 1e-4
+
+
+def _final_weights(out: Path) -> dict:
+    tensors = {}
+    if (out / "coeff_weights.safetensors").exists():
+        tensors.update(read_coeff_file(out)[0])
+    if (out / "pytorch_lora_weights.safetensors").exists():
+        from safetensors.torch import load_file
+
+        tensors.update(load_file(str(out / "pytorch_lora_weights.safetensors")))
+    return tensors
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_matches_uninterrupted(tiny_pipeline_dir, tmp_path, monkeypatch):
+    inst = _make_images(tmp_path / "inst")  # 3 images, batch 1: checkpoint at step 2 is mid-epoch
+    common = ("--tuning", "coeff+lora", "--max_train_steps", 5, "--checkpointing_steps", 2, "--random_flip",
+              "--lr_scheduler", "linear", "--coeff_lr", "1e-2", "--learning_rate", "1e-2", "--lora_dropout", "0.1",
+              "--coeff_dropout", "0.2")
+    ref_out = tmp_path / "ref"
+    assert main(_args(tiny_pipeline_dir, inst, ref_out, *common)) == 0
+    reference = _final_weights(ref_out)
+
+    # interrupted run: dies right after writing checkpoint-2
+    import dreamcoeff.training as training
+
+    real_save = training.save_checkpoint
+
+    def save_then_die(accelerator, out, step, limit):
+        path = real_save(accelerator, out, step, limit)
+        if step == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return path
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(tiny_pipeline_dir, inst, out, *common))
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert not (out / "coeff_weights.safetensors").exists()
+
+    assert main(_args(tiny_pipeline_dir, inst, out, *common, "--resume_from_checkpoint", "latest")) == 0
+    resumed = _final_weights(out)
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.allclose(resumed[key], reference[key], atol=1e-6, rtol=0), key
+    # and training did move the weights (the comparison above can fail)
+    assert any(v.abs().max() > 1e-4 for k, v in reference.items() if k.endswith(".alpha"))
+
+
+@pytest.mark.slow
+def test_prior_preservation_generates_and_reuses_class_images(tiny_pipeline_dir, tmp_path):
+    inst = _make_images(tmp_path / "inst")
+    class_dir = tmp_path / "class"
+    args = _args(tiny_pipeline_dir, inst, tmp_path / "out", "--with_prior_preservation", "--class_data_dir", class_dir,
+                 "--class_prompt", "a photo of a dog", "--num_class_images", 3, "--sample_batch_size", 2,
+                 "--class_generation_steps", 2, "--max_train_steps", 2)
+    assert main(args) == 0
+    made = sorted(p.name for p in class_dir.iterdir())
+    assert made == ["class_00000.png", "class_00001.png", "class_00002.png"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in class_dir.iterdir()}
+    first = (class_dir / "class_00000.png").read_bytes()
+    (class_dir / "class_00001.png").unlink()  # one missing: only that one is generated again
+    args2 = [a if a != str(tmp_path / "out") else str(tmp_path / "out2") for a in args]
+    assert main(args2) == 0
+    assert (class_dir / "class_00000.png").stat().st_mtime_ns == stamps["class_00000.png"]
+    assert (class_dir / "class_00000.png").read_bytes() == first
+    assert (class_dir / "class_00001.png").exists()
+
+
+@pytest.mark.slow
+def test_aspect_buckets_keep_portrait_and_landscape(tiny_pipeline_dir, tmp_path, monkeypatch):
+    inst = _make_images(tmp_path / "inst", sizes=((64, 128), (128, 64), (96, 48)))
+    import dreamcoeff.data as data_lib
+
+    seen = []
+    real = data_lib.collate_examples
+
+    def spy(batch):
+        out = real(batch)
+        seen.append(tuple(out["pixel_values"].shape[-2:]))
+        return out
+
+    monkeypatch.setattr(data_lib, "collate_examples", spy)
+    assert main(_args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 3, "--train_batch_size", 1)) == 0
+    assert any(h > w for h, w in seen) and any(w > h for h, w in seen)
+    seen.clear()
+    assert main(_args(tiny_pipeline_dir, inst, tmp_path / "sq", "--max_train_steps", 2, "--square_crop")) == 0
+    assert seen and all(h == w == 64 for h, w in seen)
+
+
+@pytest.mark.slow
+def test_two_processes_agree(tiny_pipeline_dir, tmp_path):
+    inst = _make_images(tmp_path / "inst", sizes=((64, 64),) * 4)
+    out = tmp_path / "out"
+    # --multi_gpu selects the torchrun launcher; without CUDA the trainer runs the ranks on the CPU (gloo)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "train_dreambooth_coeff.py"), *_args(tiny_pipeline_dir, inst, out, "--max_train_steps", 2,
+                                                          "--tuning", "coeff+lora", "--coeff_lr", "1e-2")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "weights identical on all 2 processes" in res.stderr
+    assert any(v.abs().max() > 0 for v in read_coeff_file(out)[0].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a clear one-line error naming the file or flag, exit code 2, no traceback
+
+
+def _run_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_and_empty_instance_dir(tiny_pipeline_dir, tmp_path, capsys):
+    err = _run_error(capsys, _args(tiny_pipeline_dir, tmp_path / "nope", tmp_path / "out"))
+    assert "nope" in err and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    err = _run_error(capsys, _args(tiny_pipeline_dir, tmp_path / "empty", tmp_path / "out"))
+    assert "empty" in err
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "notes.txt").write_text("hi")
+    err = _run_error(capsys, _args(tiny_pipeline_dir, tmp_path / "txt", tmp_path / "out"))
+    assert "notes.txt" in err or "no image" in err.lower() or "none with an image extension" in err
+
+
+@pytest.mark.slow
+def test_corrupt_image_named_and_skippable(tiny_pipeline_dir, tmp_path, capsys, caplog):
+    inst = _make_images(tmp_path / "inst")
+    (inst / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    err = _run_error(capsys, _args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1))
+    assert "broken.jpg" in err and "--skip_bad_images" in err
+    with caplog.at_level("WARNING"):
+        assert main(_args(tiny_pipeline_dir, inst, tmp_path / "out2", "--max_train_steps", 1, "--skip_bad_images")) == 0
+    assert "broken.jpg" in caplog.text
+
+
+@pytest.mark.slow
+def test_small_images_upscaled_with_warning(tiny_pipeline_dir, tmp_path, caplog):
+    inst = _make_images(tmp_path / "inst", sizes=((24, 24), (64, 64)))
+    with caplog.at_level("WARNING"):
+        assert main(_args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1)) == 0
+    assert "img0.png" in caplog.text and "upscal" in caplog.text.lower()
+
+
+def test_model_folder_not_sdxl(tmp_path, capsys):
+    inst = _make_images(tmp_path / "inst")
+    (tmp_path / "model").mkdir()
+    err = _run_error(capsys, _args(tmp_path / "model", inst, tmp_path / "out"))
+    assert "model_index.json" in err
+    (tmp_path / "model" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"]}))
+    err = _run_error(capsys, _args(tmp_path / "model", inst, tmp_path / "out"))
+    assert "not an SDXL model" in err and "text_encoder_2" in err
+
+
+def test_output_dir_with_previous_run_refused(tiny_pipeline_dir, tmp_path, capsys):
+    inst = _make_images(tmp_path / "inst")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "args.json").write_text("{}")
+    err = _run_error(capsys, _args(tiny_pipeline_dir, inst, out))
+    assert "previous run" in err and "--overwrite_output_dir" in err
+    assert (out / "args.json").read_text() == "{}"
+
+
+def test_missing_optional_packages(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    inst = _make_images(tmp_path / "inst")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "xformers", None)
+    monkeypatch.setitem(sys.modules, "xformers.ops", None)
+    err = _run_error(capsys, _args(tiny_pipeline_dir, inst, tmp_path / "a", "--use_8bit_adam"))
+    assert "bitsandbytes" in err and "pip install" in err
+    err = _run_error(capsys, _args(tiny_pipeline_dir, inst, tmp_path / "b", "--enable_xformers_memory_efficient_attention"))
+    assert "xformers" in err and "pip install" in err
+
+
+def test_long_prompt_warns(tiny_pipeline_dir, tmp_path, caplog):
+    inst = _make_images(tmp_path / "inst", sizes=((64, 64),))
+    long_prompt = "a photo of sks dog " + " ".join(["on the red grass"] * 30)
+    argv = _args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1)
+    argv[argv.index("a photo of sks dog")] = long_prompt
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 0
+    assert "CLIP reads 77" in caplog.text
+
+
+def test_flags_config_file_and_contradictions(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("pretrained_model_name_or_path: m\ninstance_data_dir: d\ninstance_prompt: p\nrank: 8\ncoeff_lr: 0.005\n")
+    cfg = parse_args(["--config", str(cfg_file), "--rank", "16"])
+    assert cfg.rank == 16 and cfg.coeff_lr == 0.005  # the command line wins, the file fills the rest
+    toml = tmp_path / "run.toml"
+    toml.write_text('pretrained_model_name_or_path = "m"\ninstance_dir = "d"\ninstance_prompt = "p"\n')
+    with pytest.raises(UsageError, match="unknown setting"):
+        parse_args(["--config", str(toml)])
+    cfg = parse_args(["--pretrained_model_name_or_path", "m", "--instance_dir", "d", "--instance_prompt", "p",
+                      "--validation_prompt", "a", "--validation_prompt", "b"])
+    assert cfg.instance_data_dir == "d" and cfg.validation_prompt == ["a", "b"]
+    with pytest.raises(UsageError, match="--class_prompt"):
+        parse_args(["--pretrained_model_name_or_path", "m", "--instance_dir", "d", "--instance_prompt", "p",
+                    "--with_prior_preservation", "--class_data_dir", "c"])
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_model_name_or_path", "m", "--no_such_flag"])
