@@ -59,9 +59,15 @@ def _images(pipe):
 def test_each_mode_trains_saves_and_loads(tiny_pipeline_dir, tmp_path, tuning):
     inst = _make_images(tmp_path / "inst")
     out = tmp_path / "out"
+    validation = ("--validation_prompt", "a sks dog", "--num_validation_images", 1, "--validation_steps", 2,
+                  "--validation_inference_steps", 2) if tuning == "coeff" else ()
     assert main(_args(tiny_pipeline_dir, inst, out, "--tuning", tuning, "--max_train_steps", 3,
-                      "--coeff_lr", "5e-2", "--learning_rate", "5e-2", "--random_flip")) == 0
+                      "--coeff_lr", "5e-2", "--learning_rate", "5e-2", "--random_flip", *validation)) == 0
     assert (out / "args.json").is_file() and (out / "README.md").is_file()
+    if validation:  # every --validation_steps and at the end, fixed seeds
+        assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_00002", "step_00003"]
+        assert [p.name for p in (out / "validation" / "step_00002").iterdir()] == ["prompt00_seed0.png"]
+        assert "validation/step_00003/prompt00_seed0.png" in (out / "README.md").read_text()
     card = (out / "README.md").read_text()
     assert "trainable parameters" in card and "sks dog" in card
     assert json.loads((out / "args.json").read_text())["tuning"] == tuning
@@ -131,6 +137,16 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_pipeline_dir, tmp_path, mon
         assert torch.allclose(resumed[key], reference[key], atol=1e-6, rtol=0), key
     # and training did move the weights (the comparison above can fail)
     assert any(v.abs().max() > 1e-4 for k, v in reference.items() if k.endswith(".alpha"))
+
+
+@pytest.mark.slow
+def test_cache_latents_changes_nothing_but_speed(tiny_pipeline_dir, tmp_path):
+    inst = _make_images(tmp_path / "inst")
+    common = ("--max_train_steps", 4, "--center_crop", "--coeff_lr", "1e-2", "--num_train_epochs", 2)
+    assert main(_args(tiny_pipeline_dir, inst, tmp_path / "a", *common)) == 0
+    assert main(_args(tiny_pipeline_dir, inst, tmp_path / "b", *common, "--cache_latents")) == 0
+    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a) and any(v.abs().max() > 0 for v in a.values())
 
 
 @pytest.mark.slow

@@ -357,3 +357,20 @@ def test_load_keeps_dropout_and_parameters_of_existing_processors(tiny_pipe, tmp
     after = coeff_parameters(tiny_pipe.unet)
     assert all(a is b for a, b in zip(params, after)) and any(p.abs().max() > 0 for p in after)
     assert all(m.processor.dropout == 0.2 for m in coeff_modules(tiny_pipe.unet).values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(unet_inputs):
+    grads = []
+    for checkpointing in (False, True):
+        pipe = build_tiny_pipeline(seed=0)
+        unet = pipe.unet
+        unet.requires_grad_(False)
+        apply_coeff(unet, dropout=0.0)
+        _randomize(unet, std=0.1)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        unet(**unet_inputs).sample.square().mean().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in coeff_parameters(unet)]))
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
