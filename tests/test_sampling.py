@@ -1,0 +1,541 @@
+"""Tests of the prompt-grid sampler (dreamcoeff.sampling) and its CLI (dreamcoeff.sample).
+
+Everything runs on the tiny SDXL pipeline (64 px, 2 steps) and on tiny CLIP / ViT models built from
+configs, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreamcoeff import apply_coeff, coeff_modules, coeff_parameters, load_coeff_weights, save_coeff_weights
+from dreamcoeff import sampling as S
+from dreamcoeff.sample import main
+from dreamcoeff.tiny import build_tiny_pipeline, build_tiny_tokenizer, tiny_unet_config
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = REPO / "prompts"
+SHARED_PROMPTS = REPO.parent / "shared" / "dreambooth" / "prompts_and_classes.txt"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared, busy 2-core machine two OpenMP threads wait on each other
+    at every op (measured: a 2-step tiny pipeline call takes 1-14 s instead of 0.1-0.3 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**tiny_unet_config())
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory):
+    """Training output folders as the trainer writes them: coeff/ (alpha + args.json) and lora/."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    root = tmp_path_factory.mktemp("runs")
+    g = torch.Generator().manual_seed(1)
+    unet = _tiny_unet()
+    apply_coeff(unet)
+    with torch.no_grad():
+        for p in coeff_parameters(unet):
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    (root / "coeff").mkdir()
+    save_coeff_weights(root / "coeff", unet, metadata={"training_args": {"coeff_lr": 1e-2}})
+    (root / "coeff" / "args.json").write_text(json.dumps({"coeff_lr": 1e-2, "max_train_steps": 10}))
+
+    unet = _tiny_unet()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    StableDiffusionXLPipeline.save_lora_weights(
+        root / "lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def foreign_weights(tmp_path_factory):
+    """An alpha file and a LoRA file made for another UNet (other head counts / widths / modules)."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("foreign")
+    block = "down_blocks.1.attentions.0.transformer_blocks.0"
+    save_file(
+        {
+            f"unet.{block}.attn1.alpha": torch.zeros(10, 10),  # the tiny UNet has 4 heads here
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.alpha": torch.zeros(5, 5),  # no such module
+        },
+        str(root / "coeff_weights.safetensors"),
+        metadata={"format": "dreamcoeff", "format_version": "1"},
+    )
+    (root / "lora").mkdir()
+    save_file(
+        {
+            f"unet.{block}.attn1.to_q.lora.down.weight": torch.zeros(4, 640),  # to_q takes 64 features
+            f"unet.{block}.attn1.to_q.lora.up.weight": torch.zeros(640, 4),
+        },
+        str(root / "lora" / "pytorch_lora_weights.safetensors"),
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def metric_models(tmp_path_factory):
+    """Tiny CLIP (with the tiny tokenizer) and ViT folders, saved like hub checkpoints."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, ViTConfig, ViTImageProcessor, ViTModel
+
+    root = tmp_path_factory.mktemp("metric_models")
+    tok = build_tiny_tokenizer()
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **small),
+            vision_config=dict(image_size=32, patch_size=8, **small),
+            projection_dim=16,
+        )
+    )
+    clip.save_pretrained(root / "clip")
+    tok.save_pretrained(root / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
+    ViTModel(ViTConfig(image_size=32, patch_size=8, **small), add_pooling_layer=False).save_pretrained(root / "dino")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dino")
+    return root / "clip", root / "dino"
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("instance")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def _frozen_tiny_pipe():
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    # The sampler freezes its models (PyTorch's CPU linear kernels differ by ~1e-7 with and without
+    # requires_grad); a reference pipeline must do the same to compare bit for bit.
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        getattr(pipe, name).requires_grad_(False)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------
+# prompts
+
+
+def test_read_prompt_file_fills_placeholders_and_skips_comments(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# a comment {nope}\n\na {token} {class}  in the   snow\n   # indented comment\nliteral {{braces}} {class}\n")
+    assert S.read_prompt_file(f, "sks", "dog") == ["a sks dog in the snow", "literal {braces} dog"]
+    assert S.metric_text("a sks dog in the snow", "sks") == "a dog in the snow"
+    assert S.metric_text("a sksy dog", "sks") == "a sksy dog"
+
+
+@pytest.mark.parametrize(
+    "text, token, message",
+    [
+        ("# only a comment\n\n   \n", "sks", "holds no prompts"),
+        ("a {token} dog\na {tokn} {class}\n", "sks", r"p\.txt:2: unknown placeholder \{tokn\}"),
+        ("a {0} dog\n", "sks", r"unknown placeholder \{0\}"),
+        ("a {token} dog {\n", "sks", "literal braces"),
+        ("a {token!r} dog\n", "sks", "format spec"),
+        ("a {token} dog\n", None, r"uses \{token\} but no value was given \(--token\)"),
+    ],
+)
+def test_read_prompt_file_errors(tmp_path, text, token, message):
+    f = tmp_path / "p.txt"
+    f.write_text(text)
+    with pytest.raises(S.SamplingError, match=message):
+        S.read_prompt_file(f, token, "dog")
+
+
+def test_missing_prompt_file(tmp_path):
+    with pytest.raises(S.SamplingError, match="does not exist"):
+        S.read_prompt_file(tmp_path / "nope.txt", "sks", "dog")
+
+
+def _paper_prompts(section: str) -> list[str]:
+    text = SHARED_PROMPTS.read_text()
+    start = text.index(section)
+    end = text.index("Live Subject Prompts") if section == "Object Prompts" else len(text)
+    return [p.format("sks", "dog") for p in re.findall(r"'([^']*)'\.format", text[start:end])]
+
+
+@pytest.mark.parametrize("name, section", [("dreambooth_objects.txt", "Object Prompts"), ("dreambooth_live.txt", "Live Subject Prompts")])
+def test_shipped_dreambooth_prompt_files(name, section):
+    prompts = S.read_prompt_file(PROMPTS / name, "sks", "dog")
+    assert len(prompts) == 25 and len(set(prompts)) == 25
+    assert all("sks dog" in p for p in prompts)
+    if SHARED_PROMPTS.is_file():
+        assert prompts == _paper_prompts(section)
+
+
+def test_cli_finds_shipped_prompt_files_by_name(tmp_path):
+    from dreamcoeff.sample import _resolve_prompt_file
+
+    assert _resolve_prompt_file("dreambooth_live") == PROMPTS / "dreambooth_live.txt"
+    assert _resolve_prompt_file("validation.txt") == PROMPTS / "validation.txt"
+    local = tmp_path / "validation.txt"
+    local.write_text("a dog\n")
+    assert _resolve_prompt_file(str(local)) == local  # an existing path wins
+
+
+def test_shipped_validation_prompts():
+    prompts = S.read_prompt_file(PROMPTS / "validation.txt", "sks", "dog")
+    assert 3 <= len(prompts) <= 8
+    assert prompts[0] == "a photo of sks dog"
+    assert all("sks dog" in p for p in prompts)
+
+
+# ----------------------------------------------------------------------------------------------
+# runs and rows
+
+
+def test_parse_run_finds_weights(run_dirs):
+    coeff = S.parse_run(f"c={run_dirs / 'coeff'}")
+    assert (coeff.name, coeff.kind, coeff.alpha_path.name, coeff.lora_path) == ("c", "alpha", "coeff_weights.safetensors", None)
+    assert coeff.training_args() == {"coeff_lr": 1e-2, "max_train_steps": 10}
+    both = S.parse_run(f"both={run_dirs / 'coeff' / 'coeff_weights.safetensors'},{run_dirs / 'lora'}")
+    assert both.kind == "alpha+lora"
+    # a weight file is recognised by its header, whatever its name
+    lora = S.parse_run(str(run_dirs / "lora" / "pytorch_lora_weights.safetensors"))
+    assert (lora.name, lora.kind) == ("lora", "lora")
+    assert S.parse_run(str(run_dirs / "coeff")).name == "coeff"
+
+
+def test_parse_run_errors(run_dirs, tmp_path):
+    with pytest.raises(S.SamplingError, match=r"run 'dog': .*missing does not exist"):
+        S.parse_run(f"dog={tmp_path / 'missing'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(S.SamplingError, match=r"run 'e': .*holds neither"):
+        S.parse_run(f"e={tmp_path / 'empty'}")
+    with pytest.raises(S.SamplingError, match="run name 'a b'"):
+        S.parse_run(f"a b={run_dirs / 'coeff'}")
+    with pytest.raises(S.SamplingError, match="two alpha files"):
+        S.parse_run(f"x={run_dirs / 'coeff'},{run_dirs / 'coeff'}")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(S.SamplingError, match="not a readable safetensors file"):
+        S.parse_run(f"j={tmp_path / 'junk.safetensors'}")
+
+
+def test_plan_rows(run_dirs):
+    coeff = S.parse_run(f"coeff={run_dirs / 'coeff'}")
+    lora = S.parse_run(f"lora={run_dirs / 'lora'}")
+    rows = S.plan_rows([coeff, lora], include_base=True, coeff_scales=[0, 0.5])
+    assert [(r.name, r.coeff_scale, r.has_lora) for r in rows] == [
+        ("base", None, False), ("coeff@0", 0.0, False), ("coeff@0.5", 0.5, False), ("lora", None, True)
+    ]
+    assert [r.slug for r in rows] == ["base", "coeff_c0", "coeff_c0.5", "lora"]
+    assert [r.name for r in S.plan_rows([coeff])] == ["coeff"]
+    with pytest.raises(S.SamplingError, match="'coeff' is given twice"):
+        S.plan_rows([coeff, S.parse_run(f"coeff={run_dirs / 'lora'}")])
+    with pytest.raises(S.SamplingError, match="taken by --include_base"):
+        S.plan_rows([S.parse_run(f"base={run_dirs / 'coeff'}")], include_base=True)
+    with pytest.raises(S.SamplingError, match="no run has an alpha file"):
+        S.plan_rows([lora], coeff_scales=[0, 1])
+    with pytest.raises(S.SamplingError, match="nothing to sample"):
+        S.plan_rows([])
+
+
+def test_scheduler_and_dtype_names():
+    assert S.resolve_scheduler("euler_a")[0].__name__ == "EulerAncestralDiscreteScheduler"
+    assert S.resolve_scheduler("dpm++_karras")[1] == {"use_karras_sigmas": True}
+    assert S.resolve_scheduler("DDIMScheduler")[0].__name__ == "DDIMScheduler"
+    with pytest.raises(S.SamplingError, match="unknown --scheduler 'AutoencoderKL'"):
+        S.resolve_scheduler("AutoencoderKL")
+    assert S.resolve_dtype("auto", "cuda") == torch.float16 and S.resolve_dtype("auto", "cpu") == torch.float32
+    assert S.resolve_dtype("bf16", "cpu") == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------
+# grids
+
+
+def _solid(color, size=64):
+    return Image.new("RGB", (size, size), color)
+
+
+def _has_text(region: Image.Image) -> bool:
+    return bool((np.asarray(region.convert("L")) < 128).any())
+
+
+def test_make_grid_size_tiles_and_labels():
+    rng = np.random.default_rng(0)
+    images = [[Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)] for _ in range(2)]
+    cols = ["p00: a sks dog", "p01: a sks dog in the snow", "p02: a cube shaped sks dog"]
+    grid = make = S.make_grid(images, ["base\nbase model", "coeff\nalpha c=1"], cols, title="seed 0")
+    layout = grid.info["grid_layout"]
+    (x0, y0), (tw, th), gap = layout["origin"], layout["tile_size"], layout["gap"]
+    assert (tw, th) == (128, 128)  # 64-px tiles are upscaled x2 for legibility
+    assert grid.size == (x0 + 3 * tw + 3 * gap, y0 + 2 * th + 2 * gap)
+    assert x0 > 40 and y0 > 30  # room for row labels, title and column labels
+    for r in range(2):
+        for c in range(3):
+            left, top = x0 + c * (tw + gap), y0 + r * (th + gap)
+            tile = grid.crop((left, top, left + tw, top + th))
+            assert np.array_equal(np.asarray(tile), np.asarray(images[r][c].resize((tw, th), Image.Resampling.NEAREST)))
+    # every column and every row has its label drawn
+    for c in range(3):
+        left = x0 + c * (tw + gap)
+        assert _has_text(make.crop((left, y0 // 3, left + tw, y0)))
+    for r in range(2):
+        top = y0 + r * (th + gap)
+        assert _has_text(grid.crop((0, top, x0 - gap, top + th)))
+    # different labels draw differently; no labels, no margins
+    other = S.make_grid(images, ["lora\nLoRA", "both\nalpha c=1 + LoRA"], cols, title="seed 0")
+    assert other.size[1] == grid.size[1]
+    assert not np.array_equal(np.asarray(other.crop((0, y0, x0, grid.size[1]))), np.asarray(grid.crop((0, y0, x0, grid.size[1]))))
+    bare = S.make_grid(images)
+    assert bare.size == (3 * tw + 4 * gap, 2 * th + 3 * gap)
+
+
+def test_make_grid_wraps_long_labels_instead_of_widening():
+    images = [[_solid((255, 0, 0)), _solid((0, 0, 255))]]
+    short = S.make_grid(images, ["run"], ["a dog", "a cat"])
+    long_text = "a sks dog wearing a black top hat and a monocle on top of a purple rug in a forest"
+    long = S.make_grid(images, ["run"], [long_text, "a cat"])
+    assert long.size[0] == short.size[0]
+    assert long.size[1] > short.size[1] + 2 * 12  # at least two more lines
+    font = S._font(12)
+    lines = S.wrap_text(long_text, font, 128 - 8)
+    assert len(lines) >= 4 and all(font.getlength(line) <= 120 for line in lines)
+    assert " ".join(lines) == long_text
+    # large tiles are scaled down to max_tile_size, text stays inside the canvas
+    big = S.make_grid([[_solid((0, 255, 0), 1024)]], ["row"], ["col"], max_tile_size=256)
+    assert big.info["grid_layout"]["tile_size"] == (256, 256)
+    with pytest.raises(ValueError, match="2 column labels for 1 columns"):
+        S.make_grid([[_solid((0, 0, 0))]], None, ["a", "b"])
+    with pytest.raises(ValueError, match="different lengths"):
+        S.make_grid([[_solid((0, 0, 0))], []])
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling: same noise for every row, adapters switched in and out exactly
+
+
+def test_sample_runs_switches_adapters_exactly(run_dirs):
+    pipe = _frozen_tiny_pipe()
+    lora = S.parse_run(f"lora={run_dirs / 'lora'}")
+    coeff = S.parse_run(f"coeff={run_dirs / 'coeff'}")
+    both = S.parse_run(f"both={run_dirs / 'coeff'},{run_dirs / 'lora'}")
+    prompt, seed = "a sks dog in the snow", 3
+    result = S.sample_runs(pipe, [lora, coeff, both], [prompt], [seed], include_base=True, coeff_scales=[0, 1],
+                           num_inference_steps=2, progress=False)
+    assert [r.name for r in result.rows] == ["base", "lora", "coeff@0", "coeff@1", "both@0", "both@1"]
+    img = {r.name: _pixels(result.image(result.find(r.name, 0, seed))) for r in result.rows}
+
+    # alpha at strength 0 is the base model, even right after a LoRA row
+    assert np.array_equal(img["coeff@0"], img["base"])
+    assert np.array_equal(img["both@0"], img["lora"])
+    for name in ("lora", "coeff@1", "both@1"):
+        assert np.abs(img[name] - img["base"]).max() > 20, name
+    assert np.abs(img["both@1"] - img["lora"]).max() > 20
+    assert np.abs(img["both@1"] - img["coeff@1"]).max() > 20
+
+    # the rows equal what a fresh pipeline with only those weights gives; base = plain diffusers seeding
+    def fresh(alpha=False, with_lora=False):
+        ref = _frozen_tiny_pipe()
+        if with_lora:
+            ref.load_lora_weights(str(run_dirs / "lora"), adapter_name="only")
+        if alpha:
+            load_coeff_weights(ref, run_dirs / "coeff")
+        out = ref(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed)).images[0]
+        return _pixels(out)
+
+    assert np.array_equal(img["base"], fresh())
+    assert np.array_equal(img["lora"], fresh(with_lora=True))
+    assert np.array_equal(img["both@1"], fresh(alpha=True, with_lora=True))
+
+    # the pipeline is handed back as the base model
+    assert not coeff_modules(pipe)
+    assert not any(pipe.get_list_adapters().values())
+    again = pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed)).images[0]
+    assert np.array_equal(_pixels(again), img["base"])
+
+
+def test_sample_runs_validates_every_run_before_sampling(run_dirs, foreign_weights):
+    pipe = _frozen_tiny_pipe()
+    calls = []
+    pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    good = S.parse_run(f"good={run_dirs / 'lora'}")
+    bad_alpha = S.parse_run(f"sdxl-alpha={foreign_weights / 'coeff_weights.safetensors'}")
+    with pytest.raises(S.SamplingError, match=r"(?s)run 'sdxl-alpha': .*10 heads in the file, 4 in the UNet"):
+        S.sample_runs(pipe, [good, bad_alpha], ["a dog"], [0], num_inference_steps=2, progress=False)
+    bad_lora = S.parse_run(f"sdxl-lora={foreign_weights / 'lora'}")
+    with pytest.raises(S.SamplingError, match=r"(?s)run 'sdxl-lora': LoRA .* does not fit this UNet.*input size 640, but .* takes 64"):
+        S.sample_runs(pipe, [good, bad_lora], ["a dog"], [0], num_inference_steps=2, progress=False)
+    assert calls == []  # no image was started
+    assert not any(pipe.get_list_adapters().values()) and not coeff_modules(pipe)
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+
+def test_metrics_finite_and_identical_for_identical_images(metric_models, instance_dir):
+    clip_dir, dino_dir = metric_models
+    clip, dino = S.ClipEmbedder(str(clip_dir)), S.DinoEmbedder(str(dino_dir))
+    refs = S.load_instance_images(instance_dir)
+    rng = np.random.default_rng(1)
+    a, b = (Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2))
+    texts = ["a dog in the snow", "a dog in the snow", "a dog in the snow", "a red dog"]
+    m = S.compute_metrics([a, b, a.copy(), a], texts, instance_images=refs, clip=clip, dino=dino)
+    assert all(set(x) == {"clip_t", "clip_i", "dino"} for x in m)
+    assert all(math.isfinite(v) and -1.0001 <= v <= 1.0001 for x in m for v in x.values())
+    assert m[0] == m[2]  # identical image and text: identical numbers
+    assert all(m[0][k] != m[1][k] for k in m[0])  # a different image scores differently
+    assert m[3]["clip_t"] != m[0]["clip_t"] and m[3]["clip_i"] == m[0]["clip_i"]
+    # CLIP-I is the mean similarity to the instance images: an instance image scores highest with itself
+    self_score = S.compute_metrics([refs[0]], instance_images=refs, clip=clip)[0]["clip_i"]
+    assert self_score > m[0]["clip_i"] and "clip_t" not in S.compute_metrics([a], instance_images=refs, clip=clip)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+
+
+def _html_refs(text: str) -> set[str]:
+    return {html.unescape(m) for m in re.findall(r'(?:src|href)="([^"]+)"', text)}
+
+
+def test_cli_end_to_end(tiny_pipeline_dir, run_dirs, metric_models, instance_dir, tmp_path, capsys):
+    clip_dir, dino_dir = metric_models
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two DreamBooth prompts\na {token} {class} in the jungle\na {token} {class} wearing a red hat\n")
+    out = tmp_path / "out"
+    common = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--num_inference_steps", "2", "--no_progress"]
+    code = main(common + [
+        "--run", f"coeff={run_dirs / 'coeff'}", "--run", f"lora={run_dirs / 'lora'}", "--include_base",
+        "--prompts", str(prompts), "--token", "sks", "--class_name", "dog", "--seeds", "0", "1",
+        "--coeff_scales", "0", "1", "--negative_prompt", "blurry", "--output", str(out),
+        "--clip_model", str(clip_dir), "--dino_model", str(dino_dir), "--instance_dir", str(instance_dir),
+    ])
+    assert code == 0, capsys.readouterr().err
+    rows = ["base", "coeff_c0", "coeff_c1", "lora"]
+    expected = {f"images/{r}_p{p:02d}_s{s}.png" for r in rows for p in range(2) for s in (0, 1)}
+    assert {f"images/{f.name}" for f in (out / "images").iterdir()} == expected
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {im["file"] for im in manifest["images"]} == expected
+    assert manifest["settings"]["prompts"] == ["a sks dog in the jungle", "a sks dog wearing a red hat"]
+    assert manifest["settings"]["seeds"] == [0, 1] and manifest["settings"]["num_inference_steps"] == 2
+    assert manifest["settings"]["negative_prompt"] == "blurry"
+    assert manifest["settings"]["pretrained_model_name_or_path"] == str(tiny_pipeline_dir)
+    assert [r["name"] for r in manifest["rows"]] == ["base", "coeff@0", "coeff@1", "lora"]
+    assert all(r["sampling_seconds"] > 0 for r in manifest["rows"])
+    assert len(manifest["runs"]["coeff"]["alpha"]["sha256"]) == 64
+    assert manifest["runs"]["coeff"]["training_args"]["max_train_steps"] == 10
+    assert manifest["runs"]["lora"]["lora"]["rank"] == 4
+    assert {g["file"] for g in manifest["grids"]} == {"grid_s0.png", "grid_s1.png"}
+
+    # grids: rows = 4 rows, columns = 2 prompts of 128-px tiles
+    for seed in (0, 1):
+        with Image.open(out / f"grid_s{seed}.png") as grid:
+            assert 2 * 128 < grid.size[0] < 2 * 128 + 400 and 4 * 128 < grid.size[1] < 4 * 128 + 300
+
+    page = (out / "index.html").read_text()
+    assert expected | {"grid_s0.png", "grid_s1.png"} <= _html_refs(page)
+    assert "a sks dog wearing a red hat" in page and "blurry" in page
+
+    # same seed, same noise: alpha at strength 0 is the base row; other rows differ
+    def px(name):
+        return _pixels(Image.open(out / name))
+
+    for s in (0, 1):
+        for p in range(2):
+            assert np.array_equal(px(f"images/coeff_c0_p{p:02d}_s{s}.png"), px(f"images/base_p{p:02d}_s{s}.png"))
+            assert not np.array_equal(px(f"images/lora_p{p:02d}_s{s}.png"), px(f"images/base_p{p:02d}_s{s}.png"))
+
+    # metrics: finite, identical images score identically, averaged per row, also in CSVs
+    by_file = {im["file"]: im["metrics"] for im in manifest["images"]}
+    assert all(math.isfinite(v) for m in by_file.values() for v in m.values())
+    assert by_file["images/coeff_c0_p01_s1.png"] == by_file["images/base_p01_s1.png"]
+    assert by_file["images/coeff_c1_p01_s1.png"] != by_file["images/base_p01_s1.png"]
+    summary = {m["row"]: m for m in manifest["metrics"]}
+    assert set(summary) == {"base", "coeff@0", "coeff@1", "lora"}
+    assert summary["base"]["clip_t"] == pytest.approx(np.mean([m["clip_t"] for f, m in by_file.items() if "/base_" in f]))
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 1 + 16 and lines[0].endswith("clip_t,clip_i,dino")
+    assert "a dog in the jungle" in (out / "metrics.csv").read_text()  # CLIP-T text: no identifier
+    assert len((out / "metrics_summary.csv").read_text().splitlines()) == 1 + 4
+
+    # another invocation, other rows / prompts / seeds: the base image of a (prompt, seed) is unchanged
+    out2 = tmp_path / "out2"
+    code = main(common + ["--include_base", "--prompt", "a sks dog wearing a red hat", "--seeds", "1",
+                          "--negative_prompt", "blurry", "--output", str(out2)])
+    assert code == 0, capsys.readouterr().err
+    assert np.array_equal(px(out2 / "images/base_p00_s1.png"), px("images/base_p01_s1.png"))
+    assert not (out2 / "metrics.csv").exists()
+
+    # an earlier output is only replaced on request
+    assert main(common + ["--include_base", "--prompt", "a dog", "--output", str(out2)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(common + ["--include_base", "--prompt", "a dog", "--output", str(out2), "--overwrite"]) == 0
+    assert sorted(f.name for f in (out2 / "images").iterdir()) == ["base_p00_s0.png"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing_run", "duplicate_name", "empty_prompts", "unknown_placeholder", "no_prompts", "foreign_alpha", "foreign_lora"],
+)
+def test_cli_bad_input_is_one_clear_error(case, tiny_pipeline_dir, run_dirs, foreign_weights, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a {token} {class}\n")
+    args = {
+        "missing_run": (["--run", f"coeff={tmp_path / 'runs' / 'nope'}"], r"run 'coeff': .*nope does not exist"),
+        "duplicate_name": (["--run", f"x={run_dirs / 'coeff'}", "--run", f"x={run_dirs / 'lora'}"], "'x' is given twice"),
+        "empty_prompts": (["--run", f"c={run_dirs / 'coeff'}", "--prompts", "EMPTY"], "holds no prompts"),
+        "unknown_placeholder": (["--run", f"c={run_dirs / 'coeff'}", "--prompt", "a {subject}"], r"unknown placeholder \{subject\}"),
+        "no_prompts": (["--include_base", "--prompts", None], "no prompts"),
+        "foreign_alpha": (["--run", f"old={foreign_weights / 'coeff_weights.safetensors'}"], r"run 'old': .*does not fit this UNet"),
+        "foreign_lora": (["--run", f"old={foreign_weights / 'lora'}"], r"run 'old': LoRA .*does not fit this UNet"),
+    }
+    extra, message = args[case]
+    if "EMPTY" in extra:
+        (tmp_path / "empty.txt").write_text("# nothing\n")
+        extra[extra.index("EMPTY")] = str(tmp_path / "empty.txt")
+    argv = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--token", "sks", "--class_name", "dog",
+            "--prompts", str(prompts), "--num_inference_steps", "2", "--no_progress", "--output", str(tmp_path / "out")]
+    if None in extra:  # drop --prompts
+        argv = [a for i, a in enumerate(argv) if a != "--prompts" and (i == 0 or argv[i - 1] != "--prompts")]
+        extra = [e for e in extra if e not in ("--prompts", None)]
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "dreamcoeff-sample: error: " in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "images").exists()  # nothing was generated
