@@ -1,0 +1,135 @@
+"""The micro-world generator and its exact metrics (fast: no model is run)."""
+
+import numpy as np
+import pytest
+
+from dreamcoeff import microworld as mw
+
+
+def test_generator_is_deterministic_and_seed_dependent():
+    a_img, a_cap, a_sc = mw.world_batch(3, 16)
+    b_img, b_cap, b_sc = mw.world_batch(3, 16)
+    c_img, _, _ = mw.world_batch(4, 16)
+    assert a_img.shape == (16, 64, 64, 3) and a_img.dtype == np.uint8
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap and a_sc == b_sc
+    assert not np.array_equal(a_img, c_img)
+
+
+def test_captions_describe_the_scene():
+    imgs, caps, scenes = mw.world_batch(0, 64, drop_prob=0.0)
+    for cap, s in zip(caps, scenes):
+        assert cap == f"a {s.size} {s.colour} {s.shape} at the {s.position} on a {s.background} background"
+        assert s.colour != s.background
+    _, caps, scenes = mw.world_batch(1, 200)
+    assert any(s.size not in c for c, s in zip(caps, scenes))  # size words are sometimes dropped
+    for c, s in zip(caps, scenes):
+        assert f"{s.colour} {s.shape}" in c and f"{s.background} background" in c
+
+
+def test_world_covers_its_vocabulary_and_every_word_is_one_token():
+    _, caps, scenes = mw.world_batch(0, 400)
+    assert {s.shape for s in scenes} == set(mw.SHAPES)
+    assert {s.background for s in scenes} == set(mw.BACKGROUNDS)
+    assert {s.pattern for s in scenes} == {"solid"}  # patterned objects are held out
+    words = {w for c in caps for w in c.split()}
+    assert words <= set(mw.VOCAB_WORDS)
+    from dreamcoeff.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(mw.VOCAB_WORDS)
+    for w in mw.VOCAB_WORDS:
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+
+
+def test_metrics_recover_every_attribute_of_clean_world_images():
+    imgs, _, scenes = mw.world_batch(11, 300)
+    for img, s in zip(imgs, scenes):
+        got = mw.matches_scene(img, s)
+        assert all(got.values()), (s, got, mw.analyze(img))
+    # float images in [0, 1] (pipeline output_type="np") are read the same way
+    assert mw.analyze(imgs[0].astype(np.float32) / 255.0)["shape"] == scenes[0].shape
+
+
+@pytest.mark.parametrize("c", mw.CONCEPTS, ids=lambda c: c.name)
+def test_concepts_are_recognised_and_prompts_scored(c):
+    assert c.pattern != "solid" and c.colour != c.colour2
+    for s in c.instance_scenes():
+        img = mw.render(s)
+        assert s.background == c.train_background
+        assert mw.subject_match(img, c)["subject"] == 1.0
+        assert all(mw.matches_scene(img, s).values())
+    for req in c.eval_prompts():
+        assert req["background"] != c.train_background and c.token in req["prompt"]
+        s = c.scene(req["size"] or "large", req["position"] or "center", req["background"])
+        img = mw.render(s)
+        pm = mw.prompt_match(img, req, c.train_background)
+        assert pm["background"] == 1.0 and pm["bg_copy"] == 0.0
+        assert all(v in (None, 1.0) for k, v in pm.items() if k != "bg_copy")
+        assert mw.subject_match(img, c)["subject"] == 1.0
+        # the same concept on its training background is counted as background copying
+        copied = mw.render(c.scene("large", "center", c.train_background))
+        assert mw.prompt_match(copied, req, c.train_background)["bg_copy"] == 1.0
+
+
+def test_other_concepts_and_plain_objects_do_not_match():
+    for c in mw.CONCEPTS:
+        for other in mw.CONCEPTS:
+            if other is c:
+                continue
+            img = mw.render(other.scene("large", "center", "white" if "white" not in (other.colour, other.colour2) else "black"))
+            assert mw.subject_match(img, c)["subject"] == 0.0, (c.name, other.name)
+        # the class prompt's usual output: a flat object of the right shape and one of the colours
+        flat = mw.render(mw.Scene(c.shape, c.colour, "large", "center", "checkered"))
+        sm = mw.subject_match(flat, c)
+        assert sm["shape"] == 1.0 and sm["subject"] == 0.0
+
+
+def test_metrics_are_not_fooled_by_degenerate_images():
+    blank = np.zeros((64, 64, 3), np.uint8)
+    a = mw.analyze(blank)
+    assert a["background"] == "black" and not a["object"]
+    assert mw.subject_match(blank, mw.CONCEPTS[1])["subject"] == 0.0
+    req = {"background": "black", "size": "small", "position": "left"}
+    pm = mw.prompt_match(blank, req)
+    assert pm["background"] == 1.0 and pm["size"] == 0.0 and pm["position"] == 0.0
+    grey = np.full((64, 64, 3), 128, np.uint8)
+    assert mw.analyze(grey)["background"] is None and not mw.analyze(grey)["object"]
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    a = mw.analyze(noise)
+    assert a["background"] is None
+    for c in mw.CONCEPTS:
+        assert mw.subject_match(noise, c)["subject"] == 0.0
+    # a few stray pixels are not an object
+    dots = mw.background_image("blue")
+    dots[10, 10] = dots[40, 50] = (255, 255, 255)
+    assert not mw.analyze(dots)["object"]
+
+
+def test_metrics_tolerate_mild_noise():
+    rng = np.random.default_rng(1)
+    imgs, _, scenes = mw.world_batch(5, 100)
+    noisy = np.clip(imgs.astype(int) + rng.normal(0, 12, imgs.shape), 0, 255).astype(np.uint8)
+    ok = [all(mw.matches_scene(i, s).values()) for i, s in zip(noisy, scenes)]
+    assert np.mean(ok) >= 0.95
+
+
+MODEL = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "microworld-sdxl"
+
+
+def test_micro_unet_keeps_the_sdxl_layout():
+    cfg = mw.micro_unet_config()
+    assert cfg["down_block_types"] == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert cfg["addition_embed_type"] == "text_time"
+    assert cfg["block_out_channels"][-1] % cfg["attention_head_dim"][-1] == 0
+
+
+@pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason="micro-world pipeline not shipped")
+def test_shipped_micro_pipeline_is_small_and_loads():
+    from diffusers import StableDiffusionXLPipeline
+
+    size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
+    assert size <= 25 * 1024 * 1024, size
+    pipe = StableDiffusionXLPipeline.from_pretrained(MODEL)
+    for w in mw.VOCAB_WORDS:
+        assert len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1
+    heads = {m.heads for name, m in pipe.unet.named_modules() if name.endswith(("attn1", "attn2"))}
+    assert heads == {4, 8}
