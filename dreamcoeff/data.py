@@ -223,12 +223,16 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_IMAGE_PIXE
         raise BadImageError(path, f"cannot read file ({e.strerror or e})") from None
     if size == 0:
         raise BadImageError(path, "file is empty (0 bytes), probably an interrupted download or copy")
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 (closed below): an unreadable file is not a corrupt image
+    except OSError as e:
+        raise BadImageError(path, f"cannot read file ({e.strerror or e})") from None
 
     try:
         # We enforce our own pixel limit below, so silence PIL's warning for 89-179 MP images.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with fh, Image.open(fh) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise BadImageError(

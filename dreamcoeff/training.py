@@ -43,6 +43,18 @@ from .weights import COEFF_WEIGHTS_NAME, CoeffWeightsError, atomic_write, load_c
 logger = logging.getLogger("dreamcoeff")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Leftovers of an interrupted write: a checkpoint being written or deleted, an atomic_write temp file.
+_LEFTOVER_RE = re.compile(r"^(checkpoint-\d+\.(tmp|old)|\..+\.tmp(\.d)?)$")
+STATE_NAME = "dreamcoeff_state.json"
+COMPLETE_NAME = "dreamcoeff_complete.json"
+# Test-only: seconds to sleep where a kill hurts most (between the files of a checkpoint, between the
+# final weights and the model card), so the kill tests can hit those moments. Unset: no effect.
+TEST_PAUSE_ENV = "DREAMCOEFF_TEST_SLOW_CHECKPOINT"
+# Arguments that may change between a run and its resumption without changing what is trained.
+_VOLATILE_ARGS = {"resume_from_checkpoint", "overwrite_output_dir", "report_to", "logging_dir", "dataloader_num_workers"}
+# Arguments that fix the shape of the trainable weights: a checkpoint cannot be resumed with others.
+# (Another base model only gets a warning: the same model may live under another path now.)
+_STRUCTURAL_ARGS = ("tuning", "coeff_targets", "rank", "lora_alpha")
 
 
 class TrainingError(RuntimeError):
@@ -70,8 +82,14 @@ def _seed_of(*parts) -> int:
 # Output dir and checkpoints
 
 
+def _test_pause() -> None:
+    delay = os.environ.get(TEST_PAUSE_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
 def _has_previous_run(out: Path) -> bool:
-    markers = ("args.json", COEFF_WEIGHTS_NAME, LORA_WEIGHTS_NAME)
+    markers = ("args.json", COEFF_WEIGHTS_NAME, LORA_WEIGHTS_NAME, COMPLETE_NAME)
     return out.is_dir() and (any((out / m).exists() for m in markers) or bool(list_checkpoints(out)))
 
 
@@ -82,7 +100,7 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     found = []
     for p in out.iterdir():
         m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / "dreamcoeff_state.json").is_file():
+        if m and p.is_dir() and (p / STATE_NAME).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -99,17 +117,104 @@ def resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
     path = Path(cfg.resume_from_checkpoint)
     if not path.is_absolute() and not path.exists():
         path = out / path
-    if not (path / "dreamcoeff_state.json").is_file():
+    if not (path / STATE_NAME).is_file():
         raise UsageError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: {path} is not a complete dreamcoeff checkpoint")
     return path
 
 
-def _prune_checkpoints(out: Path, limit: int | None) -> None:
+def _prune_checkpoints(out: Path, limit: int | None, keep: Path | None = None) -> None:
+    """Delete the oldest checkpoints beyond `limit`, never `keep` (the one just written). Each is
+    first renamed to `checkpoint-N.old`, so a kill mid-delete never leaves a half-deleted folder
+    under a name that `list_checkpoints` accepts."""
     if not limit:
         return
-    found = list_checkpoints(out)
-    for _, path in found[: max(0, len(found) - limit)]:
-        shutil.rmtree(path, ignore_errors=True)
+    others = [path for _, path in list_checkpoints(out) if path != keep]
+    excess = len(others) + (keep is not None) - limit
+    for path in others[: max(0, excess)]:
+        trash = path.with_name(path.name + ".old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _clean_output_dir(out: Path, drop_checkpoints: bool) -> None:
+    """Remove what interrupted runs leave behind (checkpoints being written or deleted, temp files
+    of atomic writes) and the completion marker of the run about to be continued or replaced; with
+    `drop_checkpoints` (--overwrite_output_dir without resuming) also the replaced run's checkpoints,
+    so that a later `--resume_from_checkpoint latest` can never continue the old run."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if _LEFTOVER_RE.match(p.name):
+            logger.info("removing %s, left by an interrupted run", p)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if drop_checkpoints:
+        for _, path in list_checkpoints(out):
+            logger.info("--overwrite_output_dir: removing %s of the previous run", path)
+            trash = path.with_name(path.name + ".old")
+            os.replace(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    (out / COMPLETE_NAME).unlink(missing_ok=True)
+
+
+def _comparable_args(args: dict) -> dict:
+    return {k: v for k, v in args.items() if k not in _VOLATILE_ARGS}
+
+
+def _check_resume_args(cfg: TrainConfig, checkpoint: Path) -> None:
+    """Refuse a checkpoint whose trainable weights have another shape; warn about other changes."""
+    saved_file = checkpoint / "args.json"
+    if not saved_file.is_file():
+        return
+    try:
+        saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    now = json.loads(cfg.to_json())
+    clash = [f"--{k} {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in _STRUCTURAL_ARGS
+             if k in saved and saved.get(k) != now.get(k)]
+    if clash:
+        raise UsageError(f"cannot resume from {checkpoint}: it was trained with other settings ("
+                         + "; ".join(clash) + "). Use the same flags, or start a new --output_dir")
+    changed = sorted(k for k, v in _comparable_args(now).items() if k in saved and saved[k] != v)
+    if changed:
+        logger.warning("resuming from %s with changed settings: %s; the result will differ from an "
+                       "uninterrupted run with the original ones", checkpoint, ", ".join(f"--{k}" for k in changed))
+
+
+def _completed_run(cfg: TrainConfig, out: Path) -> dict | None:
+    """The completion record of a finished run in `out` with the same arguments, else None."""
+    try:
+        record = json.loads((out / COMPLETE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if _comparable_args(record.get("args", {})) != _comparable_args(json.loads(cfg.to_json())):
+        return None
+    if not all((out / name).is_file() for name in record.get("files", [])):
+        return None
+    return record
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush a folder's files and the folder itself to disk (a rename is only as durable as its data)."""
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # not supported by every file system
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,8 +401,20 @@ def train(cfg: TrainConfig) -> TrainResult:
             f"--output_dir {out} holds a previous run; pass --overwrite_output_dir to replace it, "
             "--resume_from_checkpoint latest to continue it, or choose another --output_dir"
         )
-    # Check the data before loading gigabytes of model.
+    if resuming and cfg.resume_from_checkpoint == "latest":
+        record = _completed_run(cfg, out)
+        if record is not None:
+            logger.info("%s holds a completed run with these arguments (%d steps): nothing to do",
+                        out, record["global_step"])
+            print(f"dreamcoeff: {out} is already complete ({record['global_step']} steps); nothing to do", flush=True)
+            return TrainResult(out, int(record["global_step"]), int(record.get("trainable_parameters", 0)),
+                               int(record.get("unet_parameters", 0)), time.time() - started, 0,
+                               [out / name for name in record.get("files", [])], record.get("final_loss"))
+    # Check the data and the checkpoint to resume before loading gigabytes of model.
     instance_paths = data_lib.list_images(cfg.instance_data_dir, what="instance")
+    resume_path = resolve_resume(cfg, out)
+    if resume_path is not None:
+        _check_resume_args(cfg, resume_path)
 
     # `accelerate launch --multi_gpu` (torchrun) on a machine without CUDA: run the processes on
     # the CPU with gloo instead of silently training N independent single-process copies.
@@ -311,6 +428,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        _clean_output_dir(out, drop_checkpoints=cfg.overwrite_output_dir and resume_path is None)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(cfg.seed)
@@ -403,8 +521,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 bare = accelerator.unwrap_model(model)
                 if "coeff" in cfg.tuning:
                     save_coeff_weights(Path(output_dir) / COEFF_WEIGHTS_NAME, bare)
+                    _test_pause()
                 if "lora" in cfg.tuning:
                     save_lora(output_dir, bare)
+            (Path(output_dir) / "args.json").write_text(cfg.to_json(), encoding="utf-8")
         while weights:
             weights.pop()
 
@@ -431,10 +551,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                                                               if isinstance(v, (int, float, str, bool))})
 
     global_step = 0
-    resume_path = resolve_resume(cfg, out)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
-        state = json.loads((resume_path / "dreamcoeff_state.json").read_text())
+        state = json.loads((resume_path / STATE_NAME).read_text())
         global_step = int(state["global_step"])
         # The load hook copies into the existing alpha parameters, so the optimizer still holds them.
         assert all(a is b for a, b in zip(coeff_params, coeff_parameters(bare_unet)))
@@ -522,11 +641,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                                        global_step + 1, bad_steps)
                         if bad_steps >= cfg.max_bad_steps:
                             bar.close()
+                            kept = list_checkpoints(out)
+                            kept_text = (f"the last good checkpoint, {kept[-1][1]}, is kept" if kept else
+                                         "no checkpoint had been written (see --checkpointing_steps)")
                             raise TrainingError(
                                 f"{bad_steps} consecutive steps had a non-finite loss or gradient: the run diverged. "
                                 f"Lower the learning rate (--coeff_lr {cfg.coeff_lr}, --learning_rate {cfg.learning_rate}), "
-                                "or use --mixed_precision bf16 instead of fp16; the last good checkpoint is kept "
-                                f"in {out} and no NaN weights were written"
+                                f"or use --mixed_precision bf16 instead of fp16; {kept_text}, "
+                                "and no final weights were written"
                             )
                     else:
                         bad_steps = 0
@@ -546,7 +668,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             accelerator.log(logs, step=global_step)
 
             if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, global_step, cfg.checkpoints_total_limit)
+                if bad_steps:  # the same on every rank: the loss check is reduced, the gradients synced
+                    logger.warning("step %d was skipped: no checkpoint saved, the last good one is kept", global_step)
+                else:
+                    save_checkpoint(accelerator, out, global_step, cfg.checkpoints_total_limit)
             if cfg.validation_prompt and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
                 validation_paths = run_validation(cfg, components, bare_unet, accelerator, global_step, out)
             if global_step >= max_steps:
@@ -559,38 +684,95 @@ def train(cfg: TrainConfig) -> TrainResult:
     files: list[Path] = []
     if accelerator.is_main_process:
         meta = {"base_model": cfg.pretrained_model_name_or_path, "training_args": asdict(cfg)}
-        if "coeff" in cfg.tuning:
-            files.append(save_coeff_weights(out / COEFF_WEIGHTS_NAME, bare_unet, meta))
-        if "lora" in cfg.tuning:
-            files.append(save_lora(out, bare_unet))
+        # Every weight file is written in full beside the output first, then all are renamed into
+        # place: a failed write (full disk) leaves the previous run's files intact and matching.
+        staging = out / ".final.tmp.d"
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            staged = []
+            if "coeff" in cfg.tuning:
+                staged.append(save_coeff_weights(staging / COEFF_WEIGHTS_NAME, bare_unet, meta))
+            if "lora" in cfg.tuning:
+                staged.append(save_lora(staging, bare_unet))
+            for path in staged:
+                os.replace(path, out / path.name)
+                files.append(out / path.name)
+            _fsync_dir(out)
+        except (OSError, CoeffWeightsError) as exc:
+            if _write_error(exc) is None:
+                raise
+            raise TrainingError(_write_failed(out, _write_error(exc))) from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        _test_pause()
         if cfg.validation_prompt and (global_step % cfg.validation_steps or not validation_paths):
             validation_paths = run_validation(cfg, components, bare_unet, accelerator, global_step, out)
     accelerator.end_training()
     result = TrainResult(out, global_step, trainable, unet_total, time.time() - started, _peak_memory(device), files,
                          last_loss)
     if accelerator.is_main_process:
-        files.append(write_model_card(cfg, out, result, validation_paths))
-        files.append(out / "args.json")
+        try:
+            files.append(write_model_card(cfg, out, result, validation_paths))
+            files.append(out / "args.json")
+            # Written last: a run is complete only once every file is in place.
+            record = {"global_step": global_step, "trainable_parameters": trainable, "unet_parameters": unet_total,
+                      "final_loss": last_loss, "files": [p.name for p in files], "args": json.loads(cfg.to_json())}
+            atomic_write(out / COMPLETE_NAME, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2), encoding="utf-8"))
+        except OSError as exc:
+            raise TrainingError(_write_failed(out, exc)) from exc
         _print_summary(result, step_times)
     return result
 
 
+def _write_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write (save_coeff_weights wraps it in a CoeffWeightsError)."""
+    return exc if isinstance(exc, OSError) else exc.__cause__ if isinstance(exc.__cause__, OSError) else None
+
+
+def _write_failed(out: Path, exc: OSError) -> str:
+    return (f"could not write the final files in {out}: {exc.strerror or exc}. Files already there are intact "
+            "(each is written under a temporary name, then renamed); free some space and rerun with "
+            "--resume_from_checkpoint latest")
+
+
 def save_checkpoint(accelerator, out: Path, step: int, limit: int | None) -> Path:
-    """accelerate state + adapters into `checkpoint-N.tmp`, then renamed: a kill mid-write never
-    leaves a folder that `latest` would pick. Old checkpoints go only after the new one is complete."""
+    """accelerate state + adapters into `checkpoint-N.tmp`, flushed to disk, then renamed: a kill
+    mid-write never leaves a folder that `latest` would pick. Old checkpoints go only after the new
+    one is complete, and the new one is never among them. A failed write (full disk) removes the
+    partial folder and stops the run with a `TrainingError`; the earlier checkpoints are intact."""
     final = out / f"checkpoint-{step}"
     tmp = out / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "dreamcoeff_state.json").write_text(json.dumps({"global_step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _prune_checkpoints(out, limit)
+    try:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _test_pause()
+            (tmp / STATE_NAME).write_text(json.dumps({"global_step": step}))
+            _fsync_tree(tmp)
+            old = None
+            if final.exists():  # resumed from an earlier checkpoint: this step is being redone
+                old = final.with_name(final.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            _prune_checkpoints(out, limit, keep=final)
+    except (OSError, CoeffWeightsError) as exc:
+        cause = _write_error(exc)
+        if cause is None:
+            raise
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(
+            f"could not write checkpoint {final}: {cause.strerror or cause}. The earlier checkpoints are intact; "
+            "free some space and rerun with --resume_from_checkpoint latest"
+        ) from exc
     accelerator.wait_for_everyone()
     return final
 

@@ -42,6 +42,7 @@ FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 8 * 2**20
 MAX_HEADS = 1024
 _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 
 class CoeffWeightsError(ValueError):
@@ -133,16 +134,22 @@ def _read_header(path: Path) -> dict:
             )
         try:
             header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CoeffWeightsError(f"{path} is not a valid safetensors file (unreadable header: {exc})") from exc
     if not isinstance(header, dict):
         raise CoeffWeightsError(f"{path} is not a valid safetensors file (header is not a mapping)")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise CoeffWeightsError(f"{path} is not a valid safetensors file (__metadata__ is not a string mapping)")
     data_len = size - 8 - header_len
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        offsets = info.get("data_offsets", [0, 0]) if isinstance(info, dict) else None
-        if not offsets or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1] <= data_len:
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_len):
             raise CoeffWeightsError(f"{path} is corrupt or truncated (tensor {key!r} lies outside the file)")
     return header
 
@@ -175,8 +182,12 @@ def _validated_entries(path: Path) -> tuple[dict[str, int], dict[str, str]]:
             problems.append(f"{key}: not a 'unet.<attention module>.alpha' key")
         elif dtype not in _FLOAT_DTYPES:
             problems.append(f"{key}: dtype {dtype}, expected a float type")
-        elif not (isinstance(shape, list) and len(shape) == 2 and shape[0] == shape[1] and 0 < shape[0] <= MAX_HEADS):
+        elif not (isinstance(shape, list) and len(shape) == 2 and all(type(n) is int for n in shape)
+                  and shape[0] == shape[1] and 0 < shape[0] <= MAX_HEADS):
             problems.append(f"{key}: shape {shape}, expected square H x H with H <= {MAX_HEADS}")
+        elif info["data_offsets"][1] - info["data_offsets"][0] != shape[0] * shape[1] * _DTYPE_BYTES[dtype]:
+            problems.append(f"{key}: {info['data_offsets'][1] - info['data_offsets'][0]} bytes of data for a "
+                            f"{shape[0]} x {shape[1]} {dtype} tensor")
         else:
             entries[key] = shape[0]
     if problems:

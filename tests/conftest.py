@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the tiny models gain nothing from more, and tests that start subprocesses (2-process
+# training, kill tests) would oversubscribe the cores.
+torch.set_num_threads(1)
 
 SHARED_DREAMBOOTH = Path(__file__).resolve().parents[1].parent / "shared" / "dreambooth"
 
