@@ -13,6 +13,28 @@ cheap order; mixing the per-head outputs P^i V^h instead would cost H^2*N*L*d.
 query rows, and its autograd function recomputes each chunk's maps in the backward pass instead of
 saving them, so the extra memory of one layer is O(B*H*chunk*L) whatever N is. Scores, softmax and
 mixing run in float32 when the activations are fp16/bf16 (float64 stays float64, for gradcheck).
+
+Implementations (`mixed_attention(..., impl=...)`; "auto" picks):
+    "sdpa"          A == I exactly and no gradient wanted for A: plain scaled_dot_product_attention.
+    "chunked"       the exact path above (any device, any dtype).
+    "materialized"  the naive one holding every map (the benchmarks' baseline; never picked by "auto").
+
+How the chunked path is organised (each choice measured on a 2-core AVX-512 CPU with MKL, see
+benchmarks/README.md; the timings quoted are single-thread, H=10, L=4096):
+    - Each chunk's B x H x rows x L block lives in flat workspaces allocated once per call and reused
+      by every chunk; every step writes in place or into a workspace (out=). No block-sized tensor is
+      allocated per step (the first implementation did, and paid for the allocation, the page faults
+      and the cold cache lines every time).
+    - Softmax runs in place; the softmax backward is the fused kernel softmax's own autograd uses.
+    - The scale is applied to the (rows x d) queries, not to the (rows x L) scores.
+    - K^T and V^T are made contiguous once per call, (d x L) row-major, so the q K^T and dO V^T GEMMs
+      stream their wide operand with unit stride (2.17 vs 2.74 ms per 64-row chunk).
+    - dK and dV are accumulated transposed (see backward), and the gradient of A is a batch of small
+      GEMMs over the rows instead of one long-inner-dimension GEMM (`_accumulate_coeff_grad_`).
+    - Chunks come from a byte budget for one block (`choose_chunk_size`), balanced to equal sizes.
+What did not help and is not here: keeping each row's log-sum-exp to rebuild the maps in backward
+with one exp (it saves the softmax there but costs two max passes in forward: a wash on CPU);
+torch.compile of softmax + mix (no faster than the eager in-place pair, and a minute to compile).
 """
 
 from __future__ import annotations
@@ -27,12 +49,26 @@ __all__ = [
     "materialized_mixed_attention",
     "mixed_attention",
     "choose_chunk_size",
+    "select_impl",
+    "IMPLS",
     "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_CUDA_CHUNK_BYTES",
 ]
 
-# Budget for one chunk's B x H x chunk x L float32 score block. The backward pass holds about four
-# such blocks at once. Overridable with DREAMCOEFF_CHUNK_BYTES (bytes) for tuning.
+IMPLS = ("auto", "sdpa", "chunked", "materialized")
+
+# Budget for one chunk's B x H x rows x L block (in the compute dtype). The forward pass holds two
+# such blocks, the backward pass three. Overridable with DREAMCOEFF_CHUNK_BYTES (bytes) for tuning.
+# Measured on a 2-core AVX-512 CPU (benchmarks/README.md): 8, 16, 32 and 64 MiB are within noise of
+# each other on an idle machine with one thread; fewer, bigger chunks win clearly when the cores are
+# shared (every op is a parallel region whose barrier waits for a descheduled thread), so 32 MiB.
 DEFAULT_CHUNK_BYTES = int(os.environ.get("DREAMCOEFF_CHUNK_BYTES", 32 * 2**20))
+# On CUDA each op of a chunk is a kernel launch: bigger blocks amortise them (memory is plentiful).
+DEFAULT_CUDA_CHUNK_BYTES = int(os.environ.get("DREAMCOEFF_CUDA_CHUNK_BYTES", 256 * 2**20))
+# Fewest query rows per chunk (unless N is smaller): below this the q k^T and P V GEMMs lose
+# efficiency (L3 traffic for K and V per chunk) and the per-chunk overhead grows; it overrides the
+# byte budget only for very long keys (L * H * B > budget / 32 floats).
+MIN_CHUNK_ROWS = 32
 
 
 def coefficient_matrix(
@@ -93,33 +129,105 @@ def materialized_mixed_attention(
     return torch.matmul(mixed, v.to(cdt)).to(q.dtype)
 
 
-def choose_chunk_size(batch: int, heads: int, n_query: int, n_key: int, budget_bytes: int | None = None) -> int:
-    """Query rows per chunk so that one float32 B x H x chunk x L block stays within the budget."""
-    budget = DEFAULT_CHUNK_BYTES if budget_bytes is None else budget_bytes
+def choose_chunk_size(
+    batch: int,
+    heads: int,
+    n_query: int,
+    n_key: int,
+    budget_bytes: int | None = None,
+    device: torch.device | str | None = None,
+) -> int:
+    """Query rows per chunk so that one float32 B x H x rows x L block stays within the budget.
+
+    At least MIN_CHUNK_ROWS rows (or N). The rows are then balanced over the chunks (4096 rows at a
+    204-row budget give 21 chunks of 196 rows, not 20 of 204 and one of 16): same work per chunk,
+    no tiny GEMM at the end.
+    """
+    if budget_bytes is None:
+        is_cuda = device is not None and torch.device(device).type == "cuda"
+        budget_bytes = DEFAULT_CUDA_CHUNK_BYTES if is_cuda else DEFAULT_CHUNK_BYTES
     per_row = max(1, batch * heads * n_key * 4)
-    return int(max(1, min(n_query, budget // per_row)))
+    rows = max(min(n_query, MIN_CHUNK_ROWS), min(n_query, budget_bytes // per_row))
+    n_chunks = -(-n_query // rows)
+    return -(-n_query // n_chunks)
 
 
-def _mix(coeff: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """out[b, h] = sum_i coeff[h, i] * maps[b, i]: one (H x H) @ (H x n*L) GEMM per batch element."""
-    b, h, n, l = maps.shape
-    return torch.matmul(coeff, maps.reshape(b, h, n * l)).view(b, h, n, l)
-
-
-def _chunk_probs(q_chunk, k, mask_chunk, scale):
-    """softmax(q k^T * scale + mask) for one chunk of query rows, in the compute dtype."""
-    if mask_chunk is None:
-        scores = torch.matmul(q_chunk, k.transpose(-1, -2)).mul_(scale)
-    else:
-        # baddbmm-style fusion: scale * (q @ k^T) + mask in one pass over the block.
-        scores = torch.matmul(q_chunk, k.transpose(-1, -2)).mul_(scale).add_(mask_chunk)
-    return torch.softmax(scores, dim=-1)
+def _chunks(n: int, chunk: int):
+    for start in range(0, n, chunk):
+        yield start, min(n, start + chunk)
 
 
 def _mask_rows(mask: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
     if mask is None or mask.shape[-2] == 1:
         return mask
     return mask[..., start:stop, :]
+
+
+class _Workspace:
+    """Flat buffers of one block each, handed out as views of any shape up to that size.
+
+    Allocated once per forward / backward call and reused by every chunk (a fresh block-sized tensor
+    per step costs an allocation, page faults and cache misses on memory that is touched once).
+    """
+
+    def __init__(self, count: int, numel: int, dtype: torch.dtype, device: torch.device):
+        self.buffers = [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
+
+    def view(self, index: int, *shape: int) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        return self.buffers[index][:numel].view(shape)
+
+
+def _probs_into(out: torch.Tensor, q_scaled: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor | None):
+    """out <- softmax(q_scaled @ k_t + mask) for one chunk; out is (B, H, rows, L), q already scaled."""
+    b, h, rows, d = q_scaled.shape
+    flat = out.view(b * h, rows, -1)
+    torch.bmm(q_scaled.reshape(b * h, rows, d), k_t.view(b * h, d, -1), out=flat)
+    if mask is not None:
+        out.add_(mask)
+    # In place: the row's max and sum are read before any element of it is written.
+    return torch.softmax(out, dim=-1, out=out)
+
+
+def _mix_into(out: torch.Tensor, coeff: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """out[b, h] <- sum_i coeff[h, i] * maps[b, i]: one (H x H) @ (H x rows*L) GEMM per batch element."""
+    b, h = maps.shape[:2]
+    if b == 1:
+        torch.mm(coeff, maps.view(h, -1), out=out.view(h, -1))
+    else:
+        torch.bmm(coeff.expand(b, h, h), maps.view(b, h, -1), out=out.view(b, h, -1))
+    return out
+
+
+def _softmax_backward_(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """grad_probs <- probs * (grad_probs - rowsum(grad_probs * probs)), in one fused kernel, in place.
+
+    This is the kernel softmax's own autograd uses; it reads each row twice in cache instead of the
+    four passes of the composed expression (and allocates nothing).
+    """
+    return torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype, grad_input=grad_probs)
+
+
+def _prepare(q, k, scale, cdt):
+    """Contiguous compute-dtype operands: the scaled queries, and K^T as (B, H, d, L)."""
+    # q * scale (rows x d) instead of scores * scale (rows x L): one pass over the small operand.
+    # Always a fresh contiguous tensor (the processor hands in (B, N, H, d) views transposed).
+    q_scaled = torch.empty(q.shape, dtype=cdt, device=q.device).copy_(q).mul_(scale)
+    k_t = k.to(cdt).transpose(-1, -2).contiguous()
+    return q_scaled, k_t
+
+
+def _accumulate_coeff_grad_(da: torch.Tensor, grad_mixed: torch.Tensor, probs: torch.Tensor) -> None:
+    """da[h, i] += sum_{b, n, l} grad_mixed[b, h, n, l] * probs[b, i, n, l].
+
+    As one (H x rows*L) @ (rows*L x H) GEMM per batch element MKL is slow (tiny output, huge inner
+    dimension: 2.2 ms for 51 rows at H=10, L=4096); as `rows` GEMMs (H x L) @ (L x H) batched over
+    the query rows and summed it is 2.3x faster (1.0 ms).
+    """
+    for gm, p in zip(grad_mixed, probs):  # over the batch: (H, rows, L) each
+        da += torch.bmm(gm.transpose(0, 1), p.transpose(0, 1).transpose(1, 2)).sum(0)
 
 
 class _ChunkedMixedAttention(torch.autograd.Function):
@@ -131,16 +239,22 @@ class _ChunkedMixedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, coeff, mask, scale: float, chunk: int):
         cdt = _compute_dtype(q.dtype)
-        kc, vc, a = k.to(cdt), v.to(cdt), coeff.to(cdt)
         b, h, n, _ = q.shape
-        out = torch.empty(b, h, n, v.shape[-1], dtype=cdt, device=q.device)
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            probs = _chunk_probs(q[:, :, start:stop].to(cdt), kc, _mask_rows(mask, start, stop), scale)
-            mixed = _mix(a, probs)
-            del probs
-            out[:, :, start:stop] = torch.matmul(mixed, vc)
-            del mixed
+        l, dv = k.shape[-2], v.shape[-1]
+        q_scaled, k_t = _prepare(q, k, scale, cdt)
+        vc = v.to(cdt).contiguous()
+        a = coeff.to(cdt)
+        rows = min(chunk, n)
+        ws = _Workspace(2, b * h * rows * l, cdt, q.device)
+        out_chunk = torch.empty(b * h * rows * dv, dtype=cdt, device=q.device)
+        out = torch.empty(b, h, n, dv, dtype=cdt, device=q.device)
+        for start, stop in _chunks(n, chunk):
+            r = stop - start
+            probs = _probs_into(ws.view(0, b, h, r, l), q_scaled[:, :, start:stop], k_t, _mask_rows(mask, start, stop))
+            mixed = _mix_into(ws.view(1, b, h, r, l), a, probs)
+            o = out_chunk[: b * h * r * dv].view(b * h, r, dv)
+            torch.bmm(mixed.view(b * h, r, l), vc.view(b * h, l, dv), out=o)
+            out[:, :, start:stop] = o.view(b, h, r, dv)
         ctx.save_for_backward(q, k, v, coeff, mask)
         ctx.scale, ctx.chunk = scale, chunk
         return out.to(q.dtype)
@@ -150,48 +264,82 @@ class _ChunkedMixedAttention(torch.autograd.Function):
         q, k, v, coeff, mask = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
         cdt = _compute_dtype(q.dtype)
-        kc, vc, a = k.to(cdt), v.to(cdt), coeff.to(cdt)
-        a_t = a.t().contiguous()
-        grad_out = grad_out.to(cdt)
-        b, h, n, _ = q.shape
+        b, h, n, d = q.shape
+        l, dv = k.shape[-2], v.shape[-1]
+        bh = b * h
         need_q, need_k, need_v, need_a = ctx.needs_input_grad[:4]
-        dq = torch.empty(q.shape, dtype=cdt, device=q.device) if need_q else None
-        dk = torch.zeros(k.shape, dtype=cdt, device=k.device) if need_k else None
-        dv = torch.zeros(v.shape, dtype=cdt, device=v.device) if need_v else None
+        need_qk = need_q or need_k
+
+        q_scaled, k_t = _prepare(q, k, scale, cdt)
+        kc = k.to(cdt).contiguous() if need_q else None
+        v_t = v.to(cdt).transpose(-1, -2).contiguous()
+        a = coeff.to(cdt)
+        a_t = a.t().contiguous()
+        g = grad_out.to(cdt).contiguous()
+
+        dq = torch.empty(b, h, n, d, dtype=cdt, device=q.device) if need_q else None
+        # dK and dV are accumulated transposed, (B, H, d, L): the update dK^T += (q*scale)^T dS then
+        # reads the wide dS block untransposed, about 25% faster than dK += dS^T (q*scale) (MKL, fp32).
+        dk_t = torch.zeros(b, h, d, l, dtype=cdt, device=k.device) if need_k else None
+        dv_t = torch.zeros(b, h, dv, l, dtype=cdt, device=v.device) if need_v else None
         da = torch.zeros(a.shape, dtype=cdt, device=a.device) if need_a else None
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            q_chunk = q[:, :, start:stop].to(cdt)
-            g_chunk = grad_out[:, :, start:stop]
-            probs = _chunk_probs(q_chunk, kc, _mask_rows(mask, start, stop), scale)
+        rows = min(chunk, n)
+        ws = _Workspace(3 if need_qk else 2, b * h * rows * l, cdt, q.device)
+        dq_chunk = torch.empty(bh * rows * d, dtype=cdt, device=q.device) if need_q else None
+
+        for start, stop in _chunks(n, chunk):
+            r = stop - start
+            q_chunk = q_scaled[:, :, start:stop]
+            g_chunk = g[:, :, start:stop].view(bh, r, dv)
+            probs = _probs_into(ws.view(0, b, h, r, l), q_chunk, k_t, _mask_rows(mask, start, stop))
             if need_v:
-                dv += torch.matmul(_mix(a, probs).transpose(-1, -2), g_chunk)
-            grad_mixed = torch.matmul(g_chunk, vc.transpose(-1, -2))  # dL/d(A P), B x H x n x L
+                # dV^h += (A P)^h^T dO^h; the mixed maps are recomputed into the second buffer.
+                mixed = _mix_into(ws.view(1, b, h, r, l), a, probs)
+                dv_t.view(bh, dv, l).baddbmm_(g_chunk.transpose(1, 2), mixed.view(bh, r, l))
+            if not (need_a or need_qk):
+                continue
+            # dL/d(A P)^h = dO^h V^h^T, into the second buffer (the mixed maps are no longer needed).
+            grad_mixed = ws.view(1, b, h, r, l)
+            torch.bmm(g_chunk, v_t.view(bh, dv, l), out=grad_mixed.view(bh, r, l))
             if need_a:
-                rows = probs.shape[-2] * probs.shape[-1]
-                # dA[h, i] = sum_{b, n, l} dMixed[b, h, n, l] * P[b, i, n, l]
-                da += torch.matmul(grad_mixed.reshape(b, h, rows), probs.reshape(b, h, rows).transpose(1, 2)).sum(0)
-            if need_q or need_k:
-                grad_probs = _mix(a_t, grad_mixed)  # dL/dP^i = sum_h A[h, i] dMixed^h
-                del grad_mixed
-                # softmax backward, in place: dS = P * (dP - rowsum(dP * P))
-                row_dot = (grad_probs * probs).sum(dim=-1, keepdim=True)
-                grad_scores = grad_probs.sub_(row_dot).mul_(probs).mul_(scale)
-                del probs
+                _accumulate_coeff_grad_(da, grad_mixed, probs)
+            if need_qk:
+                grad_scores = _mix_into(ws.view(2, b, h, r, l), a_t, grad_mixed)  # dP^i = sum_h A[h, i] dMixed^h
+                _softmax_backward_(grad_scores, probs)  # now dL/dS (of the scaled scores)
+                grad_scores = grad_scores.view(bh, r, l)
                 if need_q:
-                    dq[:, :, start:stop] = torch.matmul(grad_scores, kc)
+                    dqc = dq_chunk[: bh * r * d].view(bh, r, d)
+                    torch.bmm(grad_scores, kc.view(bh, l, d), out=dqc)
+                    torch.mul(dqc.view(b, h, r, d), scale, out=dq[:, :, start:stop])
                 if need_k:
-                    dk += torch.matmul(grad_scores.transpose(-1, -2), q_chunk)
-                del grad_scores
+                    # S = (q * scale) k^T, so dK = dS^T (q * scale): the scale rides on the small operand.
+                    dk_t.view(bh, d, l).baddbmm_(q_chunk.reshape(bh, r, d).transpose(1, 2), grad_scores)
         return (
             dq.to(q.dtype) if need_q else None,
-            dk.to(k.dtype) if need_k else None,
-            dv.to(v.dtype) if need_v else None,
+            dk_t.transpose(-1, -2).to(k.dtype, memory_format=torch.contiguous_format) if need_k else None,
+            dv_t.transpose(-1, -2).to(v.dtype, memory_format=torch.contiguous_format) if need_v else None,
             da.to(coeff.dtype) if need_a else None,
             None,
             None,
             None,
         )
+
+
+def _is_exact_identity(coeff: torch.Tensor) -> bool:
+    """A == I exactly, and no gradient is wanted for it (else the exact path must run to give one)."""
+    if coeff.requires_grad and torch.is_grad_enabled():
+        return False
+    eye = torch.eye(coeff.shape[0], dtype=coeff.dtype, device=coeff.device)
+    return bool(torch.equal(coeff, eye))
+
+
+def select_impl(coeff: torch.Tensor, impl: str = "auto") -> str:
+    """The implementation `mixed_attention` runs for this mixing matrix ("auto" resolved)."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown mixed-attention impl {impl!r}: use one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    return "sdpa" if _is_exact_identity(coeff) else "chunked"
 
 
 def mixed_attention(
@@ -202,6 +350,7 @@ def mixed_attention(
     scale: float | None = None,
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Exact Coeff-Tuning attention O^h = sum_i coeff[h, i] softmax(Q^i K^i^T * scale + mask) V^h.
 
@@ -211,14 +360,25 @@ def mixed_attention(
         scale: score scale, 1/sqrt(d) when None (pass `attn.scale`).
         mask: additive float mask or boolean keep-mask broadcastable to (B, H, N, L).
         chunk_size: query rows per chunk; chosen from the shapes and DEFAULT_CHUNK_BYTES when None.
+        impl: "auto" (SDPA where coeff is exactly I and needs no gradient, else "chunked"), or one of
+            "chunked", "sdpa" (only for coeff == I), "materialized" (naive, holds every map).
 
-    Returns (B, H, N, dv) in q's dtype. Differentiable w.r.t. q, k, v and coeff; the backward pass
+    Returns (B, H, N, dv) in q's dtype. Differentiable w.r.t. q, k, v and coeff; the chunked backward
     recomputes the maps chunk by chunk, so no B x H x N x L tensor is ever stored.
     """
     b, h, n, _ = q.shape
     if coeff.shape != (h, h):
         raise ValueError(f"coeff must be ({h}, {h}) for {h} heads, got {tuple(coeff.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    impl = select_impl(coeff, impl)
+    if impl == "sdpa":
+        if not _is_exact_identity(coeff):
+            raise ValueError("impl='sdpa' computes plain attention: only valid where coeff is exactly I")
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if impl == "materialized":
+        return materialized_mixed_attention(q, k, v, coeff, scale, mask)
     mask = _as_additive_mask(mask, _compute_dtype(q.dtype))
-    chunk = chunk_size or choose_chunk_size(b, h, n, k.shape[-2])
+    chunk = chunk_size or choose_chunk_size(b, h, n, k.shape[-2], device=q.device)
     return _ChunkedMixedAttention.apply(q, k, v, coeff, mask, scale, int(chunk))
