@@ -59,9 +59,10 @@ IMPLS = ("auto", "sdpa", "chunked", "materialized")
 
 # Budget for one chunk's B x H x rows x L block (in the compute dtype). The forward pass holds two
 # such blocks, the backward pass three. Overridable with DREAMCOEFF_CHUNK_BYTES (bytes) for tuning.
-# Measured on a 2-core AVX-512 CPU (benchmarks/README.md): 8, 16, 32 and 64 MiB are within noise of
-# each other on an idle machine with one thread; fewer, bigger chunks win clearly when the cores are
-# shared (every op is a parallel region whose barrier waits for a descheduled thread), so 32 MiB.
+# Measured on 2 AVX-512 cores (benchmarks/README.md): 8, 16 and 32 MiB are within noise of each other
+# on an idle machine and 64 MiB is slower (out of cache); when the cores are shared with other jobs
+# fewer, bigger chunks win clearly (every op is a parallel region whose barrier waits for a
+# descheduled thread), so 32 MiB.
 DEFAULT_CHUNK_BYTES = int(os.environ.get("DREAMCOEFF_CHUNK_BYTES", 32 * 2**20))
 # On CUDA each op of a chunk is a kernel launch: bigger blocks amortise them (memory is plentiful).
 DEFAULT_CUDA_CHUNK_BYTES = int(os.environ.get("DREAMCOEFF_CUDA_CHUNK_BYTES", 256 * 2**20))

@@ -150,6 +150,8 @@ def _gone(pid: int) -> bool:
 def _kill(proc: subprocess.Popen) -> None:
     """SIGKILL the run: the process and everything it started. torchrun puts each rank in a session of
     its own, so killing the launcher's process group alone would leave the ranks running."""
+    if proc.poll() is not None:
+        return  # already ended: the caller's check reports a kill that did not land
     os.killpg(proc.pid, signal.SIGSTOP)  # frozen, the launcher can start no new rank while we look
     victims = _descendants(proc.pid) if Path("/proc").is_dir() else []
     for pid in victims:
@@ -211,7 +213,9 @@ def _kill_and_resume(argv, out: Path, logs: Path, moments: list[str], rng: rando
         argv_n = argv + (["--resume_from_checkpoint", "latest"] if n else [])
         start_steps = _steps(out)
         start = start_steps[-1] if start_steps else 0
-        pause = 0.5 if moment in ("mid-checkpoint", "before-model-card") else None
+        # Every checkpoint (one per step here) pauses a little, so that on a fast machine the run cannot
+        # finish between reaching the kill moment and the kill; mid-checkpoint kills get a longer pause.
+        pause = 0.5 if moment in ("mid-checkpoint", "before-model-card") else 0.3
         spawned = time.time()
         proc = _spawn(argv_n, logs / f"attempt{n}.log", processes, pause)
         try:
@@ -221,7 +225,7 @@ def _kill_and_resume(argv, out: Path, logs: Path, moments: list[str], rng: rando
             elif moment == "random":  # anywhere in the loop once it has made some progress
                 target = start + rng.randint(1, 2)
                 reached = _wait_until(lambda: (_steps(out) or [0])[-1] >= target, proc)
-                time.sleep(rng.uniform(0.0, 1.0))
+                time.sleep(rng.uniform(0.0, 0.25))
             elif moment == "mid-checkpoint":  # a checkpoint-N.tmp being written
                 # a file this attempt wrote (a leftover of the previous kill being deleted does not count)
                 reached = _wait_until(lambda: any(_mtime(p) >= spawned for p in out.glob(f"checkpoint-*.tmp/{COEFF}")),
