@@ -9,7 +9,6 @@ exactly what an uninterrupted one would, and ends with the same weights.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging

@@ -33,6 +33,7 @@ from PIL import Image
 from dreamcoeff import load_coeff_weights, read_coeff_file
 from dreamcoeff.training import COMPLETE_NAME, TEST_PAUSE_ENV, list_checkpoints, main
 from dreamcoeff.weights import MAX_HEADER_BYTES, CoeffWeightsError
+from tests.helpers import make_images
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "train_dreambooth_coeff.py"
@@ -54,15 +55,8 @@ def _fresh_accelerate_state():
     PartialState._reset_state()
 
 
-def _make_images(folder: Path, sizes=((64, 64), (64, 64), (64, 64)), seed=0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (h, w) in enumerate(sizes):
-        arr = np.zeros((h, w, 3), np.uint8)
-        arr[..., 0] = 200
-        arr[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = rng.integers(0, 255, 3)
-        Image.fromarray(arr).save(folder / f"img{i}.png")
-    return folder
+def _make_images(folder: Path, sizes=((64, 64),) * 3, seed=0) -> Path:
+    return make_images(folder, sizes, seed)
 
 
 def _args(model_dir, instance_dir, out, *extra):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,24 +10,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from PIL import Image
 
 from dreamcoeff import load_coeff_weights, read_coeff_file
 from dreamcoeff.config import UsageError, parse_args
 from dreamcoeff.training import list_checkpoints, main
+from tests.helpers import make_images as _make_images
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _make_images(folder: Path, sizes=((64, 64), (80, 64), (64, 80)), seed=0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (h, w) in enumerate(sizes):
-        arr = np.zeros((h, w, 3), np.uint8)
-        arr[..., 0] = 200
-        arr[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = rng.integers(0, 255, 3)
-        Image.fromarray(arr).save(folder / f"img{i}.png")
-    return folder
 
 
 @pytest.fixture(autouse=True)
