@@ -1,86 +1,24 @@
-"""The chunked mixed attention as first committed (git 85341f2), kept verbatim below this docstring
-as the "before" of the benchmarks. It is exact and chunked with recomputation in backward, but it
-allocates fresh block-sized tensors at every step of every chunk, scales the (rows x L) scores rather
-than the (rows x d) queries, composes the softmax backward from four passes, computes the coefficient
-gradient as one long-inner-dimension GEMM, and accumulates dK / dV with a transposed wide operand.
-Not used by the library; only benchmarks/ imports it.
+"""The chunked mixed attention as first committed (git 85341f2), kept as the "before" of the
+benchmarks (its helpers that have not changed since are imported from the library). It is exact and
+chunked with recomputation in backward, but it allocates fresh block-sized tensors at every step of
+every chunk, scales the (rows x L) scores rather than the (rows x d) queries, composes the softmax
+backward from four passes, computes the coefficient gradient as one long-inner-dimension GEMM, and
+accumulates dK / dV with a transposed wide operand. Not used by the library; only benchmarks/ imports it.
 """
 from __future__ import annotations
 
 import os
 
 import torch
-import torch.nn.functional as F
 
-__all__ = [
-    "coefficient_matrix",
-    "materialized_mixed_attention",
-    "mixed_attention",
-    "choose_chunk_size",
-    "DEFAULT_CHUNK_BYTES",
-]
+# Unchanged since 85341f2: shared with the library rather than copied.
+from dreamcoeff.attention import _as_additive_mask, _compute_dtype, _mask_rows
+
+__all__ = ["mixed_attention", "choose_chunk_size", "DEFAULT_CHUNK_BYTES"]
 
 # Budget for one chunk's B x H x chunk x L float32 score block. The backward pass holds about four
 # such blocks at once. Overridable with DREAMCOEFF_CHUNK_BYTES (bytes) for tuning.
 DEFAULT_CHUNK_BYTES = int(os.environ.get("DREAMCOEFF_CHUNK_BYTES", 32 * 2**20))
-
-
-def coefficient_matrix(
-    alpha: torch.Tensor, strength: float = 1.0, dropout: float = 0.0, training: bool = False
-) -> torch.Tensor:
-    """Return the head-mixing matrix A = I + strength * dropout(alpha).
-
-    Dropout zeroes elements of the residual `alpha` only (never the identity), in training mode only,
-    with the inverted-dropout rescaling of `torch.nn.functional.dropout`, so E[A] = I + strength*alpha.
-    The result is float32 (float64 if alpha is float64) and differentiable w.r.t. alpha.
-    """
-    dtype = torch.float64 if alpha.dtype == torch.float64 else torch.float32
-    residual = alpha.to(dtype)
-    if training and dropout > 0.0:
-        residual = F.dropout(residual, p=dropout, training=True)
-    eye = torch.eye(alpha.shape[0], dtype=dtype, device=alpha.device)
-    return eye + strength * residual
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _as_additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Bring a mask to 4-D additive form (SDPA semantics: a boolean True means 'attend')."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    else:
-        mask = mask.to(dtype)
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    return mask
-
-
-def materialized_mixed_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    coeff: torch.Tensor,
-    scale: float | None = None,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Straightforward mixed attention holding all B x H x N x L maps (plain autograd).
-
-    Used as the 'naive' baseline of the benchmarks; `mixed_attention` is the one to use.
-    Shapes: q (B, H, N, d), k (B, H, L, d), v (B, H, L, dv), coeff (H, H) -> (B, H, N, dv).
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cdt = _compute_dtype(q.dtype)
-    scores = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
-    mask = _as_additive_mask(mask, cdt)
-    if mask is not None:
-        scores = scores + mask
-    probs = scores.softmax(dim=-1)
-    mixed = torch.einsum("hi,binl->bhnl", coeff.to(cdt), probs)
-    return torch.matmul(mixed, v.to(cdt)).to(q.dtype)
 
 
 def choose_chunk_size(batch: int, heads: int, n_query: int, n_key: int, budget_bytes: int | None = None) -> int:
@@ -104,12 +42,6 @@ def _chunk_probs(q_chunk, k, mask_chunk, scale):
         # baddbmm-style fusion: scale * (q @ k^T) + mask in one pass over the block.
         scores = torch.matmul(q_chunk, k.transpose(-1, -2)).mul_(scale).add_(mask_chunk)
     return torch.softmax(scores, dim=-1)
-
-
-def _mask_rows(mask: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
-    if mask is None or mask.shape[-2] == 1:
-        return mask
-    return mask[..., start:stop, :]
 
 
 class _ChunkedMixedAttention(torch.autograd.Function):

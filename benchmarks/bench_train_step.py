@@ -47,6 +47,18 @@ SAMPLE_CONFIGS = ("base", "alpha", "alpha=0")
 BATCH, LATENT, TEXT_TOKENS, TEXT_DIM, POOLED_DIM, TIME_DIM = 2, 64, 77, 512, 320, 64
 
 
+
+def _timed_calls(fn, n: int):
+    """Call fn n times: wall times, CPU times, and the peak memory over all calls."""
+    times, cpu = [], []
+    with bu.PeakMemory() as pm:
+        for _ in range(n):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return times, cpu, pm
+
 def unet_config(depth=(1, 2, 10)) -> dict:
     return dict(
         sample_size=LATENT,
@@ -129,13 +141,7 @@ def child_train(args) -> dict:
 
     for _ in range(args.warmup):
         step()
-    times, cpu = [], []
-    with bu.PeakMemory() as pm:
-        for _ in range(args.steps):
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
+    times, cpu, pm = _timed_calls(step, args.steps)
     return {
         "times": times,
         "cpu_times": cpu,
@@ -174,13 +180,7 @@ def child_sample(args) -> dict:
 
     with torch.inference_mode():
         sample()  # warm-up
-        times, cpu = [], []
-        with bu.PeakMemory() as pm:
-            for _ in range(args.steps):
-                t0, c0 = time.perf_counter(), time.process_time()
-                sample()
-                times.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
+        times, cpu, pm = _timed_calls(sample, args.steps)
     return {"times": times, "cpu_times": cpu, "peak_step_bytes": pm.peak, "memory_method": pm.method}
 
 
