@@ -413,7 +413,7 @@ def assign_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -
 # --------------------------------------------------------------------------------------------
 
 
-def _derive_seed(*parts: object) -> int:
+def derive_seed(*parts: object) -> int:
     """A 64-bit seed from a tuple of ints/strings, stable across processes and Python versions
     (unlike ``hash()``, which is salted for strings)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -621,7 +621,7 @@ class DreamBoothDataset(Dataset):
         ex = self.examples[index]
         height, width = self._prepared[ex.image_path].pixels.shape[:2]
         bh, bw = ex.bucket
-        rng = random.Random(_derive_seed("augment", self.seed, epoch, index))
+        rng = random.Random(derive_seed("augment", self.seed, epoch, index))
         # Always draw all three numbers, so the crop does not depend on whether flipping is on.
         r_flip, r_top, r_left = rng.random(), rng.random(), rng.random()
         flipped = self.random_flip and r_flip < 0.5
@@ -707,7 +707,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        rng = random.Random(_derive_seed("batches", self.seed, self.epoch))
+        rng = random.Random(derive_seed("batches", self.seed, self.epoch))
         batches: list[list[int]] = []
         for group in self._groups:
             group = list(group)

@@ -9,7 +9,6 @@ exactly what an uninterrupted one would, and ends with the same weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -73,8 +72,8 @@ class TrainResult:
 
 
 def _seed_of(*parts) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    # The data module's stable seed, kept within int64 for torch generators.
+    return data_lib.derive_seed(*parts) & ((1 << 63) - 1)
 
 
 # ------------------------------------------------------------------------------------------------
