@@ -52,7 +52,7 @@ class TrainConfig:
     dataloader_num_workers: int = _f(0, "data loading worker processes", DATA)
 
     # method
-    tuning: str = _f("coeff", "what to train: Coeff-Tuning alpha, LoRA, or both", METHOD, choices=("coeff", "lora", "coeff+lora"))
+    tuning: str = _f("coeff", "what to train: Coeff-Tuning alpha, LoRA, both, or every UNet weight (full fine-tuning, the DreamBooth paper's baseline)", METHOD, choices=("coeff", "lora", "coeff+lora", "full"))
     coeff_targets: str = _f("both", "attention modules that get alpha: self- (attn1), cross- (attn2) or both", METHOD, choices=("attn1", "attn2", "both"))
     coeff_dropout: float = _f(0.1, "coefficient dropout on alpha's elements (the paper's ablation found 0.1-0.2 best)", METHOD)
     coeff_lr: float = _f(1e-3, "learning rate of alpha (its own param group)", METHOD)
@@ -72,7 +72,7 @@ class TrainConfig:
     max_bad_steps: int = _f(10, "stop after this many consecutive steps with a non-finite loss or gradient", TRAIN)
 
     # optimizer
-    learning_rate: float = _f(1e-4, "learning rate of LoRA weights", OPTIM)
+    learning_rate: float = _f(1e-4, "learning rate of the LoRA weights (of the whole UNet with --tuning full; 5e-6 is the usual DreamBooth value there)", OPTIM)
     lr_scheduler: str = _f("constant", "learning-rate schedule", OPTIM, choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"))
     lr_warmup_steps: int = _f(0, "warm-up steps of the schedule", OPTIM)
     use_8bit_adam: bool = _f(False, "bitsandbytes' 8-bit AdamW (pip install bitsandbytes)", OPTIM)

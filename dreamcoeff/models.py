@@ -17,6 +17,8 @@ logger = logging.getLogger("dreamcoeff")
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+#: Subfolder of a ``--tuning full`` output (and checkpoint) holding the whole fine-tuned UNet.
+FULL_UNET_DIR = "unet"
 
 
 class ModelError(ValueError):
@@ -144,6 +146,20 @@ def load_lora_into_unet(unet: torch.nn.Module, path: str | os.PathLike) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"{path}: LoRA keys that do not fit the UNet: {unexpected[:5]}")
+
+
+def load_full_unet_weights(unet: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """Copy the weights of a UNet saved with ``save_pretrained`` into ``unet`` in place (resume of
+    ``--tuning full``: the optimizer keeps referring to the same parameters)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{folder}: no diffusion_pytorch_model.safetensors (not a --tuning full checkpoint)")
+    state = load_file(str(path))
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the UNet (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def token_length(tokenizer, prompt: str) -> int:

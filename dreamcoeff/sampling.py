@@ -46,7 +46,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from .models import LORA_WEIGHTS_NAME
+from .models import FULL_UNET_DIR, LORA_WEIGHTS_NAME
 from .processor import coeff_modules, coeff_parameters, remove_coeff, set_coeff_scale, unwrap_unet
 from .weights import COEFF_WEIGHTS_NAME, CoeffWeightsError, load_coeff_weights, read_coeff_file
 
@@ -171,12 +171,14 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training result to compare: an alpha file, a LoRA file, or both.
+    """One training result to compare: an alpha file, a LoRA file, both, or a fully fine-tuned UNet.
 
     Attributes:
         name: row name (letters, digits, ``._-``; ``@`` is reserved for strength-sweep rows).
         alpha_path: ``coeff_weights.safetensors`` (Coeff-Tuning alpha) or None.
         lora_path: diffusers SDXL LoRA file (``pytorch_lora_weights.safetensors``) or None.
+        unet_path: the ``unet/`` folder of a ``--tuning full`` run (a UNet saved with
+            ``save_pretrained``) or None; it replaces the base UNet for this run's rows.
         source: the training output directory the files were found in, if one was given.
     """
 
@@ -184,15 +186,18 @@ class RunSpec:
     alpha_path: Path | None = None
     lora_path: Path | None = None
     source: Path | None = None
+    unet_path: Path | None = None
 
     @property
     def kind(self) -> str:
-        """"alpha", "lora" or "alpha+lora"."""
-        return "+".join(k for k, p in (("alpha", self.alpha_path), ("lora", self.lora_path)) if p is not None)
+        """"alpha", "lora", "alpha+lora" or "unet"."""
+        parts = (("alpha", self.alpha_path), ("lora", self.lora_path), ("unet", self.unet_path))
+        return "+".join(k for k, p in parts if p is not None)
 
     def training_args(self) -> dict[str, Any] | None:
         """The run's ``args.json`` (beside its weights), or None if absent / unreadable."""
-        folders = [self.source] if self.source else [p.parent for p in (self.alpha_path, self.lora_path) if p]
+        files = (self.alpha_path, self.lora_path, self.unet_path.parent if self.unet_path else None)
+        folders = [self.source] if self.source else [p.parent for p in files if p]
         for folder in folders:
             try:
                 return json.loads((folder / "args.json").read_text(encoding="utf-8"))
@@ -230,7 +235,8 @@ def parse_run(spec: str) -> RunSpec:
     """Parse ``name=path[,path2]`` (or a bare ``path``, named after its folder) into a :class:`RunSpec`.
 
     A path may be a training output directory (holding ``coeff_weights.safetensors`` and/or
-    ``pytorch_lora_weights.safetensors``) or a weight file; files are told apart by their header.
+    ``pytorch_lora_weights.safetensors``, or the ``unet/`` folder of ``--tuning full``) or a weight
+    file; files are told apart by their header.
     Raises :class:`SamplingError` naming the run for missing paths and folders without weights.
     """
     name, sep, paths_text = spec.partition("=")
@@ -244,22 +250,26 @@ def parse_run(spec: str) -> RunSpec:
         name = first.name if first.is_dir() or not first.suffix else first.parent.name
         name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "run"
     name = _check_name(name.strip())
-    alpha = lora = source = None
+    alpha = lora = source = unet = None
     for path in paths:
         if not path.exists():
             raise SamplingError(f"run {name!r}: {path} does not exist")
         if path.is_dir():
             found = [(k, path / f) for k, f in (("alpha", COEFF_WEIGHTS_NAME), ("lora", LORA_WEIGHTS_NAME)) if (path / f).is_file()]
+            if (path / FULL_UNET_DIR / "config.json").is_file():
+                found.append(("unet", path / FULL_UNET_DIR))
             if not found:
                 raise SamplingError(
-                    f"run {name!r}: {path} holds neither {COEFF_WEIGHTS_NAME} nor {LORA_WEIGHTS_NAME} "
-                    "(has the training finished? checkpoints live in checkpoint-* subfolders)"
+                    f"run {name!r}: {path} holds neither {COEFF_WEIGHTS_NAME} nor {LORA_WEIGHTS_NAME} nor a "
+                    f"{FULL_UNET_DIR}/ folder (has the training finished? checkpoints live in checkpoint-* subfolders)"
                 )
             source = source or path
         else:
             found = [(_weights_kind(path), path)]
         for kind, file in found:
-            if kind == "alpha":
+            if kind == "unet":
+                unet = file
+            elif kind == "alpha":
                 if alpha is not None:
                     raise SamplingError(f"run {name!r}: two alpha files ({alpha}, {file}); give one per run")
                 alpha = file
@@ -267,7 +277,10 @@ def parse_run(spec: str) -> RunSpec:
                 if lora is not None:
                     raise SamplingError(f"run {name!r}: two LoRA files ({lora}, {file}); give one per run")
                 lora = file
-    return RunSpec(name=name, alpha_path=alpha, lora_path=lora, source=source)
+    if unet is not None and (alpha is not None or lora is not None):
+        raise SamplingError(f"run {name!r}: a fully fine-tuned UNet ({unet}) cannot be combined with alpha or LoRA "
+                            "files in one run; give them as separate runs")
+    return RunSpec(name=name, alpha_path=alpha, lora_path=lora, source=source, unet_path=unet)
 
 
 @dataclass(frozen=True)
@@ -299,6 +312,8 @@ class Row:
             parts.append(f"alpha c={self.coeff_scale:g}")
         if self.has_lora:
             parts.append("LoRA")
+        if self.run.unet_path is not None:
+            parts.append("full UNet")
         return " + ".join(parts)
 
     @property
@@ -322,7 +337,7 @@ def plan_rows(
         if run.name in seen:
             raise SamplingError(f"run name {run.name!r} is given twice; every --run needs its own name")
         seen.add(run.name)
-        if run.alpha_path is None and run.lora_path is None:
+        if run.alpha_path is None and run.lora_path is None and run.unet_path is None:
             raise SamplingError(f"run {run.name!r} has no weights")
     if include_base and "base" in seen:
         raise SamplingError("run name 'base' is taken by --include_base's row; rename the run")
@@ -468,8 +483,10 @@ class AdapterSwitcher:
     On construction: any alpha already on the pipeline is removed (sampling starts from the base
     model), every alpha file is loaded once into the pipeline and removed again (all-or-nothing
     validation against this UNet), every LoRA file's keys are checked against the UNet, and only
-    then is each LoRA loaded as its own PEFT adapter (then disabled). Errors are
-    :class:`SamplingError` naming the run. :meth:`close` deletes the adapters again.
+    then is each LoRA loaded as its own PEFT adapter (then disabled). A fully fine-tuned UNet
+    (``--tuning full``) is loaded once, checked against the base UNet's config, kept on the CPU and
+    swapped in for its rows only. Errors are :class:`SamplingError` naming the run. :meth:`close`
+    deletes the adapters again and puts the base UNet back.
     """
 
     def __init__(self, pipe, runs: Sequence[RunSpec]):
@@ -479,6 +496,8 @@ class AdapterSwitcher:
         self.adapter_names: dict[str, str] = {}
         self.weights: dict[str, dict[str, Any]] = {}
         self._alpha_run: str | None = None
+        self.base_unet = pipe.unet
+        self.full_unets: dict[str, torch.nn.Module] = {}
         if coeff_modules(pipe):
             remove_coeff(pipe)
         _freeze(pipe)
@@ -486,6 +505,8 @@ class AdapterSwitcher:
             self.weights[run.name] = {"kind": run.kind, "source": str(run.source.resolve()) if run.source else None}
             if run.alpha_path is not None:
                 self.weights[run.name]["alpha"] = self._check_alpha(run)
+            if run.unet_path is not None:
+                self.weights[run.name]["unet"] = self._load_full_unet(run)
         loras = [r for r in runs if r.lora_path is not None]
         infos = {r.name: self._check_lora(r) for r in loras}  # every file checked before any is loaded
         existing = set(self._list_adapters())
@@ -534,6 +555,48 @@ class AdapterSwitcher:
             "has_training_args": training_args is not None,
         }
 
+    def _load_full_unet(self, run: RunSpec) -> dict[str, Any]:
+        from diffusers import UNet2DConditionModel
+
+        if getattr(self.base_unet, "_hf_hook", None) is not None:
+            raise SamplingError(f"run {run.name!r} is a full UNet fine-tune, which cannot be swapped into a pipeline "
+                                "with CPU offload; drop --cpu_offload")
+        path = run.unet_path
+        weights = path / "diffusion_pytorch_model.safetensors"
+        if not weights.is_file():
+            raise SamplingError(f"run {run.name!r}: {path} has no diffusion_pytorch_model.safetensors")
+        volatile = ("_name_or_path", "_diffusers_version", "_use_default_values")
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SamplingError(f"run {run.name!r}: {path / 'config.json'} is unreadable: {exc}") from None
+        base = {k: v for k, v in unwrap_unet(self.base_unet).config.items() if k not in volatile}
+        differ = sorted(k for k in base if k in config and _jsonable(config[k]) != _jsonable(base[k]))
+        if differ:
+            raise SamplingError(f"run {run.name!r}: the UNet in {path} has another architecture than the base model's "
+                                f"({', '.join(differ[:5])} differ); was it trained on another base model?")
+        try:
+            with _quiet_diffusers_noise():
+                unet = UNet2DConditionModel.from_pretrained(str(path), torch_dtype=self.base_unet.dtype)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SamplingError(f"run {run.name!r}: the UNet in {path} could not be loaded: {exc}") from None
+        unet.eval().requires_grad_(False)
+        self.full_unets[run.name] = unet
+        return {"path": str(path.resolve()), "sha256": _sha256(weights), "bytes": weights.stat().st_size,
+                "parameters": sum(p.numel() for p in unet.parameters())}
+
+    def _use_unet(self, unet: torch.nn.Module) -> None:
+        """Make ``unet`` the pipeline's UNet: a swapped-in full UNet lives on the pipeline's device only
+        while its rows render, and goes back to the CPU afterwards."""
+        current = self.pipe.unet
+        if current is unet:
+            return
+        if current is not self.base_unet:
+            current.to("cpu")
+        if unet is not self.base_unet:
+            unet.to(self.base_unet.device)
+        self.pipe.unet = unet
+
     def _check_lora(self, run: RunSpec) -> dict[str, Any]:
         path = run.lora_path
         if path.suffix != ".safetensors":
@@ -564,7 +627,8 @@ class AdapterSwitcher:
         }
 
     def reset(self) -> None:
-        """The base model: no alpha, every LoRA disabled."""
+        """The base model: its own UNet, no alpha, every LoRA disabled."""
+        self._use_unet(self.base_unet)
         if coeff_modules(self.pipe):
             remove_coeff(self.pipe)
         self._alpha_run = None
@@ -574,6 +638,7 @@ class AdapterSwitcher:
     def activate(self, row: Row, lora_scale: float = 1.0) -> None:
         """Put exactly this row's adapters in place (alpha at ``row.coeff_scale``, its LoRA or none)."""
         run = row.run
+        self._use_unet(self.base_unet)  # adapters are switched on the base UNet, a full UNet swapped in last
         if row.has_lora:
             self.pipe.enable_lora()
             self.pipe.set_adapters([self.adapter_names[run.name]], adapter_weights=[float(lora_scale)])
@@ -592,10 +657,13 @@ class AdapterSwitcher:
         elif coeff_modules(self.pipe):
             remove_coeff(self.pipe)
             self._alpha_run = None
+        if run is not None and run.unet_path is not None:
+            self._use_unet(self.full_unets[run.name])
 
     def close(self) -> None:
         """Back to the base model, with this switcher's LoRA adapters deleted."""
         self.reset()
+        self.full_unets = {}
         if self.adapter_names:
             self.pipe.enable_lora()
             self.pipe.delete_adapters(list(self.adapter_names.values()))

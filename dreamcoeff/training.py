@@ -27,11 +27,13 @@ import torch.nn.functional as F
 from . import data as data_lib
 from .config import TrainConfig, UsageError, parse_args
 from .models import (
+    FULL_UNET_DIR,
     LORA_WEIGHTS_NAME,
     ModelError,
     add_lora,
     encode_prompts,
     load_components,
+    load_full_unet_weights,
     load_lora_into_unet,
     save_lora,
 )
@@ -202,6 +204,19 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
+def _replace(src: Path, dst: Path) -> None:
+    """Move a finished file or folder into place. A folder that exists is swapped out first and
+    removed only after the new one is in place, so ``dst`` is never missing or half-written."""
+    if src.is_dir() and dst.exists():
+        old = dst.with_name(f".{dst.name}.old.tmp")  # a leftover the next run removes
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -307,13 +322,17 @@ def run_validation(cfg, components, unet, accelerator, step: int, out: Path) -> 
 
 
 def write_model_card(cfg: TrainConfig, out: Path, result: TrainResult, validation: list[Path]) -> Path:
-    methods = {"coeff": "Coeff-Tuning (alpha)", "lora": f"LoRA rank {cfg.rank}", "coeff+lora": f"Coeff-Tuning + LoRA rank {cfg.rank}"}
+    methods = {"coeff": "Coeff-Tuning (alpha)", "lora": f"LoRA rank {cfg.rank}", "coeff+lora": f"Coeff-Tuning + LoRA rank {cfg.rank}",
+               "full": "full UNet fine-tuning"}
     share = 100.0 * result.trainable_parameters / max(1, result.unet_parameters)
     load = []
     if "coeff" in cfg.tuning:
         load.append(f"load_coeff_weights(pipe, \"{out}\")  # alpha, strength 1.0")
     if "lora" in cfg.tuning:
         load.append(f"pipe.load_lora_weights(\"{out}\")")
+    if cfg.tuning == "full":
+        load.append(f"pipe.unet = UNet2DConditionModel.from_pretrained(\"{out}\", subfolder=\"{FULL_UNET_DIR}\", "
+                    "torch_dtype=torch.float16).to(\"cuda\")")
     images = "\n".join(f"![{p.name}]({p.relative_to(out).as_posix()})" for p in validation[:8]) or "(no validation prompt given)"
     text = f"""---
 base_model: {cfg.pretrained_model_name_or_path}
@@ -332,7 +351,7 @@ Trained with [dreamcoeff](https://pypi.org/project/dreamcoeff/) on the images in
 | instance prompt | `{cfg.instance_prompt}` |
 | trainable parameters | {result.trainable_parameters:,} ({share:.4f}% of the UNet's {result.unet_parameters:,}) |
 | steps | {result.global_step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |
-| learning rates | alpha {cfg.coeff_lr}, LoRA {cfg.learning_rate} ({cfg.lr_scheduler}) |
+| learning rates | alpha {cfg.coeff_lr}, {'UNet' if cfg.tuning == 'full' else 'LoRA'} {cfg.learning_rate} ({cfg.lr_scheduler}) |
 | coeff targets / dropout | {cfg.coeff_targets} / {cfg.coeff_dropout} |
 | resolution | {cfg.resolution} ({'square crops' if cfg.square_crop or cfg.with_prior_preservation else 'aspect buckets'}) |
 | prior preservation | {f'yes: {cfg.class_prompt!r}, weight {cfg.prior_loss_weight}' if cfg.with_prior_preservation else 'no'} |
@@ -343,7 +362,7 @@ Trained with [dreamcoeff](https://pypi.org/project/dreamcoeff/) on the images in
 
 ```python
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from dreamcoeff import load_coeff_weights
 
 pipe = StableDiffusionXLPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
@@ -440,7 +459,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         model.requires_grad_(False)
     # The SDXL VAE overflows in fp16 (NaN latents): keep it in float32 unless a fixed VAE is given.
     vae.to(device, dtype=torch.float32 if cfg.pretrained_vae_model_name_or_path is None else weight_dtype)
-    unet.to(device, dtype=weight_dtype)
+    # Full fine-tuning keeps float32 master weights (accelerate autocasts the forward); adapters
+    # train in float32 on a UNet frozen in the mixed-precision dtype.
+    unet.to(device, dtype=torch.float32 if cfg.tuning == "full" else weight_dtype)
     components.text_encoder.to(device, dtype=weight_dtype)
     components.text_encoder_2.to(device, dtype=weight_dtype)
 
@@ -457,6 +478,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if "coeff" in cfg.tuning:
         targets = ("attn1", "attn2") if cfg.coeff_targets == "both" else (cfg.coeff_targets,)
         apply_coeff(unet, targets=targets, dropout=cfg.coeff_dropout, chunk_size=cfg.coeff_chunk_size)
+    if cfg.tuning == "full":
+        unet.requires_grad_(True)
     if cfg.enable_xformers_memory_efficient_attention:
         set_plain_attention_backend(unet, "xformers")
     if cfg.gradient_checkpointing:
@@ -465,8 +488,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     coeff_params = coeff_parameters(unet) if "coeff" in cfg.tuning else []
     coeff_ids = {id(p) for p in coeff_params}
-    lora_params = [p for p in unet.parameters() if p.requires_grad and id(p) not in coeff_ids]
-    trainable = sum(p.numel() for p in coeff_params + lora_params)
+    # LoRA's A/B matrices, or every UNet weight with --tuning full: the --learning_rate group.
+    weight_params = [p for p in unet.parameters() if p.requires_grad and id(p) not in coeff_ids]
+    trainable = sum(p.numel() for p in coeff_params + weight_params)
     unet_total = sum(p.numel() for p in unet.parameters())
 
     # Data (prior preservation uses square crops so instance and class images share a batch).
@@ -488,12 +512,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     encoders = [components.text_encoder, components.text_encoder_2]
     embeddings = encode_prompts(captions, tokenizers, encoders, device)
 
-    # Optimizer: alpha and LoRA in separate groups with their own learning rates.
+    # Optimizer: alpha and LoRA (or the full UNet) in separate groups with their own learning rates.
     groups = []
     if coeff_params:
         groups.append({"params": coeff_params, "lr": cfg.coeff_lr, "weight_decay": 0.0})
-    if lora_params:
-        groups.append({"params": lora_params, "lr": cfg.learning_rate, "weight_decay": cfg.adam_weight_decay})
+    if weight_params:
+        groups.append({"params": weight_params, "lr": cfg.learning_rate, "weight_decay": cfg.adam_weight_decay})
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -522,6 +546,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     _test_pause()
                 if "lora" in cfg.tuning:
                     save_lora(output_dir, bare)
+                if cfg.tuning == "full":
+                    bare.save_pretrained(Path(output_dir) / FULL_UNET_DIR, safe_serialization=True)
             (Path(output_dir) / "args.json").write_text(cfg.to_json(), encoding="utf-8")
         while weights:
             weights.pop()
@@ -535,6 +561,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     p.requires_grad_(True)
             if "lora" in cfg.tuning:
                 load_lora_into_unet(bare, Path(input_dir) / LORA_WEIGHTS_NAME)
+            if cfg.tuning == "full":
+                load_full_unet_weights(bare, Path(input_dir) / FULL_UNET_DIR)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -630,7 +658,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 else:
                     step_bad = True
                 if accelerator.sync_gradients:
-                    params = coeff_params + lora_params
+                    params = coeff_params + weight_params
                     norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if not step_bad else torch.tensor(float("nan"))
                     if step_bad or not torch.isfinite(torch.as_tensor(norm)):
                         bad_steps += 1
@@ -678,7 +706,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     bar.close()
 
     accelerator.wait_for_everyone()
-    _check_ranks_agree(accelerator, coeff_params + lora_params)
+    _check_ranks_agree(accelerator, coeff_params + weight_params)
     files: list[Path] = []
     if accelerator.is_main_process:
         meta = {"base_model": cfg.pretrained_model_name_or_path, "training_args": asdict(cfg)}
@@ -693,8 +721,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 staged.append(save_coeff_weights(staging / COEFF_WEIGHTS_NAME, bare_unet, meta))
             if "lora" in cfg.tuning:
                 staged.append(save_lora(staging, bare_unet))
+            if cfg.tuning == "full":
+                bare_unet.save_pretrained(staging / FULL_UNET_DIR, safe_serialization=True)
+                staged.append(staging / FULL_UNET_DIR)
             for path in staged:
-                os.replace(path, out / path.name)
+                _replace(path, out / path.name)
                 files.append(out / path.name)
             _fsync_dir(out)
         except (OSError, CoeffWeightsError) as exc:

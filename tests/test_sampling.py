@@ -77,6 +77,12 @@ def run_dirs(tmp_path_factory):
     StableDiffusionXLPipeline.save_lora_weights(
         root / "lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     )
+
+    unet = _tiny_unet()  # a --tuning full output: the whole UNet, perturbed
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    unet.save_pretrained(root / "full" / "unet")
     return root
 
 
@@ -386,6 +392,52 @@ def test_sample_runs_switches_adapters_exactly(run_dirs):
     assert not any(pipe.get_list_adapters().values())
     again = pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed)).images[0]
     assert np.array_equal(_pixels(again), img["base"])
+
+
+def test_sample_runs_swaps_in_a_fully_fine_tuned_unet(run_dirs):
+    from diffusers import UNet2DConditionModel
+
+    pipe = _frozen_tiny_pipe()
+    base_unet = pipe.unet
+    full = S.parse_run(f"full={run_dirs / 'full'}")
+    assert full.kind == "unet" and full.unet_path == run_dirs / "full" / "unet"
+    lora = S.parse_run(f"lora={run_dirs / 'lora'}")
+    coeff = S.parse_run(f"coeff={run_dirs / 'coeff'}")
+    prompt, seed = "a sks dog", 5
+    result = S.sample_runs(pipe, [full, lora, coeff], [prompt], [seed], include_base=True, num_inference_steps=2,
+                           progress=False)
+    assert [r.name for r in result.rows] == ["base", "full", "lora", "coeff"]
+    assert result.rows[1].description == "full UNet"
+    img = {r.name: _pixels(result.image(result.find(r.name, 0, seed))) for r in result.rows}
+    assert np.abs(img["full"] - img["base"]).max() > 20
+
+    ref = _frozen_tiny_pipe()
+    ref.unet = UNet2DConditionModel.from_pretrained(run_dirs / "full" / "unet").requires_grad_(False)
+    expected = ref(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed)).images[0]
+    assert np.array_equal(img["full"], _pixels(expected))
+    ref = _frozen_tiny_pipe()  # the LoRA row after the full row is untouched by the swap
+    ref.load_lora_weights(str(run_dirs / "lora"), adapter_name="only")
+    expected = ref(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed)).images[0]
+    assert np.array_equal(img["lora"], _pixels(expected))
+
+    assert pipe.unet is base_unet  # handed back as the base model
+    again = pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed)).images[0]
+    assert np.array_equal(_pixels(again), img["base"])
+    assert result.weights["full"]["unet"]["parameters"] == sum(p.numel() for p in base_unet.parameters())
+
+
+def test_full_unet_of_another_architecture_refused(run_dirs, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    cfg = tiny_unet_config()
+    cfg["block_out_channels"] = (32, 64, 96)
+    UNet2DConditionModel(**cfg).save_pretrained(tmp_path / "other" / "unet")
+    pipe = _frozen_tiny_pipe()
+    with pytest.raises(S.SamplingError, match=r"run 'other': the UNet in .* another architecture .*block_out_channels"):
+        S.sample_runs(pipe, [S.parse_run(f"other={tmp_path / 'other'}")], ["a dog"], [0], num_inference_steps=2,
+                      progress=False)
+    with pytest.raises(S.SamplingError, match="cannot be combined with alpha or LoRA"):
+        S.parse_run(f"mixed={run_dirs / 'full'},{run_dirs / 'lora'}")
 
 
 def test_sample_runs_validates_every_run_before_sampling(run_dirs, foreign_weights):

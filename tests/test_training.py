@@ -127,6 +127,61 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_pipeline_dir, tmp_path, mon
     assert any(v.abs().max() > 1e-4 for k, v in reference.items() if k.endswith(".alpha"))
 
 
+def _unet_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_saves_the_unet_and_resumes_exactly(tiny_pipeline_dir, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    import dreamcoeff.training as training
+
+    inst = _make_images(tmp_path / "inst")
+    common = ("--tuning", "full", "--max_train_steps", 4, "--checkpointing_steps", 2, "--random_flip",
+              "--learning_rate", "1e-3", "--lr_scheduler", "linear")
+    ref_out = tmp_path / "ref"
+    assert main(_args(tiny_pipeline_dir, inst, ref_out, *common)) == 0
+    assert not (ref_out / "coeff_weights.safetensors").exists()
+    assert not (ref_out / "pytorch_lora_weights.safetensors").exists()
+    base = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
+    tuned = UNet2DConditionModel.from_pretrained(ref_out, subfolder="unet")
+    moved = [n for (n, a), b in zip(base.named_parameters(), tuned.parameters()) if not torch.equal(a, b)]
+    assert len(moved) > 0.9 * len(list(base.parameters()))  # (nearly) every weight trains
+    done = json.loads((ref_out / "dreamcoeff_complete.json").read_text())
+    assert done["trainable_parameters"] == done["unet_parameters"] == sum(p.numel() for p in base.parameters())
+    assert "UNet2DConditionModel.from_pretrained" in (ref_out / "README.md").read_text()
+
+    # the loaded UNet drives a pipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir, unet=tuned)
+    base_images = _images(StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir))
+    assert np.abs(_images(pipe) - base_images).max() > 1e-4
+
+    # killed after checkpoint-2 and resumed: the same weights as the uninterrupted run
+    real_save = training.save_checkpoint
+
+    def save_then_die(accelerator, out, step, limit):
+        path = real_save(accelerator, out, step, limit)
+        if step == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return path
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(tiny_pipeline_dir, inst, out, *common))
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert (out / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (out / "unet").exists()
+    assert main(_args(tiny_pipeline_dir, inst, out, *common, "--resume_from_checkpoint", "latest")) == 0
+    reference, resumed = _unet_weights(ref_out), _unet_weights(out)
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.allclose(resumed[key], reference[key], atol=1e-6, rtol=0), key
+
+
 @pytest.mark.slow
 def test_cache_latents_changes_nothing_but_speed(tiny_pipeline_dir, tmp_path):
     inst = _make_images(tmp_path / "inst")
