@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dreamcoeff-installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench bench-micro pretrain-micro clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,15 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attention.py
 	$(BIN)/python benchmarks/bench_train_step.py
+
+# Micro-DreamBench (benchmarks/micro): every method on the shipped micro-world model, two processes.
+bench-micro: $(STAMP)
+	$(BIN)/python benchmarks/micro/run_bench.py --jobs 2
+
+# Re-create the shipped micro-world model and check it matches bit for bit (about an hour of CPU).
+pretrain-micro: $(STAMP)
+	$(BIN)/python benchmarks/micro/pretrain.py --out build/microworld-sdxl --log build/pretrain_log.json \
+		--check_against benchmarks/micro/pretrain_log.json
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -133,3 +133,68 @@ def test_shipped_micro_pipeline_is_small_and_loads():
         assert len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1
     heads = {m.heads for name, m in pipe.unet.named_modules() if name.endswith(("attn1", "attn2"))}
     assert heads == {4, 8}
+
+
+def _pretrain(out, *extra):
+    import importlib.util
+    import sys
+
+    path = MODEL.parents[1] / "benchmarks" / "micro" / "pretrain.py"
+    spec = importlib.util.spec_from_file_location("micro_pretrain", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("micro_pretrain", module)
+    spec.loader.exec_module(module)
+    return module.main(["--out", str(out / "model"), "--log", str(out / "log.json"), "--vae_steps", "2",
+                        "--steps", "2", "--batch", "4", "--vae_batch", "4", "--eval_samples", "0",
+                        "--save_every", "0", "--threads", "1", *extra])
+
+
+@pytest.mark.slow
+def test_pretraining_script_reproduces_its_weights(tmp_path):
+    """The check behind "rerun pretrain.py with the logged settings and get the shipped model":
+    two runs agree bit for bit, and --check_against notices a run that differs."""
+    import json
+
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert _pretrain(tmp_path / "a") == 0
+        log = json.loads((tmp_path / "a" / "log.json").read_text())
+        assert {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"} <= set(log["weights_sha256"])
+        assert _pretrain(tmp_path / "b", "--check_against", str(tmp_path / "a" / "log.json")) == 0
+        assert _pretrain(tmp_path / "c", "--seed", "1", "--check_against", str(tmp_path / "a" / "log.json")) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_every_method_and_writes_its_tables(tmp_path):
+    """The plumbing of `make bench-micro` on an untrained micro pipeline: two jobs, tiny budgets."""
+    import json
+    import subprocess
+    import sys
+
+    _pretrain(tmp_path / "pre", "--vae_steps", "1", "--steps", "1")
+    script = MODEL.parents[1] / "benchmarks" / "micro" / "run_bench.py"
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(script), "--model", str(tmp_path / "pre" / "model"), "--out", str(out), "--jobs", "2",
+           "--quick", "--steps", "2", "--inference_steps", "2", "--concepts", "striped-square",
+           "--lr_grid", "coeff=1e-2;lora=1e-3;coeff+lora=1e-3;full=1e-4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert sorted(r["method"] for r in res["runs"]) == sorted(["coeff", "lora", "coeff+lora", "full"])
+    for row in res["runs"]:
+        assert row["concept"] == "striped-square" and row["seed"] == 0 and row["train_s"] > 0
+        assert {"subject", "shape", "colours", "pattern", "background", "size", "position", "bg_copy"} <= set(row)
+    params = {r["method"]: r["trainable_parameters"] for r in res["runs"]}
+    assert params["coeff"] < params["lora"] < params["coeff+lora"] < params["full"]
+    assert params["coeff+lora"] == params["coeff"] + params["lora"]
+    assert set(res["sanity"]) == {"base model, class prompt", "instance images", "instance images through the VAE"}
+    assert res["sanity"]["instance images"][0]["subject"] == 1.0  # the metric recognises the drawn concept
+    table = (out / "RESULTS.md").read_text()
+    for m in ("coeff", "lora", "coeff+lora", "full"):
+        assert f"| {m} | 1 |" in table and (out / f"grid_{m.replace('+', '_')}.png").is_file()
+    assert not list(out.glob("part_*"))

@@ -1,8 +1,10 @@
 """Micro-DreamBench: DreamBooth customisation of the micro-world SDXL pipeline, scored exactly.
 
-    python benchmarks/micro/run_bench.py                # LR selection on the validation concept, then test
+    python benchmarks/micro/run_bench.py --jobs 2       # what `make bench-micro` runs
     python benchmarks/micro/run_bench.py --quick        # 2 concepts, 1 seed (a smoke run)
 
+Methods: Coeff-Tuning alpha (``coeff``), LoRA rank 4 (``lora``), both (``coeff+lora``) and full UNet
+fine-tuning (``full``), all through ``train_dreambooth_coeff.py``'s code with the same steps and data.
 For every method (``--methods``) the learning rate is first chosen on the *validation* concept
 (``microworld.CONCEPTS[0]``) from ``--lr_grid``, by the mean of subject fidelity and requested-background
 fidelity (fixed before any result was seen). Then each test concept x seed is trained with
@@ -45,7 +47,7 @@ from dreamcoeff import microworld as mw  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("subject", "shape", "colours", "pattern", "background", "size", "position", "bg_copy")
-LR_FLAG = {"coeff": "--coeff_lr", "lora": "--learning_rate", "coeff+lora": None}
+METHODS = ("coeff", "lora", "coeff+lora", "full")
 
 
 def reset_accelerate() -> None:
@@ -62,14 +64,15 @@ def write_instances(c: mw.Concept, folder: Path) -> Path:
     return folder
 
 
-def train(model: str, c: mw.Concept, method: str, lr: float, seed: int, steps: int, out: Path, inst: Path) -> float:
+def train(model: str, c: mw.Concept, method: str, lr: float, seed: int, steps: int, out: Path, inst: Path) -> tuple[float, int]:
+    """One DreamBooth run through the real trainer; (wall seconds, trainable parameters)."""
     from dreamcoeff.training import main
 
     flags = ["--pretrained_model_name_or_path", model, "--instance_dir", str(inst), "--instance_prompt",
              c.instance_prompt, "--output_dir", str(out), "--resolution", str(mw.RES), "--report_to", "none",
              "--checkpointing_steps", "0", "--max_train_steps", str(steps), "--seed", str(seed),
              "--tuning", method, "--rank", "4", "--overwrite_output_dir"]
-    # One learning rate per method; alpha+LoRA uses it for both parameter groups.
+    # One learning rate per method; alpha+LoRA uses it for both parameter groups, full for the whole UNet.
     flags += ["--coeff_lr", str(lr), "--learning_rate", str(lr)]
     t0 = time.time()
     with contextlib.redirect_stderr(io.StringIO()):
@@ -77,11 +80,17 @@ def train(model: str, c: mw.Concept, method: str, lr: float, seed: int, steps: i
     reset_accelerate()
     if rc != 0:
         raise RuntimeError(f"training failed ({method}, {c.name}, lr {lr}, seed {seed})")
-    return time.time() - t0
+    done = json.loads((out / "dreamcoeff_complete.json").read_text())
+    return time.time() - t0, int(done["trainable_parameters"])
 
 
 def load(model: str, method: str | None, out: Path | None) -> StableDiffusionXLPipeline:
-    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    if method == "full":
+        from diffusers import UNet2DConditionModel
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, unet=UNet2DConditionModel.from_pretrained(out, subfolder="unet"))
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     if method and "coeff" in method:
         from dreamcoeff import load_coeff_weights
@@ -100,6 +109,14 @@ def generate(pipe, prompts: list[str], n: int, seed: int, steps: int, guidance: 
         images.extend(pipe([p] * n, num_inference_steps=steps, guidance_scale=guidance, generator=g,
                            output_type="np").images)
     return images
+
+
+@torch.no_grad()
+def vae_round_trip(pipe, images: list[np.ndarray]) -> list[np.ndarray]:
+    """Encode (posterior mode) and decode world images with the pipeline's VAE; uint8 arrays back."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    return list(((rec + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8))
 
 
 def world_accuracy(pipe, args, n: int = 48) -> dict[str, float]:
@@ -162,11 +179,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(REPO / "models" / "microworld-sdxl"))
     p.add_argument("--out", default=str(HERE))
-    p.add_argument("--methods", default="coeff,lora,coeff+lora")
+    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--concepts", default=",".join(c.name for c in mw.CONCEPTS if c.split == "test"))
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per DreamBooth run (all methods)")
-    p.add_argument("--lr_grid", default="coeff=1e-2,3e-2,1e-1;lora=1e-3,3e-3,1e-2;coeff+lora=1e-3,3e-3,1e-2")
+    p.add_argument("--lr_grid", default="coeff=1e-2,3e-2,1e-1;lora=1e-3,3e-3,1e-2;coeff+lora=1e-3,3e-3,1e-2;full=3e-5,1e-4,3e-4")
     p.add_argument("--images", type=int, default=2, help="images per evaluation prompt")
     p.add_argument("--inference_steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
@@ -178,11 +195,15 @@ def main(argv=None) -> int:
     p.add_argument("--lr_from", nargs="*", default=[], help="part files whose chosen_lr the test phase uses")
     p.add_argument("--tag", default=None, help="write part_TAG.json (and grid rows) instead of the final files")
     p.add_argument("--merge", nargs="*", default=None, help="merge part files into results.json / RESULTS.md")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="split the methods over this many processes (one thread each) and merge the parts")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge is not None:
         return merge([Path(f) for f in args.merge], out)
+    if args.jobs > 1:
+        return run_jobs(args, argv if argv is not None else sys.argv[1:], out)
     torch.set_num_threads(args.threads)
     logging.getLogger("dreamcoeff").setLevel(logging.WARNING)
     started = time.time()
@@ -229,10 +250,12 @@ def main(argv=None) -> int:
                     res["sanity"].setdefault("base model, class prompt", []).append(
                         {"concept": c.name, "seed": seed, **score(imgs, class_reqs, args.images, c)})
                 inst = [mw.render(s) for s in c.instance_scenes()]
-                # each instance image scored against every evaluation request
-                per = [score([im], [r], 1, c) for r in reqs for im in inst]
-                res["sanity"].setdefault("instance images", []).append(
-                    {"concept": c.name, "seed": 0, **{k: float(np.mean([x[k] for x in per if k in x])) for k in per[0]}})
+                # each instance image scored against every evaluation request, as drawn and after a
+                # round trip through the VAE (the most any method can reach through this decoder)
+                for name, images in (("instance images", inst), ("instance images through the VAE", vae_round_trip(base, inst))):
+                    per = [score([im], [r], 1, c) for r in reqs for im in images]
+                    res["sanity"].setdefault(name, []).append(
+                        {"concept": c.name, "seed": 0, **{k: float(np.mean([x[k] for x in per if k in x])) for k in per[0]}})
             del base
             write()
 
@@ -243,10 +266,10 @@ def main(argv=None) -> int:
                 best = None
                 for lr in grids[m]:
                     run_dir = work / "runs" / f"val-{m}-{lr}"
-                    secs = train(args.model, val, m, lr, 0, args.steps, run_dir, inst_val)
+                    secs, _ = train(args.model, val, m, lr, 0, args.steps, run_dir, inst_val)
                     s, _ = evaluate(load(args.model, m, run_dir), val, 0)
                     crit = 0.5 * (s["subject"] + s["background"])
-                    res["lr_selection"].setdefault(m, []).append({"lr": lr, "criterion": crit, "train_s": secs, **s})
+                    res["lr_selection"].setdefault(m, []).append({"lr": lr, "criterion": crit, "train_s": round(secs, 1), **s})
                     print(f"[val] {m} lr {lr}: criterion {crit:.3f} {s} ({secs:.0f}s)", flush=True)
                     if best is None or crit > best[0]:  # ties keep the smaller rate
                         best = (crit, lr)
@@ -265,9 +288,10 @@ def main(argv=None) -> int:
                             raise TimeoutError
                         lr = res["chosen_lr"][m]
                         run_dir = work / "runs" / f"{c.name}-{m}-{seed}"
-                        secs = train(args.model, c, m, lr, seed, args.steps, run_dir, inst)
+                        secs, trainable = train(args.model, c, m, lr, seed, args.steps, run_dir, inst)
                         s, imgs = evaluate(load(args.model, m, run_dir), c, seed)
-                        res["runs"].append({"method": m, "concept": c.name, "seed": seed, "lr": lr, "train_s": secs, **s})
+                        res["runs"].append({"method": m, "concept": c.name, "seed": seed, "lr": lr, "train_s": round(secs, 1),
+                                            "trainable_parameters": trainable, **s})
                         print(f"[test] {m} {c.name} seed {seed}: {s} ({secs:.0f}s)", flush=True)
                         if seed == seeds[0]:
                             row = [mw.render(c.instance_scenes()[0]).astype(np.float32) / 255] + imgs[:: args.images]
@@ -287,6 +311,48 @@ def main(argv=None) -> int:
         write()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def run_jobs(args, argv: list[str], out: Path) -> int:
+    """Run the benchmark as ``args.jobs`` processes over disjoint method sets (sanity rows in the first;
+    every run is seeded, so the split gives the numbers a single process would), then merge."""
+    import subprocess
+
+    if args.lr_from or args.tag or args.phase != "sanity,select,test":
+        raise SystemExit("--jobs runs every phase itself; drop --lr_from / --tag / --phase")
+    methods = args.methods.split(",")
+    shares = [methods[i::args.jobs] for i in range(args.jobs) if methods[i::args.jobs]]
+    passthrough, skip = [], False
+    for a in argv:  # drop --jobs / --methods; they are set per part
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in ("--jobs", "--methods", "--threads"):
+            skip = "=" not in a
+            continue
+        passthrough.append(a)
+    shutil.rmtree(out / "rows", ignore_errors=True)
+    procs = []
+    for i, share in enumerate(shares):
+        phase = "sanity,select,test" if i == 0 else "select,test"
+        cmd = [sys.executable, __file__, *passthrough, "--methods", ",".join(share), "--phase", phase,
+               "--tag", f"job{i}", "--threads", "1"]
+        log = open(out / f"part_job{i}.log", "w")
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        print(f"job {i}: {', '.join(share)} (log {out / f'part_job{i}.log'})", flush=True)
+    codes = [proc.wait() for proc, _ in procs]
+    for _, log in procs:
+        log.close()
+    if any(codes):
+        print(f"a job failed (exit codes {codes}); see the part_job*.log files", flush=True)
+        return 1
+    parts = [out / f"part_job{i}.json" for i in range(len(shares))]
+    code = merge(parts, out)
+    for f in parts + [out / f"part_job{i}.log" for i in range(len(shares))]:
+        f.unlink(missing_ok=True)
+    shutil.rmtree(out / "rows", ignore_errors=True)
+    return code
 
 
 def merge(parts: list[Path], out: Path) -> int:
@@ -350,9 +416,13 @@ def _fmt(v) -> str:
 
 def table(res: dict) -> str:
     cols = ("subject", "shape", "colours", "pattern", "background", "size", "position", "bg_copy")
-    lines = ["| row | runs | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines = ["| row | runs | trainable params | train s/run | " + " | ".join(cols) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
     for name, s in list(res.get("summary_sanity", {}).items()) + list(res.get("summary", {}).items()):
-        lines.append(f"| {name} | {s['n'][0]} | " + " | ".join(_fmt(s.get(k)) for k in cols) + " |")
+        runs = [r for r in res.get("runs", []) if r["method"] == name]
+        params = f"{runs[0]['trainable_parameters']:,}" if runs and "trainable_parameters" in runs[0] else "-"
+        secs = f"{np.mean([r['train_s'] for r in runs]):.0f}" if runs else "-"
+        lines.append(f"| {name} | {s['n'][0]} | {params} | {secs} | " + " | ".join(_fmt(s.get(k)) for k in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
