@@ -473,24 +473,49 @@ def attributes_of(scenes: Iterable[Scene]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------
 
 
-def micro_unet_config() -> dict[str, Any]:
-    """``tiny_unet_config()`` with the deepest level narrowed from 128 to 96 channels.
+#: Latent side of a 64 px world image: the micro VAE downsamples by 4 (SDXL's by 8).
+MICRO_LATENT_SIZE = RES // 4
 
-    Same SDXL layout (heads 4 / 8 / 8, transformer depth 1 / 2 in the attention levels), 4.8 M
-    parameters instead of 8.1 M, so the saved pipeline stays under 25 MB in float32.
+
+def micro_unet_config() -> dict[str, Any]:
+    """``tiny_unet_config()`` on 16x16 latents, with the deepest level narrowed from 128 to 96 channels.
+
+    Same SDXL layout (heads 4 / 8 / 8, transformer depth 1 / 2 in the attention levels), attention
+    over 8x8 = 64 and 4x4 = 16 image tokens; 4.8 M parameters instead of 8.1 M, so the saved pipeline
+    stays under 25 MB in float32.
     """
     from .tiny import tiny_unet_config
 
     cfg = tiny_unet_config()
     cfg["block_out_channels"] = (32, 64, 96)
+    cfg["sample_size"] = MICRO_LATENT_SIZE
+    return cfg
+
+
+def micro_vae_config() -> dict[str, Any]:
+    """``AutoencoderKL`` config of the micro world: 3 levels (downsampling by 4 to 16x16x4 latents).
+
+    Measured while designing it (pretrain.py's VAE phase, 600 steps): SDXL's factor 8 leaves an
+    8x8x4 latent for a 64 px image, too little to carry a small two-colour patterned object, and
+    GroupNorm with 2 channels per group normalises the flat background colours away; one group over
+    all channels keeps the colour ratios.
+    """
+    from .tiny import tiny_vae_config
+
+    cfg = tiny_vae_config()
+    cfg.update(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+               block_out_channels=(16, 32, 64), norm_num_groups=1, sample_size=RES)
     return cfg
 
 
 def build_micro_pipeline(seed: int = 0):
     """The untrained micro-world pipeline: the tiny SDXL pipeline with a tokenizer that knows
-    :data:`VOCAB_WORDS` and the UNet of :func:`micro_unet_config` (seeded like ``build_tiny_pipeline``)."""
+    :data:`VOCAB_WORDS`, the UNet of :func:`micro_unet_config` and the VAE of :func:`micro_vae_config`
+    (seeded like ``build_tiny_pipeline``). The VAE's posterior log-variance starts at -12 (std 0.0025)
+    instead of ~0, so its latents are nearly deterministic from the first step: a random VAE's unit
+    posterior noise would drown what the encoder carries until training shrinks it."""
     import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
     from .tiny import build_tiny_pipeline
 
@@ -498,8 +523,14 @@ def build_micro_pipeline(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**micro_unet_config()).float().eval()
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**micro_vae_config()).float().eval()
+    with torch.no_grad():
+        latent = vae.config.latent_channels
+        vae.quant_conv.weight[latent:] = 0.0
+        vae.quant_conv.bias[latent:] = -12.0
     return StableDiffusionXLPipeline(
-        vae=tiny.vae, text_encoder=tiny.text_encoder, text_encoder_2=tiny.text_encoder_2,
+        vae=vae, text_encoder=tiny.text_encoder, text_encoder_2=tiny.text_encoder_2,
         tokenizer=tiny.tokenizer, tokenizer_2=tiny.tokenizer_2, unet=unet, scheduler=tiny.scheduler,
         force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
