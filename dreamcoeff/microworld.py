@@ -481,7 +481,7 @@ def micro_unet_config() -> dict[str, Any]:
     """``tiny_unet_config()`` on 16x16 latents, with the deepest level narrowed from 128 to 96 channels.
 
     Same SDXL layout (heads 4 / 8 / 8, transformer depth 1 / 2 in the attention levels), attention
-    over 8x8 = 64 and 4x4 = 16 image tokens; 4.8 M parameters instead of 8.1 M, so the saved pipeline
+    over 8x8 = 64 and 4x4 = 16 image tokens; 5.2 M parameters instead of 8.1 M, so the saved pipeline
     stays under 25 MB in float32.
     """
     from .tiny import tiny_unet_config

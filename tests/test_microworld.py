@@ -198,3 +198,21 @@ def test_benchmark_runs_every_method_and_writes_its_tables(tmp_path):
     for m in ("coeff", "lora", "coeff+lora", "full"):
         assert f"| {m} | 1 |" in table and (out / f"grid_{m.replace('+', '_')}.png").is_file()
     assert not list(out.glob("part_*"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason="micro-world pipeline not shipped")
+def test_demo_runs_on_the_shipped_model(tmp_path):
+    """`make demo` end to end with 2 training steps: both runs trained, one grid per seed."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    from dreamcoeff.demo import main
+
+    try:
+        assert main(["--output_dir", str(tmp_path), "--steps", "2"]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._reset_state()
+    assert (tmp_path / "runs" / "alpha" / "coeff_weights.safetensors").is_file()
+    assert (tmp_path / "runs" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "grid").glob("grid_*.png")) == ["grid_s0.png", "grid_s1.png"]
