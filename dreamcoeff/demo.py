@@ -27,7 +27,7 @@ MICRO_MODEL = REPO / "models" / "microworld-sdxl"
 #: The demo's concept: one of the micro-world's held-out subjects (see microworld.CONCEPTS).
 CONCEPT = "striped-square"
 #: Learning rates chosen on the micro-benchmark's validation concept (benchmarks/micro/RESULTS.md).
-COEFF_LR, LORA_LR = "3e-2", "3e-3"
+COEFF_LR, LORA_LR = "1e-2", "1e-3"
 
 
 def make_sample_images(folder: Path) -> list[Path]:
