@@ -89,6 +89,24 @@ def _final_weights(out: Path) -> dict:
     return tensors
 
 
+def _run_killed_after_checkpoint(monkeypatch, kill_step: int, argv: list[str]) -> None:
+    """Run the trainer and simulate a kill right after checkpoint-``kill_step`` is written."""
+    import dreamcoeff.training as training
+
+    real_save = training.save_checkpoint
+
+    def save_then_die(accelerator, out, step, limit):
+        path = real_save(accelerator, out, step, limit)
+        if step == kill_step:
+            raise KeyboardInterrupt("simulated kill")
+        return path
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+
+
 @pytest.mark.slow
 def test_resume_mid_epoch_matches_uninterrupted(tiny_pipeline_dir, tmp_path, monkeypatch):
     inst = _make_images(tmp_path / "inst")  # 3 images, batch 1: checkpoint at step 2 is mid-epoch
@@ -100,21 +118,8 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_pipeline_dir, tmp_path, mon
     reference = _final_weights(ref_out)
 
     # interrupted run: dies right after writing checkpoint-2
-    import dreamcoeff.training as training
-
-    real_save = training.save_checkpoint
-
-    def save_then_die(accelerator, out, step, limit):
-        path = real_save(accelerator, out, step, limit)
-        if step == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return path
-
     out = tmp_path / "run"
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        main(_args(tiny_pipeline_dir, inst, out, *common))
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    _run_killed_after_checkpoint(monkeypatch, 2, _args(tiny_pipeline_dir, inst, out, *common))
     assert [s for s, _ in list_checkpoints(out)] == [2]
     assert not (out / "coeff_weights.safetensors").exists()
 
@@ -137,8 +142,6 @@ def _unet_weights(folder: Path) -> dict:
 def test_full_fine_tuning_saves_the_unet_and_resumes_exactly(tiny_pipeline_dir, tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
 
-    import dreamcoeff.training as training
-
     inst = _make_images(tmp_path / "inst")
     common = ("--tuning", "full", "--max_train_steps", 4, "--checkpointing_steps", 2, "--random_flip",
               "--learning_rate", "1e-3", "--lr_scheduler", "linear")
@@ -160,19 +163,8 @@ def test_full_fine_tuning_saves_the_unet_and_resumes_exactly(tiny_pipeline_dir, 
     assert np.abs(_images(pipe) - base_images).max() > 1e-4
 
     # killed after checkpoint-2 and resumed: the same weights as the uninterrupted run
-    real_save = training.save_checkpoint
-
-    def save_then_die(accelerator, out, step, limit):
-        path = real_save(accelerator, out, step, limit)
-        if step == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return path
-
     out = tmp_path / "run"
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        main(_args(tiny_pipeline_dir, inst, out, *common))
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    _run_killed_after_checkpoint(monkeypatch, 2, _args(tiny_pipeline_dir, inst, out, *common))
     assert (out / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not (out / "unet").exists()
     assert main(_args(tiny_pipeline_dir, inst, out, *common, "--resume_from_checkpoint", "latest")) == 0
