@@ -113,6 +113,7 @@ def _clear_output(output: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from . import metrics as M
     from . import sampling as S
 
     t_start = time.perf_counter()
@@ -141,10 +142,10 @@ def run(args: argparse.Namespace) -> int:
         raise S.SamplingError("--dino_model compares with the real images: give --instance_data_dir")
     if args.instance_dir and not want_metrics:
         raise S.SamplingError("--instance_data_dir is only used by the metrics: add --clip_model and/or --dino_model")
-    instance_images = S.load_instance_images(args.instance_dir) if args.instance_dir else None
+    instance_images = M.load_instance_images(args.instance_dir) if args.instance_dir else None
     for flag in ("clip_model", "dino_model"):
         if getattr(args, flag):
-            S.check_model_dir(getattr(args, flag), f"--{flag}")
+            M.check_model_dir(getattr(args, flag), f"--{flag}")
     output = Path(args.output)
     _check_output(output, args.overwrite)
 
@@ -199,15 +200,15 @@ def run(args: argparse.Namespace) -> int:
     metrics = summary = None
     if want_metrics:
         t_metrics = time.perf_counter()
-        clip = S.ClipEmbedder(args.clip_model, device) if args.clip_model else None
-        dino = S.DinoEmbedder(args.dino_model, device) if args.dino_model else None
-        metrics = S.compute_metrics(
+        clip = M.ClipEmbedder(args.clip_model, device) if args.clip_model else None
+        dino = M.DinoEmbedder(args.dino_model, device) if args.dino_model else None
+        metrics = M.compute_metrics(
             [output / rec.file for rec in result.records],
-            [S.metric_text(rec.prompt, args.token) for rec in result.records],
+            [M.metric_text(rec.prompt, args.token) for rec in result.records],
             instance_images=instance_images, clip=clip, dino=dino,
         )
-        summary = S.summarize_metrics(result, metrics)
-        S.write_metrics_csv(result, metrics, summary, output, token=args.token)
+        summary = M.summarize_metrics(result, metrics)
+        M.write_metrics_csv(result, metrics, summary, output, token=args.token)
         settings.update(clip_model=args.clip_model, dino_model=args.dino_model, instance_data_dir=args.instance_dir,
                         instance_images=len(instance_images or []),
                         clip_t_text="the prompt without the --token word")

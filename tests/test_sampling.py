@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from dreamcoeff import apply_coeff, coeff_modules, coeff_parameters, load_coeff_weights, save_coeff_weights
+from dreamcoeff import metrics as M
 from dreamcoeff import sampling as S
 from dreamcoeff.sample import main
 from dreamcoeff.tiny import build_tiny_pipeline, build_tiny_tokenizer, tiny_unet_config
@@ -168,8 +169,8 @@ def test_read_prompt_file_fills_placeholders_and_skips_comments(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("# a comment {nope}\n\na {token} {class}  in the   snow\n   # indented comment\nliteral {{braces}} {class}\n")
     assert S.read_prompt_file(f, "sks", "dog") == ["a sks dog in the snow", "literal {braces} dog"]
-    assert S.metric_text("a sks dog in the snow", "sks") == "a dog in the snow"
-    assert S.metric_text("a sksy dog", "sks") == "a sksy dog"
+    assert M.metric_text("a sks dog in the snow", "sks") == "a dog in the snow"
+    assert M.metric_text("a sksy dog", "sks") == "a sksy dog"
 
 
 @pytest.mark.parametrize(
@@ -461,20 +462,20 @@ def test_sample_runs_validates_every_run_before_sampling(run_dirs, foreign_weigh
 
 def test_metrics_finite_and_identical_for_identical_images(metric_models, instance_dir):
     clip_dir, dino_dir = metric_models
-    clip, dino = S.ClipEmbedder(str(clip_dir)), S.DinoEmbedder(str(dino_dir))
-    refs = S.load_instance_images(instance_dir)
+    clip, dino = M.ClipEmbedder(str(clip_dir)), M.DinoEmbedder(str(dino_dir))
+    refs = M.load_instance_images(instance_dir)
     rng = np.random.default_rng(1)
     a, b = (Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2))
     texts = ["a dog in the snow", "a dog in the snow", "a dog in the snow", "a red dog"]
-    m = S.compute_metrics([a, b, a.copy(), a], texts, instance_images=refs, clip=clip, dino=dino)
+    m = M.compute_metrics([a, b, a.copy(), a], texts, instance_images=refs, clip=clip, dino=dino)
     assert all(set(x) == {"clip_t", "clip_i", "dino"} for x in m)
     assert all(math.isfinite(v) and -1.0001 <= v <= 1.0001 for x in m for v in x.values())
     assert m[0] == m[2]  # identical image and text: identical numbers
     assert all(m[0][k] != m[1][k] for k in m[0])  # a different image scores differently
     assert m[3]["clip_t"] != m[0]["clip_t"] and m[3]["clip_i"] == m[0]["clip_i"]
     # CLIP-I is the mean similarity to the instance images: an instance image scores highest with itself
-    self_score = S.compute_metrics([refs[0]], instance_images=refs, clip=clip)[0]["clip_i"]
-    assert self_score > m[0]["clip_i"] and "clip_t" not in S.compute_metrics([a], instance_images=refs, clip=clip)[0]
+    self_score = M.compute_metrics([refs[0]], instance_images=refs, clip=clip)[0]["clip_i"]
+    assert self_score > m[0]["clip_i"] and "clip_t" not in M.compute_metrics([a], instance_images=refs, clip=clip)[0]
 
 
 # ----------------------------------------------------------------------------------------------
