@@ -185,10 +185,12 @@ def test_benchmark_runs_every_method_and_writes_its_tables(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["noise_offset"] == 0.1  # the base model's pretraining offset, kept for fine-tuning
     assert sorted(r["method"] for r in res["runs"]) == sorted(["coeff", "lora", "coeff+lora", "full"])
     for row in res["runs"]:
         assert row["concept"] == "striped-square" and row["seed"] == 0 and row["train_s"] > 0
-        assert {"subject", "shape", "colours", "pattern", "background", "size", "position", "bg_copy"} <= set(row)
+        assert {"subject_train", "subject", "shape", "colours", "pattern", "background", "size", "position",
+                "bg_copy"} <= set(row)
     params = {r["method"]: r["trainable_parameters"] for r in res["runs"]}
     assert params["coeff"] < params["lora"] < params["coeff+lora"] < params["full"]
     assert params["coeff+lora"] == params["coeff"] + params["lora"]

@@ -11,7 +11,9 @@ fidelity (fixed before any result was seen). Then each test concept x seed is tr
 ``dreamcoeff.training.main`` (the code behind ``train_dreambooth_coeff.py``) and its evaluation
 prompts are sampled and scored with ``microworld``'s exact metrics:
 
-* subject fidelity: the generated object is the concept (shape, both colours, pattern);
+* subject fidelity: the generated object is the concept (shape, both colours, pattern), on the
+  evaluation prompts (other backgrounds, sizes, positions) and, as ``subject_train``, on the
+  instance prompt itself (what was learned at all, before asking for a new context);
 * prompt fidelity: requested background; requested size / position (where the prompt asks);
 * background copying: the concept's training background appears although another was requested.
 
@@ -46,7 +48,7 @@ from diffusers import StableDiffusionXLPipeline  # noqa: E402
 from dreamcoeff import microworld as mw  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-METRICS = ("subject", "shape", "colours", "pattern", "background", "size", "position", "bg_copy")
+METRICS = ("subject_train", "subject", "shape", "colours", "pattern", "background", "size", "position", "bg_copy")
 METHODS = ("coeff", "lora", "coeff+lora", "full")
 
 
@@ -64,14 +66,15 @@ def write_instances(c: mw.Concept, folder: Path) -> Path:
     return folder
 
 
-def train(model: str, c: mw.Concept, method: str, lr: float, seed: int, steps: int, out: Path, inst: Path) -> tuple[float, int]:
+def train(model: str, c: mw.Concept, method: str, lr: float, seed: int, steps: int, out: Path, inst: Path,
+          noise_offset: float = 0.0) -> tuple[float, int]:
     """One DreamBooth run through the real trainer; (wall seconds, trainable parameters)."""
     from dreamcoeff.training import main
 
     flags = ["--pretrained_model_name_or_path", model, "--instance_dir", str(inst), "--instance_prompt",
              c.instance_prompt, "--output_dir", str(out), "--resolution", str(mw.RES), "--report_to", "none",
              "--checkpointing_steps", "0", "--max_train_steps", str(steps), "--seed", str(seed),
-             "--tuning", method, "--rank", "4", "--overwrite_output_dir"]
+             "--tuning", method, "--rank", "4", "--overwrite_output_dir", "--noise_offset", str(noise_offset)]
     # One learning rate per method; alpha+LoRA uses it for both parameter groups, full for the whole UNet.
     flags += ["--coeff_lr", str(lr), "--learning_rate", str(lr)]
     t0 = time.time()
@@ -182,8 +185,11 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--concepts", default=",".join(c.name for c in mw.CONCEPTS if c.split == "test"))
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per DreamBooth run (all methods)")
+    p.add_argument("--steps", type=int, default=500,
+                   help="optimizer steps per DreamBooth run (all methods; 500, as in diffusers' DreamBooth LoRA examples)")
     p.add_argument("--lr_grid", default="coeff=1e-2,3e-2,1e-1;lora=1e-3,3e-3,1e-2;coeff+lora=1e-3,3e-3,1e-2;full=3e-5,1e-4,3e-4")
+    p.add_argument("--noise_offset", type=float, default=0.1,
+                   help="the trainer's --noise_offset for every run (the micro model was pretrained with 0.1)")
     p.add_argument("--images", type=int, default=2, help="images per evaluation prompt")
     p.add_argument("--inference_steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
@@ -226,8 +232,14 @@ def main(argv=None) -> int:
 
     def evaluate(pipe, c, seed):
         reqs = c.eval_prompts()
-        imgs = generate(pipe, [r["prompt"] for r in reqs], args.images, seed, args.inference_steps, args.guidance)
-        return score(imgs, reqs, args.images, c), imgs
+        # the instance prompt last (its noise seed is its index, so the other prompts' images are
+        # unchanged): subject fidelity on the training prompt tells "not learned" from "not transferred"
+        imgs = generate(pipe, [r["prompt"] for r in reqs] + [c.instance_prompt], args.images, seed,
+                        args.inference_steps, args.guidance)
+        n = len(reqs) * args.images
+        s = score(imgs[:n], reqs, args.images, c)
+        s["subject_train"] = float(np.mean([mw.subject_match(im, c)["subject"] for im in imgs[n:]]))
+        return s, imgs[:n]
 
     def write():
         res["wall_s"] = round(time.time() - started, 1)
@@ -266,7 +278,7 @@ def main(argv=None) -> int:
                 best = None
                 for lr in grids[m]:
                     run_dir = work / "runs" / f"val-{m}-{lr}"
-                    secs, _ = train(args.model, val, m, lr, 0, args.steps, run_dir, inst_val)
+                    secs, _ = train(args.model, val, m, lr, 0, args.steps, run_dir, inst_val, args.noise_offset)
                     s, _ = evaluate(load(args.model, m, run_dir), val, 0)
                     crit = 0.5 * (s["subject"] + s["background"])
                     res["lr_selection"].setdefault(m, []).append({"lr": lr, "criterion": crit, "train_s": round(secs, 1), **s})
@@ -288,7 +300,7 @@ def main(argv=None) -> int:
                             raise TimeoutError
                         lr = res["chosen_lr"][m]
                         run_dir = work / "runs" / f"{c.name}-{m}-{seed}"
-                        secs, trainable = train(args.model, c, m, lr, seed, args.steps, run_dir, inst)
+                        secs, trainable = train(args.model, c, m, lr, seed, args.steps, run_dir, inst, args.noise_offset)
                         s, imgs = evaluate(load(args.model, m, run_dir), c, seed)
                         res["runs"].append({"method": m, "concept": c.name, "seed": seed, "lr": lr, "train_s": round(secs, 1),
                                             "trainable_parameters": trainable, **s})
@@ -415,7 +427,7 @@ def _fmt(v) -> str:
 
 
 def table(res: dict) -> str:
-    cols = ("subject", "shape", "colours", "pattern", "background", "size", "position", "bg_copy")
+    cols = ("subject_train", "subject", "shape", "colours", "pattern", "background", "size", "position", "bg_copy")
     lines = ["| row | runs | trainable params | train s/run | " + " | ".join(cols) + " |",
              "|---|---|---|---|" + "---|" * len(cols)]
     for name, s in list(res.get("summary_sanity", {}).items()) + list(res.get("summary", {}).items()):
@@ -443,7 +455,7 @@ under an hour on a toy world with a narrow prior, and a VAE that downsamples by 
 Coeff-Tuning's H x H mixing has far fewer degrees of freedom here than on SDXL (1,696 numbers in 34 layers),
 while rank-4 LoRA is a much larger share of this UNet than of SDXL's (see the table). Subjects are
 synthetic textures, not real objects or identities, and a handful of concepts x seeds gives wide
-intervals. Every method gets the same 150 steps, batch 1, and one learning rate chosen from a
+intervals. Every method gets the same 500 steps, batch 1, and one learning rate chosen from a
 three-point grid on the validation concept; a method that needs more steps or another rate at this
 scale is under-served by that protocol. Treat the ranking as evidence about this micro setting only.
 
@@ -459,9 +471,11 @@ def report(res: dict, methods: list[str]) -> str:
     lines = ["# Micro-DreamBench results", "",
              "Generated by `benchmarks/micro/run_bench.py` (`make bench-micro`); raw numbers in `results.json`.", "",
              f"Base model `{Path(s['model']).name}`; {s['steps']} DreamBooth steps per run, batch 1, "
-             f"{s['images']} image(s) per evaluation prompt, {s['inference_steps']} Euler steps, guidance {s['guidance']}. "
+             f"noise offset {s.get('noise_offset', 0.0)}, {s['images']} image(s) per evaluation prompt, {s['inference_steps']} Euler steps, guidance {s['guidance']}. "
              "Means with 95% t-intervals over runs (test concept x seed); each run's value is the mean over its "
-             "generated images. Subject = shape, both colours and pattern all right; background/size/position = "
+             "generated images. Subject = shape, both colours and pattern all right, on the evaluation prompts "
+             "(other backgrounds, sizes, positions); subject_train = the same on the instance prompt itself "
+             "(learned at all?); background/size/position = "
              "what the prompt asked for; bg_copy = the concept's training background appears although another "
              "was requested (lower is better).", ""]
     if res.get("stopped_early"):
