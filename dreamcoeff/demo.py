@@ -9,7 +9,7 @@
 3. renders base / alpha / LoRA side by side on the same prompts and noise with the sampler
    (`dreamcoeff.sample.main`) and writes a labelled comparison grid.
 
-    python -m dreamcoeff.demo --output_dir demo_out [--steps 150]
+    python -m dreamcoeff.demo --output_dir demo_out [--steps 500]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ MICRO_MODEL = REPO / "models" / "microworld-sdxl"
 #: The demo's concept: one of the micro-world's held-out subjects (see microworld.CONCEPTS).
 CONCEPT = "striped-square"
 #: Learning rates chosen on the micro-benchmark's validation concept (benchmarks/micro/RESULTS.md).
-COEFF_LR, LORA_LR = "1e-2", "1e-3"
+COEFF_LR, LORA_LR = "1e-3", "1e-3"
 #: The micro model was pretrained with offset noise 0.1 (benchmarks/micro/pretrain.py); fine-tuning
 #: keeps it, as SDXL fine-tunes often keep SDXL's 0.0357.
 NOISE_OFFSET = "0.1"
@@ -55,7 +55,7 @@ def _reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def run_demo(output_dir: Path, steps: int = 150, model: Path = MICRO_MODEL) -> Path:
+def run_demo(output_dir: Path, steps: int = 500, model: Path = MICRO_MODEL) -> Path:
     from . import microworld as mw
     from .sample import main as sample_main
     from .training import main as train_main
@@ -112,7 +112,7 @@ def run_demo(output_dir: Path, steps: int = 150, model: Path = MICRO_MODEL) -> P
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo_out")
-    parser.add_argument("--steps", type=int, default=150, help="training steps of each run")
+    parser.add_argument("--steps", type=int, default=500, help="training steps of each run (the micro-benchmark's protocol)")
     parser.add_argument("--model", default=str(MICRO_MODEL), help="base pipeline folder (default: the shipped micro-world model)")
     parser.add_argument("--make_samples", action="store_true", help="(re)draw samples/instance and exit")
     args = parser.parse_args(argv)

@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--concepts", default=",".join(c.name for c in mw.CONCEPTS if c.split == "test"))
     p.add_argument("--steps", type=int, default=500,
                    help="optimizer steps per DreamBooth run (all methods; 500, as in diffusers' DreamBooth LoRA examples)")
-    p.add_argument("--lr_grid", default="coeff=1e-2,3e-2,1e-1;lora=1e-3,3e-3,1e-2;coeff+lora=1e-3,3e-3,1e-2;full=3e-5,1e-4,3e-4")
+    p.add_argument("--lr_grid", default="coeff=1e-3,3e-3,1e-2;lora=1e-3,3e-3,1e-2;coeff+lora=1e-3,3e-3,1e-2;full=3e-5,1e-4,3e-4")
     p.add_argument("--noise_offset", type=float, default=0.1,
                    help="the trainer's --noise_offset for every run (the micro model was pretrained with 0.1)")
     p.add_argument("--images", type=int, default=2, help="images per evaluation prompt")
