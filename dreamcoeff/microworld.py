@@ -9,11 +9,17 @@ Pieces:
 
 * the world: :class:`Scene` (shape, colour, size, position, background), :func:`render`,
   :func:`caption`, :func:`sample_scene` / :func:`world_batch` (seeded);
-* held-out concepts: :data:`CONCEPTS` - two-colour *patterned* objects (striped, checkered, split,
-  ringed...) that never occur in the pretraining world, where every object is one flat colour. Each
-  has an identifier word, a class word (its shape), one training background, 5 instance scenes and
-  evaluation prompts asking for other backgrounds, sizes and positions. ``CONCEPTS[0]`` is the
-  validation concept (learning rates are chosen on it), the rest are test concepts;
+* held-out concepts in two sets (:data:`CONCEPT_SETS`), each concept with an identifier word, a class
+  word (its shape), one training background, 5 instance scenes and evaluation prompts asking for
+  other backgrounds, sizes and positions; the first concept of each set is its validation concept
+  (learning rates are chosen on it), the rest are test concepts:
+
+  - ``texture`` (:data:`CONCEPTS`): two-colour *patterned* objects (striped, checkered, split,
+    ringed...) that never occur in the pretraining world, where every object is one flat colour -
+    a subject the base model has never drawn;
+  - ``recombination`` (:data:`RECOMBINATION_CONCEPTS`): one flat colour bound to one shape, both of
+    which the world has ("a sks square" = a purple square, while the class prompt "a square" comes
+    in any colour) - a variant of something the base model draws, DreamBooth's usual case on SDXL;
 * exact metrics on arrays: :func:`analyze` estimates the background (nearest rendered background
   template on the border ring), the object mask (pixels far from that background), the object's
   size / position / shape (IoU against rendered shape masks fitted to the mask's bounding box), its
@@ -219,10 +225,15 @@ class Concept:
     identifier: str
     shape: str  # the class word
     colour: str
-    colour2: str
-    pattern: str
+    colour2: str | None  # None for a flat (one-colour) concept
+    pattern: str  # "solid" for a flat concept
     train_background: str
     split: str  # "validation" or "test"
+
+    @property
+    def colours(self) -> set[str]:
+        """The object's colours as the metrics should find them."""
+        return {self.colour} | ({self.colour2} if self.colour2 else set())
 
     @property
     def token(self) -> str:  # "sks square"
@@ -248,7 +259,7 @@ class Concept:
     def eval_prompts(self) -> list[dict[str, Any]]:
         """Evaluation prompts, each with what it asks for (keys: prompt, background, size, position)."""
         others = [b for b in ("red", "green", "blue", "yellow", "white", "black", "checkered")
-                  if b != self.train_background and b not in (self.colour, self.colour2)][:3]
+                  if b != self.train_background and b not in self.colours][:3]
         out = []
         for bg in others:
             out.append({"prompt": f"a {self.token} on a {bg} background", "background": bg, "size": None, "position": None})
@@ -268,12 +279,26 @@ CONCEPTS: tuple[Concept, ...] = (
     Concept("checkered-diamond", "vbk", "diamond", "purple", "white", "checkered", "red", "test"),
 )
 
+#: Flat one-colour concepts: every shape at least once, every colour and training background at most
+#: once, the object colour never the training background (fixed before any benchmark run of the set).
+RECOMBINATION_CONCEPTS: tuple[Concept, ...] = (
+    Concept("val-flat-orange-circle", "mtz", "circle", "orange", None, "solid", "blue", "validation"),
+    Concept("flat-purple-square", "sks", "square", "purple", None, "solid", "yellow", "test"),
+    Concept("flat-red-triangle", "zwx", "triangle", "red", None, "solid", "white", "test"),
+    Concept("flat-green-diamond", "ohwx", "diamond", "green", None, "solid", "black", "test"),
+    Concept("flat-yellow-circle", "qlv", "circle", "yellow", None, "solid", "red", "test"),
+    Concept("flat-white-square", "vbk", "square", "white", None, "solid", "green", "test"),
+)
+
+CONCEPT_SETS: dict[str, tuple[Concept, ...]] = {"texture": CONCEPTS, "recombination": RECOMBINATION_CONCEPTS}
+
 
 def concept(name: str) -> Concept:
-    for c in CONCEPTS:
+    """The concept called ``name``, from any set."""
+    for c in CONCEPTS + RECOMBINATION_CONCEPTS:
         if c.name == name:
             return c
-    raise KeyError(name)
+    raise KeyError(f"no micro-world concept {name!r}; known: {[c.name for s in CONCEPT_SETS.values() for c in s]}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,15 +463,16 @@ def matches_scene(img: np.ndarray, scene: Scene) -> dict[str, bool]:
 def subject_match(img: np.ndarray, c: Concept, analysis: dict[str, Any] | None = None) -> dict[str, float]:
     """Subject fidelity of one image for concept ``c``.
 
-    ``shape``, ``colours`` (exactly the concept's two colours as the two dominant ones), ``pattern``
-    (best-matching pattern is the concept's) are 0/1; ``subject`` is their conjunction (the object *is*
+    ``shape``, ``colours`` (exactly the concept's colours as the dominant ones: two for a patterned
+    concept, one for a flat one), ``pattern`` (best-matching pattern is the concept's; "solid" when
+    only one colour covers 15% of the object) are 0/1; ``subject`` is their conjunction (the object *is*
     the concept). A missing object scores 0 everywhere.
     """
     a = analysis if analysis is not None else analyze(img)
     if not a["object"]:
         return {"shape": 0.0, "colours": 0.0, "pattern": 0.0, "subject": 0.0}
     shape = float(a["shape"] == c.shape)
-    colours = float(set(a["colours"]) == {c.colour, c.colour2})
+    colours = float(set(a["colours"]) == c.colours)
     pattern = float(a["pattern"] == c.pattern and colours == 1.0)
     return {"shape": shape, "colours": colours, "pattern": pattern, "subject": shape * colours * pattern}
 

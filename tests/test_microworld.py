@@ -49,9 +49,24 @@ def test_metrics_recover_every_attribute_of_clean_world_images():
     assert mw.analyze(imgs[0].astype(np.float32) / 255.0)["shape"] == scenes[0].shape
 
 
-@pytest.mark.parametrize("c", mw.CONCEPTS, ids=lambda c: c.name)
+ALL_CONCEPTS = mw.CONCEPTS + mw.RECOMBINATION_CONCEPTS
+
+
+def test_concept_sets_are_well_formed():
+    for name, cs in mw.CONCEPT_SETS.items():
+        assert [c.split for c in cs] == ["validation"] + ["test"] * (len(cs) - 1), name
+        assert len({c.identifier for c in cs}) == len(cs), name  # one identifier per concept of a set
+        assert all(c.train_background not in c.colours for c in cs)
+        assert all(mw.concept(c.name) is c for c in cs)
+    assert all(c.pattern != "solid" and c.colour2 not in (None, c.colour) for c in mw.CONCEPTS)
+    assert all(c.pattern == "solid" and c.colour2 is None for c in mw.RECOMBINATION_CONCEPTS)
+    assert {c.shape for c in mw.RECOMBINATION_CONCEPTS} == set(mw.SHAPES)
+    with pytest.raises(KeyError, match="no micro-world concept"):
+        mw.concept("nope")
+
+
+@pytest.mark.parametrize("c", ALL_CONCEPTS, ids=lambda c: c.name)
 def test_concepts_are_recognised_and_prompts_scored(c):
-    assert c.pattern != "solid" and c.colour != c.colour2
     for s in c.instance_scenes():
         img = mw.render(s)
         assert s.background == c.train_background
@@ -71,16 +86,34 @@ def test_concepts_are_recognised_and_prompts_scored(c):
 
 
 def test_other_concepts_and_plain_objects_do_not_match():
-    for c in mw.CONCEPTS:
-        for other in mw.CONCEPTS:
-            if other is c:
+    for c in ALL_CONCEPTS:
+        for other in ALL_CONCEPTS:
+            if other.colours == c.colours and other.shape == c.shape and other.pattern == c.pattern:
                 continue
-            img = mw.render(other.scene("large", "center", "white" if "white" not in (other.colour, other.colour2) else "black"))
+            img = mw.render(other.scene("large", "center", "white" if "white" not in other.colours else "black"))
             assert mw.subject_match(img, c)["subject"] == 0.0, (c.name, other.name)
-        # the class prompt's usual output: a flat object of the right shape and one of the colours
-        flat = mw.render(mw.Scene(c.shape, c.colour, "large", "center", "checkered"))
-        sm = mw.subject_match(flat, c)
-        assert sm["shape"] == 1.0 and sm["subject"] == 0.0
+        if c.colour2:
+            # the class prompt's usual output: a flat object of the right shape and one of the colours
+            flat = mw.render(mw.Scene(c.shape, c.colour, "large", "center", "checkered"))
+            sm = mw.subject_match(flat, c)
+            assert sm["shape"] == 1.0 and sm["subject"] == 0.0
+
+
+@pytest.mark.parametrize("c", mw.RECOMBINATION_CONCEPTS, ids=lambda c: c.name)
+def test_flat_concept_needs_its_one_colour_and_its_shape(c):
+    bg = "checkered"
+    # the class prompt's output in another colour: right shape, wrong colour
+    other = next(col for col in mw.OBJECT_COLOURS if col != c.colour)
+    sm = mw.subject_match(mw.render(mw.Scene(c.shape, other, "large", "center", bg)), c)
+    assert sm == {"shape": 1.0, "colours": 0.0, "pattern": 0.0, "subject": 0.0}
+    # the right colour on another shape
+    shape = next(s for s in mw.SHAPES if s != c.shape)
+    sm = mw.subject_match(mw.render(mw.Scene(shape, c.colour, "large", "center", bg)), c)
+    assert sm["colours"] == 1.0 and sm["pattern"] == 1.0 and sm["subject"] == 0.0
+    # the right shape in its colour plus a second one (striped) is not the flat concept
+    striped = mw.Scene(c.shape, c.colour, "large", "center", bg, colour2=other, pattern="striped")
+    assert mw.subject_match(mw.render(striped), c)["subject"] == 0.0
+    assert mw.subject_match(mw.render(c.scene("small", "left", bg)), c)["subject"] == 1.0
 
 
 def test_metrics_are_not_fooled_by_degenerate_images():
@@ -96,7 +129,7 @@ def test_metrics_are_not_fooled_by_degenerate_images():
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     a = mw.analyze(noise)
     assert a["background"] is None
-    for c in mw.CONCEPTS:
+    for c in ALL_CONCEPTS:
         assert mw.subject_match(noise, c)["subject"] == 0.0
     # a few stray pixels are not an object
     dots = mw.background_image("blue")
@@ -180,7 +213,8 @@ def test_benchmark_runs_every_method_and_writes_its_tables(tmp_path):
     script = MODEL.parents[1] / "benchmarks" / "micro" / "run_bench.py"
     out = tmp_path / "bench"
     cmd = [sys.executable, str(script), "--model", str(tmp_path / "pre" / "model"), "--out", str(out), "--jobs", "2",
-           "--quick", "--steps", "2", "--inference_steps", "2", "--concepts", "striped-square",
+           "--quick", "--steps", "2", "--inference_steps", "2", "--concept_set", "recombination",
+           "--concepts", "flat-purple-square",
            "--lr_grid", "coeff=1e-2;lora=1e-3;coeff+lora=1e-3;full=1e-4"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -188,7 +222,7 @@ def test_benchmark_runs_every_method_and_writes_its_tables(tmp_path):
     assert res["settings"]["noise_offset"] == 0.1  # the base model's pretraining offset, kept for fine-tuning
     assert sorted(r["method"] for r in res["runs"]) == sorted(["coeff", "lora", "coeff+lora", "full"])
     for row in res["runs"]:
-        assert row["concept"] == "striped-square" and row["seed"] == 0 and row["train_s"] > 0
+        assert row["concept"] == "flat-purple-square" and row["seed"] == 0 and row["train_s"] > 0
         assert {"subject_train", "subject", "shape", "colours", "pattern", "background", "size", "position",
                 "bg_copy"} <= set(row)
     params = {r["method"]: r["trainable_parameters"] for r in res["runs"]}
@@ -196,7 +230,9 @@ def test_benchmark_runs_every_method_and_writes_its_tables(tmp_path):
     assert params["coeff+lora"] == params["coeff"] + params["lora"]
     assert set(res["sanity"]) == {"base model, class prompt", "instance images", "instance images through the VAE"}
     assert res["sanity"]["instance images"][0]["subject"] == 1.0  # the metric recognises the drawn concept
+    assert res["validation_concept"] == "val-flat-orange-circle"  # rates are chosen within the set
     table = (out / "RESULTS.md").read_text()
+    assert table.startswith("# Micro-DreamBench results: recombination concepts")
     for m in ("coeff", "lora", "coeff+lora", "full"):
         assert f"| {m} | 1 |" in table and (out / f"grid_{m.replace('+', '_')}.png").is_file()
     assert not list(out.glob("part_*"))

@@ -1,17 +1,22 @@
 """Micro-DreamBench: DreamBooth customisation of the micro-world SDXL pipeline, scored exactly.
 
-    python benchmarks/micro/run_bench.py --jobs 2       # what `make bench-micro` runs
+    python benchmarks/micro/run_bench.py --jobs 2                                # texture concepts
+    python benchmarks/micro/run_bench.py --jobs 2 --concept_set recombination    # flat concepts
     python benchmarks/micro/run_bench.py --quick        # 2 concepts, 1 seed (a smoke run)
+
+`make bench-micro` runs both concept sets (``microworld.CONCEPT_SETS``): ``texture``, two-colour
+patterned objects the base model has never drawn, and ``recombination``, one flat colour bound to a
+shape the base model draws in any colour (a variant of something it knows, DreamBooth's usual case).
 
 Methods: Coeff-Tuning alpha (``coeff``), LoRA rank 4 (``lora``), both (``coeff+lora``) and full UNet
 fine-tuning (``full``), all through ``train_dreambooth_coeff.py``'s code with the same steps and data.
-For every method (``--methods``) the learning rate is first chosen on the *validation* concept
-(``microworld.CONCEPTS[0]``) from ``--lr_grid``, by the mean of subject fidelity and requested-background
+For every method (``--methods``) the learning rate is first chosen on the set's *validation* concept
+(its first) from ``--lr_grid``, by the mean of subject fidelity and requested-background
 fidelity (fixed before any result was seen). Then each test concept x seed is trained with
 ``dreamcoeff.training.main`` (the code behind ``train_dreambooth_coeff.py``) and its evaluation
 prompts are sampled and scored with ``microworld``'s exact metrics:
 
-* subject fidelity: the generated object is the concept (shape, both colours, pattern), on the
+* subject fidelity: the generated object is the concept (shape, its colours, pattern), on the
   evaluation prompts (other backgrounds, sizes, positions) and, as ``subject_train``, on the
   instance prompt itself (what was learned at all, before asking for a new context);
 * prompt fidelity: requested background; requested size / position (where the prompt asks);
@@ -19,7 +24,8 @@ prompts are sampled and scored with ``microworld``'s exact metrics:
 
 Sanity rows: the base model with the class prompt (no concept: subject fidelity should be ~0) and the
 instance images themselves scored against the evaluation requests (subject 1, background copying 1).
-Writes ``results.json``, ``RESULTS.md`` and one grid image per method next to this script.
+Writes ``results.json``, ``RESULTS.md`` and one grid image per method next to this script (texture)
+or into ``recombination/`` beside it.
 """
 
 from __future__ import annotations
@@ -181,10 +187,12 @@ def grid(rows: list[list[np.ndarray]], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(REPO / "models" / "microworld-sdxl"))
-    p.add_argument("--out", default=str(HERE))
+    p.add_argument("--concept_set", default="texture", choices=sorted(mw.CONCEPT_SETS),
+                   help="which held-out concepts: texture (patterned, never drawn) or recombination (flat colour + shape)")
+    p.add_argument("--out", default=None, help="output folder (default: this folder for texture, recombination/ for the other set)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--concepts", default=",".join(c.name for c in mw.CONCEPTS if c.split == "test"))
+    p.add_argument("--concepts", default=None, help="test concepts (default: the set's test concepts)")
     p.add_argument("--steps", type=int, default=500,
                    help="optimizer steps per DreamBooth run (all methods; 500, as in diffusers' DreamBooth LoRA examples)")
     p.add_argument("--lr_grid", default="coeff=1e-3,3e-3,1e-2;lora=1e-3,3e-3,1e-2;coeff+lora=1e-3,3e-3,1e-2;full=3e-5,1e-4,3e-4")
@@ -204,6 +212,11 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1,
                    help="split the methods over this many processes (one thread each) and merge the parts")
     args = p.parse_args(argv)
+    concept_set = mw.CONCEPT_SETS[args.concept_set]
+    if args.concepts is None:
+        args.concepts = ",".join(c.name for c in concept_set if c.split == "test")
+    if args.out is None:
+        args.out = str(HERE if args.concept_set == "texture" else HERE / args.concept_set)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge is not None:
@@ -272,7 +285,8 @@ def main(argv=None) -> int:
             write()
 
         if "select" in phases:  # learning rate per method, on the validation concept only
-            val = next(c for c in mw.CONCEPTS if c.split == "validation")
+            val = next(c for c in concept_set if c.split == "validation")
+            res["validation_concept"] = val.name
             inst_val = write_instances(val, work / "inst" / val.name)
             for m in methods:
                 best = None
@@ -382,6 +396,8 @@ def merge(parts: list[Path], out: Path) -> int:
         res["runs"] += r["runs"]
         for k, v in r["sanity"].items():
             res["sanity"].setdefault(k, []).extend(v)
+        if "validation_concept" in r:
+            res["validation_concept"] = r["validation_concept"]
         if "world_sanity" in r:
             res["world_sanity"] = r["world_sanity"]
         if r.get("stopped_early"):
@@ -390,7 +406,7 @@ def merge(parts: list[Path], out: Path) -> int:
     res["settings"]["seeds"] = ",".join(str(x) for x in sorted({r["seed"] for r in res["runs"]}))
     res["settings"]["concepts"] = ",".join(dict.fromkeys(r["concept"] for r in res["runs"]))
     res["settings"].pop("tag", None)
-    order = [c.name for c in mw.CONCEPTS]
+    order = [c.name for s in mw.CONCEPT_SETS.values() for c in s]
     for m in methods:
         files = sorted((out / "rows").glob(f"{m.replace('+', '_')}__*.png"),
                        key=lambda f: order.index(f.stem.split("__")[1]))
@@ -438,13 +454,22 @@ def table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SET_DESCRIPTIONS = {
+    "texture": "Concepts: two-colour patterned objects (striped, checkered, split, ringed) that never occur in the "
+               "pretraining world, where every object is one flat colour: a subject the base model has never drawn.",
+    "recombination": "Concepts: one flat colour bound to one shape (\"a sks square\" = a purple square). The world has "
+                     "both, but the class prompt (\"a square\") comes in any colour: a variant of something the base "
+                     "model draws, DreamBooth's usual case on SDXL. Subject = right shape in exactly that one colour.",
+}
+
 NOTES = """
 ## What this benchmark can and cannot tell about SDXL
 
 It **can** tell whether a method, run through the same trainer and the same attention-processor code
 as on SDXL (two CLIP text encoders, SDXL time ids, per-resolution head counts, self- and
-cross-attention), binds a new identifier to a combination of attributes the base model has never
-produced (two-colour patterned objects), whether the model still composes it with the rest of the
+cross-attention), binds a new identifier to a subject (a two-colour patterned object the base model
+has never produced, in the texture set; a flat colour + shape pair it draws only when both words are
+given, in the recombination set), whether the model still composes it with the rest of the
 prompt (background, size, position), and how often it copies the training background, all measured
 exactly, with no learned judge. It is cheap enough to rerun on a CPU, so regressions and gross
 differences between methods show up.
@@ -454,7 +479,7 @@ attention over 64 and 16 image tokens (SDXL 4096 and 1024), a 5.2 M-parameter UN
 under an hour on a toy world with a narrow prior, and a VAE that downsamples by 4 instead of 8.
 Coeff-Tuning's H x H mixing has far fewer degrees of freedom here than on SDXL (1,696 numbers in 34 layers),
 while rank-4 LoRA is a much larger share of this UNet than of SDXL's (see the table). Subjects are
-synthetic textures, not real objects or identities, and a handful of concepts x seeds gives wide
+synthetic shapes, not real objects or identities, and a handful of concepts x seeds gives wide
 intervals. Every method gets the same 500 steps, batch 1, and one learning rate chosen from a
 three-point grid on the validation concept; a method that needs more steps or another rate at this
 scale is under-served by that protocol. Treat the ranking as evidence about this micro setting only.
@@ -468,12 +493,14 @@ round trip, the most a method can reach through this decoder.
 
 def report(res: dict, methods: list[str]) -> str:
     s = res["settings"]
-    lines = ["# Micro-DreamBench results", "",
+    set_name = s.get("concept_set", "texture")
+    lines = [f"# Micro-DreamBench results: {set_name} concepts", "",
+             SET_DESCRIPTIONS[set_name], "",
              "Generated by `benchmarks/micro/run_bench.py` (`make bench-micro`); raw numbers in `results.json`.", "",
              f"Base model `{Path(s['model']).name}`; {s['steps']} DreamBooth steps per run, batch 1, "
              f"noise offset {s.get('noise_offset', 0.0)}, {s['images']} image(s) per evaluation prompt, {s['inference_steps']} Euler steps, guidance {s['guidance']}. "
              "Means with 95% t-intervals over runs (test concept x seed); each run's value is the mean over its "
-             "generated images. Subject = shape, both colours and pattern all right, on the evaluation prompts "
+             "generated images. Subject = shape, colour(s) and pattern all right, on the evaluation prompts "
              "(other backgrounds, sizes, positions); subject_train = the same on the instance prompt itself "
              "(learned at all?); background/size/position = "
              "what the prompt asked for; bg_copy = the concept's training background appears although another "
