@@ -7,8 +7,11 @@ Trains alpha (1e-3, 3e-3) and LoRA r4 (1e-3) for 500 steps on 5 images of "a vbk
 purple, white background; the world has purple and diamonds but no identifier for the pair), with
 run_bench's trainer call, then samples "a vbk diamond on a <green|red|blue|black> background" (4 images
 each, seed 0) and prints the fraction of images whose object is purple only, is a diamond, and whose
-background is the requested one. The base model with the class prompt is the reference. One concept
-and one seed: a pointer for the next benchmark concepts, not a result.
+background is the requested one. References: the base model with the class prompt, and the untrained
+base model with the instance prompts themselves (0 steps). One concept and one seed: a pointer, not a
+result. Read the 0-step row first: prompts that name no colour come out purple from this base model,
+so purple concepts are mostly there before any training (found after the probe's first run, see
+benchmarks/micro/README.md).
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ def main(work: str = "/tmp/probe_recombination") -> None:
     for i, scene in enumerate(c.instance_scenes()):
         Image.fromarray(mw.render(scene)).save(inst / f"{i}.png")
     prompts = [f"a {c.token} on a {bg} background" for bg in BACKGROUNDS]
-    print("base, class prompt", measure(RB.load(MODEL, None, None), [p.replace(f"{c.identifier} ", "") for p in prompts]))
+    base = RB.load(MODEL, None, None)
+    print("base, class prompt", measure(base, [p.replace(f"{c.identifier} ", "") for p in prompts]))
+    print("base, instance prompts (0 steps)", measure(base, prompts))
     for method, lr in (("coeff", 1e-3), ("coeff", 3e-3), ("lora", 1e-3)):
         out = Path(work) / f"{method}_{lr}"
         secs, _ = RB.train(MODEL, c, method, lr, 0, 500, out, inst, 0.1)
