@@ -4,8 +4,8 @@
    pretrained on a procedural world of coloured shapes, see benchmarks/micro) as
    `--pretrained_model_name_or_path`: the same loading code path as real SDXL;
 2. trains Coeff-Tuning alpha and a LoRA rank-4 baseline on the instance images in `samples/instance`
-   (a concept the model has never seen: a red-and-white striped square, "sks square") through the
-   real trainer (`dreamcoeff.training.main`, what `train_dreambooth_coeff.py` runs);
+   ("qlv circle": a yellow circle on a red background; untrained, the model draws "a qlv circle" as
+   a purple one, its colour for prompts that name none) through the real trainer (`dreamcoeff.training.main`, what `train_dreambooth_coeff.py` runs);
 3. renders base / alpha / LoRA side by side on the same prompts and noise with the sampler
    (`dreamcoeff.sample.main`) and writes a labelled comparison grid.
 
@@ -24,9 +24,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "instance"
 MICRO_MODEL = REPO / "models" / "microworld-sdxl"
-#: The demo's concept: one of the micro-world's held-out subjects (see microworld.CONCEPTS).
-CONCEPT = "striped-square"
-#: Learning rates chosen on the micro-benchmark's validation concept (benchmarks/micro/RESULTS.md).
+#: The demo's concept: a test concept of the micro-benchmark's recombination set
+#: (microworld.RECOMBINATION_CONCEPTS) that the untrained model does not already draw (purple is its
+#: default colour, so not "flat-purple-square") and that LoRA learned in the benchmark.
+CONCEPT = "flat-yellow-circle"
+#: Learning rates chosen on the recombination set's validation concept
+#: (benchmarks/micro/recombination/RESULTS.md).
 COEFF_LR, LORA_LR = "1e-3", "1e-3"
 #: The micro model was pretrained with offset noise 0.1 (benchmarks/micro/pretrain.py); fine-tuning
 #: keeps it, as SDXL fine-tunes often keep SDXL's 0.0357.

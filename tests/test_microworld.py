@@ -228,7 +228,9 @@ def test_benchmark_runs_every_method_and_writes_its_tables(tmp_path):
     params = {r["method"]: r["trainable_parameters"] for r in res["runs"]}
     assert params["coeff"] < params["lora"] < params["coeff+lora"] < params["full"]
     assert params["coeff+lora"] == params["coeff"] + params["lora"]
-    assert set(res["sanity"]) == {"base model, class prompt", "instance images", "instance images through the VAE"}
+    assert set(res["sanity"]) == {"base model, class prompt", "base model, instance prompts (0 steps)", "instance images",
+                                  "instance images through the VAE"}
+    assert "subject_train" in res["sanity"]["base model, instance prompts (0 steps)"][0]
     assert res["sanity"]["instance images"][0]["subject"] == 1.0  # the metric recognises the drawn concept
     assert res["validation_concept"] == "val-flat-orange-circle"  # rates are chosen within the set
     table = (out / "RESULTS.md").read_text()
@@ -254,3 +256,17 @@ def test_demo_runs_on_the_shipped_model(tmp_path):
     assert (tmp_path / "runs" / "alpha" / "coeff_weights.safetensors").is_file()
     assert (tmp_path / "runs" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "grid").glob("grid_*.png")) == ["grid_s0.png", "grid_s1.png"]
+
+
+def test_committed_demo_images_are_the_demo_concepts_scenes(tmp_path):
+    """samples/instance is what `python -m dreamcoeff.demo --make_samples` draws for the demo's concept."""
+    from PIL import Image
+
+    from dreamcoeff.demo import CONCEPT, SAMPLES, make_sample_images
+
+    drawn = make_sample_images(tmp_path)
+    committed = sorted(SAMPLES.glob("*.png"))
+    assert [p.name for p in committed] == [p.name for p in drawn]
+    for a, b in zip(committed, drawn):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a
+    assert mw.subject_match(np.asarray(Image.open(committed[0]).convert("RGB")), mw.concept(CONCEPT))["subject"] == 1.0
