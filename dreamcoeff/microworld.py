@@ -18,8 +18,10 @@ Pieces:
     ringed...) that never occur in the pretraining world, where every object is one flat colour -
     a subject the base model has never drawn;
   - ``recombination`` (:data:`RECOMBINATION_CONCEPTS`): one flat colour bound to one shape, both of
-    which the world has ("a sks square" = a purple square, while the class prompt "a square" comes
-    in any colour) - a variant of something the base model draws, DreamBooth's usual case on SDXL;
+    which the world has and draws ("a sks square" = a purple square), the pair without a name of
+    its own. Caveat: every world caption names a colour, so the micro model draws a prompt without
+    one ("a square", "a sks square") with no object or a purple one: read results against the
+    untrained model on the same prompts;
 * exact metrics on arrays: :func:`analyze` estimates the background (nearest rendered background
   template on the border ring), the object mask (pixels far from that background), the object's
   size / position / shape (IoU against rendered shape masks fitted to the mask's bounding box), its

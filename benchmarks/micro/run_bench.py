@@ -462,9 +462,10 @@ def table(res: dict) -> str:
 SET_DESCRIPTIONS = {
     "texture": "Concepts: two-colour patterned objects (striped, checkered, split, ringed) that never occur in the "
                "pretraining world, where every object is one flat colour: a subject the base model has never drawn.",
-    "recombination": "Concepts: one flat colour bound to one shape (\"a sks square\" = a purple square). The world has "
-                     "both, but the class prompt (\"a square\") comes in any colour: a variant of something the base "
-                     "model draws, DreamBooth's usual case on SDXL. Subject = right shape in exactly that one colour.",
+    "recombination": "Concepts: one flat colour bound to one shape (\"a qlv circle\" = a yellow circle). The world has "
+                     "and the base model draws both, but never names the pair. Subject = right shape in exactly that "
+                     "one colour. Every world caption names a colour, so the untrained model draws a prompt without "
+                     "one with no object or a purple one: compare each method with the \"0 steps\" row.",
 }
 
 def per_concept(res: dict) -> str:
