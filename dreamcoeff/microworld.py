@@ -297,10 +297,11 @@ CONCEPT_SETS: dict[str, tuple[Concept, ...]] = {"texture": CONCEPTS, "recombinat
 
 def concept(name: str) -> Concept:
     """The concept called ``name``, from any set."""
-    for c in CONCEPTS + RECOMBINATION_CONCEPTS:
+    known = [c for concepts in CONCEPT_SETS.values() for c in concepts]
+    for c in known:
         if c.name == name:
             return c
-    raise KeyError(f"no micro-world concept {name!r}; known: {[c.name for s in CONCEPT_SETS.values() for c in s]}")
+    raise KeyError(f"no micro-world concept {name!r}; known: {[c.name for c in known]}")
 
 
 # ------------------------------------------------------------------------------------------------

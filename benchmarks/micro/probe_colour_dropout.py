@@ -45,6 +45,9 @@ CONCEPTS = ("flat-yellow-circle", "flat-red-triangle")
 RUNS = (("coeff", 1e-3), ("coeff", 3e-3), ("lora", 1e-3))
 
 
+_world_batch = mw.world_batch  # the original, kept while train_unet draws from the patched one
+
+
 def colour_dropped_batch(seed: int, n: int, drop_prob: float = 0.25):
     """mw.world_batch with the colour word also left out of a COLOUR_DROP share of the captions."""
     imgs, caps, scenes = _world_batch(seed, n, drop_prob)
@@ -52,9 +55,6 @@ def colour_dropped_batch(seed: int, n: int, drop_prob: float = 0.25):
     caps = [c.replace(f"{s.colour} {s.shape}", s.shape) if rng.random() < COLOUR_DROP else c
             for c, s in zip(caps, scenes)]
     return imgs, caps, scenes
-
-
-_world_batch = mw.world_batch
 
 
 def class_colours(pipe, n_per_prompt: int = 4) -> dict[str, dict[str, int]]:
@@ -90,18 +90,14 @@ def main(work: str = "/tmp/probe_colour_dropout") -> int:
     for name in CONCEPTS:
         c = mw.concept(name)
         inst = RB.write_instances(c, work_dir / "inst" / name)
-        reqs = c.eval_prompts()
 
-        def evaluate(pipe):
-            imgs = RB.generate(pipe, [r["prompt"] for r in reqs] + [c.instance_prompt], 2, 0, 20, 4.0)
-            s = RB.score(imgs[:-2], reqs, 2, c)
-            s["subject_train"] = float(np.mean([mw.subject_match(im, c)["subject"] for im in imgs[-2:]]))
-            return s
+        def evaluate(pipe):  # run_bench's scoring at its defaults: seed 0, 2 images, 20 steps, guidance 4
+            return RB.evaluate_concept(pipe, c, 0, 2, 20, 4.0)[0]
 
         rows = [("0 steps", None, evaluate(base))]
         for method, lr in RUNS:
             out = work_dir / "runs" / f"{name}-{method}-{lr}"
-            secs, _ = RB.train(str(model), c, method, lr, 0, 500, out, inst, 0.1)
+            RB.train(str(model), c, method, lr, 0, 500, out, inst, 0.1)
             rows.append((method, lr, evaluate(RB.load(str(model), method, out))))
         for method, lr, s in rows:
             log["runs"].append({"concept": name, "method": method, "lr": lr, **s})

@@ -6,7 +6,8 @@
 
 `make bench-micro` runs both concept sets (``microworld.CONCEPT_SETS``): ``texture``, two-colour
 patterned objects the base model has never drawn, and ``recombination``, one flat colour bound to a
-shape the base model draws in any colour (a variant of something it knows, DreamBooth's usual case).
+shape, both of which the base model draws, the pair without a name (see SET_DESCRIPTIONS for the
+caveat: the untrained model draws an unknown colour word purple).
 
 Methods: Coeff-Tuning alpha (``coeff``), LoRA rank 4 (``lora``), both (``coeff+lora``) and full UNet
 fine-tuning (``full``), all through ``train_dreambooth_coeff.py``'s code with the same steps and data.
@@ -22,8 +23,9 @@ prompts are sampled and scored with ``microworld``'s exact metrics:
 * prompt fidelity: requested background; requested size / position (where the prompt asks);
 * background copying: the concept's training background appears although another was requested.
 
-Sanity rows: the base model with the class prompt (no concept: subject fidelity should be ~0) and the
-instance images themselves scored against the evaluation requests (subject 1, background copying 1).
+Sanity rows: the base model with the class prompt (no concept), the untrained base model on the
+instance prompts themselves (the "0 steps" zero point of every method), and the instance images
+scored against the evaluation requests (subject 1, background copying 1), also after a VAE round trip.
 Writes ``results.json``, ``RESULTS.md`` and one grid image per method next to this script (texture)
 or into ``recombination/`` beside it.
 """
@@ -56,6 +58,8 @@ from dreamcoeff import microworld as mw  # noqa: E402
 HERE = Path(__file__).resolve().parent
 METRICS = ("subject_train", "subject", "shape", "colours", "pattern", "background", "size", "position", "bg_copy")
 METHODS = ("coeff", "lora", "coeff+lora", "full")
+#: The sanity row every method's gain is read against: the untrained model on the instance prompts.
+ZERO_STEP_ROW = "base model, instance prompts (0 steps)"
 
 
 def reset_accelerate() -> None:
@@ -161,6 +165,20 @@ def score(images: list[np.ndarray], requests: list[dict], n: int, c: mw.Concept)
     return {k: float(np.mean(v)) for k, v in acc.items() if v}
 
 
+def evaluate_concept(pipe, c: mw.Concept, seed: int, images: int, inference_steps: int,
+                     guidance: float) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Sample and score concept ``c``'s evaluation prompts and its instance prompt with ``pipe``:
+    (scores incl. ``subject_train``, the evaluation prompts' images)."""
+    reqs = c.eval_prompts()
+    # the instance prompt last (its noise seed is its index, so the other prompts' images are
+    # unchanged): subject fidelity on the training prompt tells "not learned" from "not transferred"
+    imgs = generate(pipe, [r["prompt"] for r in reqs] + [c.instance_prompt], images, seed, inference_steps, guidance)
+    n = len(reqs) * images
+    s = score(imgs[:n], reqs, images, c)
+    s["subject_train"] = float(np.mean([mw.subject_match(im, c)["subject"] for im in imgs[n:]]))
+    return s, imgs[:n]
+
+
 def _t975(df: int) -> float:
     table = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
              12: 2.18, 15: 2.13, 20: 2.09, 30: 2.04}
@@ -244,15 +262,7 @@ def main(argv=None) -> int:
         res["chosen_lr"].update(json.loads(Path(f).read_text()).get("chosen_lr", {}))
 
     def evaluate(pipe, c, seed):
-        reqs = c.eval_prompts()
-        # the instance prompt last (its noise seed is its index, so the other prompts' images are
-        # unchanged): subject fidelity on the training prompt tells "not learned" from "not transferred"
-        imgs = generate(pipe, [r["prompt"] for r in reqs] + [c.instance_prompt], args.images, seed,
-                        args.inference_steps, args.guidance)
-        n = len(reqs) * args.images
-        s = score(imgs[:n], reqs, args.images, c)
-        s["subject_train"] = float(np.mean([mw.subject_match(im, c)["subject"] for im in imgs[n:]]))
-        return s, imgs[:n]
+        return evaluate_concept(pipe, c, seed, args.images, args.inference_steps, args.guidance)
 
     def write():
         res["wall_s"] = round(time.time() - started, 1)
@@ -277,7 +287,7 @@ def main(argv=None) -> int:
                     # the zero point of every method: the untrained model given the very prompts the
                     # trained ones get (identifier included), scored the same way (evaluate() = 0 steps)
                     s, _ = evaluate(base, c, seed)
-                    res["sanity"].setdefault("base model, instance prompts (0 steps)", []).append(
+                    res["sanity"].setdefault(ZERO_STEP_ROW, []).append(
                         {"concept": c.name, "seed": seed, **s})
                 inst = [mw.render(s) for s in c.instance_scenes()]
                 # each instance image scored against every evaluation request, as drawn and after a
@@ -468,10 +478,11 @@ SET_DESCRIPTIONS = {
                      "one with no object or a purple one: compare each method with the \"0 steps\" row.",
 }
 
+
 def per_concept(res: dict) -> str:
     """Subject fidelity per method (and the 0-step zero point) and test concept: what the means hide."""
     concepts = list(dict.fromkeys(r["concept"] for r in res["runs"]))
-    rows = {"base model, instance prompts (0 steps)": res.get("sanity", {}).get("base model, instance prompts (0 steps)", [])}
+    rows = {ZERO_STEP_ROW: res.get("sanity", {}).get(ZERO_STEP_ROW, [])}
     for r in res["runs"]:
         rows.setdefault(r["method"], []).append(r)
     lines = ["| row | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]
