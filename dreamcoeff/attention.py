@@ -18,6 +18,10 @@ Implementations (`mixed_attention(..., impl=...)`; "auto" picks):
     "sdpa"          A == I exactly and no gradient wanted for A: plain scaled_dot_product_attention.
     "chunked"       the exact path above (any device, any dtype).
     "materialized"  the naive one holding every map (the benchmarks' baseline; never picked by "auto").
+    "triton"        CUDA: fused Triton kernels, forward and backward (`dreamcoeff.triton_attention`):
+                    the maps never leave the chip. Opt-in (impl="triton", or DREAMCOEFF_ATTENTION_IMPL=triton
+                    for what "auto" picks where A != I, falling back to "chunked" for inputs the kernel
+                    cannot take) until it has been timed on a GPU.
 
 How the chunked path is organised (each choice measured on a 2-core AVX-512 CPU with MKL, see
 benchmarks/README.md; the timings quoted are single-thread, H=10, L=4096):
@@ -55,7 +59,7 @@ __all__ = [
     "DEFAULT_CUDA_CHUNK_BYTES",
 ]
 
-IMPLS = ("auto", "sdpa", "chunked", "materialized")
+IMPLS = ("auto", "sdpa", "chunked", "materialized", "triton")
 
 # Budget for one chunk's B x H x rows x L block (in the compute dtype). The forward pass holds two
 # such blocks, the backward pass three. Overridable with DREAMCOEFF_CHUNK_BYTES (bytes) for tuning.
@@ -263,67 +267,101 @@ class _ChunkedMixedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, coeff, mask = ctx.saved_tensors
-        scale, chunk = ctx.scale, ctx.chunk
-        cdt = _compute_dtype(q.dtype)
-        b, h, n, d = q.shape
-        l, dv = k.shape[-2], v.shape[-1]
-        bh = b * h
-        need_q, need_k, need_v, need_a = ctx.needs_input_grad[:4]
-        need_qk = need_q or need_k
+        grads = _chunked_backward(q, k, v, coeff, mask, ctx.scale, ctx.chunk, ctx.needs_input_grad[:4], grad_out)
+        return (*grads, None, None, None)
 
-        q_scaled, k_t = _prepare(q, k, scale, cdt)
-        kc = k.to(cdt).contiguous() if need_q else None
-        v_t = v.to(cdt).transpose(-1, -2).contiguous()
-        a = coeff.to(cdt)
-        a_t = a.t().contiguous()
-        g = grad_out.to(cdt).contiguous()
 
-        dq = torch.empty(b, h, n, d, dtype=cdt, device=q.device) if need_q else None
-        # dK and dV are accumulated transposed, (B, H, d, L): the update dK^T += (q*scale)^T dS then
-        # reads the wide dS block untransposed, about 25% faster than dK += dS^T (q*scale) (MKL, fp32).
-        dk_t = torch.zeros(b, h, d, l, dtype=cdt, device=k.device) if need_k else None
-        dv_t = torch.zeros(b, h, dv, l, dtype=cdt, device=v.device) if need_v else None
-        da = torch.zeros(a.shape, dtype=cdt, device=a.device) if need_a else None
-        rows = min(chunk, n)
-        ws = _Workspace(3 if need_qk else 2, b * h * rows * l, cdt, q.device)
-        dq_chunk = torch.empty(bh * rows * d, dtype=cdt, device=q.device) if need_q else None
+def _chunked_backward(q, k, v, coeff, mask, scale: float, chunk: int, needs, grad_out):
+    """Gradients (dq, dk, dv, dcoeff) of mixed attention, recomputing each chunk's maps (None where
+    `needs`, the requires-grad flags of q, k, v, coeff, is False)."""
+    cdt = _compute_dtype(q.dtype)
+    b, h, n, d = q.shape
+    l, dv = k.shape[-2], v.shape[-1]
+    bh = b * h
+    need_q, need_k, need_v, need_a = needs
+    need_qk = need_q or need_k
 
-        for start, stop in _chunks(n, chunk):
-            r = stop - start
-            q_chunk = q_scaled[:, :, start:stop]
-            g_chunk = g[:, :, start:stop].view(bh, r, dv)
-            probs = _probs_into(ws.view(0, b, h, r, l), q_chunk, k_t, _mask_rows(mask, start, stop))
-            if need_v:
-                # dV^h += (A P)^h^T dO^h; the mixed maps are recomputed into the second buffer.
-                mixed = _mix_into(ws.view(1, b, h, r, l), a, probs)
-                dv_t.view(bh, dv, l).baddbmm_(g_chunk.transpose(1, 2), mixed.view(bh, r, l))
-            if not (need_a or need_qk):
-                continue
-            # dL/d(A P)^h = dO^h V^h^T, into the second buffer (the mixed maps are no longer needed).
-            grad_mixed = ws.view(1, b, h, r, l)
-            torch.bmm(g_chunk, v_t.view(bh, dv, l), out=grad_mixed.view(bh, r, l))
-            if need_a:
-                _accumulate_coeff_grad_(da, grad_mixed, probs)
-            if need_qk:
-                grad_scores = _mix_into(ws.view(2, b, h, r, l), a_t, grad_mixed)  # dP^i = sum_h A[h, i] dMixed^h
-                _softmax_backward_(grad_scores, probs)  # now dL/dS (of the scaled scores)
-                grad_scores = grad_scores.view(bh, r, l)
-                if need_q:
-                    dqc = dq_chunk[: bh * r * d].view(bh, r, d)
-                    torch.bmm(grad_scores, kc.view(bh, l, d), out=dqc)
-                    torch.mul(dqc.view(b, h, r, d), scale, out=dq[:, :, start:stop])
-                if need_k:
-                    # S = (q * scale) k^T, so dK = dS^T (q * scale): the scale rides on the small operand.
-                    dk_t.view(bh, d, l).baddbmm_(q_chunk.reshape(bh, r, d).transpose(1, 2), grad_scores)
-        return (
-            dq.to(q.dtype) if need_q else None,
-            dk_t.transpose(-1, -2).to(k.dtype, memory_format=torch.contiguous_format) if need_k else None,
-            dv_t.transpose(-1, -2).to(v.dtype, memory_format=torch.contiguous_format) if need_v else None,
-            da.to(coeff.dtype) if need_a else None,
-            None,
-            None,
-            None,
-        )
+    q_scaled, k_t = _prepare(q, k, scale, cdt)
+    kc = k.to(cdt).contiguous() if need_q else None
+    v_t = v.to(cdt).transpose(-1, -2).contiguous()
+    a = coeff.to(cdt)
+    a_t = a.t().contiguous()
+    g = grad_out.to(cdt).contiguous()
+
+    dq = torch.empty(b, h, n, d, dtype=cdt, device=q.device) if need_q else None
+    # dK and dV are accumulated transposed, (B, H, d, L): the update dK^T += (q*scale)^T dS then
+    # reads the wide dS block untransposed, about 25% faster than dK += dS^T (q*scale) (MKL, fp32).
+    dk_t = torch.zeros(b, h, d, l, dtype=cdt, device=k.device) if need_k else None
+    dv_t = torch.zeros(b, h, dv, l, dtype=cdt, device=v.device) if need_v else None
+    da = torch.zeros(a.shape, dtype=cdt, device=a.device) if need_a else None
+    rows = min(chunk, n)
+    ws = _Workspace(3 if need_qk else 2, b * h * rows * l, cdt, q.device)
+    dq_chunk = torch.empty(bh * rows * d, dtype=cdt, device=q.device) if need_q else None
+
+    for start, stop in _chunks(n, chunk):
+        r = stop - start
+        q_chunk = q_scaled[:, :, start:stop]
+        g_chunk = g[:, :, start:stop].view(bh, r, dv)
+        probs = _probs_into(ws.view(0, b, h, r, l), q_chunk, k_t, _mask_rows(mask, start, stop))
+        if need_v:
+            # dV^h += (A P)^h^T dO^h; the mixed maps are recomputed into the second buffer.
+            mixed = _mix_into(ws.view(1, b, h, r, l), a, probs)
+            dv_t.view(bh, dv, l).baddbmm_(g_chunk.transpose(1, 2), mixed.view(bh, r, l))
+        if not (need_a or need_qk):
+            continue
+        # dL/d(A P)^h = dO^h V^h^T, into the second buffer (the mixed maps are no longer needed).
+        grad_mixed = ws.view(1, b, h, r, l)
+        torch.bmm(g_chunk, v_t.view(bh, dv, l), out=grad_mixed.view(bh, r, l))
+        if need_a:
+            _accumulate_coeff_grad_(da, grad_mixed, probs)
+        if need_qk:
+            grad_scores = _mix_into(ws.view(2, b, h, r, l), a_t, grad_mixed)  # dP^i = sum_h A[h, i] dMixed^h
+            _softmax_backward_(grad_scores, probs)  # now dL/dS (of the scaled scores)
+            grad_scores = grad_scores.view(bh, r, l)
+            if need_q:
+                dqc = dq_chunk[: bh * r * d].view(bh, r, d)
+                torch.bmm(grad_scores, kc.view(bh, l, d), out=dqc)
+                torch.mul(dqc.view(b, h, r, d), scale, out=dq[:, :, start:stop])
+            if need_k:
+                # S = (q * scale) k^T, so dK = dS^T (q * scale): the scale rides on the small operand.
+                dk_t.view(bh, d, l).baddbmm_(q_chunk.reshape(bh, r, d).transpose(1, 2), grad_scores)
+    return (
+        dq.to(q.dtype) if need_q else None,
+        dk_t.transpose(-1, -2).to(k.dtype, memory_format=torch.contiguous_format) if need_k else None,
+        dv_t.transpose(-1, -2).to(v.dtype, memory_format=torch.contiguous_format) if need_v else None,
+        da.to(coeff.dtype) if need_a else None,
+    )
+
+
+class _TritonMixedAttention(torch.autograd.Function):
+    """Fused Triton kernels forward and backward (`dreamcoeff.triton_attention`).
+
+    Saved for backward: the inputs and each head's row log-sum-exp (B x H x N floats), never the maps.
+    float32 activations take the chunked backward: the backward kernels' float32 tiles exceed a
+    GPU program's shared memory (benchmarks/triton_compile_check.py).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, coeff, mask, scale: float):
+        from .triton_attention import mixed_attention_forward  # lazy: triton is optional
+
+        out, lse = mixed_attention_forward(q, k, v, coeff, scale, mask, return_lse=True)
+        ctx.save_for_backward(q, k, v, coeff, mask, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .triton_attention import mixed_attention_backward
+
+        q, k, v, coeff, mask, lse = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:4])
+        if q.dtype == torch.float32:
+            chunk = choose_chunk_size(q.shape[0], q.shape[1], q.shape[2], k.shape[-2], device=q.device)
+            grads = _chunked_backward(q, k, v, coeff, mask, ctx.scale, chunk, needs, grad_out)
+        else:
+            grads = mixed_attention_backward(q, k, v, coeff, ctx.scale, mask, lse, grad_out, needs=needs)
+        return (*grads, None, None)
 
 
 def _is_exact_identity(coeff: torch.Tensor) -> bool:
@@ -340,7 +378,14 @@ def select_impl(coeff: torch.Tensor, impl: str = "auto") -> str:
         raise ValueError(f"unknown mixed-attention impl {impl!r}: use one of {IMPLS}")
     if impl != "auto":
         return impl
-    return "sdpa" if _is_exact_identity(coeff) else "chunked"
+    if _is_exact_identity(coeff):
+        return "sdpa"
+    exact = os.environ.get("DREAMCOEFF_ATTENTION_IMPL", "chunked") or "chunked"
+    if exact not in ("chunked", "triton", "materialized"):
+        raise ValueError(
+            f"DREAMCOEFF_ATTENTION_IMPL={exact!r}: use 'chunked', 'triton' or 'materialized' (or unset it)"
+        )
+    return exact
 
 
 def mixed_attention(
@@ -361,8 +406,9 @@ def mixed_attention(
         scale: score scale, 1/sqrt(d) when None (pass `attn.scale`).
         mask: additive float mask or boolean keep-mask broadcastable to (B, H, N, L).
         chunk_size: query rows per chunk; chosen from the shapes and DEFAULT_CHUNK_BYTES when None.
-        impl: "auto" (SDPA where coeff is exactly I and needs no gradient, else "chunked"), or one of
-            "chunked", "sdpa" (only for coeff == I), "materialized" (naive, holds every map).
+        impl: "auto" (SDPA where coeff is exactly I and needs no gradient, else "chunked", or what
+            DREAMCOEFF_ATTENTION_IMPL names), or one of "chunked", "sdpa" (only for coeff == I),
+            "materialized" (naive, holds every map), "triton" (fused kernels on CUDA, needs triton).
 
     Returns (B, H, N, dv) in q's dtype. Differentiable w.r.t. q, k, v and coeff; the chunked backward
     recomputes the maps chunk by chunk, so no B x H x N x L tensor is ever stored.
@@ -371,7 +417,12 @@ def mixed_attention(
     if coeff.shape != (h, h):
         raise ValueError(f"coeff must be ({h}, {h}) for {h} heads, got {tuple(coeff.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = select_impl(coeff, impl)
+    requested, impl = impl, select_impl(coeff, impl)
+    if impl == "triton" and requested == "auto":
+        from .triton_attention import unsupported_reason  # lazy: triton is optional
+
+        if unsupported_reason(q) is not None:  # "auto" never fails: the chunked path runs everywhere
+            impl = "chunked"
     if impl == "sdpa":
         if not _is_exact_identity(coeff):
             raise ValueError("impl='sdpa' computes plain attention: only valid where coeff is exactly I")
@@ -382,4 +433,6 @@ def mixed_attention(
         return materialized_mixed_attention(q, k, v, coeff, scale, mask)
     mask = _as_additive_mask(mask, _compute_dtype(q.dtype))
     chunk = chunk_size or choose_chunk_size(b, h, n, k.shape[-2], device=q.device)
+    if impl == "triton":
+        return _TritonMixedAttention.apply(q, k, v, coeff, mask, scale)
     return _ChunkedMixedAttention.apply(q, k, v, coeff, mask, scale, int(chunk))

@@ -1,7 +1,13 @@
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# Triton's interpreter (the fused kernels' tests run there; there is no GPU) must be chosen before
+# anything imports triton: the library's own @jit helpers (tl.zeros, ...) are bound at import, and
+# torch or diffusers may import triton while other test modules are collected.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # One thread: the tiny models gain nothing from more, and tests that start subprocesses (2-process
 # training, kill tests) would oversubscribe the cores.
