@@ -3,12 +3,15 @@
     python benchmarks/gpu_check.py [--quick]
 
 1. correctness on CUDA: mixed_attention in fp32 / bf16 / fp16 against a float64 reference (values
-   and gradients), and the processor at alpha = 0 against diffusers' AttnProcessor2_0;
-2. one attention layer at SDXL's shapes: SDPA vs naive materialised mixing vs dreamcoeff,
-   forward and forward+backward, median time and peak memory (ratios measured in the same run);
+   and gradients), for the chunked path and the fused Triton forward (impl="triton"), and the
+   processor at alpha = 0 against diffusers' AttnProcessor2_0;
+2. one attention layer at SDXL's shapes: SDPA vs naive materialised mixing vs dreamcoeff (chunked)
+   vs dreamcoeff's Triton forward, forward and forward+backward, median time and peak memory (ratios
+   measured in the same run); and a sweep of the Triton kernel's block sizes (forward);
 3. the real SDXL base UNet (random weights, built on the GPU from its published config), bf16,
-   1024 px (128 x 128 latents), batch 1: one training step for LoRA rank 4, alpha, alpha+LoRA
-   (with and without gradient checkpointing), and UNet inference with and without alpha.
+   1024 px (128 x 128 latents), batch 1: one training step for LoRA rank 4, alpha, alpha+LoRA and
+   alpha with the Triton kernels (with and without gradient checkpointing), and UNet inference with
+   and without alpha (chunked and Triton).
 Prints one JSON line per measurement and a summary table.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreamcoeff import apply_coeff, coeff_parameters  # noqa: E402
 from dreamcoeff.attention import materialized_mixed_attention, mixed_attention  # noqa: E402
+from dreamcoeff.triton_attention import mixed_attention_forward, triton_unavailable_reason  # noqa: E402
 
 DEV = torch.device("cuda")
 RESULTS = []
@@ -66,12 +71,14 @@ def reference(q, k, v, a, scale, mask=None):
 def check_correctness():
     g = torch.Generator(device=DEV).manual_seed(0)
     b, h, n, l, d = 2, 10, 333, 77, 64
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)):
+    impls = ("chunked", "triton") if triton_unavailable_reason(DEV) is None else ("chunked",)
+    for impl, dtype, tol in [(i, t, tol) for i in impls
+                             for t, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3))]:
         q, k, v = (torch.randn(b, h, x, d, device=DEV, generator=g).to(dtype).requires_grad_() for x in (n, l, l))
         a = (torch.eye(h, device=DEV) + 0.3 * torch.randn(h, h, device=DEV, generator=g)).requires_grad_()
         mask = torch.zeros(b, 1, 1, l, device=DEV)
         mask[0, ..., 60:] = -1e4
-        out = mixed_attention(q, k, v, a, d**-0.5, mask, chunk_size=100)
+        out = mixed_attention(q, k, v, a, d**-0.5, mask, chunk_size=100, impl=impl)
         ref = reference(q, k, v, a, d**-0.5, mask)
         rel = ((out.double() - ref).norm() / ref.norm()).item()
         w = torch.randn(out.shape, device=DEV, generator=g, dtype=torch.float64)
@@ -79,7 +86,7 @@ def check_correctness():
         qd, kd, vd, ad = (t.detach().double().requires_grad_() for t in (q, k, v, a))
         ref_grads = torch.autograd.grad((reference(qd, kd, vd, ad, d**-0.5, mask) * w).sum(), (qd, kd, vd, ad))
         grad_rel = max(((x.double() - y).norm() / y.norm()).item() for x, y in zip(grads, ref_grads))
-        emit(check="mixed_attention_vs_float64", dtype=str(dtype), rel_err=rel, grad_rel_err=grad_rel,
+        emit(check="mixed_attention_vs_float64", impl=impl, dtype=str(dtype), rel_err=rel, grad_rel_err=grad_rel,
              ok=rel <= tol and grad_rel <= 10 * tol)
 
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -111,7 +118,10 @@ def bench_attention(quick: bool):
                 "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
                 "naive": lambda: materialized_mixed_attention(q, k, v, a),
                 "dreamcoeff": lambda: mixed_attention(q, k, v, a),
+                "triton": lambda: mixed_attention(q, k, v, a, impl="triton"),
             }
+            if triton_unavailable_reason(DEV) is not None:
+                del impls["triton"]
             base = {}
             for impl, fn in impls.items():
                 for mode in ("fwd", "fwd+bwd"):
@@ -126,12 +136,34 @@ def bench_attention(quick: bool):
                     except torch.OutOfMemoryError:
                         emit(bench="attention", shape=name, batch=batch, impl=impl, mode=mode, error="OOM")
                         continue
+                    except Exception as error:  # e.g. a Triton compile failure: report it, keep measuring
+                        emit(bench="attention", shape=name, batch=batch, impl=impl, mode=mode,
+                             error=str(error).splitlines()[0][:300])
+                        continue
                     if impl == "sdpa":
                         base[mode] = (t, mem)
                     bt, bm = base.get(mode, (t, mem))
                     emit(bench="attention", shape=name, batch=batch, impl=impl, mode=mode, ms=t * 1e3, peak_mib=mem,
                          time_vs_sdpa=t / bt, mem_vs_sdpa=mem / max(bm, 1e-9))
                     q.grad = k.grad = v.grad = a.grad = None
+
+
+def sweep_triton_blocks():
+    """Forward time of the fused kernel per (BLOCK_M, BLOCK_N, num_warps): its defaults are untuned."""
+    for name, n, h in (("self N=4096 H=10", 4096, 10), ("self N=1024 H=20", 1024, 20)):
+        q, k, v = (torch.randn(1, h, n, 64, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+        a = torch.eye(h, device=DEV) + 0.1 * torch.randn(h, h, device=DEV)
+        t_sdpa, _ = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        for bm, bn, warps in ((16, 16, 4), (16, 32, 4), (16, 32, 8), (16, 64, 8), (32, 32, 8), (32, 64, 8)):
+            try:
+                t, mem = timed(lambda: mixed_attention_forward(q, k, v, a, 0.125, block_m=bm, block_n=bn,
+                                                               num_warps=warps))
+            except Exception as error:  # out of shared memory / registers for this config
+                emit(bench="triton_blocks", shape=name, block_m=bm, block_n=bn, num_warps=warps,
+                     error=str(error).splitlines()[0][:200])
+                continue
+            emit(bench="triton_blocks", shape=name, block_m=bm, block_n=bn, num_warps=warps, ms=t * 1e3,
+                 time_vs_sdpa=t / t_sdpa, peak_mib=mem)
 
 
 SDXL_UNET = {
@@ -171,7 +203,10 @@ def bench_sdxl(quick: bool):
 
     for checkpointing in ((True,) if quick else (True, False)):
         base = None
-        for method in ("lora", "coeff", "coeff+lora"):
+        methods = ["lora", "coeff", "coeff+lora"]
+        if triton_unavailable_reason(DEV) is None:
+            methods.append("coeff (triton)")  # the fused kernels: DREAMCOEFF_ATTENTION_IMPL=triton
+        for method in methods:
             unet = _unet()
             unet.requires_grad_(False)
             if "lora" in method:
@@ -195,11 +230,15 @@ def bench_sdxl(quick: bool):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
+            if "triton" in method:
+                os.environ["DREAMCOEFF_ATTENTION_IMPL"] = "triton"
             try:
                 t, mem = timed(step, warmup=2, reps=5)
             except torch.OutOfMemoryError:
                 emit(bench="sdxl_train_step", method=method, checkpointing=checkpointing, error="OOM")
                 continue
+            finally:
+                os.environ.pop("DREAMCOEFF_ATTENTION_IMPL", None)
             if method == "lora":
                 base = (t, mem)
             emit(bench="sdxl_train_step", method=method, checkpointing=checkpointing, ms=t * 1e3, peak_mib=mem,
@@ -220,17 +259,26 @@ def bench_sdxl_inference():
         for p in coeff_parameters(unet):
             p.normal_(0, 0.05)
         t_alpha, m_alpha = timed(lambda: unet(**inputs), warmup=2, reps=5)
-    emit(bench="sdxl_unet_inference", ms_base=t_base * 1e3, ms_alpha=t_alpha * 1e3, time_vs_base=t_alpha / t_base,
-         peak_mib_base=m_base, peak_mib_alpha=m_alpha)
+        emit(bench="sdxl_unet_inference", impl="chunked", ms_base=t_base * 1e3, ms_alpha=t_alpha * 1e3,
+             time_vs_base=t_alpha / t_base, peak_mib_base=m_base, peak_mib_alpha=m_alpha)
+        if triton_unavailable_reason(DEV) is None:
+            os.environ["DREAMCOEFF_ATTENTION_IMPL"] = "triton"  # what "auto" picks where A != I
+            try:
+                t_tri, m_tri = timed(lambda: unet(**inputs), warmup=2, reps=5)
+            finally:
+                del os.environ["DREAMCOEFF_ATTENTION_IMPL"]
+            emit(bench="sdxl_unet_inference", impl="triton", ms_base=t_base * 1e3, ms_alpha=t_tri * 1e3,
+                 time_vs_base=t_tri / t_base, peak_mib_base=m_base, peak_mib_alpha=m_tri)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="+", choices=["correctness", "attention", "sdxl", "inference"], default=None)
+    parser.add_argument("--only", nargs="+", choices=["correctness", "attention", "blocks", "sdxl", "inference"], default=None)
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     for name, fn in (("correctness", check_correctness), ("attention", lambda: bench_attention(args.quick)),
+                     ("blocks", sweep_triton_blocks),
                      ("sdxl", lambda: bench_sdxl(args.quick)), ("inference", bench_sdxl_inference)):
         if args.only and name not in args.only:
             continue

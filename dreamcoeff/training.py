@@ -482,6 +482,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         unet.requires_grad_(True)
     if cfg.enable_xformers_memory_efficient_attention:
         set_plain_attention_backend(unet, "xformers")
+    select_attention_impl(cfg.coeff_attention_impl, accelerator.device)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -873,6 +874,20 @@ def _print_summary(result: TrainResult, step_times: list[float]) -> None:
         f"  output             {result.output_dir}",
     ] + [f"    {p.name}" for p in result.files]
     print("\n".join(lines), flush=True)
+
+
+def select_attention_impl(impl: str, device: torch.device) -> None:
+    """--coeff_attention_impl: exported as DREAMCOEFF_ATTENTION_IMPL, what `mixed_attention`'s "auto"
+    runs where A != I, so validation and sampling in this process use it too ("auto" leaves it)."""
+    if impl == "auto":
+        return
+    if impl == "triton":
+        from .triton_attention import triton_unavailable_reason  # lazy: triton is optional
+
+        reason = triton_unavailable_reason(torch.device(device))
+        if reason is not None:
+            raise UsageError(f"--coeff_attention_impl triton: {reason}; or drop the flag (chunked PyTorch runs everywhere)")
+    os.environ["DREAMCOEFF_ATTENTION_IMPL"] = impl
 
 
 def main(argv: list[str] | None = None) -> int:
