@@ -44,6 +44,7 @@ torch.compile of softmax + mix (no faster than the eager in-place pair, and a mi
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -352,16 +353,30 @@ class _TritonMixedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from .triton_attention import mixed_attention_backward
+        from .triton_attention import KernelDoesNotFitError, mixed_attention_backward
 
         q, k, v, coeff, mask, lse = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:4])
-        if q.dtype == torch.float32:
+        grads = None
+        if q.dtype != torch.float32:
+            try:
+                grads = mixed_attention_backward(q, k, v, coeff, ctx.scale, mask, lse, grad_out, needs=needs)
+            except KernelDoesNotFitError as error:  # the forward fitted, the backward's tiles do not
+                _warn_once(f"{error}: the backward of this layer runs the chunked path instead")
+        if grads is None:
             chunk = choose_chunk_size(q.shape[0], q.shape[1], q.shape[2], k.shape[-2], device=q.device)
             grads = _chunked_backward(q, k, v, coeff, mask, ctx.scale, chunk, needs, grad_out)
-        else:
-            grads = mixed_attention_backward(q, k, v, coeff, ctx.scale, mask, lse, grad_out, needs=needs)
         return (*grads, None, None)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One warning per distinct message: a fallback taken in every layer and step is said once."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _is_exact_identity(coeff: torch.Tensor) -> bool:
@@ -434,5 +449,12 @@ def mixed_attention(
     mask = _as_additive_mask(mask, _compute_dtype(q.dtype))
     chunk = chunk_size or choose_chunk_size(b, h, n, k.shape[-2], device=q.device)
     if impl == "triton":
-        return _TritonMixedAttention.apply(q, k, v, coeff, mask, scale)
+        from .triton_attention import KernelDoesNotFitError
+
+        try:
+            return _TritonMixedAttention.apply(q, k, v, coeff, mask, scale)
+        except KernelDoesNotFitError as error:
+            if requested != "auto":
+                raise
+            _warn_once(f"{error}: this layer runs the chunked path instead")
     return _ChunkedMixedAttention.apply(q, k, v, coeff, mask, scale, int(chunk))

@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
 __all__ = [
+    "KernelDoesNotFitError",
     "triton_available",
     "triton_unavailable_reason",
     "unsupported_reason",
@@ -50,6 +51,14 @@ __all__ = [
     "mixed_attention_forward",
     "mixed_attention_backward",
 ]
+
+
+class KernelDoesNotFitError(RuntimeError):
+    """The kernels' tiles need more shared memory (or registers) than this GPU gives one program.
+
+    Measured on sm_90 (227 KiB per program) by benchmarks/triton_compile_check.py; GPUs with less
+    (sm_80: 163 KiB, sm_86/89 consumer cards: 99 KiB) refuse the larger launches. `mixed_attention`
+    then falls back to the chunked path where it chose the kernels itself (see attention.py)."""
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
@@ -570,7 +579,7 @@ def mixed_attention_forward(
     except Exception as error:
         if type(error).__name__ != "OutOfResources":
             raise
-        raise RuntimeError(
+        raise KernelDoesNotFitError(
             f"the Triton mixed-attention kernel does not fit this GPU ({error}); use bf16/fp16 activations "
             "(--mixed_precision), smaller tiles (block_n, num_stages) or impl='chunked'"
         ) from error
@@ -636,7 +645,7 @@ def mixed_attention_backward(
     except Exception as error:
         if type(error).__name__ != "OutOfResources":
             raise
-        raise RuntimeError(
+        raise KernelDoesNotFitError(
             f"the Triton mixed-attention backward does not fit this GPU ({error}); use bf16/fp16 activations, "
             "smaller tiles or impl='chunked'"
         ) from error

@@ -173,6 +173,32 @@ def test_broadcast_grad_out_from_sum():
         assert rel(t.grad, exp) < 3e-3, name
 
 
+def test_a_gpu_too_small_for_the_tiles_falls_back_to_the_chunked_path(monkeypatch):
+    """Consumer GPUs give a program 99 KiB of shared memory, some launches need up to 196 KiB.
+    Chosen through the environment, a layer whose forward does not fit runs the chunked path (one
+    warning); an explicit impl="triton" raises. A backward that does not fit falls back either way."""
+    q, k, v, a, gout = make(1, 3, 9, 7, 16, dtype=torch.float16, seed=14)
+    expected_out, expected_grads = ref_grads(q, k, v, a, 0.25, None, gout.half())
+
+    def does_not_fit(*args, **kwargs):
+        raise ta.KernelDoesNotFitError("out of resource: shared memory, Required: 200704, Hardware limit: 101376")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ta, "mixed_attention_forward", does_not_fit)
+        with pytest.raises(ta.KernelDoesNotFitError):
+            dc.mixed_attention(q, k, v, a, impl="triton")
+        patch.setenv("DREAMCOEFF_ATTENTION_IMPL", "triton")
+        with pytest.warns(RuntimeWarning, match="runs the chunked path instead"):
+            assert rel(dc.mixed_attention(q, k, v, a), expected_out) < 2e-3
+    monkeypatch.setattr(ta, "mixed_attention_backward", does_not_fit)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]
+    out = dc.mixed_attention(*leaves, impl="triton")  # the (real) fused forward fits
+    with pytest.warns(RuntimeWarning, match="backward of this layer runs the chunked path"):
+        out.backward(gout.half())
+    for name, t, exp in zip("qkva", leaves, expected_grads):
+        assert rel(t.grad, exp) < 3e-3, name
+
+
 def test_environment_variable_routes_auto_to_triton(monkeypatch):
     a = torch.eye(3) + 0.1
     assert dc.select_impl(a) == "chunked"
