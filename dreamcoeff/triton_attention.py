@@ -98,6 +98,47 @@ def _pow2(n: int, minimum: int = 16) -> int:
 
 if triton is not None:
 
+    # ---- helpers shared by the kernels (inlined by Triton) ----------------------------------------
+
+    @triton.jit
+    def _tile(base, i, j, k, s_i, s_j, s_k, n_i, n_j, n_k):
+        """base[i, j, k] as a 3-D tile for index vectors i, j, k; zero where an index is out of range."""
+        return tl.load(
+            base + i[:, None, None] * s_i + j[None, :, None] * s_j + k[None, None, :] * s_k,
+            mask=(i < n_i)[:, None, None] & (j < n_j)[None, :, None] & (k < n_k)[None, None, :],
+            other=0.0,
+        )
+
+    @triton.jit
+    def _row_stat(base, heads, rows, H, N):
+        """A per-(head, row) float32 statistic (lse, delta) of one batch element, (heads, rows)."""
+        return tl.load(base + heads[:, None] * N + rows[None, :], mask=(heads < H)[:, None] & (rows < N)[None, :],
+                       other=0.0)
+
+    @triton.jit
+    def _maps(q, k_t, lse, mask_base, heads, rows, cols, s_mh, s_mn, s_ml, H, N, L, scale,
+              HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+        """P = exp(Q K^T * scale + M - lse) of a (heads, rows, keys) tile, float32, zero outside the
+        real heads, rows and keys; the maps are normalised because lse is the whole row's."""
+        s = tl.dot(q, k_t, input_precision=PRECISION) * scale
+        if HAS_MASK:
+            s += _tile(mask_base, heads, rows, cols, s_mh, s_mn, s_ml, H, N, L)
+        ok = (heads < H)[:, None, None] & (rows < N)[None, :, None] & (cols < L)[None, None, :]
+        return tl.where(ok, tl.exp(s - lse[:, :, None]), 0.0)
+
+    @triton.jit
+    def _mix(a_hi, a_lo, maps, HP: tl.constexpr, OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             SPLIT_A: tl.constexpr, PRECISION: tl.constexpr):
+        """sum_i A[o, i] maps[i] for a (HP, BLOCK_M, BLOCK_N) tile (maps in the values' dtype) and the
+        (OUT, HP) rows of A: one (OUT x HP) @ (HP x BLOCK_M*BLOCK_N) dot, two with A split; float32."""
+        flat = tl.reshape(maps, [HP, BLOCK_M * BLOCK_N])
+        mixed = tl.dot(a_hi, flat, input_precision=PRECISION)
+        if SPLIT_A:
+            mixed += tl.dot(a_lo, flat, input_precision=PRECISION)
+        return tl.reshape(mixed, [OUT, BLOCK_M, BLOCK_N])
+
+    # ---- forward --------------------------------------------------------------------------------
+
     @triton.jit
     def _row_logsumexp_kernel(
         Q, K, Mask, LSE,
@@ -170,57 +211,40 @@ if triton is not None:
         BLOCK_DV: tl.constexpr,
     ):
         """Pass 2: BLOCK_M rows of one batch element, all HP input heads, GROUP output heads."""
-        pid_m = tl.program_id(0)
         b = tl.program_id(1)
         heads = tl.arange(0, HP)
         outs = tl.program_id(2) * GROUP + tl.arange(0, GROUP)  # this program's output heads
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         vdims = tl.arange(0, BLOCK_DV)
-        head_ok = (heads < H)[:, None, None]
-        row_ok = head_ok & (rows[None, :, None] < N)
-        out_ok = (outs < H)[:, None, None]
-
-        # Q of all heads, (HP, BLOCK_M, BLOCK_D), loaded again in every key block (an L1/L2 hit)
-        # rather than held in registers next to the accumulator.
-        q_ptrs = Q + b * s_qb + heads[:, None, None] * s_qh + rows[None, :, None] * s_qn + dims[None, None, :] * s_qd
-        q_ok = row_ok & (dims[None, None, :] < D)
-        k_ptrs = K + b * s_kb + heads[:, None, None] * s_kh + dims[None, :, None] * s_kd  # + key index
-        k_ok = head_ok & (dims[None, :, None] < D)
-        m_ptrs = Mask + b * s_mb + heads[:, None, None] * s_mh + rows[None, :, None] * s_mn  # + key index
-        v_ptrs = V + b * s_vb + outs[:, None, None] * s_vh + vdims[None, None, :] * s_vd  # + key index
-        v_ok = out_ok & (vdims[None, None, :] < DV)
-        lse = tl.load(LSE + (b * H + heads[:, None]) * N + rows[None, :], mask=(heads < H)[:, None] & (rows < N)[None, :], other=0.0)
-        # This group's rows of A (or of its two halves), (GROUP, HP), zero outside the real heads.
-        a_off = outs[:, None] * HP + heads[None, :]
+        Q += b * s_qb
+        K += b * s_kb
+        V += b * s_vb
+        Mask += b * s_mb
+        lse = _row_stat(LSE + b * H * N, heads, rows, H, N)
+        a_off = outs[:, None] * HP + heads[None, :]  # this group's rows of A (or of its two halves)
         a_hi = tl.load(A_HI + a_off)
-        if SPLIT_A:
-            a_lo = tl.load(A_LO + a_off)
-
+        a_lo = tl.load(A_LO + a_off)
         acc = tl.zeros([GROUP, BLOCK_M, BLOCK_DV], tl.float32)
         for start in range(0, L, BLOCK_N):
-            cols = (start + tl.arange(0, BLOCK_N))[None, None, :]
-            q = tl.load(q_ptrs, mask=q_ok, other=0.0)
-            k_t = tl.load(k_ptrs + cols * s_kl, mask=k_ok & (cols < L), other=0.0)
-            s = tl.dot(q, k_t, input_precision=PRECISION) * scale  # (HP, BLOCK_M, BLOCK_N)
-            if HAS_MASK:
-                s += tl.load(m_ptrs + cols * s_ml, mask=row_ok & (cols < L), other=0.0)
-            # Normalised maps; keys past L and padded heads contribute nothing.
-            p = tl.where((cols < L) & head_ok, tl.exp(s - lse[:, :, None]), 0.0).to(V.dtype.element_ty)
-            p2 = tl.reshape(p, [HP, BLOCK_M * BLOCK_N])
-            mixed = tl.dot(a_hi, p2, input_precision=PRECISION)  # (GROUP, BLOCK_M * BLOCK_N)
-            if SPLIT_A:
-                mixed += tl.dot(a_lo, p2, input_precision=PRECISION)
-            mixed3 = tl.reshape(mixed.to(V.dtype.element_ty), [GROUP, BLOCK_M, BLOCK_N])
-            v_cols = (start + tl.arange(0, BLOCK_N))[None, :, None]
-            v = tl.load(v_ptrs + v_cols * s_vl, mask=v_ok & (v_cols < L), other=0.0)
-            acc += tl.dot(mixed3, v, input_precision=PRECISION)  # (GROUP, BLOCK_M, BLOCK_DV)
-
+            cols = start + tl.arange(0, BLOCK_N)
+            # Q is loaded again in every key block (an L1/L2 hit) rather than held next to acc.
+            q = _tile(Q, heads, rows, dims, s_qh, s_qn, s_qd, H, N, D)
+            k_t = _tile(K, heads, dims, cols, s_kh, s_kd, s_kl, H, D, L)
+            p = _maps(q, k_t, lse, Mask, heads, rows, cols, s_mh, s_mn, s_ml, H, N, L, scale, HAS_MASK, PRECISION)
+            mixed = _mix(a_hi, a_lo, p.to(V.dtype.element_ty), HP, GROUP, BLOCK_M, BLOCK_N, SPLIT_A, PRECISION)
+            v = _tile(V, outs, cols, vdims, s_vh, s_vl, s_vd, H, L, DV)
+            acc += tl.dot(mixed.to(V.dtype.element_ty), v, input_precision=PRECISION)
         tl.store(
             Out + b * s_ob + outs[:, None, None] * s_oh + rows[None, :, None] * s_on + vdims[None, None, :] * s_od,
             acc.to(Out.dtype.element_ty),
-            mask=out_ok & (rows[None, :, None] < N) & (vdims[None, None, :] < DV),
+            mask=(outs < H)[:, None, None] & (rows < N)[None, :, None] & (vdims < DV)[None, None, :],
         )
+
+    # ---- backward -------------------------------------------------------------------------------
+    # dM^h = dO^h V^h^T, dP^i = sum_h A[h, i] dM^h, dS^i = P^i (dP^i - delta^i) with
+    # delta^i = rowsum(P^i dP^i); dQ^i = scale dS^i K^i, dK^i = scale dS^i^T Q^i,
+    # dV^h = (A P)^h^T dO^h, dA[h, i] = sum dM^h P^i.
 
     @triton.jit
     def _mixed_attention_bwd_rows_kernel(
@@ -245,83 +269,64 @@ if triton is not None:
     ):
         """Backward, query side: BLOCK_M rows of one batch element, walking over the keys.
 
-        PHASE 0: delta^i[n] = sum_l P^i dP^i (the softmax backward's row term) and this program's
-                 share of dA[h, i] = sum_{n,l} dM^h P^i (written per program, summed on the host).
-        PHASE 1: dQ^i = scale * sum_l dS^i K^i with dS^i = P^i (dP^i - delta^i), for GROUP heads i.
-        Here dM^h = dO^h V^h^T and dP^i = sum_h A[h, i] dM^h.
+        PHASE 0: delta^i for every head and this program's share of dA (per-program partial sums,
+                 added on the host: deterministic, no atomics).
+        PHASE 1: dQ^i for the GROUP heads i of this program (delta from phase 0).
         """
-        pid_m = tl.program_id(0)
         b = tl.program_id(1)
         dt = V.dtype.element_ty
         heads = tl.arange(0, HP)
-        grp = tl.program_id(2) * GROUP + tl.arange(0, GROUP)  # phase 1: this program's input heads
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         vdims = tl.arange(0, BLOCK_DV)
-        row_ok2 = (rows < N)[None, :]
-        # dO of all (output) heads, (HP, BLOCK_M, BLOCK_DV), and V^T tiles (HP, BLOCK_DV, BLOCK_N).
-        g = tl.load(
-            DO + b * s_gb + heads[:, None, None] * s_gh + rows[None, :, None] * s_gn + vdims[None, None, :] * s_gd,
-            mask=(heads < H)[:, None, None] & row_ok2[:, :, None] & (vdims < DV)[None, None, :],
-            other=0.0,
-        )
-        vt_ptrs = V + b * s_vb + heads[:, None, None] * s_vh + vdims[None, :, None] * s_vd
-        vt_ok = (heads < H)[:, None, None] & (vdims < DV)[None, :, None]
-        # A^T rows (input head i, output head h) = A[h, i], for the heads whose dP this program needs.
         if PHASE == 0:
-            ih = heads
+            ih = heads  # the input heads whose maps this program forms
+            OUT: tl.constexpr = HP
         else:
-            ih = grp
-        ih_ok = (ih < H)[:, None, None]
-        at_off = heads[None, :] * HP + ih[:, None]
+            ih = tl.program_id(2) * GROUP + tl.arange(0, GROUP)
+            OUT: tl.constexpr = GROUP
+        Q += b * s_qb
+        K += b * s_kb
+        V += b * s_vb
+        Mask += b * s_mb
+        g = _tile(DO + b * s_gb, heads, rows, vdims, s_gh, s_gn, s_gd, H, N, DV)  # dO of every head
+        q = _tile(Q, ih, rows, dims, s_qh, s_qn, s_qd, H, N, D)
+        lse = _row_stat(LSE + b * H * N, ih, rows, H, N)
+        at_off = heads[None, :] * HP + ih[:, None]  # A^T rows: [i, h] = A[h, i]
         at_hi = tl.load(A_HI + at_off)
-        if SPLIT_A:
-            at_lo = tl.load(A_LO + at_off)
-        q = tl.load(
-            Q + b * s_qb + ih[:, None, None] * s_qh + rows[None, :, None] * s_qn + dims[None, None, :] * s_qd,
-            mask=ih_ok & row_ok2[:, :, None] & (dims < D)[None, None, :],
-            other=0.0,
-        )
-        lse = tl.load(LSE + (b * H + ih[:, None]) * N + rows[None, :], mask=(ih < H)[:, None] & row_ok2, other=0.0)
-        k_ptrs = K + b * s_kb + ih[:, None, None] * s_kh + dims[None, None, :] * s_kd  # (G, 1, D) + keys
-        k_ok = ih_ok & (dims < D)[None, None, :]
-        m_ptrs = Mask + b * s_mb + ih[:, None, None] * s_mh + rows[None, :, None] * s_mn
+        at_lo = tl.load(A_LO + at_off)
         if PHASE == 0:
             delta = tl.zeros([HP, BLOCK_M], tl.float32)
             da = tl.zeros([HP, HP], tl.float32)
         else:
-            delta = tl.load(DELTA + (b * H + ih[:, None]) * N + rows[None, :], mask=(ih < H)[:, None] & row_ok2, other=0.0)
+            delta = _row_stat(DELTA + b * H * N, ih, rows, H, N)
             dq = tl.zeros([GROUP, BLOCK_M, BLOCK_D], tl.float32)
         for start in range(0, L, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            k = tl.load(k_ptrs + cols[None, :, None] * s_kl, mask=k_ok & (cols < L)[None, :, None], other=0.0)
-            s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION) * scale
-            if HAS_MASK:
-                s += tl.load(m_ptrs + cols[None, None, :] * s_ml,
-                             mask=ih_ok & row_ok2[:, :, None] & (cols < L)[None, None, :], other=0.0)
-            keep = ih_ok & row_ok2[:, :, None] & (cols < L)[None, None, :]
-            p = tl.where(keep, tl.exp(s - lse[:, :, None]), 0.0)
-            vt = tl.load(vt_ptrs + cols[None, None, :] * s_vl, mask=vt_ok & (cols < L)[None, None, :], other=0.0)
-            dm2 = tl.reshape(tl.dot(g, vt, input_precision=PRECISION).to(dt), [HP, BLOCK_M * BLOCK_N])
-            dp = tl.dot(at_hi, dm2, input_precision=PRECISION)
-            if SPLIT_A:
-                dp += tl.dot(at_lo, dm2, input_precision=PRECISION)
+            k = _tile(K, ih, cols, dims, s_kh, s_kl, s_kd, H, L, D)
+            p = _maps(q, tl.permute(k, (0, 2, 1)), lse, Mask, ih, rows, cols, s_mh, s_mn, s_ml, H, N, L, scale,
+                      HAS_MASK, PRECISION)
+            v_t = _tile(V, heads, vdims, cols, s_vh, s_vd, s_vl, H, DV, L)
+            dm = tl.dot(g, v_t, input_precision=PRECISION).to(dt)  # (HP, BLOCK_M, BLOCK_N)
+            dp = _mix(at_hi, at_lo, dm, HP, OUT, BLOCK_M, BLOCK_N, SPLIT_A, PRECISION)
             if PHASE == 0:
-                delta += tl.sum(p * tl.reshape(dp, [HP, BLOCK_M, BLOCK_N]), 2)
+                delta += tl.sum(p * dp, 2)
+                dm2 = tl.reshape(dm, [HP, BLOCK_M * BLOCK_N])
                 p2 = tl.reshape(p.to(dt), [HP, BLOCK_M * BLOCK_N])
                 da += tl.dot(dm2, tl.trans(p2), input_precision=PRECISION)  # [h, i] = sum dM^h P^i
             else:
-                ds = p * (tl.reshape(dp, [GROUP, BLOCK_M, BLOCK_N]) - delta[:, :, None])
+                ds = p * (dp - delta[:, :, None])
                 dq += tl.dot(ds.to(dt), k, input_precision=PRECISION)
         if PHASE == 0:
-            tl.store(DELTA + (b * H + heads[:, None]) * N + rows[None, :], delta, mask=(heads < H)[:, None] & row_ok2)
-            program = b * tl.num_programs(0) + pid_m
+            tl.store(DELTA + (b * H + heads[:, None]) * N + rows[None, :], delta,
+                     mask=(heads < H)[:, None] & (rows < N)[None, :])
+            program = b * tl.num_programs(0) + tl.program_id(0)
             tl.store(DA + program * HP * HP + heads[:, None] * HP + heads[None, :], da)
         else:
             tl.store(
                 DQ + ((b * H + ih[:, None, None]) * N + rows[None, :, None]) * D + dims[None, None, :],
                 dq * scale,
-                mask=ih_ok & row_ok2[:, :, None] & (dims < D)[None, None, :],
+                mask=(ih < H)[:, None, None] & (rows < N)[None, :, None] & (dims < D)[None, None, :],
             )
 
     @triton.jit
@@ -348,101 +353,57 @@ if triton is not None:
     ):
         """Backward, key side: BLOCK_N keys of one batch element and GROUP heads, walking over the rows.
 
-        DO_DV: dV^h = sum_n (A P)^h^T dO^h for the group's output heads h (needs every head's P);
-        DO_DK: dK^i = scale * sum_n dS^i^T Q^i for the group's input heads i (needs every head's dM).
+        DO_DV: dV^h for the group's output heads h (needs every head's P, for the mix);
+        DO_DK: dK^i for the group's input heads i (needs every head's dM, for dP).
         With all heads in one group both run in one launch and share P; with more heads than a group
         they are two launches, each holding half the tiles (shared memory is this kernel's limit).
         """
-        pid_n = tl.program_id(0)
         b = tl.program_id(1)
         dt = V.dtype.element_ty
         heads = tl.arange(0, HP)
         grp = tl.program_id(2) * GROUP + tl.arange(0, GROUP)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
         vdims = tl.arange(0, BLOCK_DV)
-        col_ok = (cols < L)[None, None, :]
-        all_ok = (heads < H)[:, None, None]
-        grp_ok = (grp < H)[:, None, None]
+        Q += b * s_qb
+        K += b * s_kb
+        V += b * s_vb
+        DO += b * s_gb
+        Mask += b * s_mb
+        LSE += b * H * N
+        a_off = grp[:, None] * HP + heads[None, :]  # A[h in group, i]
+        at_off = heads[None, :] * HP + grp[:, None]  # A^T[i in group, h] = A[h, i]
         dk = tl.zeros([GROUP, BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([GROUP, BLOCK_N, BLOCK_DV], tl.float32)
         for start in range(0, N, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
-            row_ok = (rows < N)[None, :, None]
             if DO_DV:
-                # Every head's map (the mix needs them all), mixed into the group's output heads.
-                q = tl.load(
-                    Q + b * s_qb + heads[:, None, None] * s_qh + rows[None, :, None] * s_qn + dims[None, None, :] * s_qd,
-                    mask=all_ok & row_ok & (dims < D)[None, None, :], other=0.0,
-                )
-                kt = tl.load(
-                    K + b * s_kb + heads[:, None, None] * s_kh + dims[None, :, None] * s_kd + cols[None, None, :] * s_kl,
-                    mask=all_ok & (dims < D)[None, :, None] & col_ok, other=0.0,
-                )
-                lse = tl.load(LSE + (b * H + heads[:, None]) * N + rows[None, :],
-                              mask=(heads < H)[:, None] & (rows < N)[None, :], other=0.0)
-                s = tl.dot(q, kt, input_precision=PRECISION) * scale
-                if HAS_MASK:
-                    s += tl.load(
-                        Mask + b * s_mb + heads[:, None, None] * s_mh + rows[None, :, None] * s_mn
-                        + cols[None, None, :] * s_ml,
-                        mask=all_ok & row_ok & col_ok, other=0.0,
-                    )
-                p = tl.where(all_ok & row_ok & col_ok, tl.exp(s - lse[:, :, None]), 0.0)
-                p2 = tl.reshape(p.to(dt), [HP, BLOCK_M * BLOCK_N])
-                a_off = grp[:, None] * HP + heads[None, :]  # A[h in group, i]
-                mixed = tl.dot(tl.load(A_HI + a_off), p2, input_precision=PRECISION)
-                if SPLIT_A:
-                    mixed += tl.dot(tl.load(A_LO + a_off), p2, input_precision=PRECISION)
-                mixed3 = tl.reshape(mixed.to(dt), [GROUP, BLOCK_M, BLOCK_N])
-                g_grp = tl.load(
-                    DO + b * s_gb + grp[:, None, None] * s_gh + rows[None, :, None] * s_gn + vdims[None, None, :] * s_gd,
-                    mask=grp_ok & row_ok & (vdims < DV)[None, None, :], other=0.0,
-                )
-                dv += tl.dot(tl.permute(mixed3, (0, 2, 1)), g_grp, input_precision=PRECISION)
+                q = _tile(Q, heads, rows, dims, s_qh, s_qn, s_qd, H, N, D)
+                k_t = _tile(K, heads, dims, cols, s_kh, s_kd, s_kl, H, D, L)
+                p = _maps(q, k_t, _row_stat(LSE, heads, rows, H, N), Mask, heads, rows, cols, s_mh, s_mn, s_ml,
+                          H, N, L, scale, HAS_MASK, PRECISION)
+                mixed = _mix(tl.load(A_HI + a_off), tl.load(A_LO + a_off), p.to(dt), HP, GROUP, BLOCK_M, BLOCK_N,
+                             SPLIT_A, PRECISION)
+                g_grp = _tile(DO, grp, rows, vdims, s_gh, s_gn, s_gd, H, N, DV)
+                dv += tl.dot(tl.permute(mixed.to(dt), (0, 2, 1)), g_grp, input_precision=PRECISION)
             if DO_DK:
-                if DO_DV and GROUP == HP:  # the group is every head: P and Q are already here
+                if DO_DV and GROUP == HP:  # the group is every head: its P and Q are already here
                     p_grp = p
                     q_grp = q
                 else:
-                    q_grp = tl.load(
-                        Q + b * s_qb + grp[:, None, None] * s_qh + rows[None, :, None] * s_qn + dims[None, None, :] * s_qd,
-                        mask=grp_ok & row_ok & (dims < D)[None, None, :], other=0.0,
-                    )
-                    kt_grp = tl.load(
-                        K + b * s_kb + grp[:, None, None] * s_kh + dims[None, :, None] * s_kd + cols[None, None, :] * s_kl,
-                        mask=grp_ok & (dims < D)[None, :, None] & col_ok, other=0.0,
-                    )
-                    lse_grp = tl.load(LSE + (b * H + grp[:, None]) * N + rows[None, :],
-                                      mask=(grp < H)[:, None] & (rows < N)[None, :], other=0.0)
-                    s_grp = tl.dot(q_grp, kt_grp, input_precision=PRECISION) * scale
-                    if HAS_MASK:
-                        s_grp += tl.load(
-                            Mask + b * s_mb + grp[:, None, None] * s_mh + rows[None, :, None] * s_mn
-                            + cols[None, None, :] * s_ml,
-                            mask=grp_ok & row_ok & col_ok, other=0.0,
-                        )
-                    p_grp = tl.where(grp_ok & row_ok & col_ok, tl.exp(s_grp - lse_grp[:, :, None]), 0.0)
-                # dM of every output head, dP of the group's input heads: dP^i = sum_h A[h, i] dM^h.
-                g = tl.load(
-                    DO + b * s_gb + heads[:, None, None] * s_gh + rows[None, :, None] * s_gn + vdims[None, None, :] * s_gd,
-                    mask=all_ok & row_ok & (vdims < DV)[None, None, :], other=0.0,
-                )
-                vt = tl.load(
-                    V + b * s_vb + heads[:, None, None] * s_vh + vdims[None, :, None] * s_vd + cols[None, None, :] * s_vl,
-                    mask=all_ok & (vdims < DV)[None, :, None] & col_ok, other=0.0,
-                )
-                dm2 = tl.reshape(tl.dot(g, vt, input_precision=PRECISION).to(dt), [HP, BLOCK_M * BLOCK_N])
-                at_off = heads[None, :] * HP + grp[:, None]  # A^T[i in group, h] = A[h, i]
-                dp = tl.dot(tl.load(A_HI + at_off), dm2, input_precision=PRECISION)
-                if SPLIT_A:
-                    dp += tl.dot(tl.load(A_LO + at_off), dm2, input_precision=PRECISION)
-                delta = tl.load(DELTA + (b * H + grp[:, None]) * N + rows[None, :],
-                                mask=(grp < H)[:, None] & (rows < N)[None, :], other=0.0)
-                ds = p_grp * (tl.reshape(dp, [GROUP, BLOCK_M, BLOCK_N]) - delta[:, :, None])
+                    q_grp = _tile(Q, grp, rows, dims, s_qh, s_qn, s_qd, H, N, D)
+                    k_t_grp = _tile(K, grp, dims, cols, s_kh, s_kd, s_kl, H, D, L)
+                    p_grp = _maps(q_grp, k_t_grp, _row_stat(LSE, grp, rows, H, N), Mask, grp, rows, cols,
+                                  s_mh, s_mn, s_ml, H, N, L, scale, HAS_MASK, PRECISION)
+                g = _tile(DO, heads, rows, vdims, s_gh, s_gn, s_gd, H, N, DV)
+                v_t = _tile(V, heads, vdims, cols, s_vh, s_vd, s_vl, H, DV, L)
+                dm = tl.dot(g, v_t, input_precision=PRECISION).to(dt)
+                dp = _mix(tl.load(A_HI + at_off), tl.load(A_LO + at_off), dm, HP, GROUP, BLOCK_M, BLOCK_N,
+                          SPLIT_A, PRECISION)
+                ds = p_grp * (dp - _row_stat(DELTA + b * H * N, grp, rows, H, N)[:, :, None])
                 dk += tl.dot(tl.permute(ds.to(dt), (0, 2, 1)), q_grp, input_precision=PRECISION)
         out_rows = (b * H + grp[:, None, None]) * L + cols[None, :, None]
-        out_ok = grp_ok & (cols < L)[None, :, None]
+        out_ok = (grp < H)[:, None, None] & (cols < L)[None, :, None]
         if DO_DK:
             tl.store(DK + out_rows * D + dims[None, None, :], dk * scale, mask=out_ok & (dims < D)[None, None, :])
         if DO_DV:
