@@ -1,10 +1,11 @@
-"""Fused forward of Coeff-Tuning attention in Triton (CUDA; on the CPU only in Triton's interpreter).
+"""Coeff-Tuning attention as fused Triton kernels, forward and backward (CUDA; on the CPU only in
+Triton's interpreter, for the tests).
 
     O^h = sum_i A[h, i] softmax(Q^i K^i^T * scale + M)^i V^h          (DESIGN.md section 1)
 
 The chunked PyTorch path writes every chunk's scores, maps and mixed maps to memory, one pass per
 op; on a GPU those passes are HBM round trips, which is why it ran at 13-26x SDPA on an H200
-(benchmarks/README.md). Here the maps never leave the chip. Two kernels:
+(benchmarks/README.md). Here the maps never leave the chip. The forward is two kernels:
 
     pass 1 (`_row_logsumexp_kernel`, one head per program): lse^i[n] = log sum_l exp(S^i[n, l]),
             with flash attention's online max and sum over key blocks; writes B x H x N floats.
@@ -24,9 +25,14 @@ the input dtype (as in flash attention), but A is split into a high and a low ha
 A = A_hi + A_lo, mixed with two dots: A = I + alpha with alpha ~ 1e-3 would round to I in bf16
 (spacing 2^-7 near 1), the split keeps ~16 bits of it. float32 inputs use exact float32 ("ieee") dots.
 
-Heads are padded to a power of two >= 16 (the mix dot's inner dimension), masked to zero.
-Only the forward is fused; `mixed_attention(impl="triton")` pairs it with the chunked backward,
-which recomputes the maps from q, k, v anyway.
+The backward (`mixed_attention_backward`) recomputes the maps tile by tile from q, k, v and the
+forward's lse in three launches: rows phase 0 (delta^i = rowsum(P^i dP^i), the softmax backward's
+row term, and dA), rows phase 1 (dQ), keys (dK, dV). float32 activations take the chunked backward
+in `attention.py`: the float32 backward tiles exceed a GPU program's shared memory.
+
+Heads are padded to a power of two >= 16 (the mix dot's inner dimension), masked to zero. Tiles come
+from `kernel_configs` / `backward_kernel_config`, chosen by benchmarks/triton_compile_check.py's
+register, spill and shared-memory counts for sm_90: not yet by GPU timings.
 """
 
 from __future__ import annotations
