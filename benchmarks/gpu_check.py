@@ -18,6 +18,7 @@ Prints one JSON line per measurement and a summary table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -41,6 +42,19 @@ RESULTS = []
 def emit(**row):
     RESULTS.append(row)
     print(json.dumps(row), flush=True)
+
+
+@contextlib.contextmanager
+def attention_impl(impl):
+    """DREAMCOEFF_ATTENTION_IMPL (what "auto" runs where A != I) set for the block; None: unchanged."""
+    if impl is None:
+        yield
+        return
+    os.environ["DREAMCOEFF_ATTENTION_IMPL"] = impl
+    try:
+        yield
+    finally:
+        os.environ.pop("DREAMCOEFF_ATTENTION_IMPL", None)
 
 
 def timed(fn, warmup=2, reps=5):
@@ -230,15 +244,12 @@ def bench_sdxl(quick: bool):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            if "triton" in method:
-                os.environ["DREAMCOEFF_ATTENTION_IMPL"] = "triton"
             try:
-                t, mem = timed(step, warmup=2, reps=5)
+                with attention_impl("triton" if "triton" in method else None):
+                    t, mem = timed(step, warmup=2, reps=5)
             except torch.OutOfMemoryError:
                 emit(bench="sdxl_train_step", method=method, checkpointing=checkpointing, error="OOM")
                 continue
-            finally:
-                os.environ.pop("DREAMCOEFF_ATTENTION_IMPL", None)
             if method == "lora":
                 base = (t, mem)
             emit(bench="sdxl_train_step", method=method, checkpointing=checkpointing, ms=t * 1e3, peak_mib=mem,
@@ -262,11 +273,8 @@ def bench_sdxl_inference():
         emit(bench="sdxl_unet_inference", impl="chunked", ms_base=t_base * 1e3, ms_alpha=t_alpha * 1e3,
              time_vs_base=t_alpha / t_base, peak_mib_base=m_base, peak_mib_alpha=m_alpha)
         if triton_unavailable_reason(DEV) is None:
-            os.environ["DREAMCOEFF_ATTENTION_IMPL"] = "triton"  # what "auto" picks where A != I
-            try:
+            with attention_impl("triton"):
                 t_tri, m_tri = timed(lambda: unet(**inputs), warmup=2, reps=5)
-            finally:
-                del os.environ["DREAMCOEFF_ATTENTION_IMPL"]
             emit(bench="sdxl_unet_inference", impl="triton", ms_base=t_base * 1e3, ms_alpha=t_tri * 1e3,
                  time_vs_base=t_tri / t_base, peak_mib_base=m_base, peak_mib_alpha=m_tri)
 

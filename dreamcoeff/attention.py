@@ -343,12 +343,12 @@ class _TritonMixedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, coeff, mask, scale: float):
+    def forward(ctx, q, k, v, coeff, mask, scale: float, chunk: int):
         from .triton_attention import mixed_attention_forward  # lazy: triton is optional
 
         out, lse = mixed_attention_forward(q, k, v, coeff, scale, mask, return_lse=True)
         ctx.save_for_backward(q, k, v, coeff, mask, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.chunk = scale, chunk  # chunk: for the chunked backward, if it is needed
         return out
 
     @staticmethod
@@ -364,9 +364,8 @@ class _TritonMixedAttention(torch.autograd.Function):
             except KernelDoesNotFitError as error:  # the forward fitted, the backward's tiles do not
                 _warn_once(f"{error}: the backward of this layer runs the chunked path instead")
         if grads is None:
-            chunk = choose_chunk_size(q.shape[0], q.shape[1], q.shape[2], k.shape[-2], device=q.device)
-            grads = _chunked_backward(q, k, v, coeff, mask, ctx.scale, chunk, needs, grad_out)
-        return (*grads, None, None)
+            grads = _chunked_backward(q, k, v, coeff, mask, ctx.scale, ctx.chunk, needs, grad_out)
+        return (*grads, None, None, None)
 
 
 _WARNED: set[str] = set()
@@ -452,7 +451,7 @@ def mixed_attention(
         from .triton_attention import KernelDoesNotFitError
 
         try:
-            return _TritonMixedAttention.apply(q, k, v, coeff, mask, scale)
+            return _TritonMixedAttention.apply(q, k, v, coeff, mask, scale, int(chunk))
         except KernelDoesNotFitError as error:
             if requested != "auto":
                 raise

@@ -37,6 +37,7 @@ register, spill and shared-memory counts for sm_90: not yet by GPU timings.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -49,7 +50,6 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 __all__ = [
     "KernelDoesNotFitError",
-    "triton_available",
     "triton_unavailable_reason",
     "unsupported_reason",
     "kernel_configs",
@@ -78,11 +78,6 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
             "interpreter (TRITON_INTERPRET=1, for tests: very slow)"
         )
     return None
-
-
-def triton_available(device: torch.device | str = "cuda") -> bool:
-    """True when `mixed_attention(impl="triton")` can run on `device`."""
-    return triton_unavailable_reason(torch.device(device)) is None
 
 
 def unsupported_reason(q: torch.Tensor) -> str | None:
@@ -461,6 +456,28 @@ def kernel_configs(
     return lse, mix
 
 
+def _require_supported(q: torch.Tensor) -> None:
+    """Raise, saying why, where `unsupported_reason` finds the kernels cannot take these queries."""
+    reason = unsupported_reason(q)
+    if reason is not None:
+        error = TypeError if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) else RuntimeError
+        raise error(f"mixed attention impl='triton' cannot run: {reason}; impl='chunked' runs everywhere")
+
+
+@contextlib.contextmanager
+def _launches_must_fit(what: str):
+    """Turn Triton's OutOfResources (tiles beyond the GPU's shared memory) into KernelDoesNotFitError."""
+    try:
+        yield
+    except Exception as error:
+        if type(error).__name__ != "OutOfResources":  # triton's class; matched by name, triton is optional
+            raise
+        raise KernelDoesNotFitError(
+            f"the Triton mixed-attention {what} does not fit this GPU ({error}); use bf16/fp16 activations "
+            "(--mixed_precision), smaller tiles (block_n, num_stages) or impl='chunked'"
+        ) from error
+
+
 def _coeff_halves(coeff: torch.Tensor, hp: int, q: torch.Tensor, split: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A padded to (HP, HP) with zeros, in q's dtype; split into a high and a low half if `split`."""
     h = coeff.shape[0]
@@ -519,10 +536,7 @@ def mixed_attention_forward(
     to measure what the split is worth). The defaults come from the register, spill and shared-memory
     counts of the sm_90 compile (benchmarks/README.md), not yet from GPU timings.
     """
-    reason = unsupported_reason(q)
-    if reason is not None:
-        error = TypeError if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) else RuntimeError
-        raise error(f"mixed attention impl='triton' cannot run: {reason}; impl='chunked' runs everywhere")
+    _require_supported(q)
     if not (k.dtype == v.dtype == q.dtype):
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, h, n, d = q.shape
@@ -533,7 +547,7 @@ def mixed_attention_forward(
     out = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     mask, mask_strides = _mask_operand(mask, (b, h, n, l), lse)
-    try:
+    with _launches_must_fit("kernel"):
         # Pass 1: one head per program.
         _row_logsumexp_kernel[(triton.cdiv(n, lse_config["BLOCK_M"]), b * h)](
             q, k, mask, lse, float(scale), *q.stride(), *k.stride(), *mask_strides, h, n, l, d, **lse_config
@@ -543,13 +557,6 @@ def mixed_attention_forward(
             q, k, v, a_hi, a_lo, mask, lse, out, float(scale),
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(), h, n, l, d, dv, **mix_config
         )
-    except Exception as error:
-        if type(error).__name__ != "OutOfResources":
-            raise
-        raise KernelDoesNotFitError(
-            f"the Triton mixed-attention kernel does not fit this GPU ({error}); use bf16/fp16 activations "
-            "(--mixed_precision), smaller tiles (block_n, num_stages) or impl='chunked'"
-        ) from error
     return (out, lse) if return_lse else out
 
 
@@ -573,9 +580,7 @@ def mixed_attention_backward(
     says which of q, k, v, coeff want a gradient (None is returned for the others). Gradients come
     back in the inputs' dtypes (dcoeff in coeff's). tiles: as `backward_kernel_config`.
     """
-    reason = unsupported_reason(q)
-    if reason is not None:
-        raise RuntimeError(f"mixed attention impl='triton' cannot run: {reason}")
+    _require_supported(q)
     b, h, n, d = q.shape
     l, dv = k.shape[-2], v.shape[-1]
     config = backward_kernel_config(q.dtype, h, d, dv, mask is not None, **tiles)
@@ -591,7 +596,7 @@ def mixed_attention_backward(
     dk = torch.empty(b, h, l, d, **f32) if needs[1] or needs[2] else None
     dval = torch.empty(b, h, l, dv, **f32) if needs[1] or needs[2] else None
     common = (float(scale), *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), h, n, l, d, dv)
-    try:
+    with _launches_must_fit("backward"):
         # delta is needed by every dS, so phase 0 always runs (it also gives dA).
         _mixed_attention_bwd_rows_kernel[(row_blocks, b, 1)](
             q, k, v, a_hi, a_lo, mask, lse, grad_out, delta, delta, da_parts, *common, PHASE=0, **config
@@ -609,13 +614,6 @@ def mixed_attention_backward(
                         q, k, v, a_hi, a_lo, mask, lse, grad_out, delta, dk, dval, *common,
                         DO_DK=do_dk, DO_DV=do_dv, **config
                     )
-    except Exception as error:
-        if type(error).__name__ != "OutOfResources":
-            raise
-        raise KernelDoesNotFitError(
-            f"the Triton mixed-attention backward does not fit this GPU ({error}); use bf16/fp16 activations, "
-            "smaller tiles or impl='chunked'"
-        ) from error
     da = da_parts.sum(0)[:h, :h].to(coeff.dtype) if needs[3] else None
     return (
         dq.to(q.dtype) if needs[0] else None,
