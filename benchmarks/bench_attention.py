@@ -2,13 +2,15 @@
 
     python benchmarks/bench_attention.py            # full run (~10 min on a 2-core CPU)
     python benchmarks/bench_attention.py --quick    # batch 1, fewer rounds (~3 min)
-    python benchmarks/bench_attention.py --budgets 8 16 32 64    # also dreamcoeff at these chunk MiB
+    python benchmarks/bench_attention.py --budgets 8 16 32 64    # also "chunked" at these chunk MiB
 
 Implementations (all take q, k, v of shape (B, H, N, 64)):
     sdpa        torch.nn.functional.scaled_dot_product_attention: plain attention, the baseline
     naive       materialised mixing: all B x H x N x L maps, plain autograd
     before      dreamcoeff's chunked implementation as first committed (benchmarks/_legacy_attention.py)
-    dreamcoeff  dreamcoeff.attention.mixed_attention, as the processor calls it
+    chunked     dreamcoeff.attention.mixed_attention(impl="chunked"): the PyTorch path
+    dreamcoeff  dreamcoeff.attention.mixed_attention, as the processor calls it ("auto": on the CPU the
+                fused C++ kernel of dreamcoeff.cpu_kernel, where it builds)
 
 Shapes: self-attention N=4096 with 10 heads and N=1024 with 20 heads (SDXL at 1024 px), and
 cross-attention of those to 77 text tokens; batch 1 and 2; forward+backward (grads for q, k, v and
@@ -42,7 +44,7 @@ SHAPES = {  # name: (heads, N, L)
     "cross N=1024 L=77 H=20": (20, 1024, 77),
 }
 HEAD_DIM = 64
-IMPLS = ("sdpa", "naive", "before", "dreamcoeff")
+IMPLS = ("sdpa", "naive", "before", "chunked", "dreamcoeff")
 MODES = ("fwd+bwd", "fwd")
 
 
@@ -59,13 +61,15 @@ def make_inputs(shape: str, batch: int, device, seed: int = 0):
 
 
 def impl_fn(impl: str):
-    """impl -> f(q, k, v, coeff) -> out. 'dreamcoeff@16' is dreamcoeff with a 16 MiB chunk budget."""
+    """impl -> f(q, k, v, coeff) -> out. 'dreamcoeff@16' is the chunked path with a 16 MiB chunk budget."""
     if impl == "sdpa":
         return lambda q, k, v, a: F.scaled_dot_product_attention(q, k, v)
     if impl == "naive":
         return lambda q, k, v, a: dc.materialized_mixed_attention(q, k, v, a)
     if impl == "before":
         return lambda q, k, v, a: _legacy_attention.mixed_attention(q, k, v, a)
+    if impl == "chunked":
+        return lambda q, k, v, a: dc.mixed_attention(q, k, v, a, impl="chunked")
     if impl == "dreamcoeff":
         return lambda q, k, v, a: dc.mixed_attention(q, k, v, a)
     if impl.startswith("dreamcoeff@"):
@@ -74,7 +78,7 @@ def impl_fn(impl: str):
         def fn(q, k, v, a):
             b, h, n, _ = q.shape
             chunk = dc.choose_chunk_size(b, h, n, k.shape[-2], budget_bytes=budget)
-            return dc.mixed_attention(q, k, v, a, chunk_size=chunk)
+            return dc.mixed_attention(q, k, v, a, chunk_size=chunk, impl="chunked")
 
         return fn
     raise ValueError(impl)

@@ -14,6 +14,8 @@ Configurations, each in its own process (`--child`), run in interleaved rounds:
     lora         peft LoraConfig(r=4) on to_q, to_k, to_v, to_out.0 via unet.add_adapter
     alpha        dreamcoeff.apply_coeff on every attn1 / attn2 (alpha = 0 at start: the exact path)
     alpha+lora   both
+    alpha@chunked  alpha with DREAMCOEFF_ATTENTION_IMPL=chunked: the PyTorch path instead of the fused
+                 C++ kernel that "auto" runs on the CPU (also a sampling configuration)
 A step is: UNet forward on noisy latents, MSE to the noise, backward, AdamW step, zero_grad.
 Reported: median step time (over all timed steps of all rounds), the ratio to LoRA, and the peak
 memory of one step above the steady state (VmHWM after clear_refs, see _benchutil.py) as well as
@@ -42,8 +44,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _benchutil as bu  # noqa: E402
 
-TRAIN_CONFIGS = ("lora", "alpha", "alpha+lora")
-SAMPLE_CONFIGS = ("base", "alpha", "alpha=0")
+TRAIN_CONFIGS = ("lora", "alpha", "alpha+lora", "alpha@chunked")
+SAMPLE_CONFIGS = ("base", "alpha", "alpha=0", "alpha@chunked")
+
+
+def _select_impl(config: str) -> str:
+    """'name@impl' runs `name` with DREAMCOEFF_ATTENTION_IMPL=impl (this child process only)."""
+    import os
+
+    name, _, impl = config.partition("@")
+    if impl:
+        os.environ["DREAMCOEFF_ATTENTION_IMPL"] = impl
+    return name
 BATCH, LATENT, TEXT_TOKENS, TEXT_DIM, POOLED_DIM, TIME_DIM = 2, 64, 77, 512, 320, 64
 
 
@@ -122,7 +134,7 @@ def conditioning(g):
 
 def child_train(args) -> dict:
     bu.setup_threads(args.threads)
-    unet = build_unet(args.depth, args.config)
+    unet = build_unet(args.depth, _select_impl(args.config))
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -159,7 +171,8 @@ def child_sample(args) -> dict:
     global SAMPLING
     SAMPLING = True
     bu.setup_threads(args.threads)
-    unet = build_unet(args.depth, "alpha" if args.config == "alpha" else ("alpha0" if args.config == "alpha=0" else "base"))
+    config = _select_impl(args.config)
+    unet = build_unet(args.depth, "alpha" if config == "alpha" else ("alpha0" if config == "alpha=0" else "base"))
     unet.eval()
     sched = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,

@@ -112,7 +112,7 @@ class TrainConfig:
     enable_xformers_memory_efficient_attention: bool = _f(False, "xformers for plain attention (layers without alpha; alpha layers keep exact mixing)", SYSTEM)
     cache_latents: bool = _f(False, "encode each augmentation variant with the VAE once and reuse it", SYSTEM)
     coeff_chunk_size: int | None = _f(None, "query rows per chunk in the exact mixed attention (default: from a memory budget)", SYSTEM)
-    coeff_attention_impl: str = _f("auto", "how alpha layers compute the exact mixed attention: chunked PyTorch (auto, chunked) or fused Triton kernels (triton: CUDA, `pip install triton`; untimed on a GPU so far, see benchmarks/README.md)", SYSTEM, choices=("auto", "chunked", "triton"))
+    coeff_attention_impl: str = _f("auto", "how alpha layers compute the exact mixed attention: auto (the fused C++ kernel on the CPU, chunked PyTorch on GPUs), chunked, cpu_fused (the fused C++ kernel, built on first use; needs a C++ compiler), or triton (fused Triton kernels: CUDA, `pip install triton`; untimed on a GPU so far, see benchmarks/README.md)", SYSTEM, choices=("auto", "chunked", "cpu_fused", "triton"))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

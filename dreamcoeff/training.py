@@ -887,6 +887,12 @@ def select_attention_impl(impl: str, device: torch.device) -> None:
         reason = triton_unavailable_reason(torch.device(device))
         if reason is not None:
             raise UsageError(f"--coeff_attention_impl triton: {reason}; or drop the flag (chunked PyTorch runs everywhere)")
+    if impl == "cpu_fused":
+        from .cpu_kernel import unavailable_reason
+
+        reason = unavailable_reason(torch.device(device))
+        if reason is not None:
+            raise UsageError(f"--coeff_attention_impl cpu_fused: {reason}; or drop the flag")
     os.environ["DREAMCOEFF_ATTENTION_IMPL"] = impl
 
 

@@ -66,7 +66,9 @@ def masks(kind, b, h, n, l, seed=1):
     raise ValueError(kind)
 
 
-DISPATCHABLE = ("chunked", "materialized")  # "sdpa" only for A == I: tested separately below
+# "sdpa" only for A == I: tested separately below. For "cpu_fused" the chunk is its block of query
+# rows; tests/test_cpu_kernel.py shrinks its key tiles too.
+DISPATCHABLE = ("chunked", "materialized", "cpu_fused")
 
 
 @pytest.mark.parametrize("impl", DISPATCHABLE)
@@ -95,31 +97,34 @@ def test_float64_values_and_grads_match_reference(impl, b, h, n, l, chunk, mask_
         torch.testing.assert_close(got, exp, rtol=1e-9, atol=1e-10, msg=f"grad of {name}")
 
 
+@pytest.mark.parametrize("impl", ["chunked", "cpu_fused"])
 @pytest.mark.parametrize("chunk", [2, 5])
 @pytest.mark.parametrize("mask_kind", [None, "additive", "bool"])
-def test_gradcheck_chunked(chunk, mask_kind):
+def test_gradcheck_chunked(impl, chunk, mask_kind):
     q, k, v, a, _ = make(2, 3, 5, 4, 3, seed=3)
     mask = masks(mask_kind, 2, 3, 5, 4, seed=4)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]
-    fn = lambda q, k, v, a: dc.mixed_attention(q, k, v, a, scale=0.6, mask=mask, chunk_size=chunk, impl="chunked")  # noqa: E731
+    fn = lambda q, k, v, a: dc.mixed_attention(q, k, v, a, scale=0.6, mask=mask, chunk_size=chunk, impl=impl)  # noqa: E731
     # fast_mode checks random directions (v^T J u) instead of every column of the Jacobian: the same
     # power to catch a wrong backward for a fraction of the forward evaluations.
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
-def test_gradcheck_chunked_full_jacobian():
+@pytest.mark.parametrize("impl", ["chunked", "cpu_fused"])
+def test_gradcheck_chunked_full_jacobian(impl):
     q, k, v, a, _ = make(1, 2, 3, 4, 2, seed=10)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]
-    fn = lambda q, k, v, a: dc.mixed_attention(q, k, v, a, scale=0.6, chunk_size=2, impl="chunked")  # noqa: E731
+    fn = lambda q, k, v, a: dc.mixed_attention(q, k, v, a, scale=0.6, chunk_size=2, impl=impl)  # noqa: E731
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("needs", ["a", "v", "qk", "qa", "kv"])
-def test_partial_gradients(needs):
+@pytest.mark.parametrize("impl", ["chunked", "cpu_fused"])
+@pytest.mark.parametrize("needs", ["a", "v", "qk", "qa", "kv", "q", "k"])
+def test_partial_gradients(impl, needs):
     """Only some inputs require grad (e.g. alpha-only training of a frozen projection): same grads."""
     q, k, v, a, gout = make(1, 3, 9, 7, 4, seed=5)
     leaves = [t.clone().requires_grad_(name in needs) for name, t in zip("qkva", (q, k, v, a))]
-    dc.mixed_attention(*leaves, scale=0.5, chunk_size=4, impl="chunked").backward(gout)
+    dc.mixed_attention(*leaves, scale=0.5, chunk_size=4, impl=impl).backward(gout)
     _, ref_g = ref_grads(q, k, v, a, 0.5, None, gout)
     for name, t, exp in zip("qkva", leaves, ref_g):
         if name in needs:
@@ -180,12 +185,13 @@ def test_float32_large_rows_accuracy():
 # Dispatch
 
 
-def test_auto_picks_sdpa_only_for_exact_identity_without_grad():
+def test_auto_picks_sdpa_only_for_exact_identity_without_grad(monkeypatch):
+    monkeypatch.delenv("DREAMCOEFF_ATTENTION_IMPL", raising=False)
     h = 3
     eye = torch.eye(h)
     assert dc.select_impl(eye) == "sdpa"
-    assert dc.select_impl(eye + 1e-7 * torch.randn(h, h)) == "chunked"
-    assert dc.select_impl(eye.clone().requires_grad_()) == "chunked"  # alpha = 0 still needs a gradient
+    assert dc.select_impl(eye + 1e-7 * torch.randn(h, h)) == "cpu_fused"  # the exact path, on the CPU
+    assert dc.select_impl(eye.clone().requires_grad_()) == "cpu_fused"  # alpha = 0 still needs a gradient
     with torch.no_grad():
         assert dc.select_impl(eye.clone().requires_grad_()) == "sdpa"
     assert dc.select_impl(eye, "chunked") == "chunked"

@@ -232,15 +232,16 @@ _PEAK_SCRIPT = textwrap.dedent(
     if sys.argv[1] == "naive":
         out = materialized_mixed_attention(q, k, v, a)
     else:
-        out = mixed_attention(q, k, v, a, chunk_size=int(sys.argv[1]))
+        out = mixed_attention(q, k, v, a, chunk_size=int(sys.argv[1]), impl=sys.argv[3])
     out.square().sum().backward()
     print(status("VmHWM:") - before)
     """
 )
 
 
-def _peak_extra_bytes(chunk: str, n: int) -> int:
-    res = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, chunk, str(n)], capture_output=True, text=True, check=True)
+def _peak_extra_bytes(chunk: str, n: int, impl: str = "chunked") -> int:
+    cmd = [sys.executable, "-c", _PEAK_SCRIPT, chunk, str(n), impl]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return int(res.stdout.strip().splitlines()[-1])
 
 
@@ -255,3 +256,7 @@ def test_peak_memory_bounded_by_chunk_not_n():
     assert small < full_map / 4
     assert large > small  # grows with the chunk
     assert naive > 2 * full_map  # the materialised path holds several full maps
+    # The fused CPU kernel: per-thread blocks of 64 (forward) / 32 (backward) rows, nothing of N x L.
+    fused = _peak_extra_bytes("0", n, "cpu_fused")
+    assert fused < 6 * block(64) + 8 * 2**20, fused
+    assert fused < full_map / 4

@@ -201,7 +201,8 @@ def test_a_gpu_too_small_for_the_tiles_falls_back_to_the_chunked_path(monkeypatc
 
 def test_environment_variable_routes_auto_to_triton(monkeypatch):
     a = torch.eye(3) + 0.1
-    assert dc.select_impl(a) == "chunked"
+    monkeypatch.delenv("DREAMCOEFF_ATTENTION_IMPL", raising=False)
+    assert dc.select_impl(a) == "cpu_fused"  # unset: the fused C++ kernel on the CPU
     monkeypatch.setenv("DREAMCOEFF_ATTENTION_IMPL", "triton")
     assert dc.select_impl(a) == "triton"
     assert dc.select_impl(torch.eye(3)) == "sdpa"  # A == I stays plain SDPA
