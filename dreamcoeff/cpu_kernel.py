@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -51,6 +52,22 @@ _CAPABILITY_FLAGS = {
 }
 
 _state: dict[str, object] = {"loaded": False, "error": None}
+# A build takes well under a minute; a lock file older than this was left by a killed build.
+STALE_LOCK_SECONDS = 600
+
+
+def _clear_stale_lock(name: str) -> None:
+    """torch's builder waits, without a timeout, for the lock file of a build in another process; a
+    process killed while building (a stopped training run) leaves it behind, and every later start
+    would hang. A lock much older than any build is removed."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private, hence the broad except
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink(missing_ok=True)
+    except Exception:
+        pass
 
 
 def _build() -> None:
@@ -61,6 +78,7 @@ def _build() -> None:
     # The capability is part of the name: a cache shared by machines with different CPUs (a network
     # home directory) must not hand an AVX-512 build to an AVX2 machine.
     name = f"dreamcoeff_cpu_{capability.lower() if flags else 'default'}"
+    _clear_stale_lock(name)
     # Said only when loading takes a while (a build): a cached load is quick and stays silent.
     notice = threading.Timer(1.0, lambda: print(
         f"dreamcoeff: building the fused CPU attention kernel {name} (once per machine, about 20 s)",

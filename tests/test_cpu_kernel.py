@@ -178,3 +178,21 @@ def test_switched_off_by_environment(monkeypatch):
         out = dc.mixed_attention(q, k, v, a)
     torch.testing.assert_close(out, dc.mixed_attention(q, k, v, a, impl="chunked"))
     assert "not on cuda" in cpu_kernel.unavailable_reason("cuda")
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A build killed half-way leaves torch's lock file; without this every later start would wait on it."""
+    import os
+    import time
+
+    import torch.utils.cpp_extension as ce
+
+    monkeypatch.setattr(ce, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    cpu_kernel._clear_stale_lock("dreamcoeff_cpu_test")
+    assert lock.exists()  # could be a build running right now
+    old = time.time() - cpu_kernel.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    cpu_kernel._clear_stale_lock("dreamcoeff_cpu_test")
+    assert not lock.exists()

@@ -89,6 +89,10 @@ inline void store64(T* p, const Vec64<T>& v) {
 // With grad_of (the maps P: head stride grad_hs, leading dimension grad_ld) and delta (H x rows,
 // head stride delta_hs) the result becomes the softmax backward on the way out:
 // out[g] = P[g] (sum - delta[g, r]).
+//
+// The last vector of a row runs full width: it reads and writes up to W - 1 columns past `cols`.
+// Every buffer handed to mix() is one of the kernel's own, whose rows end in a zeroed 64-byte pad, and
+// nothing reads those columns back (a scalar tail cost 17% of the mix at L = 77).
 template <typename T, int G>
 void mix_group(T* out, int64_t out_hs, int64_t ld_out, const T* coef, int64_t heads, const T* src, int64_t src_hs,
                int64_t ld_src, int64_t rows, int64_t cols, const T* row_scale, int64_t rs_hs, const T* grad_of,
@@ -104,8 +108,7 @@ void mix_group(T* out, int64_t out_hs, int64_t ld_out, const T* coef, int64_t he
     }
     const T* c = scaled.data();
     const T* src_r = src + r * ld_src;
-    int64_t j = 0;
-    for (; j + W <= cols; j += W) {
+    for (int64_t j = 0; j < cols; j += W) {
       V acc[G];
       for (int g = 0; g < G; ++g) acc[g] = V{};
       for (int64_t i = 0; i < heads; ++i) {
@@ -118,14 +121,6 @@ void mix_group(T* out, int64_t out_hs, int64_t ld_out, const T* coef, int64_t he
         }
       }
       for (int g = 0; g < G; ++g) store64(out + g * out_hs + r * ld_out + j, acc[g]);
-    }
-    for (; j < cols; ++j) {  // the last cols % W columns
-      for (int g = 0; g < G; ++g) {
-        T acc = 0;
-        for (int64_t i = 0; i < heads; ++i) acc += c[g * heads + i] * src_r[i * src_hs + j];
-        if (grad_of) acc = grad_of[g * grad_hs + r * grad_ld + j] * (acc - delta[g * delta_hs + r]);
-        out[g * out_hs + r * ld_out + j] = acc;
-      }
     }
   }
 }
@@ -231,7 +226,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t blocks = (s.N + RB - 1) / RB;
   // Row (ld) and head (hs) strides of the per-thread buffers, padded by a cache line: with L a power
   // of two every row and every head would start in the same cache set, and the mix, which streams
-  // all heads at once, would evict its own lines (the same for the GEMMs' power-of-two ldc).
+  // all heads at once, would evict its own lines (the same for the GEMMs' power-of-two ldc). The pad
+  // also takes the mix's full-width last vector of a row (see mix_group).
   const int64_t pad = 64 / sizeof(T);
   const int64_t ld = s.L + pad, hs = RB * ld + pad, ldm = TC + pad, hsm = RB * ldm + pad;
   // K^T as (d x L) row-major: the scores GEMM then streams its wide operand with unit stride
@@ -243,8 +239,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const auto ms = mask.has_value() ? mask->strides().vec() : std::vector<int64_t>(4, 0);
 
   at::parallel_for(0, s.B * blocks, 1, [&](int64_t begin, int64_t end) {
-    // Uninitialised on purpose (written before read): value-initialising them cost a pass over memory.
-    std::unique_ptr<T[]> probs(new T[s.H * hs]), mixed(new T[s.H * hsm]), inv(new T[s.H * RB]);
+    // Zeroed once per call and thread: the row pads must hold finite numbers for the mix's last vector.
+    std::unique_ptr<T[]> probs(new T[s.H * hs]()), mixed(new T[s.H * hsm]()), inv(new T[s.H * RB]);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, r0 = (task % blocks) * RB, R = std::min(RB, s.N - r0);
       for (int64_t h = 0; h < s.H; ++h) {
@@ -279,9 +275,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const Shape s = shape_of(q, k, v);
   const int64_t RB = std::min(block_rows, s.N), TC = std::min(tile_cols, s.L);
   const int64_t blocks = (s.N + RB - 1) / RB;
-  // Row (ld) and head (hs) strides of the per-thread buffers, padded by a cache line: with L a power
-  // of two every row and every head would start in the same cache set, and the mix, which streams
-  // all heads at once, would evict its own lines (the same for the GEMMs' power-of-two ldc).
+  // Padded strides as in the forward.
   const int64_t pad = 64 / sizeof(T);
   const int64_t ld = s.L + pad, hs = RB * ld + pad, ldm = TC + pad, hsm = RB * ldm + pad;
   const bool need_qk = need_q || need_k, need_dm = need_qk || need_a;
@@ -307,9 +301,9 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     T* dk_b = need_k ? dk.data_ptr<T>() + b * kv_numel * s.d : nullptr;
     T* dv_b = need_v ? dv.data_ptr<T>() + b * kv_numel * s.dv : nullptr;
     at::parallel_for(0, workers, 1, [&](int64_t wbegin, int64_t wend) {
-      // Full rows of P and dM for the block; tiles (L2) for the mixed maps and dS. Uninitialised.
-      std::unique_ptr<T[]> probs(new T[s.H * hs]), grad_mixed(new T[need_dm ? s.H * hs : 0]),
-          tile(new T[need_v || need_qk ? s.H * hsm : 0]), pair(new T[RB * s.H * s.H]), delta(new T[s.H * RB]);
+      // Full rows of P and dM for the block; tiles (L2) for the mixed maps and dS. Zeroed (row pads).
+      std::unique_ptr<T[]> probs(new T[s.H * hs]()), grad_mixed(new T[need_dm ? s.H * hs : 0]()),
+          tile(new T[need_v || need_qk ? s.H * hsm : 0]()), pair(new T[RB * s.H * s.H]), delta(new T[s.H * RB]);
       for (int64_t w = wbegin; w < wend; ++w) {
         T *dk_w = dk_b, *dv_w = dv_b, *da_w = need_a ? da.data_ptr<T>() : nullptr;
         if (w > 0) {  // zero-initialised private accumulators
