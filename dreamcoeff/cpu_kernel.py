@@ -39,10 +39,12 @@ SOURCE = Path(__file__).with_name("csrc") / "mixed_attention_cpu.cpp"
 FORWARD_BLOCK_ROWS, FORWARD_TILE_COLS = 64, 512
 BACKWARD_BLOCK_ROWS, BACKWARD_TILE_COLS = 32, 256
 # The fused backward holds two H x rows x L blocks of maps per thread (P and dM). Beyond this size they
-# live in L3 and its tile passes become memory-bound: at N = L = 4096 with 10 heads (10.5 MB) the
-# chunked backward was faster, at L = 1024 (2.6 MB) the fused one clearly was. Above it the backward
-# runs the chunked path (the forward stays fused).
-FUSED_BACKWARD_MAX_BYTES = int(os.environ.get("DREAMCOEFF_CPU_FUSED_BACKWARD_MAX_BYTES", 8 * 2**20))
+# live in L3 and its tile passes become memory-bound; the chunked backward was faster at L = 4096 with
+# 10 heads (10.5 MB: fwd+bwd 1.65x SDPA with the chunked backward, 1.8-1.9x fused) and at L = 1024 with
+# 20 heads (5.2 MB: 1.62x against 2.00x), the fused one at L = 1024 with 10 heads (2.6 MB: 1.48x
+# against 1.78x) and for cross-attention (L = 77). Above it the backward runs the chunked path (the
+# forward stays fused). Measurements: benchmarks/README.md, "Fused CPU kernel".
+FUSED_BACKWARD_MAX_BYTES = int(os.environ.get("DREAMCOEFF_CPU_FUSED_BACKWARD_MAX_BYTES", 4 * 2**20))
 
 _CAPABILITY_FLAGS = {
     # What ATen's own CPU kernels are built with for each capability (vec.h picks the matching

@@ -113,10 +113,11 @@ def test_repeatable_bit_for_bit_with_two_threads():
 
 def test_big_maps_take_the_chunked_backward(monkeypatch):
     """Past FUSED_BACKWARD_MAX_BYTES the backward is the chunked one (same gradients); the forward stays fused."""
-    # The default limit (8 MiB): SDXL's 32 x 32 latents (L = 1024, 10 heads) fused, 64 x 64 (L = 4096) not.
+    # The default limit (4 MiB): fused for L = 1024 with 10 heads, 256 with 20 and cross-attention; not
+    # for SDXL's 1024 px self-attention (L = 4096 with 10 heads, 1024 with 20), where chunked was faster.
     fits = lambda h, n, l: cpu_kernel.fused_backward_fits(torch.empty(1, h, n, 1), torch.empty(1, h, l, 1))  # noqa: E731
-    assert fits(10, 1024, 1024) and fits(20, 1024, 1024) and fits(10, 1024, 77)
-    assert not fits(10, 4096, 4096)
+    assert fits(10, 1024, 1024) and fits(20, 256, 256) and fits(20, 1024, 77) and fits(10, 4096, 77)
+    assert not fits(10, 4096, 4096) and not fits(20, 1024, 1024)
     calls = []
     real = dc._chunked_backward
     monkeypatch.setattr(dc, "_chunked_backward", lambda *args: calls.append(1) or real(*args))
