@@ -21,7 +21,8 @@ Implementations (`mixed_attention(..., impl=...)`; "auto" picks):
                     CPU, falling back to "chunked" with a warning where it cannot be built). Each thread
                     takes a block of query rows for all heads through scores, softmax, mix and P V while
                     they are in its caches; its backward recomputes the maps from the saved row
-                    log-sum-exp. 10-30% faster than "chunked" at SDXL's shapes (benchmarks/README.md).
+                    log-sum-exp. Forward 5-30% faster than "chunked", the SDXL-shaped UNet's
+                    training step 15% and sampling 24% (benchmarks/README.md, "Fused CPU kernel").
     "materialized"  the naive one holding every map (the benchmarks' baseline; never picked by "auto").
     "triton"        CUDA: fused Triton kernels, forward and backward (`dreamcoeff.triton_attention`):
                     the maps never leave the chip. Opt-in (impl="triton", or DREAMCOEFF_ATTENTION_IMPL=triton
