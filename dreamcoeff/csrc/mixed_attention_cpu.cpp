@@ -217,26 +217,61 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
+// Rows per block, keys per tile, and the strides of the per-thread buffers: rows (ld) and heads (hs)
+// of the full-row maps, rows (ldm) and heads (hsm) of the tiles, each padded by a cache line. With L a
+// power of two every row and every head would otherwise start in the same cache set, and the mix,
+// which streams all heads at once, would evict its own lines (the same for the GEMMs' power-of-two
+// ldc). The pad also takes the mix's full-width last vector of a row (see mix_group).
+struct Blocking {
+  int64_t RB, TC, blocks, ld, hs, ldm, hsm;
+};
+
+template <typename T>
+Blocking blocking(const Shape& s, int64_t block_rows, int64_t tile_cols) {
+  const int64_t RB = std::min(block_rows, s.N), TC = std::min(tile_cols, s.L), pad = 64 / sizeof(T);
+  const int64_t ld = s.L + pad, ldm = TC + pad;
+  return {RB, TC, (s.N + RB - 1) / RB, ld, RB * ld + pad, ldm, RB * ldm + pad};
+}
+
+// S^h = scale Q^h K^h^T (+ mask) for R query rows from r0 of head h of batch element b, into `out`
+// (leading dimension ld): where both passes start. K^T comes as (d x L) row-major, so the GEMM streams
+// its wide operand with unit stride (MKL sgemm, 64 x 64 x 4096: 151 GFLOP/s against 92 with K
+// transposed on the fly).
+template <typename T>
+struct Scores {
+  Shape s;
+  T scale;
+  const T *q, *k_t, *mask;
+  std::vector<int64_t> mask_strides;
+
+  Scores(const Shape& shape, T scale_, const at::Tensor& q_, const at::Tensor& k_t_,
+         const std::optional<at::Tensor>& mask_)
+      : s(shape), scale(scale_), q(q_.data_ptr<T>()), k_t(k_t_.data_ptr<T>()),
+        mask(mask_.has_value() ? mask_->data_ptr<T>() : nullptr),
+        mask_strides(mask_.has_value() ? mask_->strides().vec() : std::vector<int64_t>(4, 0)) {}
+
+  void operator()(T* out, int64_t ld, int64_t b, int64_t h, int64_t r0, int64_t R) const {
+    const int64_t bh = b * s.H + h;
+    gemm<T>(false, false, R, s.L, s.d, scale, q + (bh * s.N + r0) * s.d, s.d, k_t + bh * s.L * s.d, s.L, T(0), out,
+            ld);
+    if (!mask) return;
+    const int64_t* ms = mask_strides.data();
+    for (int64_t r = 0; r < R; ++r) {
+      add_mask_row(out + r * ld, mask + b * ms[0] + h * ms[1] + (r0 + r) * ms[2], ms[3], s.L);
+    }
+  }
+};
+
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& coeff,
                   const std::optional<at::Tensor>& mask, T scale, int64_t block_rows, int64_t tile_cols,
                   at::Tensor& out, at::Tensor& lse) {
   const Shape s = shape_of(q, k, v);
-  const int64_t RB = std::min(block_rows, s.N), TC = std::min(tile_cols, s.L);
-  const int64_t blocks = (s.N + RB - 1) / RB;
-  // Row (ld) and head (hs) strides of the per-thread buffers, padded by a cache line: with L a power
-  // of two every row and every head would start in the same cache set, and the mix, which streams
-  // all heads at once, would evict its own lines (the same for the GEMMs' power-of-two ldc). The pad
-  // also takes the mix's full-width last vector of a row (see mix_group).
-  const int64_t pad = 64 / sizeof(T);
-  const int64_t ld = s.L + pad, hs = RB * ld + pad, ldm = TC + pad, hsm = RB * ldm + pad;
-  // K^T as (d x L) row-major: the scores GEMM then streams its wide operand with unit stride
-  // (MKL sgemm, 64 x 64 x 4096: 151 GFLOP/s against 92 with K transposed on the fly).
+  const auto [RB, TC, blocks, ld, hs, ldm, hsm] = blocking<T>(s, block_rows, tile_cols);
   const at::Tensor k_t = k.transpose(-1, -2).contiguous();
-  const T *qp = q.data_ptr<T>(), *ktp = k_t.data_ptr<T>(), *vp = v.data_ptr<T>(), *ap = coeff.data_ptr<T>();
+  const Scores<T> scores(s, scale, q, k_t, mask);
+  const T *vp = v.data_ptr<T>(), *ap = coeff.data_ptr<T>();
   T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>();
-  const T* mp = mask.has_value() ? mask->data_ptr<T>() : nullptr;
-  const auto ms = mask.has_value() ? mask->strides().vec() : std::vector<int64_t>(4, 0);
 
   at::parallel_for(0, s.B * blocks, 1, [&](int64_t begin, int64_t end) {
     // Zeroed once per call and thread: the row pads must hold finite numbers for the mix's last vector.
@@ -246,12 +281,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       for (int64_t h = 0; h < s.H; ++h) {
         const int64_t bh = b * s.H + h;
         T* ph = probs.get() + h * hs;
-        gemm<T>(false, false, R, s.L, s.d, scale, qp + (bh * s.N + r0) * s.d, s.d, ktp + bh * s.L * s.d, s.L,
-                T(0), ph, ld);
-        for (int64_t r = 0; r < R; ++r) {  // each row right after its GEMM, while it is in L1/L2
-          T* row = ph + r * ld;
-          if (mp) add_mask_row(row, mp + b * ms[0] + h * ms[1] + (r0 + r) * ms[2], ms[3], s.L);
-          lp[bh * s.N + r0 + r] = exp_row_(row, s.L, inv.get() + h * RB + r);
+        scores(ph, ld, b, h, r0, R);
+        for (int64_t r = 0; r < R; ++r) {  // right after the head's GEMM, while its block is in L2
+          lp[bh * s.N + r0 + r] = exp_row_(ph + r * ld, s.L, inv.get() + h * RB + r);
         }
       }
       for (int64_t t0 = 0; t0 < s.L; t0 += TC) {  // (A P)^h of this column tile, O^h += (A P)^h V^h
@@ -273,18 +305,13 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    T scale, bool need_q, bool need_k, bool need_v, bool need_a, int64_t block_rows,
                    int64_t tile_cols, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& da) {
   const Shape s = shape_of(q, k, v);
-  const int64_t RB = std::min(block_rows, s.N), TC = std::min(tile_cols, s.L);
-  const int64_t blocks = (s.N + RB - 1) / RB;
-  // Padded strides as in the forward.
-  const int64_t pad = 64 / sizeof(T);
-  const int64_t ld = s.L + pad, hs = RB * ld + pad, ldm = TC + pad, hsm = RB * ldm + pad;
+  const auto [RB, TC, blocks, ld, hs, ldm, hsm] = blocking<T>(s, block_rows, tile_cols);
   const bool need_qk = need_q || need_k, need_dm = need_qk || need_a;
-  // K^T and V^T as (dim x L) row-major for the two wide GEMMs with inner dimension d (see forward).
+  // K^T and V^T as (dim x L) row-major for the two wide GEMMs with inner dimension d (see Scores).
   const at::Tensor k_t = k.transpose(-1, -2).contiguous(), v_t = v.transpose(-1, -2).contiguous();
-  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *ktp = k_t.data_ptr<T>(), *vtp = v_t.data_ptr<T>();
+  const Scores<T> scores(s, scale, q, k_t, mask);
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vtp = v_t.data_ptr<T>();
   const T *ap = coeff.data_ptr<T>(), *lp = lse.data_ptr<T>(), *gp = grad_out.data_ptr<T>();
-  const T* mp = mask.has_value() ? mask->data_ptr<T>() : nullptr;
-  const auto ms = mask.has_value() ? mask->strides().vec() : std::vector<int64_t>(4, 0);
   const at::Tensor a_t = coeff.t().contiguous();  // dP^i = sum_h A[h, i] dM^h mixes with A^T
   const T* atp = a_t.data_ptr<T>();
   T* dqp = need_q ? dq.data_ptr<T>() : nullptr;
@@ -318,13 +345,8 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           for (int64_t h = 0; h < s.H; ++h) {
             const int64_t bh = b * s.H + h;
             T* ph = probs.get() + h * hs;
-            gemm<T>(false, false, R, s.L, s.d, scale, qp + (bh * s.N + r0) * s.d, s.d, ktp + bh * s.L * s.d, s.L,
-                    T(0), ph, ld);
-            for (int64_t r = 0; r < R; ++r) {
-              T* row = ph + r * ld;
-              if (mp) add_mask_row(row, mp + b * ms[0] + h * ms[1] + (r0 + r) * ms[2], ms[3], s.L);
-              exp_shifted_row_(row, lp[bh * s.N + r0 + r], s.L);
-            }
+            scores(ph, ld, b, h, r0, R);
+            for (int64_t r = 0; r < R; ++r) exp_shifted_row_(ph + r * ld, lp[bh * s.N + r0 + r], s.L);
             if (need_dm) {
               gemm<T>(false, false, R, s.L, s.dv, T(1), gp + (bh * s.N + r0) * s.dv, s.dv, vtp + bh * s.L * s.dv,
                       s.L, T(0), grad_mixed.get() + h * hs, ld);
