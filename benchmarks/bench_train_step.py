@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -50,8 +51,6 @@ SAMPLE_CONFIGS = ("base", "alpha", "alpha=0", "alpha@chunked")
 
 def _select_impl(config: str) -> str:
     """'name@impl' runs `name` with DREAMCOEFF_ATTENTION_IMPL=impl (this child process only)."""
-    import os
-
     name, _, impl = config.partition("@")
     if impl:
         os.environ["DREAMCOEFF_ATTENTION_IMPL"] = impl
