@@ -39,7 +39,7 @@ NOISE_OFFSET = "0.1"
 def make_sample_images(folder: Path) -> list[Path]:
     """The demo's instance images: the concept's 5 training scenes (the committed files in
     samples/instance come from here)."""
-    from . import microworld as mw
+    from .testing import microworld as mw
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -59,7 +59,7 @@ def _reset_accelerate() -> None:
 
 
 def run_demo(output_dir: Path, steps: int = 500, model: Path = MICRO_MODEL) -> Path:
-    from . import microworld as mw
+    from .testing import microworld as mw
     from .sample import main as sample_main
     from .training import main as train_main
 

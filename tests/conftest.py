@@ -19,14 +19,14 @@ SHARED_DREAMBOOTH = Path(__file__).resolve().parents[1].parent / "shared" / "dre
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny SDXL pipeline saved as a diffusers folder, the way a real model is loaded."""
-    from dreamcoeff.tiny import save_tiny_pipeline
+    from dreamcoeff.testing.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
 
 
 @pytest.fixture
 def tiny_pipe():
-    from dreamcoeff.tiny import build_tiny_pipeline
+    from dreamcoeff.testing.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
@@ -36,7 +36,7 @@ def tiny_pipe():
 @pytest.fixture
 def unet_inputs():
     """A batch of UNet inputs for the tiny SDXL UNet (latents, timesteps, text, added conditions)."""
-    from dreamcoeff.tiny import tiny_unet_config
+    from dreamcoeff.testing.tiny import tiny_unet_config
 
     cfg = tiny_unet_config()
     g = torch.Generator().manual_seed(123)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dreamcoeff import microworld as mw
+from dreamcoeff.testing import microworld as mw
 
 
 def test_generator_is_deterministic_and_seed_dependent():
@@ -33,7 +33,7 @@ def test_world_covers_its_vocabulary_and_every_word_is_one_token():
     assert {s.pattern for s in scenes} == {"solid"}  # patterned objects are held out
     words = {w for c in caps for w in c.split()}
     assert words <= set(mw.VOCAB_WORDS)
-    from dreamcoeff.tiny import build_tiny_tokenizer
+    from dreamcoeff.testing.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(mw.VOCAB_WORDS)
     for w in mw.VOCAB_WORDS:

@@ -21,7 +21,7 @@ from dreamcoeff import apply_coeff, coeff_modules, coeff_parameters, load_coeff_
 from dreamcoeff import metrics as M
 from dreamcoeff import sampling as S
 from dreamcoeff.sample import main
-from dreamcoeff.tiny import build_tiny_pipeline, build_tiny_tokenizer, tiny_unet_config
+from dreamcoeff.testing.tiny import build_tiny_pipeline, build_tiny_tokenizer, tiny_unet_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "prompts"

@@ -1,4 +1,4 @@
-"""Tests for dreamcoeff.tiny: the offline, tiny SDXL pipeline the rest of the suite builds on."""
+"""Tests for dreamcoeff.testing.tiny: the offline, tiny SDXL pipeline the rest of the suite builds on."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from diffusers.models.attention import BasicTransformerBlock
 
-from dreamcoeff.tiny import (
+from dreamcoeff.testing.tiny import (
     DEFAULT_VOCAB_WORDS,
     TINY_LATENT_SIZE,
     TINY_MAX_LENGTH,

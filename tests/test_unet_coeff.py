@@ -21,7 +21,7 @@ from dreamcoeff import (
     save_coeff_weights,
     set_coeff_scale,
 )
-from dreamcoeff.tiny import build_tiny_pipeline
+from dreamcoeff.testing.tiny import build_tiny_pipeline
 
 
 def _unet_out(unet, inputs, **extra):

@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from diffusers import DDPMScheduler  # noqa: E402
 
-from dreamcoeff import microworld as mw  # noqa: E402
-from dreamcoeff.tiny import _write_tokenizer_files, build_tiny_tokenizer_files, tiny_scheduler_config  # noqa: E402
+from dreamcoeff.testing import microworld as mw  # noqa: E402
+from dreamcoeff.testing.tiny import write_tokenizer_files, build_tiny_tokenizer_files, tiny_scheduler_config  # noqa: E402
 
 TIME_IDS = torch.tensor([[mw.RES, mw.RES, 0, 0, mw.RES, mw.RES]], dtype=torch.float32)
 
@@ -210,7 +210,7 @@ def save(pipe, out) -> None:
     pipe.save_pretrained(out, safe_serialization=True)
     vocab, merges = build_tiny_tokenizer_files(mw.VOCAB_WORDS)
     for sub in ("tokenizer", "tokenizer_2"):
-        _write_tokenizer_files(out / sub, vocab, merges)
+        write_tokenizer_files(out / sub, vocab, merges)
 
 
 def weight_hashes(out: Path) -> dict[str, str]:

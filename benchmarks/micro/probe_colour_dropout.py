@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 import pretrain as PT  # noqa: E402
 import run_bench as RB  # noqa: E402
 
-from dreamcoeff import microworld as mw  # noqa: E402
+from dreamcoeff.testing import microworld as mw  # noqa: E402
 
 MODEL = HERE.parents[1] / "models" / "microworld-sdxl"
 CONTINUE_STEPS = 600

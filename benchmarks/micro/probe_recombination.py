@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 import run_bench as RB  # noqa: E402
 
-from dreamcoeff import microworld as mw  # noqa: E402
+from dreamcoeff.testing import microworld as mw  # noqa: E402
 
 MODEL = str(HERE.parents[1] / "models" / "microworld-sdxl")
 BACKGROUNDS = ("green", "red", "blue", "black")

@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 
 from diffusers import StableDiffusionXLPipeline  # noqa: E402
 
-from dreamcoeff import microworld as mw  # noqa: E402
+from dreamcoeff.testing import microworld as mw  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("subject_train", "subject", "shape", "colours", "pattern", "background", "size", "position", "bg_copy")

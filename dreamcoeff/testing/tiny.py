@@ -65,6 +65,7 @@ __all__ = [
     "build_tiny_tokenizer",
     "build_tiny_pipeline",
     "save_tiny_pipeline",
+    "write_tokenizer_files",
     "tiny_unet_config",
     "tiny_vae_config",
     "tiny_scheduler_config",
@@ -358,7 +359,7 @@ def build_tiny_tokenizer_files(vocab_words: Iterable[str] | None = None) -> tupl
     return vocab, merges
 
 
-def _write_tokenizer_files(folder: Path, vocab: dict[str, int], merges: list[str]) -> None:
+def write_tokenizer_files(folder: Path, vocab: dict[str, int], merges: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
@@ -373,7 +374,7 @@ def build_tiny_tokenizer(vocab_words: Iterable[str] | None = None) -> CLIPTokeni
     """
     vocab, merges = build_tiny_tokenizer_files(vocab_words)
     with tempfile.TemporaryDirectory(prefix="dreamcoeff-tiny-tok-") as tmp:
-        _write_tokenizer_files(Path(tmp), vocab, merges)
+        write_tokenizer_files(Path(tmp), vocab, merges)
         tokenizer = CLIPTokenizer.from_pretrained(
             tmp,
             model_max_length=TINY_MAX_LENGTH,
@@ -485,5 +486,5 @@ def save_tiny_pipeline(
     pipe.save_pretrained(path, safe_serialization=True)
     vocab, merges = build_tiny_tokenizer_files(vocab_words)
     for sub in ("tokenizer", "tokenizer_2"):
-        _write_tokenizer_files(path / sub, vocab, merges)
+        write_tokenizer_files(path / sub, vocab, merges)
     return path
