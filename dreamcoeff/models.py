@@ -1,6 +1,7 @@
-"""Loading SDXL components, installing the trainable adapters, and encoding prompts.
+"""SDXL's parts: check a model folder, load its components, encode prompts the way SDXL does.
 
-Kept apart from the training loop so the sampler, the demo and the tests share one way of doing it.
+Shared by the trainer, class-image generation, validation and the sampler, so all of them read a
+model and its prompts one way.
 """
 
 from __future__ import annotations
@@ -14,11 +15,6 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger("dreamcoeff")
-
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-#: Subfolder of a ``--tuning full`` output (and checkpoint) holding the whole fine-tuned UNet.
-FULL_UNET_DIR = "unet"
 
 
 class ModelError(ValueError):
@@ -90,78 +86,6 @@ def load_components(name_or_path: str, vae_name_or_path: str | None = None, revi
     return SDXLComponents(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, noise_scheduler)
 
 
-def add_lora(unet: torch.nn.Module, rank: int, lora_alpha: int | None = None, dropout: float = 0.0) -> None:
-    """PEFT LoRA on the attention projections (to_q/k/v/out.0), as diffusers' SDXL LoRA script does."""
-    from peft import LoraConfig
-
-    unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=lora_alpha or rank, lora_dropout=dropout, init_lora_weights="gaussian",
-                   target_modules=LORA_TARGET_MODULES)
-    )
-
-
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The UNet's LoRA weights in diffusers' format (what `load_lora_weights` reads)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-
-
-def save_lora(directory: str | os.PathLike, unet: torch.nn.Module) -> Path:
-    """Write `pytorch_lora_weights.safetensors` atomically (temp file + rename)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    from .weights import atomic_write
-
-    directory = Path(directory)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
-    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"refusing to save non-finite LoRA weights (e.g. {bad[0]}): the run diverged")
-
-    def write(tmp: str) -> None:
-        tmp_dir = Path(tmp + ".d")
-        tmp_dir.mkdir()
-        try:
-            StableDiffusionXLPipeline.save_lora_weights(tmp_dir, unet_lora_layers=state, safe_serialization=True)
-            os.replace(tmp_dir / LORA_WEIGHTS_NAME, tmp)
-        finally:
-            for p in tmp_dir.glob("*"):
-                p.unlink()
-            tmp_dir.rmdir()
-
-    return atomic_write(directory / LORA_WEIGHTS_NAME, write)
-
-
-def load_lora_into_unet(unet: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load a `pytorch_lora_weights.safetensors` into a UNet that already has the adapter (resume)."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"{path}: LoRA keys that do not fit the UNet: {unexpected[:5]}")
-
-
-def load_full_unet_weights(unet: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """Copy the weights of a UNet saved with ``save_pretrained`` into ``unet`` in place (resume of
-    ``--tuning full``: the optimizer keeps referring to the same parameters)."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / "diffusion_pytorch_model.safetensors"
-    if not path.is_file():
-        raise ValueError(f"{folder}: no diffusion_pytorch_model.safetensors (not a --tuning full checkpoint)")
-    state = load_file(str(path))
-    missing, unexpected = unet.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the UNet (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
 def token_length(tokenizer, prompt: str) -> int:
     return len(tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"])
 
@@ -188,3 +112,7 @@ def encode_prompts(prompts, tokenizers, text_encoders, device) -> dict[str, tupl
             hidden.append(result.hidden_states[-2])
         out[prompt] = (torch.cat(hidden, dim=-1)[0].float().cpu(), pooled[0].float().cpu())
     return out
+
+
+# TEMPORARY-REEXPORT (removed once the trainer and sampler import from .lora)
+from .lora import FULL_UNET_DIR, LORA_WEIGHTS_NAME, add_lora, load_full_unet_weights, load_lora_into_unet, save_lora  # noqa: E402,F401

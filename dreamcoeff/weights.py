@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .io import atomic_write
 from .processor import attention_modules, coeff_modules, coeff_state_dict, install_coeff_processors, remove_coeff, unwrap_unet
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "save_coeff_weights",
     "load_coeff_weights",
     "read_coeff_file",
-    "atomic_write",
 ]
 
 COEFF_WEIGHTS_NAME = "coeff_weights.safetensors"
@@ -47,27 +47,6 @@ _DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 class CoeffWeightsError(ValueError):
     """An alpha file that cannot be saved or does not fit the model; the message says why and what to do."""
-
-
-def atomic_write(path: str | os.PathLike, write_fn) -> Path:
-    """Call `write_fn(tmp_path)` on a temporary file beside `path`, then rename it over `path`.
-
-    A crash or a failed write (full disk) never leaves a half-written file under the final name, and
-    an existing file stays intact until the new one is complete.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _metadata_strings(metadata: Mapping[str, Any] | None) -> dict[str, str]:

@@ -1,0 +1,203 @@
+"""The tuning methods (coeff, lora, coeff+lora, full): what each installs, trains, saves and loads.
+
+One small object per method answers every question the trainer, the model card and the sampler
+have about it, so no code tests method names (``"coeff" in tuning``). A method is a set of
+*parts*: alpha (Coeff-Tuning's H x H matrices), LoRA (PEFT, on the attention projections) and the
+whole UNet (full fine-tuning). Each part has one file (or folder) in an output directory and in a
+checkpoint, its own parameter group and learning rate, and its own save and load. Adding a method
+(DoRA, learned tokens) means adding a part or an entry to `METHODS`, not editing the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .lora import FULL_UNET_DIR, LORA_WEIGHTS_NAME, add_lora, load_full_unet_weights, load_lora_into_unet, save_lora
+from .processor import apply_coeff, coeff_parameters
+from .weights import COEFF_WEIGHTS_NAME, load_coeff_weights, save_coeff_weights
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+
+    from .train.config import TrainConfig
+
+__all__ = ["ARTIFACTS", "METHODS", "Artifact", "TuningMethod", "artifacts_in", "get_method"]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A trained part's file (or folder) inside an output directory or a checkpoint.
+
+    Attributes:
+        kind: ``"alpha"``, ``"lora"`` or ``"unet"``.
+        name: the file or folder name.
+        marker: for a folder, the file that must be inside it for the folder to count.
+    """
+
+    kind: str
+    name: str
+    marker: str | None = None
+
+    def find(self, folder: str | Path) -> Path | None:
+        """The artifact's path in `folder` if it is there (a folder only with its marker), else None."""
+        path = Path(folder) / self.name
+        found = (path / self.marker).is_file() if self.marker else path.is_file()
+        return path if found else None
+
+
+ALPHA = Artifact("alpha", COEFF_WEIGHTS_NAME)
+LORA = Artifact("lora", LORA_WEIGHTS_NAME)
+FULL_UNET = Artifact("unet", FULL_UNET_DIR, marker="config.json")
+#: Every kind of trained file, in the order the sampler and the trainer report them.
+ARTIFACTS: tuple[Artifact, ...] = (ALPHA, LORA, FULL_UNET)
+
+
+def artifacts_in(folder: str | Path) -> list[tuple[str, Path]]:
+    """``(kind, path)`` of every trained file in a training output folder (or checkpoint)."""
+    return [(a.kind, path) for a in ARTIFACTS if (path := a.find(folder)) is not None]
+
+
+@dataclass(frozen=True)
+class TuningMethod:
+    """One ``--tuning`` choice.
+
+    Attributes:
+        name: the flag value (``coeff``, ``lora``, ``coeff+lora``, ``full``).
+        title_template: its human name, with ``{rank}`` for the LoRA rank.
+        coeff: trains Coeff-Tuning's alpha.
+        lora: trains LoRA on the attention projections.
+        full: trains every UNet weight.
+    """
+
+    name: str
+    title_template: str
+    coeff: bool = False
+    lora: bool = False
+    full: bool = False
+
+    # ---- what it is -------------------------------------------------------------------------------
+
+    def title(self, rank: int) -> str:
+        """A human name for model cards and summaries, e.g. ``Coeff-Tuning + LoRA rank 4``."""
+        return self.title_template.format(rank=rank)
+
+    @property
+    def artifacts(self) -> tuple[Artifact, ...]:
+        """The files this method writes into an output folder and a checkpoint."""
+        return tuple(a for a, on in ((ALPHA, self.coeff), (LORA, self.lora), (FULL_UNET, self.full)) if on)
+
+    @property
+    def weights_label(self) -> str:
+        """What ``--learning_rate`` trains for this method (model card)."""
+        return "UNet" if self.full else "LoRA"
+
+    @property
+    def tags(self) -> list[str]:
+        """Model-card tags beyond the common ones."""
+        return ["lora"] if self.lora else []
+
+    def unet_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the UNet is held in: full fine-tuning keeps float32 master weights (accelerate
+        autocasts the forward); adapters train in float32 on a UNet frozen in `weight_dtype`."""
+        return torch.float32 if self.full else weight_dtype
+
+    # ---- training -----------------------------------------------------------------------------------
+
+    def install(self, unet: UNet2DConditionModel, cfg: TrainConfig) -> None:
+        """Add this method's trainable parts to a frozen UNet (adapters in float32)."""
+        if self.lora:
+            add_lora(unet, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
+            for p in unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        if self.coeff:
+            targets = ("attn1", "attn2") if cfg.coeff_targets == "both" else (cfg.coeff_targets,)
+            apply_coeff(unet, targets=targets, dropout=cfg.coeff_dropout, chunk_size=cfg.coeff_chunk_size)
+        if self.full:
+            unet.requires_grad_(True)
+
+    def trainable_parameters(self, unet: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """``(alpha parameters, weight parameters)``: the weights are LoRA's A/B matrices, or every
+        UNet weight with full fine-tuning (the ``--learning_rate`` group)."""
+        coeff = coeff_parameters(unet) if self.coeff else []
+        ids = {id(p) for p in coeff}
+        weights = [p for p in unet.parameters() if p.requires_grad and id(p) not in ids]
+        return coeff, weights
+
+    def parameter_groups(self, unet: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+        """Optimizer groups: alpha with ``--coeff_lr`` and no weight decay (decay would pull it to
+        the base model), the weights with ``--learning_rate`` and ``--adam_weight_decay``."""
+        coeff, weights = self.trainable_parameters(unet)
+        groups = []
+        if coeff:
+            groups.append({"params": coeff, "lr": cfg.coeff_lr, "weight_decay": 0.0})
+        if weights:
+            groups.append({"params": weights, "lr": cfg.learning_rate, "weight_decay": cfg.adam_weight_decay})
+        return groups
+
+    # ---- files --------------------------------------------------------------------------------------
+
+    def save(self, unet: torch.nn.Module, folder: str | Path, metadata: Mapping[str, Any] | None = None) -> list[Path]:
+        """Write every trained part into `folder` (each file atomically); returns their paths.
+
+        `metadata` goes into the alpha file's header (the final files carry the training arguments).
+        """
+        folder = Path(folder)
+        written = []
+        if self.coeff:
+            written.append(save_coeff_weights(folder / COEFF_WEIGHTS_NAME, unet, metadata))
+        if self.lora:
+            written.append(save_lora(folder, unet))
+        if self.full:
+            unet.save_pretrained(folder / FULL_UNET_DIR, safe_serialization=True)
+            written.append(folder / FULL_UNET_DIR)
+        return written
+
+    def load(self, unet: torch.nn.Module, folder: str | Path) -> None:
+        """Copy the parts saved in `folder` (a checkpoint) into the installed ones, in place, so an
+        optimizer built on them keeps referring to the same parameters."""
+        folder = Path(folder)
+        if self.coeff:
+            load_coeff_weights(unet, folder / COEFF_WEIGHTS_NAME)
+            for p in coeff_parameters(unet):
+                p.requires_grad_(True)
+        if self.lora:
+            load_lora_into_unet(unet, folder / LORA_WEIGHTS_NAME)
+        if self.full:
+            load_full_unet_weights(unet, folder / FULL_UNET_DIR)
+
+    def load_lines(self, out: str | Path) -> list[str]:
+        """Python lines that load this method's files into a `pipe` (model card)."""
+        lines = []
+        if self.coeff:
+            lines.append(f'load_coeff_weights(pipe, "{out}")  # alpha, strength 1.0')
+        if self.lora:
+            lines.append(f'pipe.load_lora_weights("{out}")')
+        if self.full:
+            lines.append(f'pipe.unet = UNet2DConditionModel.from_pretrained("{out}", subfolder="{FULL_UNET_DIR}", '
+                         'torch_dtype=torch.float16).to("cuda")')
+        return lines
+
+
+METHODS: dict[str, TuningMethod] = {
+    m.name: m
+    for m in (
+        TuningMethod("coeff", "Coeff-Tuning (alpha)", coeff=True),
+        TuningMethod("lora", "LoRA rank {rank}", lora=True),
+        TuningMethod("coeff+lora", "Coeff-Tuning + LoRA rank {rank}", coeff=True, lora=True),
+        TuningMethod("full", "full UNet fine-tuning", full=True),
+    )
+}
+
+
+def get_method(name: str) -> TuningMethod:
+    """The method of a ``--tuning`` value; a ValueError lists the choices for an unknown one."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown tuning method {name!r}: use one of {', '.join(METHODS)}") from None
