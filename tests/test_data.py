@@ -1,4 +1,4 @@
-"""Tests for dreamcoeff.data: image discovery/decoding, captions, buckets, augmentation, batching.
+"""Tests for dreamcoeff.train.data: image discovery/decoding, captions, buckets, augmentation, batching.
 
 All test images are generated with PIL in tmp_path, except the last tests, which read the real
 DreamBooth photos from ../shared/dreambooth (skipped when that folder is absent).
@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamcoeff.data import (
+from dreamcoeff.train.data import (
     IMAGE_EXTENSIONS,
     BadImageError,
     BucketBatchSampler,

@@ -2,8 +2,8 @@
 
 docs/RELIABILITY.md lists every case with what the trainer does; each has a test here (or names the one
 elsewhere that covers it). The kill tests run the real entry point in a subprocess and SIGKILL it: at random
-moments, in the middle of a checkpoint (the test-only DREAMCOEFF_TEST_SLOW_CHECKPOINT pause makes that moment
-long enough to hit), and between the final weights and the model card; then `--resume_from_checkpoint latest`
+moments, in the middle of a checkpoint (tests/pausing_entry.py, the entry point with pauses wrapped around
+the trainer's writes, makes that moment long enough to hit), and between the final weights and the model card; then `--resume_from_checkpoint latest`
 must end with the weights of an uninterrupted run.
 """
 
@@ -31,12 +31,14 @@ import torch
 from PIL import Image
 
 from dreamcoeff import load_coeff_weights, read_coeff_file
-from dreamcoeff.training import COMPLETE_NAME, TEST_PAUSE_ENV, list_checkpoints, main
+from dreamcoeff.train import COMPLETE_NAME, list_checkpoints, main
 from dreamcoeff.weights import MAX_HEADER_BYTES, CoeffWeightsError
 from tests.helpers import make_images
+from tests.pausing_entry import TEST_PAUSE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "train_dreambooth_coeff.py"
+PAUSING_ENTRY = REPO / "tests" / "pausing_entry.py"  # the same trainer, with pauses where kills hurt most
 COEFF = "coeff_weights.safetensors"
 LORA = "pytorch_lora_weights.safetensors"
 
@@ -104,12 +106,13 @@ def _free_port() -> int:
 
 
 def _spawn(argv, log: Path, processes: int = 1, pause: float | None = None) -> subprocess.Popen:
+    entry = PAUSING_ENTRY if pause else ENTRY
     if processes == 1:
-        cmd = [sys.executable, str(ENTRY), *argv]
+        cmd = [sys.executable, str(entry), *argv]
     else:  # --multi_gpu picks torchrun; without CUDA the trainer runs its ranks on the CPU with gloo
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(ENTRY), *argv]
+               "--main_process_port", str(_free_port()), str(entry), *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop(TEST_PAUSE_ENV, None)
     if pause:
@@ -342,12 +345,12 @@ def test_leftovers_of_a_killed_run_are_never_resumed_and_are_cleaned(tiny_pipeli
 @pytest.mark.slow
 def test_checkpoint_limit_deletes_old_ones_only_after_the_new_one_is_complete(tiny_pipeline_dir, tmp_path, monkeypatch,
                                                                                 capsys):
-    import dreamcoeff.training as training
+    import dreamcoeff.train.checkpoints as checkpoints
 
     inst = _make_images(tmp_path / "inst")
     out = tmp_path / "out"
     events = []
-    real_prune = training._prune_checkpoints
+    real_prune = checkpoints.prune_checkpoints
 
     def spy(folder, limit, keep=None):
         # called once the new checkpoint is renamed into place: it is complete, and it must survive
@@ -356,7 +359,7 @@ def test_checkpoint_limit_deletes_old_ones_only_after_the_new_one_is_complete(ti
         assert keep.is_dir()
         events.append(_steps(folder))
 
-    monkeypatch.setattr(training, "_prune_checkpoints", spy)
+    monkeypatch.setattr(checkpoints, "prune_checkpoints", spy)
     argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", 4, "--checkpointing_steps", 1,
                  "--checkpoints_total_limit", 2)
     assert main(argv) == 0
@@ -390,12 +393,12 @@ def test_checkpoint_limit_deletes_old_ones_only_after_the_new_one_is_complete(ti
 
 
 def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
-    from dreamcoeff.training import _prune_checkpoints
+    from dreamcoeff.train.checkpoints import prune_checkpoints
 
     for step in (2, 5, 6, 3):  # resumed from checkpoint-2 while 5 and 6 exist: 3 is the one just written
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "dreamcoeff_state.json").write_text("{}")
-    _prune_checkpoints(tmp_path, 1, keep=tmp_path / "checkpoint-3")
+    prune_checkpoints(tmp_path, 1, keep=tmp_path / "checkpoint-3")
     assert _steps(tmp_path) == [3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
 
@@ -439,10 +442,10 @@ def test_failed_final_write_leaves_previous_files_intact(tiny_pipeline_dir, tmp_
 
 def _inject_nan(monkeypatch, *, loss_steps=(), grad_steps=()):
     """NaN loss (UNet output) on the given optimizer steps, NaN alpha gradients on others (batch 1)."""
-    import dreamcoeff.training as training
+    import dreamcoeff.methods as methods
 
     counter = {"step": 0}
-    real_apply = training.apply_coeff
+    real_apply = methods.apply_coeff
 
     def apply_and_hook(unet, **kw):
         real_apply(unet, **kw)
@@ -454,10 +457,10 @@ def _inject_nan(monkeypatch, *, loss_steps=(), grad_steps=()):
             return output
 
         unet.register_forward_hook(on_forward)
-        for p in training.coeff_parameters(unet):
+        for p in methods.coeff_parameters(unet):
             p.register_hook(lambda g: g * float("nan") if counter["step"] in grad_steps else g)
 
-    monkeypatch.setattr(training, "apply_coeff", apply_and_hook)
+    monkeypatch.setattr(methods, "apply_coeff", apply_and_hook)
     return counter
 
 
@@ -627,10 +630,10 @@ def _noise_jpeg(path: Path, size=64) -> bytes:
 
 
 def _emulate_permissions(monkeypatch) -> None:
-    """Root reads files without read permission; make dreamcoeff.data's open() refuse them as for a user."""
+    """Root reads files without read permission; make dreamcoeff.train.data.images' open() refuse them as for a user."""
     if os.geteuid() != 0:
         return
-    import dreamcoeff.data as data_lib
+    import dreamcoeff.train.data.images as data_lib
 
     def open_(file, mode="r", *a, **k):
         if "r" in mode and os.stat(file).st_mode & 0o444 == 0:
@@ -721,8 +724,8 @@ def _odd_but_valid_images(folder: Path) -> None:
 
 @pytest.mark.slow
 def test_odd_but_valid_inputs_train(tiny_pipeline_dir, tmp_path, monkeypatch, caplog):
-    import dreamcoeff.data as data_lib
-    import dreamcoeff.training as training
+    import dreamcoeff.train.data as data_lib
+    import dreamcoeff.train.loop as training
 
     inst = tmp_path / "inst"
     _odd_but_valid_images(inst)

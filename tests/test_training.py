@@ -12,8 +12,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from dreamcoeff import load_coeff_weights, read_coeff_file
-from dreamcoeff.config import UsageError, parse_args
-from dreamcoeff.training import list_checkpoints, main
+from dreamcoeff.train.config import UsageError, parse_args
+from dreamcoeff.train import list_checkpoints, main
 from tests.helpers import make_images as _make_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def _final_weights(out: Path) -> dict:
 
 def _run_killed_after_checkpoint(monkeypatch, kill_step: int, argv: list[str]) -> None:
     """Run the trainer and simulate a kill right after checkpoint-``kill_step`` is written."""
-    import dreamcoeff.training as training
+    import dreamcoeff.train.loop as training
 
     real_save = training.save_checkpoint
 
@@ -207,7 +207,7 @@ def test_prior_preservation_generates_and_reuses_class_images(tiny_pipeline_dir,
 @pytest.mark.slow
 def test_aspect_buckets_keep_portrait_and_landscape(tiny_pipeline_dir, tmp_path, monkeypatch):
     inst = _make_images(tmp_path / "inst", sizes=((64, 128), (128, 64), (96, 48)))
-    import dreamcoeff.data as data_lib
+    import dreamcoeff.train.data as data_lib
 
     seen = []
     real = data_lib.collate_examples

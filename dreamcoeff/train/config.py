@@ -14,6 +14,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..methods import METHODS
+
 
 class UsageError(ValueError):
     """A bad flag, flag combination or config file; the message says what to change."""
@@ -52,7 +54,7 @@ class TrainConfig:
     dataloader_num_workers: int = _f(0, "data loading worker processes", DATA)
 
     # method
-    tuning: str = _f("coeff", "what to train: Coeff-Tuning alpha, LoRA, both, or every UNet weight (full fine-tuning, the DreamBooth paper's baseline)", METHOD, choices=("coeff", "lora", "coeff+lora", "full"))
+    tuning: str = _f("coeff", "what to train: Coeff-Tuning alpha, LoRA, both, or every UNet weight (full fine-tuning, the DreamBooth paper's baseline)", METHOD, choices=tuple(METHODS))
     coeff_targets: str = _f("both", "attention modules that get alpha: self- (attn1), cross- (attn2) or both", METHOD, choices=("attn1", "attn2", "both"))
     coeff_dropout: float = _f(0.1, "coefficient dropout on alpha's elements (the paper's ablation found 0.1-0.2 best)", METHOD)
     coeff_lr: float = _f(1e-3, "learning rate of alpha (its own param group)", METHOD)

@@ -1,0 +1,94 @@
+"""What a finished run tells its user: the model card (`README.md` of the output) and the summary.
+
+`TrainResult` is what `train()` returns; the card and the summary are made from it and the config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..io import atomic_write
+from ..methods import get_method
+from .config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    """Where a run's files went and what it cost."""
+
+    output_dir: Path
+    global_step: int
+    trainable_parameters: int
+    unet_parameters: int
+    wall_time_s: float
+    peak_memory_bytes: int
+    files: list[Path] = field(default_factory=list)
+    final_loss: float | None = None
+
+
+def write_model_card(cfg: TrainConfig, out: Path, result: TrainResult, validation: list[Path]) -> Path:
+    """Write the run's `README.md`: method, trainable parameters, settings, how to load, images."""
+    method = get_method(cfg.tuning)
+    title = method.title(cfg.rank)
+    share = 100.0 * result.trainable_parameters / max(1, result.unet_parameters)
+    load = method.load_lines(out)
+    images = "\n".join(f"![{p.name}]({p.relative_to(out).as_posix()})" for p in validation[:8]) or "(no validation prompt given)"
+    text = f"""---
+base_model: {cfg.pretrained_model_name_or_path}
+library_name: diffusers
+tags: [{', '.join(['stable-diffusion-xl', 'dreambooth', 'coeff-tuning', 'dreamcoeff'] + method.tags)}]
+instance_prompt: {json.dumps(cfg.instance_prompt)}
+---
+
+# {title} DreamBooth of `{cfg.pretrained_model_name_or_path}`
+
+Trained with [dreamcoeff](https://pypi.org/project/dreamcoeff/) on the images in `{cfg.instance_data_dir}`.
+
+| | |
+|---|---|
+| method | {title} |
+| instance prompt | `{cfg.instance_prompt}` |
+| trainable parameters | {result.trainable_parameters:,} ({share:.4f}% of the UNet's {result.unet_parameters:,}) |
+| steps | {result.global_step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |
+| learning rates | alpha {cfg.coeff_lr}, {method.weights_label} {cfg.learning_rate} ({cfg.lr_scheduler}) |
+| coeff targets / dropout | {cfg.coeff_targets} / {cfg.coeff_dropout} |
+| resolution | {cfg.resolution} ({'square crops' if cfg.square_crop or cfg.with_prior_preservation else 'aspect buckets'}) |
+| prior preservation | {f'yes: {cfg.class_prompt!r}, weight {cfg.prior_loss_weight}' if cfg.with_prior_preservation else 'no'} |
+| mixed precision | {cfg.mixed_precision or 'no'} |
+| wall time | {result.wall_time_s:.0f} s |
+
+## Use
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from dreamcoeff import load_coeff_weights
+
+pipe = StableDiffusionXLPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
+{chr(10).join(load)}
+image = pipe({json.dumps(cfg.instance_prompt or 'a photo of sks dog')}, cross_attention_kwargs={{"coeff_scale": 1.0}}).images[0]
+```
+
+## Validation images
+
+{images}
+"""
+    return atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def print_summary(result: TrainResult, step_times: list[float]) -> None:
+    """The end-of-run summary on stdout: steps, speed, parameters, time, memory, files."""
+    share = 100.0 * result.trainable_parameters / max(1, result.unet_parameters)
+    speed = (len(step_times) / sum(step_times)) if step_times else 0.0
+    lines = [
+        "",
+        "dreamcoeff: training finished",
+        f"  steps              {result.global_step} ({speed:.2f} steps/s)",
+        f"  trainable params   {result.trainable_parameters:,} ({share:.4f}% of the UNet)",
+        f"  wall time          {result.wall_time_s:.1f} s",
+        f"  peak memory        {result.peak_memory_bytes / 2**30:.2f} GiB",
+        f"  output             {result.output_dir}",
+    ] + [f"    {p.name}" for p in result.files]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,234 @@
+"""The output folder and its checkpoints: refuse or clean a previous run, save, find, resume, prune.
+
+A checkpoint is written as ``checkpoint-N.tmp``, flushed, and renamed to ``checkpoint-N`` only when
+complete; deleted ones are renamed aside first. So a kill at any moment never leaves a folder that
+``--resume_from_checkpoint latest`` would take, and the completion record (``COMPLETE_NAME``) is
+written last, once every final file is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..io import fsync_dir, fsync_tree, remove_aside, replace_path
+from ..methods import ARTIFACTS
+from ..weights import CoeffWeightsError
+from .config import TrainConfig, UsageError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ..methods import TuningMethod
+
+logger = logging.getLogger("dreamcoeff")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Leftovers of an interrupted write: a checkpoint being written or deleted, an atomic_write temp file.
+_LEFTOVER_RE = re.compile(r"^(checkpoint-\d+\.(tmp|old)|\..+\.tmp(\.d)?)$")
+STATE_NAME = "dreamcoeff_state.json"
+COMPLETE_NAME = "dreamcoeff_complete.json"
+# Arguments that may change between a run and its resumption without changing what is trained.
+_VOLATILE_ARGS = {"resume_from_checkpoint", "overwrite_output_dir", "report_to", "logging_dir", "dataloader_num_workers"}
+# Arguments that fix the shape of the trainable weights: a checkpoint cannot be resumed with others.
+# (Another base model only gets a warning: the same model may live under another path now.)
+_STRUCTURAL_ARGS = ("tuning", "coeff_targets", "rank", "lora_alpha")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (diverged, nothing to resume, disk full); the message says what to do."""
+
+
+def has_previous_run(out: Path) -> bool:
+    """Whether `out` holds another run's files (arguments, weights, completion record, checkpoints)."""
+    markers = ["args.json", COMPLETE_NAME] + [a.name for a in ARTIFACTS if a.marker is None]
+    return out.is_dir() and (any((out / m).exists() for m in markers) or bool(list_checkpoints(out)))
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (`checkpoint-N`, never the `.tmp` of one being written), oldest first."""
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_NAME).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint ``--resume_from_checkpoint`` names (``latest`` or a folder), or None."""
+    if not cfg.resume_from_checkpoint:
+        return None
+    if cfg.resume_from_checkpoint == "latest":
+        found = list_checkpoints(out)
+        if not found:
+            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s; starting a new run", out)
+            return None
+        return found[-1][1]
+    path = Path(cfg.resume_from_checkpoint)
+    if not path.is_absolute() and not path.exists():
+        path = out / path
+    if not (path / STATE_NAME).is_file():
+        raise UsageError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: {path} is not a complete dreamcoeff checkpoint")
+    return path
+
+
+def prune_checkpoints(out: Path, limit: int | None, keep: Path | None = None) -> None:
+    """Delete the oldest checkpoints beyond `limit`, never `keep` (the one just written). Each is
+    renamed aside first, so a kill mid-delete never leaves a half-deleted folder under a name that
+    `list_checkpoints` accepts."""
+    if not limit:
+        return
+    others = [path for _, path in list_checkpoints(out) if path != keep]
+    excess = len(others) + (keep is not None) - limit
+    for path in others[: max(0, excess)]:
+        remove_aside(path)
+
+
+def clean_output_dir(out: Path, drop_checkpoints: bool) -> None:
+    """Remove what interrupted runs leave behind (checkpoints being written or deleted, temp files
+    of atomic writes) and the completion marker of the run about to be continued or replaced; with
+    `drop_checkpoints` (--overwrite_output_dir without resuming) also the replaced run's checkpoints,
+    so that a later `--resume_from_checkpoint latest` can never continue the old run."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if _LEFTOVER_RE.match(p.name):
+            logger.info("removing %s, left by an interrupted run", p)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if drop_checkpoints:
+        for _, path in list_checkpoints(out):
+            logger.info("--overwrite_output_dir: removing %s of the previous run", path)
+            remove_aside(path)
+    (out / COMPLETE_NAME).unlink(missing_ok=True)
+
+
+def _comparable_args(args: dict) -> dict:
+    return {k: v for k, v in args.items() if k not in _VOLATILE_ARGS}
+
+
+def check_resume_args(cfg: TrainConfig, checkpoint: Path) -> None:
+    """Refuse a checkpoint whose trainable weights have another shape; warn about other changes."""
+    saved_file = checkpoint / "args.json"
+    if not saved_file.is_file():
+        return
+    try:
+        saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    now = json.loads(cfg.to_json())
+    clash = [f"--{k} {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in _STRUCTURAL_ARGS
+             if k in saved and saved.get(k) != now.get(k)]
+    if clash:
+        raise UsageError(f"cannot resume from {checkpoint}: it was trained with other settings ("
+                         + "; ".join(clash) + "). Use the same flags, or start a new --output_dir")
+    changed = sorted(k for k, v in _comparable_args(now).items() if k in saved and saved[k] != v)
+    if changed:
+        logger.warning("resuming from %s with changed settings: %s; the result will differ from an "
+                       "uninterrupted run with the original ones", checkpoint, ", ".join(f"--{k}" for k in changed))
+
+
+def completed_run(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
+    """The completion record of a finished run in `out` with the same arguments, else None."""
+    try:
+        record = json.loads((out / COMPLETE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if _comparable_args(record.get("args", {})) != _comparable_args(json.loads(cfg.to_json())):
+        return None
+    if not all((out / name).is_file() for name in record.get("files", [])):
+        return None
+    return record
+
+
+def write_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write (save_coeff_weights wraps it in a CoeffWeightsError)."""
+    return exc if isinstance(exc, OSError) else exc.__cause__ if isinstance(exc.__cause__, OSError) else None
+
+
+def write_failed_message(out: Path, exc: OSError) -> str:
+    """What to tell the user when the final files could not be written."""
+    return (f"could not write the final files in {out}: {exc.strerror or exc}. Files already there are intact "
+            "(each is written under a temporary name, then renamed); free some space and rerun with "
+            "--resume_from_checkpoint latest")
+
+
+def register_hooks(accelerator: Accelerator, method: TuningMethod, cfg: TrainConfig) -> None:
+    """Make accelerate's save_state / load_state write and read only the trained parts (never the
+    multi-GB frozen UNet), plus the run's arguments."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                method.save(accelerator.unwrap_model(model), output_dir)
+            (Path(output_dir) / "args.json").write_text(cfg.to_json(), encoding="utf-8")
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            method.load(accelerator.unwrap_model(models.pop()), input_dir)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, limit: int | None) -> Path:
+    """accelerate state + trained parts into `checkpoint-N.tmp`, flushed to disk, then renamed: a
+    kill mid-write never leaves a folder that `latest` would pick. Old checkpoints go only after the
+    new one is complete, and the new one is never among them. A failed write (full disk) removes the
+    partial folder and stops the run with a `TrainingError`; the earlier checkpoints are intact."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f"checkpoint-{step}.tmp"
+    try:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE_NAME).write_text(json.dumps({"global_step": step}))
+            fsync_tree(tmp)
+            # resumed from an earlier checkpoint: this step is being redone, the old copy goes aside
+            replace_path(tmp, final, aside=final.with_name(final.name + ".old"))
+            fsync_dir(out)
+            prune_checkpoints(out, limit, keep=final)
+    except (OSError, CoeffWeightsError) as exc:
+        cause = write_error(exc)
+        if cause is None:
+            raise
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(
+            f"could not write checkpoint {final}: {cause.strerror or cause}. The earlier checkpoints are intact; "
+            "free some space and rerun with --resume_from_checkpoint latest"
+        ) from exc
+    accelerator.wait_for_everyone()
+    return final
+
+
+def stage_final_files(method: TuningMethod, unet, out: Path, metadata: dict[str, Any]) -> list[Path]:
+    """Write every final weight file in full beside the output first, then rename all into place:
+    a failed write (full disk) leaves the previous run's files intact and matching."""
+    staging = out / ".final.tmp.d"
+    files = []
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for path in method.save(unet, staging, metadata):
+            replace_path(path, out / path.name)
+            files.append(out / path.name)
+        fsync_dir(out)
+    except (OSError, CoeffWeightsError) as exc:
+        if write_error(exc) is None:
+            raise
+        raise TrainingError(write_failed_message(out, write_error(exc))) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return files

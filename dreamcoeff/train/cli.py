@@ -1,0 +1,32 @@
+"""The trainer's command line: parse flags, run, and turn bad input into one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ..models import ModelError
+from ..weights import CoeffWeightsError
+from .checkpoints import TrainingError
+from .config import UsageError, parse_args
+from .data import DataError
+from .loop import train
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `train_dreambooth_coeff.py`, `dreamcoeff-train` and `python -m dreamcoeff.train`."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for noisy in ("diffusers", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = parse_args(argv)
+        train(cfg)
+    except (UsageError, DataError, ModelError, CoeffWeightsError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        if "xformers" in str(exc) or "bitsandbytes" in str(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    return 0

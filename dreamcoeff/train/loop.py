@@ -1,0 +1,422 @@
+"""The DreamBooth training loop for SDXL, in phases: preflight, build, data, optimizer, steps, finalize.
+
+`train(cfg)` runs one training of any tuning method (`methods.get_method(cfg.tuning)` says what is
+trained, saved and loaded) through one code path. Every random draw of a step (noise, timesteps,
+VAE sampling, dropout) is seeded from (seed, micro-step, rank), and data order and augmentation from
+(seed, epoch): a resumed run sees exactly what an uninterrupted one would, and ends with the same
+weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import atomic_write
+from ..methods import get_method
+from ..models import encode_prompts, load_components
+from ..processor import set_coeff_attention_impl, set_plain_attention_backend
+from . import data
+from .card import TrainResult, print_summary, write_model_card
+from .checkpoints import (
+    COMPLETE_NAME,
+    STATE_NAME,
+    TrainingError,
+    check_resume_args,
+    clean_output_dir,
+    completed_run,
+    has_previous_run,
+    list_checkpoints,
+    register_hooks,
+    resolve_resume,
+    save_checkpoint,
+    stage_final_files,
+    write_failed_message,
+)
+from .config import TrainConfig, UsageError
+from .step import denoising_loss, encode_latents, with_class_batch
+from .validation import ensure_class_images, run_validation
+
+logger = logging.getLogger("dreamcoeff")
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: allocated CUDA memory on a GPU, the process's max RSS elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def usable_trackers(report_to: str) -> list[str] | None:
+    """The --report_to trackers that are installed (a missing one is noted, not fatal)."""
+    if report_to in (None, "", "none"):
+        return None
+    wanted = ["tensorboard", "wandb"] if report_to == "all" else [report_to]
+    usable = []
+    for name in wanted:
+        try:
+            __import__(name)
+            usable.append(name)
+        except ImportError:
+            logger.info("--report_to %s: %s is not installed, logging to the console only", report_to, name)
+    return usable or None
+
+
+def select_attention_impl(impl: str, device: torch.device, unet: torch.nn.Module) -> None:
+    """--coeff_attention_impl: refused up front where the kernel cannot run on `device`, else set on
+    this UNet (`set_coeff_attention_impl`) as what its coeff layers run where A != I, so validation
+    pipelines built on the same UNet use it too. Call after the method's `install` (later processors
+    get it from the UNet as well)."""
+    if impl == "triton":
+        from ..attention.triton_kernels import triton_unavailable_reason  # lazy: triton is optional
+
+        reason = triton_unavailable_reason(torch.device(device))
+        if reason is not None:
+            raise UsageError(f"--coeff_attention_impl triton: {reason}; or drop the flag (chunked PyTorch runs everywhere)")
+    if impl == "cpu_fused":
+        from ..attention.cpu_kernel import unavailable_reason
+
+        reason = unavailable_reason(torch.device(device))
+        if reason is not None:
+            raise UsageError(f"--coeff_attention_impl cpu_fused: {reason}; or drop the flag")
+    set_coeff_attention_impl(unet, impl)
+
+
+class Trainer:
+    """One run's state, built phase by phase; `train()` calls the phases in order."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.method = get_method(cfg.tuning)
+        self.out = Path(cfg.output_dir)
+        self.started = time.time()
+        self.global_step = 0
+        self.validation_paths: list[Path] = []
+        self.step_times: list[float] = []
+        self.last_loss: float | None = None
+
+    # ---- preflight: cheap checks before loading gigabytes of model ---------------------------------
+
+    def preflight(self) -> TrainResult | None:
+        """Refuse a folder holding another run; a completed identical run returns its result (nothing
+        to do); check the data and the checkpoint to resume."""
+        cfg, out = self.cfg, self.out
+        resuming = bool(cfg.resume_from_checkpoint)
+        if has_previous_run(out) and not (cfg.overwrite_output_dir or resuming):
+            raise UsageError(
+                f"--output_dir {out} holds a previous run; pass --overwrite_output_dir to replace it, "
+                "--resume_from_checkpoint latest to continue it, or choose another --output_dir"
+            )
+        if resuming and cfg.resume_from_checkpoint == "latest":
+            record = completed_run(cfg, out)
+            if record is not None:
+                logger.info("%s holds a completed run with these arguments (%d steps): nothing to do",
+                            out, record["global_step"])
+                print(f"dreamcoeff: {out} is already complete ({record['global_step']} steps); nothing to do", flush=True)
+                return TrainResult(out, int(record["global_step"]), int(record.get("trainable_parameters", 0)),
+                                   int(record.get("unet_parameters", 0)), time.time() - self.started, 0,
+                                   [out / name for name in record.get("files", [])], record.get("final_loss"))
+        self.instance_paths = data.list_images(cfg.instance_data_dir, what="instance")
+        self.resume_path = resolve_resume(cfg, out)
+        if self.resume_path is not None:
+            check_resume_args(cfg, self.resume_path)
+        return None
+
+    # ---- build: processes, models, trainable parts --------------------------------------------------
+
+    def build_accelerator(self) -> None:
+        """accelerate's Accelerator (gloo on CPU-only multi-process launches); clean the output folder."""
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        cfg, out = self.cfg, self.out
+        # `accelerate launch --multi_gpu` (torchrun) on a machine without CUDA: run the processes on
+        # the CPU with gloo instead of silently training N independent single-process copies.
+        cpu_distributed = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.accelerator = Accelerator(
+            cpu=cpu_distributed,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=cfg.mixed_precision,
+            log_with=usable_trackers(cfg.report_to),
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
+        )
+        if self.accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            clean_output_dir(out, drop_checkpoints=cfg.overwrite_output_dir and self.resume_path is None)
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        torch.manual_seed(cfg.seed)
+
+    def build_models(self) -> None:
+        """Load SDXL, freeze it in the mixed-precision dtype, install the method's trainable parts."""
+        cfg, accelerator = self.cfg, self.accelerator
+        components = load_components(cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path,
+                                     cfg.revision, cfg.variant)
+        self.components = components
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        self.device = accelerator.device
+        unet, vae = components.unet, components.vae
+        for model in (unet, vae, components.text_encoder, components.text_encoder_2):
+            model.requires_grad_(False)
+        # The SDXL VAE overflows in fp16 (NaN latents): keep it in float32 unless a fixed VAE is given.
+        vae.to(self.device, dtype=torch.float32 if cfg.pretrained_vae_model_name_or_path is None else self.weight_dtype)
+        unet.to(self.device, dtype=self.method.unet_dtype(self.weight_dtype))
+        components.text_encoder.to(self.device, dtype=self.weight_dtype)
+        components.text_encoder_2.to(self.device, dtype=self.weight_dtype)
+
+        self.class_paths: list[Path] = []
+        if cfg.with_prior_preservation:
+            self.class_paths = ensure_class_images(cfg, components, accelerator)
+
+        self.method.install(unet, cfg)
+        if cfg.enable_xformers_memory_efficient_attention:
+            set_plain_attention_backend(unet, "xformers")
+        select_attention_impl(cfg.coeff_attention_impl, accelerator.device, unet)
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        self.unet, self.vae = unet, vae
+        self.coeff_params, self.weight_params = self.method.trainable_parameters(unet)
+        self.trainable = sum(p.numel() for p in self.coeff_params + self.weight_params)
+        self.unet_total = sum(p.numel() for p in unet.parameters())
+
+    def build_data(self) -> None:
+        """Dataset, bucketed batch sampler and loader; every caption encoded once (frozen encoders)."""
+        cfg = self.cfg
+        # Prior preservation uses square crops so instance and class images share a batch.
+        use_buckets = not (cfg.square_crop or cfg.with_prior_preservation)
+        self.dataset = data.DreamBoothDataset(
+            self.instance_paths, cfg.instance_prompt or "", resolution=cfg.resolution, class_images=self.class_paths,
+            class_prompt=cfg.class_prompt, caption_ext=cfg.caption_ext, center_crop=cfg.center_crop,
+            random_flip=cfg.random_flip, use_buckets=use_buckets, repeats=cfg.repeats, seed=cfg.seed,
+            skip_bad_images=cfg.skip_bad_images, warn=logger.warning,
+        )
+        self.sampler = data.BucketBatchSampler(self.dataset, cfg.train_batch_size, seed=cfg.seed,
+                                               indices=self.dataset.instance_indices)
+        self.dataloader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
+                                                      collate_fn=data.collate_examples,
+                                                      num_workers=cfg.dataloader_num_workers)
+        c = self.components
+        captions = [ex.caption for ex in self.dataset.examples]
+        self.embeddings = encode_prompts(captions, [c.tokenizer, c.tokenizer_2], [c.text_encoder, c.text_encoder_2],
+                                         self.device)
+
+    def build_optimizer(self) -> None:
+        """AdamW (or bitsandbytes' 8-bit AdamW) over the method's parameter groups; the schedule."""
+        from diffusers.optimization import get_scheduler
+
+        cfg, accelerator = self.cfg, self.accelerator
+        groups = self.method.parameter_groups(self.unet, cfg)
+        if cfg.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError as exc:
+                raise UsageError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`, or drop the flag") from exc
+            optimizer_cls = bnb.optim.AdamW8bit
+        else:
+            optimizer_cls = torch.optim.AdamW
+        self.optimizer = optimizer_cls(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        self.batches_per_epoch = math.ceil(len(self.sampler) / accelerator.num_processes)
+        self.updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
+        self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * self.updates_per_epoch
+        self.num_epochs = math.ceil(self.max_steps / self.updates_per_epoch)
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=self.optimizer,
+                                          num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                          num_training_steps=self.max_steps * accelerator.num_processes)
+
+    def prepare(self) -> None:
+        """Hand everything to accelerate, write args.json, start trackers, resume a checkpoint."""
+        cfg, accelerator, out = self.cfg, self.accelerator, self.out
+        register_hooks(accelerator, self.method, cfg)
+        self.unet, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
+            self.unet, self.optimizer, self.dataloader, self.lr_scheduler)
+        self.bare_unet = accelerator.unwrap_model(self.unet)
+        if accelerator.is_main_process:
+            atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(cfg.to_json(), encoding="utf-8"))
+            if accelerator.trackers:
+                accelerator.init_trackers("dreamcoeff", config={k: v for k, v in asdict(cfg).items()
+                                                                  if isinstance(v, (int, float, str, bool))})
+        if self.resume_path is not None:
+            accelerator.load_state(str(self.resume_path))
+            state = json.loads((self.resume_path / STATE_NAME).read_text())
+            self.global_step = int(state["global_step"])
+            # The load hook copies into the existing parameters, so the optimizer still holds them.
+            coeff_now, _ = self.method.trainable_parameters(self.bare_unet)
+            assert all(a is b for a, b in zip(self.coeff_params, coeff_now))
+            logger.info("resumed from %s at step %d", self.resume_path, self.global_step)
+
+    # ---- steps ----------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """The epoch loop, resuming mid-epoch at the exact batch; checkpoints and validation."""
+        from tqdm.auto import tqdm
+
+        cfg, accelerator = self.cfg, self.accelerator
+        first_epoch = self.global_step // self.updates_per_epoch
+        skip_batches = (self.global_step % self.updates_per_epoch) * cfg.gradient_accumulation_steps
+        self.latent_cache: dict = {}
+        self.bad_steps, self.step_bad = 0, False
+        self.bar = tqdm(total=self.max_steps, initial=self.global_step, desc="steps",
+                        disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+        for epoch in range(first_epoch, self.num_epochs):
+            if self.global_step >= self.max_steps:
+                break
+            loader = self.dataloader
+            if epoch == first_epoch and skip_batches:
+                loader = accelerator.skip_first_batches(self.dataloader, skip_batches)
+            # accelerate sets the epoch of the sampler / dataset from its own counter when iteration
+            # starts; give it ours, so resuming in a later epoch reproduces that epoch's order.
+            for obj in (loader, self.dataloader, self.sampler, self.dataset):
+                if hasattr(obj, "set_epoch"):
+                    obj.set_epoch(epoch)
+            micro = epoch * self.batches_per_epoch + (skip_batches if epoch == first_epoch else 0)
+            for batch in loader:
+                t0 = time.perf_counter()
+                micro += 1
+                if not self.micro_step(batch, micro):
+                    continue
+                self.after_update(t0)
+                if self.global_step >= self.max_steps:
+                    break
+        self.bar.close()
+
+    def micro_step(self, batch: dict[str, Any], micro: int) -> bool:
+        """Forward and backward of one micro-batch; at the end of an accumulation, the optimizer step
+        (skipped, and counted, where the loss or a gradient is not finite). True after an update."""
+        cfg, accelerator = self.cfg, self.accelerator
+        step_seed = data.seed_of(cfg.seed, micro - 1, accelerator.process_index)
+        torch.manual_seed(step_seed)  # coefficient / LoRA dropout
+        gen = torch.Generator(self.device).manual_seed(step_seed)
+        if cfg.with_prior_preservation:
+            batch = with_class_batch(batch, self.dataset, cfg, micro, accelerator)
+        with accelerator.accumulate(self.unet):
+            latents = encode_latents(self.vae, batch, self.dataset, cfg, self.latent_cache, gen, self.device)
+            scaling = self.vae.config.scaling_factor
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            latents = ((latents - shift) * scaling).to(self.weight_dtype)
+            loss = denoising_loss(self.unet, self.components.noise_scheduler, latents, batch, self.embeddings, cfg,
+                                  gen, self.weight_dtype)
+            finite = accelerator.reduce(torch.isfinite(loss).float().reshape(1), reduction="sum").item()
+            if finite == accelerator.num_processes:
+                accelerator.backward(loss)
+            else:
+                self.step_bad = True
+            if accelerator.sync_gradients:
+                self.optimizer_step()
+        self.loss = loss
+        return accelerator.sync_gradients
+
+    def optimizer_step(self) -> None:
+        """Clip and step, or skip a non-finite step; stop the run after --max_bad_steps in a row."""
+        cfg, accelerator = self.cfg, self.accelerator
+        params = self.coeff_params + self.weight_params
+        norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if not self.step_bad else torch.tensor(float("nan"))
+        if self.step_bad or not torch.isfinite(torch.as_tensor(norm)):
+            self.bad_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
+                           self.global_step + 1, self.bad_steps)
+            if self.bad_steps >= cfg.max_bad_steps:
+                self.bar.close()
+                kept = list_checkpoints(self.out)
+                kept_text = (f"the last good checkpoint, {kept[-1][1]}, is kept" if kept else
+                             "no checkpoint had been written (see --checkpointing_steps)")
+                raise TrainingError(
+                    f"{self.bad_steps} consecutive steps had a non-finite loss or gradient: the run diverged. "
+                    f"Lower the learning rate (--coeff_lr {cfg.coeff_lr}, --learning_rate {cfg.learning_rate}), "
+                    f"or use --mixed_precision bf16 instead of fp16; {kept_text}, "
+                    "and no final weights were written"
+                )
+        else:
+            self.bad_steps = 0
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step_bad = False
+
+    def after_update(self, t0: float) -> None:
+        """Count the step, log it, and checkpoint / validate when due."""
+        cfg, accelerator = self.cfg, self.accelerator
+        self.global_step += 1
+        step = self.global_step
+        self.step_times.append(time.perf_counter() - t0)
+        self.last_loss = float(self.loss.detach().item()) if torch.isfinite(self.loss) else float("nan")
+        logs = {"loss": self.last_loss, "lr": self.lr_scheduler.get_last_lr()[0]}
+        self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{logs['lr']:.2e}")
+        self.bar.update(1)
+        accelerator.log(logs, step=step)
+        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+            if self.bad_steps:  # the same on every rank: the loss check is reduced, the gradients synced
+                logger.warning("step %d was skipped: no checkpoint saved, the last good one is kept", step)
+            else:
+                save_checkpoint(accelerator, self.out, step, cfg.checkpoints_total_limit)
+        if cfg.validation_prompt and step % cfg.validation_steps == 0 and accelerator.is_main_process:
+            self.validation_paths = run_validation(cfg, self.components, self.bare_unet, accelerator, step, self.out)
+
+    # ---- finalize ---------------------------------------------------------------------------------------
+
+    def finalize(self) -> TrainResult:
+        """Final weight files (all or none), last validation, model card, completion record, summary."""
+        cfg, accelerator, out = self.cfg, self.accelerator, self.out
+        accelerator.wait_for_everyone()
+        check_ranks_agree(accelerator, self.coeff_params + self.weight_params)
+        files: list[Path] = []
+        if accelerator.is_main_process:
+            meta = {"base_model": cfg.pretrained_model_name_or_path, "training_args": asdict(cfg)}
+            files += stage_final_files(self.method, self.bare_unet, out, meta)
+            if cfg.validation_prompt and (self.global_step % cfg.validation_steps or not self.validation_paths):
+                self.validation_paths = run_validation(cfg, self.components, self.bare_unet, accelerator,
+                                                       self.global_step, out)
+        accelerator.end_training()
+        result = TrainResult(out, self.global_step, self.trainable, self.unet_total, time.time() - self.started,
+                             peak_memory(self.device), files, self.last_loss)
+        if accelerator.is_main_process:
+            try:
+                files.append(write_model_card(cfg, out, result, self.validation_paths))
+                files.append(out / "args.json")
+                # Written last: a run is complete only once every file is in place.
+                record = {"global_step": self.global_step, "trainable_parameters": self.trainable,
+                          "unet_parameters": self.unet_total, "final_loss": self.last_loss,
+                          "files": [p.name for p in files], "args": json.loads(cfg.to_json())}
+                atomic_write(out / COMPLETE_NAME,
+                             lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2), encoding="utf-8"))
+            except OSError as exc:
+                raise TrainingError(write_failed_message(out, exc)) from exc
+            print_summary(result, self.step_times)
+        return result
+
+
+def check_ranks_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Every process must end with the same weights (DDP keeps them in step); say so, or fail."""
+    if accelerator.num_processes == 1 or not params:
+        return
+    flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+    gathered = accelerator.gather(flat.unsqueeze(0))
+    spread = (gathered - gathered[0:1]).abs().max().item()
+    if spread > 0:
+        raise TrainingError(f"trainable weights differ across {accelerator.num_processes} processes (max diff {spread:g})")
+    logger.info("weights identical on all %d processes", accelerator.num_processes)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run one DreamBooth training described by `cfg`; returns where everything went."""
+    trainer = Trainer(cfg)
+    done = trainer.preflight()
+    if done is not None:
+        return done
+    trainer.build_accelerator()
+    trainer.build_models()
+    trainer.build_data()
+    trainer.build_optimizer()
+    trainer.prepare()
+    trainer.run()
+    return trainer.finalize()

@@ -1,0 +1,103 @@
+"""Images made with the model during training: prior-preservation class images and validation images.
+
+Both build a `StableDiffusionXLPipeline` around the components being trained (no second copy of the
+model) with an Euler sampler, and draw from fixed seeds, so two runs' images compare like for like.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..io import atomic_write
+from .config import TrainConfig
+from .data import list_images, seed_of
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ..models import SDXLComponents
+
+
+def ensure_class_images(cfg: TrainConfig, components: SDXLComponents, accelerator: Accelerator) -> list[Path]:
+    """Generate the missing class images with the base model (deterministic seeds and names)."""
+    from diffusers import StableDiffusionXLPipeline
+    from tqdm.auto import tqdm
+
+    class_dir = Path(cfg.class_data_dir)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    existing = list_images(class_dir, what="class", allow_empty=True)
+    missing = cfg.num_class_images - len(existing)
+    if missing > 0:
+        have = {p.name for p in existing}
+        todo = [i for i in range(cfg.num_class_images * 2) if f"class_{i:05d}.png" not in have][:missing]
+        mine = todo[accelerator.process_index :: accelerator.num_processes]
+        pipe = StableDiffusionXLPipeline(
+            vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
+            tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=components.unet,
+            scheduler=sampling_scheduler(components.noise_scheduler),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        bar = tqdm(total=len(mine), desc="class images", disable=not accelerator.is_local_main_process)
+        for start in range(0, len(mine), cfg.sample_batch_size):
+            batch = mine[start : start + cfg.sample_batch_size]
+            gens = [torch.Generator("cpu").manual_seed(seed_of("class", cfg.seed, i)) for i in batch]
+            with torch.no_grad(), accelerator.autocast():
+                images = pipe(prompt=[cfg.class_prompt] * len(batch), generator=gens, height=cfg.resolution,
+                              width=cfg.resolution, num_inference_steps=cfg.class_generation_steps).images
+            for i, img in zip(batch, images):
+                atomic_write(class_dir / f"class_{i:05d}.png", lambda tmp, img=img: img.save(tmp, format="PNG"))
+            bar.update(len(batch))
+        bar.close()
+        del pipe
+    accelerator.wait_for_everyone()
+    return list_images(class_dir, what="class")[: cfg.num_class_images]
+
+
+def sampling_scheduler(noise_scheduler):
+    """The Euler sampler of the model's own noise schedule (what SDXL's pipelines default to)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config(noise_scheduler.config)
+
+
+def run_validation(cfg: TrainConfig, components: SDXLComponents, unet: torch.nn.Module, accelerator: Accelerator,
+                   step: int, out: Path) -> list[Path]:
+    """Render every validation prompt with fixed seeds into `validation/step_NNNNN/` (and TensorBoard)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    prompts = cfg.validation_prompt or []
+    if not prompts:
+        return []
+    pipe = StableDiffusionXLPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
+        tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=unet,
+        scheduler=sampling_scheduler(components.noise_scheduler),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    folder = out / "validation" / f"step_{step:05d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    was_training = unet.training
+    unet.eval()
+    paths, logged = [], []
+    try:
+        for p_idx, prompt in enumerate(prompts):
+            for k in range(cfg.num_validation_images):
+                gen = torch.Generator("cpu").manual_seed(cfg.seed + k)
+                with torch.no_grad(), accelerator.autocast():
+                    image = pipe(prompt=prompt, generator=gen, height=cfg.resolution, width=cfg.resolution,
+                                 num_inference_steps=cfg.validation_inference_steps).images[0]
+                path = folder / f"prompt{p_idx:02d}_seed{cfg.seed + k}.png"
+                image.save(path)
+                paths.append(path)
+                logged.append(image)
+    finally:
+        unet.train(was_training)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in logged]), step, dataformats="NHWC")
+    return paths
