@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dreamcoeff-installed
 
-.PHONY: setup test test-fast demo bench bench-micro pretrain-micro clean
+.PHONY: setup lint format test test-fast demo bench bench-micro pretrain-micro clean
 
 setup: $(STAMP)
 
@@ -20,14 +20,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# ruff (configured in pyproject.toml): lint and formatting check; `make format` rewrites.
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/python -m ruff format .
+	$(BIN)/python -m ruff check --fix .
+
+test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python -m dreamcoeff.demo --output_dir demo_out
+	$(BIN)/python -m dreamcoeff.demo --output_dir demo_out --model models/microworld-sdxl --instance_dir samples/instance
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attention.py

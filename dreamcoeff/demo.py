@@ -1,15 +1,19 @@
 """`make demo`: the main job end to end on the embedded default, on a CPU, in a few minutes.
 
-1. takes the shipped micro-world model (`models/microworld-sdxl`: an SDXL-architecture pipeline
+1. takes the micro-world model shipped in the repository (`models/microworld-sdxl`: an SDXL-architecture pipeline
    pretrained on a procedural world of coloured shapes, see benchmarks/micro) as
    `--pretrained_model_name_or_path`: the same loading code path as real SDXL;
 2. trains Coeff-Tuning alpha and a LoRA rank-4 baseline on the instance images in `samples/instance`
    ("qlv circle": a yellow circle on a red background; untrained, the model draws "a qlv circle" as
-   a purple one, its colour for prompts that name none) through the real trainer (`dreamcoeff.training.main`, what `train_dreambooth_coeff.py` runs);
+   a purple one, its colour for prompts that name none) through the real trainer
+   (`dreamcoeff.train.main`, what `train_dreambooth_coeff.py` runs);
 3. renders base / alpha / LoRA side by side on the same prompts and noise with the sampler
    (`dreamcoeff.sample.main`) and writes a labelled comparison grid.
 
-    python -m dreamcoeff.demo --output_dir demo_out [--steps 500]
+    python -m dreamcoeff.demo --output_dir demo_out [--steps 500] [--model DIR] [--instance_dir DIR]
+
+The model and the images are the repository's (`make demo` runs from its root); the defaults are
+paths relative to the current folder, and a missing model says where to get it.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from pathlib import Path
 
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "samples" / "instance"
-MICRO_MODEL = REPO / "models" / "microworld-sdxl"
+#: The repository's folders, relative to its root (where `make demo` runs).
+SAMPLES = Path("samples") / "instance"
+MICRO_MODEL = Path("models") / "microworld-sdxl"
 #: The demo's concept: a test concept of the micro-benchmark's recombination set
 #: (microworld.RECOMBINATION_CONCEPTS) that the untrained model does not already draw (purple is its
 #: default colour, so not "flat-purple-square") and that LoRA learned in the benchmark.
@@ -58,17 +62,18 @@ def _reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def run_demo(output_dir: Path, steps: int = 500, model: Path = MICRO_MODEL) -> Path:
+def run_demo(output_dir: Path, steps: int = 500, model: Path = MICRO_MODEL, samples: Path = SAMPLES) -> Path:
+    """Train alpha and LoRA on the demo's concept and write the comparison grid; returns its path."""
     from .testing import microworld as mw
     from .sample import main as sample_main
-    from .training import main as train_main
+    from .train import main as train_main
 
     started = time.time()
     if not (model / "model_index.json").is_file():
-        raise SystemExit(f"demo: no model at {model}; it ships with the repository (git checkout models/), "
-                         "or re-create it with `make pretrain-micro`")
+        raise SystemExit(f"demo: no model at {model}; it ships with the repository (run from the repository's "
+                         "root, pass --model DIR, or re-create it with `make pretrain-micro`)")
     output_dir.mkdir(parents=True, exist_ok=True)
-    instance_dir = SAMPLES if any(SAMPLES.glob("*.png")) else None
+    instance_dir = samples if any(samples.glob("*.png")) else None
     if instance_dir is None:
         instance_dir = output_dir / "instance"
         make_sample_images(instance_dir)
@@ -113,17 +118,20 @@ def run_demo(output_dir: Path, steps: int = 500, model: Path = MICRO_MODEL) -> P
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m dreamcoeff.demo` (what `make demo` runs)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo_out")
     parser.add_argument("--steps", type=int, default=500, help="training steps of each run (the micro-benchmark's protocol)")
     parser.add_argument("--model", default=str(MICRO_MODEL), help="base pipeline folder (default: the shipped micro-world model)")
-    parser.add_argument("--make_samples", action="store_true", help="(re)draw samples/instance and exit")
+    parser.add_argument("--instance_dir", default=str(SAMPLES),
+                        help="the demo concept's instance images (drawn into the output folder when empty or missing)")
+    parser.add_argument("--make_samples", action="store_true", help="(re)draw --instance_dir's images and exit")
     args = parser.parse_args(argv)
     if args.make_samples:
-        for p in make_sample_images(SAMPLES):
+        for p in make_sample_images(Path(args.instance_dir)):
             print(p)
         return 0
-    run_demo(Path(args.output_dir), args.steps, Path(args.model))
+    run_demo(Path(args.output_dir), args.steps, Path(args.model), Path(args.instance_dir))
     return 0
 
 

@@ -249,7 +249,8 @@ def test_demo_runs_on_the_shipped_model(tmp_path):
     from dreamcoeff.demo import main
 
     try:
-        assert main(["--output_dir", str(tmp_path), "--steps", "2"]) == 0
+        assert main(["--output_dir", str(tmp_path), "--steps", "2", "--model", str(MODEL),
+                     "--instance_dir", str(MODEL.parents[1] / "samples" / "instance")]) == 0
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         PartialState._reset_state()
@@ -265,7 +266,7 @@ def test_committed_demo_images_are_the_demo_concepts_scenes(tmp_path):
     from dreamcoeff.demo import CONCEPT, SAMPLES, make_sample_images
 
     drawn = make_sample_images(tmp_path)
-    committed = sorted(SAMPLES.glob("*.png"))
+    committed = sorted((MODEL.parents[1] / SAMPLES).glob("*.png"))
     assert [p.name for p in committed] == [p.name for p in drawn]
     for a, b in zip(committed, drawn):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a
