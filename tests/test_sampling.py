@@ -1,4 +1,4 @@
-"""Tests of the prompt-grid sampler (dreamcoeff.sampling) and its CLI (dreamcoeff.sample).
+"""Tests of the prompt-grid sampler (the dreamcoeff.sample package) and its CLI (dreamcoeff.sample.cli).
 
 Everything runs on the tiny SDXL pipeline (64 px, 2 steps) and on tiny CLIP / ViT models built from
 configs, so nothing is downloaded.
@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 
 from dreamcoeff import apply_coeff, coeff_modules, coeff_parameters, load_coeff_weights, save_coeff_weights
-from dreamcoeff import metrics as M
-from dreamcoeff import sampling as S
+from dreamcoeff import sample as S
 from dreamcoeff.sample import main
+from dreamcoeff.sample import metrics as M
 from dreamcoeff.testing.tiny import build_tiny_pipeline, build_tiny_tokenizer, tiny_unet_config
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = REPO / "prompts"
+PROMPTS = REPO / "dreamcoeff" / "prompts"  # packaged prompt files
 SHARED_PROMPTS = REPO.parent / "shared" / "dreambooth" / "prompts_and_classes.txt"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -213,7 +213,7 @@ def test_shipped_dreambooth_prompt_files(name, section):
 
 
 def test_cli_finds_shipped_prompt_files_by_name(tmp_path):
-    from dreamcoeff.sample import _resolve_prompt_file
+    from dreamcoeff.sample.prompts import find_prompt_file as _resolve_prompt_file
 
     assert _resolve_prompt_file("dreambooth_live") == PROMPTS / "dreambooth_live.txt"
     assert _resolve_prompt_file("validation.txt") == PROMPTS / "validation.txt"

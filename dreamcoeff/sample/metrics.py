@@ -1,6 +1,6 @@
 """DreamBooth metrics of sampled images (Ruiz et al. 2023, section 4.1): CLIP-T, CLIP-I and DINO.
 
-``dreamcoeff.sample --metrics`` uses them on a :class:`~dreamcoeff.sampling.SampleResult`; the
+``dreamcoeff.sample --metrics`` uses them on a :class:`~dreamcoeff.sample.render.SampleResult`; the
 functions work on any list of images too. Models are given as local folders or hub ids and loaded
 with transformers; nothing here downloads on its own.
 """
@@ -11,12 +11,17 @@ import csv
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
-from .sampling import METRIC_NAMES, SampleResult, SamplingError
+from .errors import SamplingError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from .render import SampleResult
 
 __all__ = [
     "METRIC_NAMES",
@@ -29,6 +34,10 @@ __all__ = [
     "summarize_metrics",
     "write_metrics_csv",
 ]
+
+#: Metric names, as they appear in the manifest, index.html and the CSVs.
+METRIC_NAMES = ("clip_t", "clip_i", "dino")
+
 
 def metric_text(prompt: str, token: str | None) -> str:
     """The text CLIP-T compares an image with: the prompt without the rare identifier.
@@ -45,7 +54,7 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
-def check_model_dir(name_or_path: str, flag: str):
+def check_model_dir(name_or_path: str, flag: str) -> PretrainedConfig:
     """The model's transformers config; :class:`SamplingError` if it cannot be read."""
     from transformers import AutoConfig
 
@@ -83,6 +92,7 @@ class ClipEmbedder:
 
     @torch.no_grad()
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Unit-norm CLIP image embeddings, one row per image (on the CPU)."""
         feats = []
         for image in images:
             pixels = self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"].to(self.device)
@@ -91,6 +101,7 @@ class ClipEmbedder:
 
     @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm CLIP text embeddings, one row per text (on the CPU; truncated to 77 tokens)."""
         feats = []
         max_len = min(getattr(self.model.config.text_config, "max_position_embeddings", 77), 77)
         for text in texts:
@@ -124,6 +135,7 @@ class DinoEmbedder:
 
     @torch.no_grad()
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Unit-norm DINO [CLS] embeddings, one row per image (on the CPU)."""
         feats = []
         for image in images:
             pixels = self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"].to(self.device)
@@ -133,7 +145,7 @@ class DinoEmbedder:
 
 def load_instance_images(directory: str | Path) -> list[Image.Image]:
     """The real subject images (EXIF-rotated RGB) from a folder, for CLIP-I and DINO."""
-    from .data import DataError, list_images, load_image
+    from ..train.data.images import DataError, list_images, load_image
 
     try:
         return [load_image(p) for p in list_images(directory, "instance")]

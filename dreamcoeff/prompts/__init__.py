@@ -1,0 +1,1 @@
+"""The sampler's prompt files (package data, read with importlib.resources by dreamcoeff.sample.prompts)."""

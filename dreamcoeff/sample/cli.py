@@ -1,0 +1,348 @@
+"""Command line: compare training runs on the same prompts and the same noise.
+
+    python -m dreamcoeff.sample --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+        --run coeff=runs/dog-coeff --run lora=runs/dog-lora --include_base \\
+        --prompts dreambooth_live --token sks --class_name dog --seeds 0 1 2 --output grids/dog
+
+(also installed as ``dreamcoeff-sample``). Writes ``images/``, one ``grid_s<seed>.png`` per seed,
+``index.html`` and ``manifest.json`` into ``--output``; with ``--metrics``, also ``metrics.csv`` and
+``metrics_summary.csv``. The work is done by the other modules of :mod:`dreamcoeff.sample`; this one
+parses arguments, checks them before anything heavy is loaded, and reports bad input as one clear
+error (exit code 2) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import metrics as M
+from .adapters import AdapterSwitcher
+from .errors import SamplingError
+from .grid import save_grids
+from .pipeline import load_base_pipeline, resolve_dtype, resolve_scheduler
+from .prompts import find_prompt_file, format_prompt, packaged_prompt_files, read_prompt_file
+from .render import SampleResult, sample_runs
+from .report import write_index_html, write_manifest
+from .runs import RunSpec, parse_run, plan_rows
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+__all__ = ["PROG", "build_parser", "run", "main"]
+
+PROG = "dreamcoeff-sample"
+_OUTPUT_FILES = ("index.html", "manifest.json", "metrics.csv", "metrics_summary.csv")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dreamcoeff-sample`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Render the same prompts from the same noise with several training runs "
+        "(Coeff-Tuning alpha, LoRA, both) and the base model, side by side, optionally with DreamBooth metrics.",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL base model: hub id or local diffusers folder")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="a different VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
+    g = p.add_argument_group("runs")
+    g.add_argument("--run", action="append", default=[], metavar="NAME=PATH[,PATH2]",
+                   help="a training output folder, or an alpha and/or LoRA file; repeatable (one row each)")
+    g.add_argument("--include_base", action="store_true", help="add a row for the base model without adapters")
+    g.add_argument("--coeff_scales", type=float, nargs="+", default=None, metavar="C",
+                   help="alpha strength sweep for runs with alpha: one row per value (0 = base model)")
+    g.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA adapters")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); may use {token} and {class}")
+    g.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompt file: one per line, {token}/{class} placeholders, # comments; or the name of a "
+                   f"prompt file shipped with dreamcoeff ({', '.join(packaged_prompt_files())})")
+    g.add_argument("--token", default=None, help="the rare identifier that fills {token}, e.g. sks")
+    g.add_argument("--class_name", default=None, help="the subject class that fills {class}, e.g. dog")
+    g.add_argument("--negative_prompt", default=None)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per prompt per seed per row")
+    g.add_argument("--num_inference_steps", type=int, default=30)
+    g.add_argument("--guidance_scale", type=float, default=5.0)
+    g.add_argument("--height", type=int, default=None, help="default: the model's (1024 for SDXL)")
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--scheduler", default=None, help="euler, euler_a, heun, ddim, ddpm, pndm, lms, unipc, dpm++, "
+                   "dpm++_karras or a diffusers class name (default: the model's own)")
+    g.add_argument("--batch_size", type=int, default=1, help="images per pipeline call")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, fp32 on CPU")
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--cpu_offload", action="store_true", help="keep each model on the CPU until it runs (less GPU memory)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", "--output_dir", dest="output", required=True, help="output folder")
+    g.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --output")
+    g.add_argument("--grid_tile_size", type=int, default=256, help="largest tile side in the grids (images are kept full size)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("metrics (DreamBooth: CLIP-T, CLIP-I, DINO)")
+    g.add_argument("--metrics", action="store_true", help="score every image (implied by --clip_model / --dino_model)")
+    g.add_argument("--clip_model", default=None, help="CLIP model folder (e.g. openai/clip-vit-large-patch14): CLIP-T, CLIP-I")
+    g.add_argument("--dino_model", default=None, help="DINO ViT folder (e.g. facebook/dino-vits16): DINO")
+    g.add_argument("--instance_data_dir", "--instance_dir", dest="instance_dir", default=None,
+                   help="the real subject images, for CLIP-I and DINO")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before anything heavy is loaded, in the order a user meets them
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompt file's prompts, then every ``--prompt``; placeholders filled."""
+    prompts: list[str] = []
+    if args.prompts:
+        prompts += read_prompt_file(find_prompt_file(args.prompts), args.token, args.class_name)
+    prompts += [format_prompt(p, args.token, args.class_name, where=f"--prompt {i + 1}") for i, p in enumerate(args.prompt)]
+    if not prompts:
+        raise SamplingError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
+def _parse_runs(args: argparse.Namespace) -> list[RunSpec]:
+    """Every ``--run``, with its row names and sweep checked before loading anything."""
+    runs = [parse_run(spec) for spec in args.run]
+    plan_rows(runs, args.include_base, args.coeff_scales)
+    return runs
+
+
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Distinct seeds, counts of at least 1, sizes that are positive multiples of 8."""
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SamplingError(f"--seeds repeat: {args.seeds}")
+    for flag in ("num_inference_steps", "batch_size", "grid_tile_size"):
+        if getattr(args, flag) < 1:
+            raise SamplingError(f"--{flag} must be at least 1")
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and (value <= 0 or value % 8):
+            raise SamplingError(f"--{flag} {value}: must be a positive multiple of 8")
+
+
+def _check_metric_flags(args: argparse.Namespace) -> tuple[bool, list[Image.Image] | None]:
+    """Whether to score the images, and the instance images (loaded now: a bad file fails fast)."""
+    want_metrics = bool(args.metrics or args.clip_model or args.dino_model)
+    if want_metrics and not (args.clip_model or args.dino_model):
+        raise SamplingError("--metrics needs --clip_model (CLIP-T, CLIP-I) and/or --dino_model (DINO)")
+    if args.dino_model and not args.instance_dir:
+        raise SamplingError("--dino_model compares with the real images: give --instance_data_dir")
+    if args.instance_dir and not want_metrics:
+        raise SamplingError("--instance_data_dir is only used by the metrics: add --clip_model and/or --dino_model")
+    instance_images = M.load_instance_images(args.instance_dir) if args.instance_dir else None
+    for flag in ("clip_model", "dino_model"):
+        if getattr(args, flag):
+            M.check_model_dir(getattr(args, flag), f"--{flag}")
+    return want_metrics, instance_images
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise SamplingError(f"--output {output} is a file")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise SamplingError(f"--output {output} is not empty; pass --overwrite to replace earlier samples there")
+        if not (output / "manifest.json").is_file() and not (output / "images").is_dir():
+            raise SamplingError(f"--output {output} holds files that are not samples; refusing to overwrite them")
+
+
+def _check_device(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    """The device and dtype to sample with; the scheduler name checked."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.dtype, device)
+    if args.cpu_offload and not device.startswith("cuda"):
+        raise SamplingError("--cpu_offload needs a CUDA device")
+    if args.scheduler:
+        resolve_scheduler(args.scheduler)
+    return device, dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# The work
+
+
+def _clear_output(output: Path) -> None:
+    """Remove what an earlier sampling wrote (only our own file names)."""
+    if (output / "images").is_dir():
+        shutil.rmtree(output / "images")
+    for name in _OUTPUT_FILES:
+        (output / name).unlink(missing_ok=True)
+    for grid in output.glob("grid_s*.png"):
+        grid.unlink()
+
+
+def _render(args: argparse.Namespace, runs: Sequence[RunSpec], prompts: list[str], device: str,
+            dtype: torch.dtype, output: Path) -> tuple[SampleResult, float]:
+    """Load the base model once, check every run's weights against it, then render into ``output``.
+
+    Returns the result and the seconds the base model took to load. The pipeline is freed on return.
+    """
+    t_load = time.perf_counter()
+    pipe = load_base_pipeline(
+        args.pretrained_model_name_or_path, dtype=dtype, device=device, vae=args.pretrained_vae_model_name_or_path,
+        revision=args.revision, variant=args.variant, cpu_offload=args.cpu_offload, scheduler=args.scheduler,
+    )
+    load_seconds = time.perf_counter() - t_load
+    switcher = AdapterSwitcher(pipe, runs)  # every run's weights checked against this UNet
+    if output.exists():
+        _clear_output(output)
+    output.mkdir(parents=True, exist_ok=True)
+    result = sample_runs(
+        pipe, runs, prompts, args.seeds,
+        include_base=args.include_base, coeff_scales=args.coeff_scales, lora_scale=args.lora_scale,
+        negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale, height=args.height, width=args.width, batch_size=args.batch_size,
+        output_dir=output, progress=not args.no_progress, switcher=switcher,
+    )
+    return result, load_seconds
+
+
+def _free_memory(cuda: bool) -> None:
+    """Release the pipeline before any metric model is loaded: peak memory is one or the other."""
+    import torch
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's settings for the manifest (the sampler adds its own)."""
+    return {
+        "argv": list(args.argv),
+        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path,
+        "revision": args.revision,
+        "variant": args.variant,
+        "token": args.token,
+        "class_name": args.class_name,
+        "prompt_file": str(find_prompt_file(args.prompts)) if args.prompts else None,
+        "cpu_offload": args.cpu_offload,
+        "grid_tile_size": args.grid_tile_size,
+    }
+
+
+def _score(args: argparse.Namespace, result: SampleResult, output: Path, instance_images: list[Image.Image] | None,
+           device: str) -> tuple[list[dict[str, float]], list[dict[str, Any]], dict[str, Any]]:
+    """The DreamBooth metrics of every image and per row (also written as CSVs), and the settings they used."""
+    clip = M.ClipEmbedder(args.clip_model, device) if args.clip_model else None
+    dino = M.DinoEmbedder(args.dino_model, device) if args.dino_model else None
+    metrics = M.compute_metrics(
+        [output / rec.file for rec in result.records],
+        [M.metric_text(rec.prompt, args.token) for rec in result.records],
+        instance_images=instance_images, clip=clip, dino=dino,
+    )
+    summary = M.summarize_metrics(result, metrics)
+    M.write_metrics_csv(result, metrics, summary, output, token=args.token)
+    settings = dict(clip_model=args.clip_model, dino_model=args.dino_model, instance_data_dir=args.instance_dir,
+                    instance_images=len(instance_images or []), clip_t_text="the prompt without the --token word")
+    return metrics, summary, settings
+
+
+def _print_summary(result: SampleResult, grids: Mapping[int, str], summary: Sequence[Mapping[str, Any]] | None,
+                   output: Path) -> None:
+    """What was written, and the metric means per row as a table."""
+    print(f"{len(result.records)} images, {len(grids)} grid(s) -> {output}/index.html")
+    if summary:
+        names = [n for n in M.METRIC_NAMES if any(n in s for s in summary)]
+        width = max(len(s["row"]) for s in summary)
+        print(f"{'row':<{width}}  " + "  ".join(f"{n:>7}" for n in names))
+        for s in summary:
+            print(f"{s['row']:<{width}}  " + "  ".join(f"{s[n]:7.4f}" if n in s else f"{'':>7}" for n in names))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check every flag, render, then write grids, metrics, ``manifest.json`` and ``index.html``; returns 0."""
+    import torch
+
+    t_start = time.perf_counter()
+    # --- everything that needs no model: fail fast -------------------------------------------
+    prompts = _read_prompts(args)
+    runs = _parse_runs(args)
+    _check_sampling_flags(args)
+    want_metrics, instance_images = _check_metric_flags(args)
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    device, dtype = _check_device(args)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    # --- the base model, once; then every run's weights against it, before any image ---------
+    result, load_seconds = _render(args, runs, prompts, device, dtype, output)
+    peak = {"peak_cuda_memory_bytes": torch.cuda.max_memory_allocated()} if cuda else {}
+    _free_memory(cuda)
+
+    grids = save_grids(result, output, max_tile_size=args.grid_tile_size)
+    settings = _settings(args)
+    timing = {"load_seconds": round(load_seconds, 4), **peak}
+    metrics = summary = None
+    if want_metrics:
+        t_metrics = time.perf_counter()
+        metrics, summary, metric_settings = _score(args, result, output, instance_images, device)
+        settings.update(metric_settings)
+        timing["metrics_seconds"] = round(time.perf_counter() - t_metrics, 4)
+    timing["total_seconds"] = round(time.perf_counter() - t_start, 4)
+    write_manifest(result, output, grids, settings=settings, metrics=metrics, metrics_summary=summary,
+                   extra={"timing": {**result.timing, **timing}})
+    write_index_html(result, output, grids, title=f"dreamcoeff samples: {output.name}",
+                     model=args.pretrained_model_name_or_path, metrics_summary=summary)
+    _print_summary(result, grids, summary, output)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dreamcoeff.sample`` and ``dreamcoeff-sample``; returns the exit code."""
+    from ..models import ModelError
+    from ..train.data.images import DataError
+    from ..weights import CoeffWeightsError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed its usage message
+        return int(exc.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        with _loader_progress_bars(not args.no_progress):
+            return run(args)
+    except (SamplingError, CoeffWeightsError, ModelError, DataError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+@contextlib.contextmanager
+def _loader_progress_bars(enabled: bool) -> Iterator[None]:
+    """With --no_progress, also silence diffusers' and transformers' loading bars (restored after)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    if not enabled:
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.enable_progress_bar() if was[0] else dlog.disable_progress_bar()
+        tlog.enable_progress_bar() if was[1] else tlog.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Runs and rows: what to compare (``--run`` specs -> :class:`RunSpec`) and in which rows (:func:`plan_rows`).
+
+A *run* is one training result (an alpha file, a LoRA file, both, or a fully fine-tuned UNet); a
+*row* is the base model or one run at one alpha strength. Which files a training output folder
+holds is the tuning methods' knowledge (:func:`dreamcoeff.methods.artifacts_in`), not this module's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..lora import FULL_UNET_DIR, LORA_WEIGHTS_NAME
+from ..methods import artifacts_in
+from ..weights import COEFF_WEIGHTS_NAME
+from .errors import SamplingError
+
+__all__ = ["RunSpec", "parse_run", "Row", "plan_rows"]
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training result to compare: an alpha file, a LoRA file, both, or a fully fine-tuned UNet.
+
+    Attributes:
+        name: row name (letters, digits, ``._-``; ``@`` is reserved for strength-sweep rows).
+        alpha_path: ``coeff_weights.safetensors`` (Coeff-Tuning alpha) or None.
+        lora_path: diffusers SDXL LoRA file (``pytorch_lora_weights.safetensors``) or None.
+        unet_path: the ``unet/`` folder of a ``--tuning full`` run (a UNet saved with
+            ``save_pretrained``) or None; it replaces the base UNet for this run's rows.
+        source: the training output directory the files were found in, if one was given.
+    """
+
+    name: str
+    alpha_path: Path | None = None
+    lora_path: Path | None = None
+    source: Path | None = None
+    unet_path: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        """"alpha", "lora", "alpha+lora" or "unet"."""
+        parts = (("alpha", self.alpha_path), ("lora", self.lora_path), ("unet", self.unet_path))
+        return "+".join(k for k, p in parts if p is not None)
+
+    def training_args(self) -> dict[str, Any] | None:
+        """The run's ``args.json`` (beside its weights), or None if absent / unreadable."""
+        files = (self.alpha_path, self.lora_path, self.unet_path.parent if self.unet_path else None)
+        folders = [self.source] if self.source else [p.parent for p in files if p]
+        for folder in folders:
+            try:
+                return json.loads((folder / "args.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+        return None
+
+
+def _check_name(name: str, what: str = "run name") -> str:
+    if not _NAME_RE.fullmatch(name):
+        raise SamplingError(
+            f"{what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def _weights_kind(path: Path) -> str:
+    """'alpha' or 'lora' from a safetensors file's header (no tensor data is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            keys = list(fh.keys())
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise SamplingError(f"{path} is not a readable safetensors file ({exc})") from None
+    if metadata.get("format") == "dreamcoeff":
+        return "alpha"
+    if any("lora" in k for k in keys):
+        return "lora"
+    raise SamplingError(f"{path} is neither a dreamcoeff alpha file nor a LoRA file (keys such as {keys[:2]})")
+
+
+def _split_spec(spec: str) -> tuple[str, list[Path]]:
+    """``name=path[,path2]`` -> (name, paths), the name derived from the first path when not given."""
+    name, sep, paths_text = spec.partition("=")
+    if not sep or (not _NAME_RE.fullmatch(name) and Path(spec.split(",")[0]).exists()):
+        paths_text, name = spec, ""  # a bare path (which may itself contain "=")
+    paths = [Path(p.strip()) for p in paths_text.split(",") if p.strip()]
+    if not paths:
+        raise SamplingError(f"--run {spec!r}: no path; use NAME=PATH (a training output folder or weight file)")
+    if not name:
+        first = paths[0]
+        name = first.name if first.is_dir() or not first.suffix else first.parent.name
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "run"
+    return _check_name(name.strip()), paths
+
+
+def _files_of(name: str, path: Path) -> list[tuple[str, Path]]:
+    """``(kind, path)`` of the weights a ``--run`` path gives: a training output folder's trained
+    files (as :func:`dreamcoeff.methods.artifacts_in` finds them) or a weight file told apart by its header."""
+    if not path.exists():
+        raise SamplingError(f"run {name!r}: {path} does not exist")
+    if not path.is_dir():
+        return [(_weights_kind(path), path)]
+    found = artifacts_in(path)
+    if not found:
+        raise SamplingError(
+            f"run {name!r}: {path} holds neither {COEFF_WEIGHTS_NAME} nor {LORA_WEIGHTS_NAME} nor a "
+            f"{FULL_UNET_DIR}/ folder (has the training finished? checkpoints live in checkpoint-* subfolders)"
+        )
+    return found
+
+
+def parse_run(spec: str) -> RunSpec:
+    """Parse ``name=path[,path2]`` (or a bare ``path``, named after its folder) into a :class:`RunSpec`.
+
+    A path may be a training output directory (holding ``coeff_weights.safetensors`` and/or
+    ``pytorch_lora_weights.safetensors``, or the ``unet/`` folder of ``--tuning full``) or a weight
+    file; files are told apart by their header.
+    Raises :class:`SamplingError` naming the run for missing paths and folders without weights.
+    """
+    name, paths = _split_spec(spec)
+    files: dict[str, Path] = {}
+    source = None
+    for path in paths:
+        found = _files_of(name, path)
+        if path.is_dir():
+            source = source or path
+        for kind, file in found:
+            if kind in files and kind != "unet":
+                what = "alpha" if kind == "alpha" else "LoRA"
+                raise SamplingError(f"run {name!r}: two {what} files ({files[kind]}, {file}); give one per run")
+            files[kind] = file
+    unet, alpha, lora = files.get("unet"), files.get("alpha"), files.get("lora")
+    if unet is not None and (alpha is not None or lora is not None):
+        raise SamplingError(f"run {name!r}: a fully fine-tuned UNet ({unet}) cannot be combined with alpha or LoRA "
+                            "files in one run; give them as separate runs")
+    return RunSpec(name=name, alpha_path=alpha, lora_path=lora, source=source, unet_path=unet)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the comparison: the base model, or a run at one alpha strength.
+
+    ``coeff_scale`` is the alpha strength c (None where the row has no alpha).
+    """
+
+    name: str
+    run: RunSpec | None = None
+    coeff_scale: float | None = None
+
+    @property
+    def has_lora(self) -> bool:
+        """Whether the row applies its run's LoRA."""
+        return self.run is not None and self.run.lora_path is not None
+
+    @property
+    def slug(self) -> str:
+        """File-name form of the name ("coeff@0.5" -> "coeff_c0.5")."""
+        return self.name.replace("@", "_c")
+
+    @property
+    def description(self) -> str:
+        """What the row applies, e.g. "alpha c=0.5 + LoRA" ("base model" for the base row)."""
+        if self.run is None:
+            return "base model"
+        parts = []
+        if self.coeff_scale is not None:
+            parts.append(f"alpha c={self.coeff_scale:g}")
+        if self.has_lora:
+            parts.append("LoRA")
+        if self.run.unet_path is not None:
+            parts.append("full UNet")
+        return " + ".join(parts)
+
+    @property
+    def label(self) -> str:
+        """Two-line grid label: name, then what the row applies."""
+        return f"{self.name}\n{self.description}"
+
+
+def _check_runs(runs: Sequence[RunSpec], include_base: bool) -> None:
+    """Valid, distinct run names, each run with weights; none named "base" beside the base row."""
+    seen: set[str] = set()
+    for run in runs:
+        _check_name(run.name)
+        if run.name in seen:
+            raise SamplingError(f"run name {run.name!r} is given twice; every --run needs its own name")
+        seen.add(run.name)
+        if run.alpha_path is None and run.lora_path is None and run.unet_path is None:
+            raise SamplingError(f"run {run.name!r} has no weights")
+    if include_base and "base" in seen:
+        raise SamplingError("run name 'base' is taken by --include_base's row; rename the run")
+
+
+def _check_scales(runs: Sequence[RunSpec], coeff_scales: Sequence[float] | None) -> list[float] | None:
+    """The alpha strength sweep as floats: not empty, distinct, finite, and some run has alpha."""
+    if coeff_scales is None:
+        return None
+    scales = [float(s) for s in coeff_scales]
+    if not scales:
+        raise SamplingError("--coeff_scales needs at least one value")
+    if len(set(scales)) != len(scales):
+        raise SamplingError(f"--coeff_scales has repeated values: {scales}")
+    if not all(math.isfinite(s) for s in scales):
+        raise SamplingError(f"--coeff_scales must be finite numbers: {scales}")
+    if not any(r.alpha_path for r in runs):
+        raise SamplingError("--coeff_scales sweeps alpha strength, but no run has an alpha file")
+    return scales
+
+
+def plan_rows(
+    runs: Sequence[RunSpec], include_base: bool = False, coeff_scales: Sequence[float] | None = None
+) -> list[Row]:
+    """The rows to render, in order: base first (if asked), then each run.
+
+    A run with alpha gets one row per ``coeff_scales`` entry (named ``name@scale``), or a single row
+    at strength 1 without a sweep. Raises :class:`SamplingError` for duplicated names, a run named
+    "base" beside the base row, a sweep without any alpha run, or nothing to render.
+    """
+    _check_runs(runs, include_base)
+    scales = _check_scales(runs, coeff_scales)
+    rows = [Row("base")] if include_base else []
+    for run in runs:
+        if run.alpha_path is None:
+            rows.append(Row(run.name, run, None))
+        elif scales is None:
+            rows.append(Row(run.name, run, 1.0))
+        else:
+            rows.extend(Row(f"{run.name}@{s:g}", run, s) for s in scales)
+    if not rows:
+        raise SamplingError("nothing to sample: give at least one --run, or --include_base")
+    slugs = [r.slug for r in rows]
+    dupes = sorted({s for s in slugs if slugs.count(s) > 1})
+    if dupes:
+        raise SamplingError(f"rows would share file names {dupes}; rename the runs")
+    return rows
