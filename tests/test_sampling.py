@@ -222,6 +222,20 @@ def test_cli_finds_shipped_prompt_files_by_name(tmp_path):
     assert _resolve_prompt_file(str(local)) == local  # an existing path wins
 
 
+def test_old_prompts_path_falls_back_to_the_packaged_file(tmp_path, monkeypatch):
+    """The README's ``--prompts prompts/dreambooth_live.txt`` (files once in the repository) works from any folder."""
+    monkeypatch.chdir(tmp_path)
+    assert S.find_prompt_file("prompts/dreambooth_live.txt") == PROMPTS / "dreambooth_live.txt"
+    assert S.find_prompt_file("../prompts/validation") == PROMPTS / "validation.txt"
+    assert S.find_prompt_file("elsewhere/validation.txt") == Path("elsewhere/validation.txt")  # only a prompts/ folder
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "validation.txt").write_text("a {class}\n")
+    assert S.read_prompt_file(S.find_prompt_file("prompts/validation.txt"), None, "dog") == ["a dog"]  # a real file wins
+    with pytest.raises(S.SamplingError, match="does not exist"):
+        S.read_prompt_file(S.find_prompt_file("prompts/nope.txt"), "sks", "dog")
+    assert S.packaged_prompt_files() == ["dreambooth_live", "dreambooth_objects", "validation"]
+
+
 def test_shipped_validation_prompts():
     prompts = S.read_prompt_file(PROMPTS / "validation.txt", "sks", "dog")
     assert 3 <= len(prompts) <= 8
