@@ -1,4 +1,4 @@
-"""Tests for dreamcoeff.train.data: image discovery/decoding, captions, buckets, augmentation, batching.
+"""Tests for dreamcoeff.images and dreamcoeff.train.data: image discovery/decoding, captions, buckets, augmentation, batching.
 
 All test images are generated with PIL in tmp_path, except the last tests, which read the real
 DreamBooth photos from ../shared/dreambooth (skipped when that folder is absent).

@@ -630,10 +630,10 @@ def _noise_jpeg(path: Path, size=64) -> bytes:
 
 
 def _emulate_permissions(monkeypatch) -> None:
-    """Root reads files without read permission; make dreamcoeff.train.data.images' open() refuse them as for a user."""
+    """Root reads files without read permission; make dreamcoeff.images' open() refuse them as for a user."""
     if os.geteuid() != 0:
         return
-    import dreamcoeff.train.data.images as data_lib
+    import dreamcoeff.images as data_lib
 
     def open_(file, mode="r", *a, **k):
         if "r" in mode and os.stat(file).st_mode & 0o444 == 0:

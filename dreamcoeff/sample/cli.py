@@ -306,8 +306,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dreamcoeff.sample`` and ``dreamcoeff-sample``; returns the exit code."""
+    from ..images import DataError
     from ..models import ModelError
-    from ..train.data.images import DataError
     from ..weights import CoeffWeightsError
 
     parser = build_parser()

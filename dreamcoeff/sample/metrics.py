@@ -145,7 +145,7 @@ class DinoEmbedder:
 
 def load_instance_images(directory: str | Path) -> list[Image.Image]:
     """The real subject images (EXIF-rotated RGB) from a folder, for CLIP-I and DINO."""
-    from ..train.data.images import DataError, list_images, load_image
+    from ..images import DataError, list_images, load_image
 
     try:
         return [load_image(p) for p in list_images(directory, "instance")]

@@ -1,4 +1,4 @@
-"""Training examples: aspect-ratio buckets, the reproducible DreamBooth dataset, its batch sampler, collation.
+"""The trainer's examples: aspect-ratio buckets, the reproducible DreamBooth dataset, its batch sampler, collation.
 
 * :func:`make_buckets` / :func:`assign_bucket`: SDXL aspect-ratio buckets.
 * :class:`DreamBoothDataset` pre-decodes every image once, then on each access draws a crop and a
@@ -26,10 +26,33 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from .images import MAX_IMAGE_PIXELS, DataError, default_warn, iter_loaded, read_caption
+# The image-file side lives in dreamcoeff.images (the sampler's metrics read images too); its names
+# are re-exported so `dreamcoeff.train.data` is the trainer's one data module.
+from ..images import (
+    IMAGE_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
+    BadImageError,
+    DataError,
+    DataWarning,
+    default_warn,
+    iter_loaded,
+    list_images,
+    load_image,
+    load_images,
+    read_caption,
+)
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "Augmentation",
+    "BadImageError",
+    "DataError",
+    "DataWarning",
+    "list_images",
+    "load_image",
+    "load_images",
+    "read_caption",
     "BucketBatchSampler",
     "DreamBoothDataset",
     "Example",

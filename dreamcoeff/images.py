@@ -1,5 +1,6 @@
-"""Training images on disk: finding them, decoding any file safely to RGB, reading caption files.
+"""Image files on disk: finding them, decoding any file safely to RGB, reading caption files.
 
+Used by the trainer (instance and class images) and the sampler's metrics (instance images).
 Self-contained on purpose (numpy, PIL and the standard library only) so it can be tested without
 the model stack.
 
