@@ -1,4 +1,4 @@
-"""`CoeffAttnProcessor` and installing / removing / scaling it on a diffusers UNet.
+"""`CoeffAttnProcessor` and installing, removing and configuring it on a diffusers UNet.
 
 A diffusers attention processor is the extension point: `Attention.forward` hands it the module and
 the hidden states. Ours is an `nn.Module`, so `alpha` is a real parameter that `unet.parameters()`,
@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import coefficient_matrix, mixed_attention
+from .attention import EXACT_IMPLS, coefficient_matrix, mixed_attention
+
+if TYPE_CHECKING:  # for the annotations only: importing diffusers' pipelines is slow
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
 
 __all__ = [
     "CoeffAttnProcessor",
@@ -29,14 +34,20 @@ __all__ = [
     "coeff_modules",
     "set_coeff_scale",
     "set_plain_attention_backend",
+    "set_coeff_attention_impl",
     "unwrap_unet",
     "attention_modules",
 ]
 
 _HOOK_ATTR = "_dreamcoeff_scale_hooks"
+# The UNet's `set_coeff_attention_impl` setting, for processors installed after it was made.
+_IMPL_ATTR = "_dreamcoeff_attention_impl"
+_ATTENTION_IMPL_CHOICES = ("auto", *EXACT_IMPLS)
 
 
-def _xformers_attention(query, key, value, mask):
+def _xformers_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
     """xformers' memory-efficient attention on (B, H, N, d) tensors, imported lazily."""
     try:
         import xformers.ops as xops
@@ -67,6 +78,9 @@ class CoeffAttnProcessor(nn.Module):
         dropout: coefficient dropout probability on alpha's elements (training mode only).
         scale: run-time strength c (0 gives the base model, >1 exaggerates).
         chunk_size: query rows per chunk of the exact path (None: chosen from the shapes).
+
+    `attention_impl` ("auto" unless `set_coeff_attention_impl` chose one) is handed to
+    `mixed_attention` as the preferred exact implementation where A != I.
     """
 
     def __init__(self, num_heads: int, dropout: float = 0.0, scale: float = 1.0, chunk_size: int | None = None):
@@ -81,6 +95,8 @@ class CoeffAttnProcessor(nn.Module):
         self.chunk_size = chunk_size
         # "sdpa" or "xformers": what runs where A is exactly I (the fast path).
         self.plain_backend = "sdpa"
+        # The preferred exact implementation where A != I ("auto": none; see set_coeff_attention_impl).
+        self.attention_impl = "auto"
         # Strength for the current UNet call, set from cross_attention_kwargs by a UNet hook.
         self.call_scale: float | None = None
         self.alpha = nn.Parameter(torch.zeros(num_heads, num_heads, dtype=torch.float32))
@@ -100,7 +116,7 @@ class CoeffAttnProcessor(nn.Module):
 
     def __call__(
         self,
-        attn,
+        attn: Attention,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -108,6 +124,7 @@ class CoeffAttnProcessor(nn.Module):
         coeff_scale: float | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """Attention of `attn` on these hidden states with the heads' maps mixed by A (diffusers' processor call)."""
         if attn.heads != self.num_heads:
             raise ValueError(f"CoeffAttnProcessor built for {self.num_heads} heads used on a module with {attn.heads}")
         if coeff_scale is None:
@@ -160,7 +177,8 @@ class CoeffAttnProcessor(nn.Module):
         else:
             coeff = coefficient_matrix(self.alpha, strength, self.dropout, self.training)
             hidden_states = mixed_attention(
-                query, key, value, coeff.to(query.device), attn.scale, attention_mask, self.chunk_size
+                query, key, value, coeff.to(query.device), attn.scale, attention_mask, self.chunk_size,
+                prefer=self.attention_impl,
             )
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * value.shape[-1])
@@ -179,7 +197,7 @@ class CoeffAttnProcessor(nn.Module):
 # Installing on a UNet
 
 
-def unwrap_unet(model_or_pipe) -> nn.Module:
+def unwrap_unet(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module) -> nn.Module:
     """The bare UNet of a pipeline, a DDP / accelerate wrapper or a torch.compile'd module."""
     model = getattr(model_or_pipe, "unet", model_or_pipe)
     while True:
@@ -191,14 +209,14 @@ def unwrap_unet(model_or_pipe) -> nn.Module:
             return model
 
 
-def attention_modules(unet: nn.Module) -> dict[str, nn.Module]:
+def attention_modules(unet: UNet2DConditionModel | DiffusionPipeline | nn.Module) -> dict[str, Attention]:
     """Every diffusers `Attention` module of the model, by module path."""
     from diffusers.models.attention_processor import Attention
 
     return {name: m for name, m in unwrap_unet(unet).named_modules() if isinstance(m, Attention)}
 
 
-def coeff_modules(model_or_pipe) -> dict[str, nn.Module]:
+def coeff_modules(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module) -> dict[str, Attention]:
     """Attention modules that currently carry a `CoeffAttnProcessor`, by module path."""
     return {
         name: m
@@ -229,7 +247,7 @@ def _as_list(patterns: str | Iterable[str] | None) -> list[str]:
 
 
 def apply_coeff(
-    unet,
+    unet: UNet2DConditionModel | DiffusionPipeline | nn.Module,
     targets: Sequence[str] | str = ("attn1", "attn2"),
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
@@ -242,8 +260,10 @@ def apply_coeff(
         targets: last path component of the modules to tune: "attn1" (self-), "attn2" (cross-attention).
         include / exclude: module-path patterns (globs such as "down_blocks.2.*", or plain substrings).
         dropout: coefficient dropout of the installed processors.
+        chunk_size: query rows per chunk of the exact path of new processors (None: from the shapes).
 
-    Modules not selected keep their processor. Re-applying keeps existing alpha (only the dropout
+    Modules not selected keep their processor. New processors take the model's
+    `set_coeff_attention_impl` setting, if it has one. Re-applying keeps existing alpha (only the dropout
     is updated). Returns the module paths that carry a coeff processor afterwards, in model order.
     """
     unet = unwrap_unet(unet)
@@ -262,12 +282,17 @@ def apply_coeff(
 
 
 def install_coeff_processors(
-    unet, paths: Iterable[str], dropout: float | None = None, chunk_size: int | None = None
+    unet: UNet2DConditionModel | DiffusionPipeline | nn.Module,
+    paths: Iterable[str],
+    dropout: float | None = None,
+    chunk_size: int | None = None,
 ) -> None:
     """Install coeff processors on exactly these module paths; existing ones keep their alpha
-    (and their dropout unless `dropout` is given; new ones get `dropout or 0.0`)."""
+    (and their dropout unless `dropout` is given; new ones get `dropout or 0.0`, and the model's
+    `set_coeff_attention_impl` setting)."""
     unet = unwrap_unet(unet)
     modules = attention_modules(unet)
+    impl = getattr(unet, _IMPL_ATTR, "auto")
     for path in paths:
         module = modules[path]
         processor = module.processor
@@ -276,6 +301,7 @@ def install_coeff_processors(
                 processor.dropout = float(dropout)
         else:
             processor = CoeffAttnProcessor(module.heads, dropout=dropout or 0.0, chunk_size=chunk_size)
+            processor.attention_impl = impl
             # A new nn.Module starts in training mode: follow the host module, or coefficient
             # dropout would act at inference on a model that is in eval().
             processor.to(module.to_q.weight.device).train(module.training)
@@ -283,7 +309,7 @@ def install_coeff_processors(
     _install_scale_hooks(unet)
 
 
-def remove_coeff(model_or_pipe) -> list[str]:
+def remove_coeff(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module) -> list[str]:
     """Put diffusers' default processor back on every coeff module (alpha is discarded)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -298,17 +324,19 @@ def remove_coeff(model_or_pipe) -> list[str]:
     return removed
 
 
-def coeff_parameters(model_or_pipe) -> list[nn.Parameter]:
+def coeff_parameters(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module) -> list[nn.Parameter]:
     """The alpha parameters, in model order (hand these to the optimizer)."""
     return [m.processor.alpha for m in coeff_modules(model_or_pipe).values()]
 
 
-def coeff_state_dict(model_or_pipe) -> dict[str, torch.Tensor]:
+def coeff_state_dict(
+    model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module,
+) -> dict[str, torch.Tensor]:
     """`{"unet.<module path>.alpha": residual alpha}` (detached), the layout of the weight files."""
     return {f"unet.{path}.alpha": m.processor.alpha.detach() for path, m in coeff_modules(model_or_pipe).items()}
 
 
-def set_coeff_scale(model_or_pipe, scale: float) -> None:
+def set_coeff_scale(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module, scale: float) -> None:
     """Set the run-time strength c of every coeff processor (0 = base model, 1 = as trained)."""
     modules = coeff_modules(model_or_pipe)
     if not modules:
@@ -317,7 +345,9 @@ def set_coeff_scale(model_or_pipe, scale: float) -> None:
         module.processor.scale = float(scale)
 
 
-def set_plain_attention_backend(model_or_pipe, backend: str) -> None:
+def set_plain_attention_backend(
+    model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module, backend: str
+) -> None:
     """Choose what computes plain attention: "sdpa" (default) or "xformers".
 
     Layers without alpha get diffusers' processor for that backend; coeff processors keep their
@@ -340,6 +370,32 @@ def set_plain_attention_backend(model_or_pipe, backend: str) -> None:
             module.processor.plain_backend = backend
         else:
             module.set_processor(XFormersAttnProcessor() if backend == "xformers" else AttnProcessor2_0())
+
+
+def set_coeff_attention_impl(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module, impl: str) -> None:
+    """Choose the exact implementation this model's coeff layers run where A != I.
+
+    impl: "auto" (the default: no preference, so the DREAMCOEFF_ATTENTION_IMPL environment variable if
+    set, else the fused C++ kernel on the CPU and the chunked path elsewhere), "chunked", "cpu_fused",
+    "triton" or "materialized". Anything else is a ValueError listing these.
+
+    The setting is per model: it is stored on every `CoeffAttnProcessor` of the UNet and on the UNet
+    itself, so processors installed later (`apply_coeff`, `load_coeff_weights`) get it too, pipelines
+    sharing the UNet use it, and other models keep theirs. Each processor hands it to
+    `mixed_attention` as `prefer`: ahead of the environment variable, behind an explicit `impl=`. A
+    kernel that cannot run for some layer (Triton for these inputs or this GPU, a CPU kernel that
+    does not build) falls back to "chunked" there (`dreamcoeff.attention.dispatch` says when with a
+    warning); check availability first where that should be an error, as the trainer's
+    --coeff_attention_impl does.
+    Where A == I the plain backend runs as before (`set_plain_attention_backend`).
+    """
+    if impl not in _ATTENTION_IMPL_CHOICES:
+        names = ", ".join(repr(name) for name in _ATTENTION_IMPL_CHOICES)
+        raise ValueError(f"unknown coeff attention impl {impl!r}: use one of {names}")
+    unet = unwrap_unet(model_or_pipe)
+    object.__setattr__(unet, _IMPL_ATTR, impl)
+    for module in coeff_modules(unet).values():
+        module.processor.attention_impl = impl
 
 
 def _install_scale_hooks(unet: nn.Module) -> None:

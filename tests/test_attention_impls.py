@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamcoeff import attention as dc
+from dreamcoeff.attention.chunked import ChunkedMixedAttention
 from dreamcoeff.processor import CoeffAttnProcessor
 
 
@@ -211,7 +212,7 @@ def test_identity_fast_path_is_sdpa_and_exact(mask_kind, monkeypatch):
         calls.append(1)
         raise AssertionError("the exact path ran where A == I")
 
-    monkeypatch.setattr(dc._ChunkedMixedAttention, "apply", no_chunked)
+    monkeypatch.setattr(ChunkedMixedAttention, "apply", no_chunked)
     out = dc.mixed_attention(q, k, v, a, scale=0.45, mask=mask)
     assert not calls
     assert torch.equal(out, expected)  # bit for bit: it *is* SDPA
@@ -252,6 +253,74 @@ def test_processor_dispatches_to_sdpa_at_identity_and_to_the_exact_path_otherwis
         assert calls == [1, 1]  # alpha != 0: exact path
         attn(x, coeff_scale=0.0)
         assert calls == [1, 1]  # strength 0: the base model, SDPA
+
+
+def test_precedence_explicit_impl_then_preference_then_environment_then_default(monkeypatch):
+    """impl= beats prefer= (a model's setting), which beats DREAMCOEFF_ATTENTION_IMPL, which beats the
+    device default; all but an explicit impl apply only where A != I."""
+    a = torch.eye(3) + 0.1
+    monkeypatch.delenv("DREAMCOEFF_ATTENTION_IMPL", raising=False)
+    assert dc.select_impl(a) == "cpu_fused"  # the default on the CPU
+    assert dc.select_impl(a, prefer="auto") == "cpu_fused"  # "auto" is no preference
+    monkeypatch.setenv("DREAMCOEFF_ATTENTION_IMPL", "materialized")
+    assert dc.select_impl(a) == "materialized"  # the environment, where nothing else is said
+    assert dc.select_impl(a, prefer="chunked") == "chunked"  # the model's setting comes first
+    assert dc.select_impl(a, "cpu_fused", prefer="chunked") == "cpu_fused"  # an explicit impl first of all
+    assert dc.select_impl(torch.eye(3), prefer="chunked") == "sdpa"  # A == I stays plain SDPA
+    with pytest.raises(ValueError, match="unknown preferred mixed-attention impl 'sdpa'"):
+        dc.select_impl(a, prefer="sdpa")  # only exact implementations can be preferred
+
+
+def attention_model(heads=3, dim_head=4):
+    """The smallest 'model' the processor functions take: two attention modules named like a UNet's."""
+    from diffusers.models.attention_processor import Attention
+
+    width = heads * dim_head
+    return torch.nn.ModuleDict({name: Attention(query_dim=width, heads=heads, dim_head=dim_head)
+                                for name in ("attn1", "attn2")})
+
+
+def test_set_coeff_attention_impl_rejects_an_unknown_name():
+    from dreamcoeff.processor import apply_coeff, set_coeff_attention_impl
+
+    model = attention_model()
+    apply_coeff(model, targets="attn1")
+    with pytest.raises(ValueError, match="unknown coeff attention impl 'fastest': use one of 'auto', 'chunked'"):
+        set_coeff_attention_impl(model, "fastest")
+    with pytest.raises(ValueError, match="'sdpa'"):
+        set_coeff_attention_impl(model, "sdpa")
+    assert model["attn1"].processor.attention_impl == "auto"  # unchanged
+
+
+def test_the_setting_is_per_model_and_reaches_later_processors(monkeypatch):
+    """A model set to "chunked" runs the chunked path; another model in the same process keeps "auto"
+    (the fused CPU kernel here, where it builds); processors installed after the setting get it too."""
+    from dreamcoeff.attention.cpu_kernel import unavailable_reason
+    from dreamcoeff.processor import apply_coeff, coeff_parameters, set_coeff_attention_impl
+
+    monkeypatch.delenv("DREAMCOEFF_ATTENTION_IMPL", raising=False)
+    torch.manual_seed(0)
+    chunked_model, auto_model = attention_model(), attention_model()
+    for model in (chunked_model, auto_model):
+        apply_coeff(model, targets="attn1")
+        with torch.no_grad():
+            for alpha in coeff_parameters(model):
+                alpha.normal_(0, 0.1)  # A != I: the exact path
+    set_coeff_attention_impl(chunked_model, "chunked")
+    calls = []
+    real = ChunkedMixedAttention.apply
+    monkeypatch.setattr(ChunkedMixedAttention, "apply", lambda *args: calls.append(1) or real(*args))
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        chunked_model["attn1"](x)
+        assert calls == [1]
+        auto_model["attn1"](x)
+        assert len(calls) == (1 if unavailable_reason("cpu") is None else 2)  # "auto": the fused kernel
+    assert auto_model["attn1"].processor.attention_impl == "auto"
+    apply_coeff(chunked_model, targets=("attn1", "attn2"))  # installed after the setting
+    assert chunked_model["attn2"].processor.attention_impl == "chunked"
+    apply_coeff(auto_model, targets=("attn1", "attn2"))
+    assert auto_model["attn2"].processor.attention_impl == "auto"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The fused CPU kernel (`dreamcoeff.cpu_kernel`, csrc/mixed_attention_cpu.cpp) against the float64
+"""The fused CPU kernel (`dreamcoeff.attention.cpu_kernel`, csrc/mixed_attention_cpu.cpp) against the float64
 reference of test_attention_impls (einsum, no shared code).
 
 The shapes cross every boundary of the kernel's blocking: several row blocks and key tiles, both with
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dreamcoeff import attention as dc
-from dreamcoeff import cpu_kernel
+from dreamcoeff.attention import cpu_kernel, dispatch
 
 from .test_attention_impls import make, masks, ref_grads
 
@@ -119,8 +119,8 @@ def test_big_maps_take_the_chunked_backward(monkeypatch):
     assert fits(10, 1024, 1024) and fits(20, 256, 256) and fits(20, 1024, 77) and fits(10, 4096, 77)
     assert not fits(10, 4096, 4096) and not fits(20, 1024, 1024)
     calls = []
-    real = dc._chunked_backward
-    monkeypatch.setattr(dc, "_chunked_backward", lambda *args: calls.append(1) or real(*args))
+    real = dispatch.chunked_backward
+    monkeypatch.setattr(dispatch, "chunked_backward", lambda *args: calls.append(1) or real(*args))
     q, k, v, a, gout = make(1, 3, 12, 10, 8, seed=13)
     ref_out, ref_g = ref_grads(q, k, v, a, 0.3, None, gout)
     for limit, chunked in ((1 << 30, False), (0, True)):
@@ -155,17 +155,21 @@ def test_auto_uses_it_on_the_cpu_and_falls_back_where_it_cannot_build(monkeypatc
     # impl and the trainer flag say why.
     monkeypatch.setitem(cpu_kernel._state, "loaded", False)
     monkeypatch.setitem(cpu_kernel._state, "error", "the fused CPU kernel could not be built: no compiler")
-    monkeypatch.setattr(dc, "_WARNED", set())
+    monkeypatch.setattr(dispatch, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="could not be built: no compiler; mixed attention runs the chunked"):
         torch.testing.assert_close(dc.mixed_attention(q, k, v, a), expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match="impl='cpu_fused': .*no compiler"):
         dc.mixed_attention(q, k, v, a, impl="cpu_fused")
+    # Preferred by a model's setting (set_coeff_attention_impl) it falls back like "auto", with the warning.
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="could not be built: no compiler; mixed attention runs the chunked"):
+        torch.testing.assert_close(dc.mixed_attention(q, k, v, a, prefer="cpu_fused"), expected, rtol=1e-12, atol=1e-12)
 
-    from dreamcoeff.config import UsageError
-    from dreamcoeff.training import select_attention_impl
+    from dreamcoeff.train.config import UsageError
+    from dreamcoeff.train.loop import select_attention_impl
 
     with pytest.raises(UsageError, match="--coeff_attention_impl cpu_fused: .*no compiler"):
-        select_attention_impl("cpu_fused", torch.device("cpu"))
+        select_attention_impl("cpu_fused", torch.device("cpu"), torch.nn.Module())
 
 
 def test_switched_off_by_environment(monkeypatch):

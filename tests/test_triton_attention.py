@@ -1,4 +1,4 @@
-"""The fused Triton kernels (`dreamcoeff.triton_attention`), forward and backward, against an
+"""The fused Triton kernels (`dreamcoeff.attention.triton_kernels`), forward and backward, against an
 independent float64 reference.
 
 There is no GPU here, so the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, numpy on the
@@ -21,9 +21,10 @@ import torch
 pytest.importorskip("triton")
 
 from dreamcoeff import attention as dc  # noqa: E402
-from dreamcoeff import triton_attention as ta  # noqa: E402
+from dreamcoeff.attention import triton_kernels as ta  # noqa: E402
+from dreamcoeff.attention.core import as_additive_mask  # noqa: E402
 
-from .test_attention_impls import make, masks, ref_grads, ref_mixed  # noqa: E402
+from .test_attention_impls import attention_model, make, masks, ref_grads, ref_mixed  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="the kernel is tested in Triton's interpreter mode"
@@ -53,7 +54,7 @@ def test_float32_forward_and_backward_match_float64_reference(b, h, n, l, d, dv,
     a = torch.eye(h) + 0.3 * torch.randn(h, h, generator=g)  # negative coefficients too
     grad_out = torch.randn(b, h, n, dv, generator=g)
     mask = masks(mask_kind, b, h, n, l)
-    additive = dc._as_additive_mask(mask, torch.float32)
+    additive = as_additive_mask(mask, torch.float32)
     expected, expected_grads = ref_grads(q, k, v, a, 0.37, mask, grad_out)
     got, lse = ta.mixed_attention_forward(q, k, v, a, 0.37, additive, return_lse=True)
     assert got.shape == (b, h, n, dv) and got.dtype == torch.float32
@@ -175,8 +176,9 @@ def test_broadcast_grad_out_from_sum():
 
 def test_a_gpu_too_small_for_the_tiles_falls_back_to_the_chunked_path(monkeypatch):
     """Consumer GPUs give a program 99 KiB of shared memory, some launches need up to 196 KiB.
-    Chosen through the environment, a layer whose forward does not fit runs the chunked path (one
-    warning); an explicit impl="triton" raises. A backward that does not fit falls back either way."""
+    Chosen through a model's setting (prefer=, what set_coeff_attention_impl hands on), a layer whose
+    forward does not fit runs the chunked path (one warning); an explicit impl="triton" raises. A
+    backward that does not fit falls back either way."""
     q, k, v, a, gout = make(1, 3, 9, 7, 16, dtype=torch.float16, seed=14)
     expected_out, expected_grads = ref_grads(q, k, v, a, 0.25, None, gout.half())
 
@@ -187,9 +189,8 @@ def test_a_gpu_too_small_for_the_tiles_falls_back_to_the_chunked_path(monkeypatc
         patch.setattr(ta, "mixed_attention_forward", does_not_fit)
         with pytest.raises(ta.KernelDoesNotFitError):
             dc.mixed_attention(q, k, v, a, impl="triton")
-        patch.setenv("DREAMCOEFF_ATTENTION_IMPL", "triton")
         with pytest.warns(RuntimeWarning, match="runs the chunked path instead"):
-            assert rel(dc.mixed_attention(q, k, v, a), expected_out) < 2e-3
+            assert rel(dc.mixed_attention(q, k, v, a, prefer="triton"), expected_out) < 2e-3
     monkeypatch.setattr(ta, "mixed_attention_backward", does_not_fit)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]
     out = dc.mixed_attention(*leaves, impl="triton")  # the (real) fused forward fits
@@ -200,6 +201,7 @@ def test_a_gpu_too_small_for_the_tiles_falls_back_to_the_chunked_path(monkeypatc
 
 
 def test_environment_variable_routes_auto_to_triton(monkeypatch):
+    """DREAMCOEFF_ATTENTION_IMPL, set by a user, is what "auto" runs where A != I and nothing else chose."""
     a = torch.eye(3) + 0.1
     monkeypatch.delenv("DREAMCOEFF_ATTENTION_IMPL", raising=False)
     assert dc.select_impl(a) == "cpu_fused"  # unset: the fused C++ kernel on the CPU
@@ -217,6 +219,34 @@ def test_environment_variable_routes_auto_to_triton(monkeypatch):
     monkeypatch.setenv("DREAMCOEFF_ATTENTION_IMPL", "fastest")
     with pytest.raises(ValueError, match="DREAMCOEFF_ATTENTION_IMPL='fastest'"):
         dc.select_impl(a)
+
+
+def test_model_setting_routes_auto_to_triton(monkeypatch):
+    """set_coeff_attention_impl(model, "triton"): that model's coeff layers run the fused kernels where
+    A != I, ahead of the environment variable; where the kernels cannot take the inputs, chunked."""
+    from dreamcoeff.processor import apply_coeff, coeff_parameters, set_coeff_attention_impl
+
+    monkeypatch.setenv("DREAMCOEFF_ATTENTION_IMPL", "chunked")  # the model's setting comes first
+    calls = []
+    real = ta.mixed_attention_forward
+    monkeypatch.setattr(ta, "mixed_attention_forward", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    torch.manual_seed(3)
+    model = attention_model(heads=3, dim_head=16)
+    apply_coeff(model, targets="attn1")
+    with torch.no_grad():
+        coeff_parameters(model)[0].normal_(0, 0.1)
+    x = torch.randn(1, 10, 48)
+    set_coeff_attention_impl(model, "triton")
+    with torch.no_grad():
+        fused = model["attn1"](x)
+        assert calls == [1]
+        set_coeff_attention_impl(model, "auto")  # no preference: the environment's "chunked"
+        assert rel(model["attn1"](x), fused) < 1e-5
+        assert calls == [1]
+        set_coeff_attention_impl(model, "triton")
+        model.double()  # float64: the kernels cannot take it, the chunked path runs
+        model["attn1"](x.double())
+        assert calls == [1]
 
 
 class _Raising:
@@ -273,23 +303,29 @@ def test_kernels_compile_for_sm90_within_its_shared_memory(tmp_path):
         assert row["registers"] <= 255 and row["shared_bytes"] <= 227 * 1024, row
 
 
-def test_trainer_flag_exports_the_choice_or_refuses_clearly(monkeypatch):
-    """--coeff_attention_impl: 'chunked'/'triton' become DREAMCOEFF_ATTENTION_IMPL for the process;
-    'triton' where it cannot run is a usage error naming the reason, before any training."""
-    from dreamcoeff.config import UsageError
-    from dreamcoeff.training import select_attention_impl
+def test_trainer_flag_sets_the_choice_on_the_unet_or_refuses_clearly(monkeypatch):
+    """--coeff_attention_impl: 'chunked'/'triton' become the UNet's setting (set_coeff_attention_impl;
+    the environment is never written); 'triton' where it cannot run is a usage error naming the
+    reason, before any training."""
+    from dreamcoeff.processor import apply_coeff
+    from dreamcoeff.train.config import UsageError
+    from dreamcoeff.train.loop import select_attention_impl
 
     monkeypatch.setenv("DREAMCOEFF_ATTENTION_IMPL", "unset")  # so that teardown restores the original
     monkeypatch.delenv("DREAMCOEFF_ATTENTION_IMPL")
-    select_attention_impl("auto", torch.device("cpu"))
+    unet = attention_model()
+    apply_coeff(unet, targets="attn1")
+    processor = unet["attn1"].processor
+    select_attention_impl("auto", torch.device("cpu"), unet)
+    assert processor.attention_impl == "auto"
+    select_attention_impl("chunked", torch.device("cpu"), unet)
+    assert processor.attention_impl == "chunked"
+    select_attention_impl("triton", torch.device("cpu"), unet)  # TRITON_INTERPRET=1 here: it can run
+    assert processor.attention_impl == "triton"
     assert "DREAMCOEFF_ATTENTION_IMPL" not in os.environ
-    select_attention_impl("chunked", torch.device("cpu"))
-    assert os.environ["DREAMCOEFF_ATTENTION_IMPL"] == "chunked"
-    select_attention_impl("triton", torch.device("cpu"))  # TRITON_INTERPRET=1 here: it can run
-    assert os.environ["DREAMCOEFF_ATTENTION_IMPL"] == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(UsageError, match="--coeff_attention_impl triton: .*CUDA tensors"):
-        select_attention_impl("triton", torch.device("cpu"))
+        select_attention_impl("triton", torch.device("cpu"), unet)
     monkeypatch.setattr(ta, "triton", None)
     with pytest.raises(UsageError, match="pip install triton"):
-        select_attention_impl("triton", torch.device("cuda"))
+        select_attention_impl("triton", torch.device("cuda"), unet)

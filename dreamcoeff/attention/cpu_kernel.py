@@ -135,7 +135,7 @@ def mixed_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: (out (B, H, N, dv) in q's dtype, each row's log-sum-exp (B, H, N) for the backward).
 
-    `mask` is additive (see `attention._as_additive_mask`) and broadcastable to (B, H, N, L).
+    `mask` is additive (see `dreamcoeff.attention.core.as_additive_mask`) and broadcastable to (B, H, N, L).
     block_rows / tile_cols: query rows per block, key columns per tile (None: the module defaults).
     """
     reason = unavailable_reason(q.device)

@@ -1,5 +1,6 @@
-"""Coeff-Tuning attention as fused Triton kernels, forward and backward (CUDA; on the CPU only in
-Triton's interpreter, for the tests).
+"""Coeff-Tuning attention as fused Triton kernels, forward and backward (CUDA; triton is optional).
+
+On the CPU the kernels run only in Triton's interpreter, for the tests.
 
     O^h = sum_i A[h, i] softmax(Q^i K^i^T * scale + M)^i V^h          (DESIGN.md section 1)
 
@@ -28,7 +29,7 @@ A = A_hi + A_lo, mixed with two dots: A = I + alpha with alpha ~ 1e-3 would roun
 The backward (`mixed_attention_backward`) recomputes the maps tile by tile from q, k, v and the
 forward's lse in three launches: rows phase 0 (delta^i = rowsum(P^i dP^i), the softmax backward's
 row term, and dA), rows phase 1 (dQ), keys (dK, dV). float32 activations take the chunked backward
-in `attention.py`: the float32 backward tiles exceed a GPU program's shared memory.
+(`dreamcoeff.attention.chunked`): the float32 backward tiles exceed a GPU program's shared memory.
 
 Heads are padded to a power of two >= 16 (the mix dot's inner dimension), masked to zero. Tiles come
 from `kernel_configs` / `backward_kernel_config`, chosen by benchmarks/triton_compile_check.py's
@@ -56,6 +57,7 @@ __all__ = [
     "backward_kernel_config",
     "mixed_attention_forward",
     "mixed_attention_backward",
+    "jit_kernels",
 ]
 
 
@@ -64,7 +66,7 @@ class KernelDoesNotFitError(RuntimeError):
 
     Measured on sm_90 (227 KiB per program) by benchmarks/triton_compile_check.py; GPUs with less
     (sm_80: 163 KiB, sm_86/89 consumer cards: 99 KiB) refuse the larger launches. `mixed_attention`
-    then falls back to the chunked path where it chose the kernels itself (see attention.py)."""
+    then falls back to the chunked path where it chose the kernels itself (see `dispatch`)."""
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
@@ -409,6 +411,16 @@ if triton is not None:
             tl.store(DK + out_rows * D + dims[None, None, :], dk * scale, mask=out_ok & (dims < D)[None, None, :])
         if DO_DV:
             tl.store(DVAL + out_rows * DV + vdims[None, None, :], dv, mask=out_ok & (vdims < DV)[None, None, :])
+
+
+def jit_kernels() -> dict[str, object]:
+    """The four @triton.jit kernels by name, as the launches look them up now (empty without triton):
+    "row_logsumexp", "fwd", "bwd_rows", "bwd_keys", for benchmarks/triton_compile_check.py."""
+    if triton is None:
+        return {}
+    return {"row_logsumexp": _row_logsumexp_kernel, "fwd": _mixed_attention_fwd_kernel,
+            "bwd_rows": _mixed_attention_bwd_rows_kernel, "bwd_keys": _mixed_attention_bwd_keys_kernel}
+
 
 def kernel_configs(
     dtype: torch.dtype,
