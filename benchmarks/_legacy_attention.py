@@ -12,7 +12,7 @@ import os
 import torch
 
 # Unchanged since 85341f2: shared with the library rather than copied.
-from dreamcoeff.attention import _as_additive_mask, _compute_dtype, _mask_rows
+from dreamcoeff.attention.core import as_additive_mask, compute_dtype, mask_rows
 
 __all__ = ["mixed_attention", "choose_chunk_size", "DEFAULT_CHUNK_BYTES"]
 
@@ -52,13 +52,13 @@ class _ChunkedMixedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, coeff, mask, scale: float, chunk: int):
-        cdt = _compute_dtype(q.dtype)
+        cdt = compute_dtype(q.dtype)
         kc, vc, a = k.to(cdt), v.to(cdt), coeff.to(cdt)
         b, h, n, _ = q.shape
         out = torch.empty(b, h, n, v.shape[-1], dtype=cdt, device=q.device)
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
-            probs = _chunk_probs(q[:, :, start:stop].to(cdt), kc, _mask_rows(mask, start, stop), scale)
+            probs = _chunk_probs(q[:, :, start:stop].to(cdt), kc, mask_rows(mask, start, stop), scale)
             mixed = _mix(a, probs)
             del probs
             out[:, :, start:stop] = torch.matmul(mixed, vc)
@@ -71,7 +71,7 @@ class _ChunkedMixedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, coeff, mask = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
-        cdt = _compute_dtype(q.dtype)
+        cdt = compute_dtype(q.dtype)
         kc, vc, a = k.to(cdt), v.to(cdt), coeff.to(cdt)
         a_t = a.t().contiguous()
         grad_out = grad_out.to(cdt)
@@ -85,7 +85,7 @@ class _ChunkedMixedAttention(torch.autograd.Function):
             stop = min(n, start + chunk)
             q_chunk = q[:, :, start:stop].to(cdt)
             g_chunk = grad_out[:, :, start:stop]
-            probs = _chunk_probs(q_chunk, kc, _mask_rows(mask, start, stop), scale)
+            probs = _chunk_probs(q_chunk, kc, mask_rows(mask, start, stop), scale)
             if need_v:
                 dv += torch.matmul(_mix(a, probs).transpose(-1, -2), g_chunk)
             grad_mixed = torch.matmul(g_chunk, vc.transpose(-1, -2))  # dL/d(A P), B x H x n x L
@@ -141,6 +141,6 @@ def mixed_attention(
     if coeff.shape != (h, h):
         raise ValueError(f"coeff must be ({h}, {h}) for {h} heads, got {tuple(coeff.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    mask = _as_additive_mask(mask, _compute_dtype(q.dtype))
+    mask = as_additive_mask(mask, compute_dtype(q.dtype))
     chunk = chunk_size or choose_chunk_size(b, h, n, k.shape[-2])
     return _ChunkedMixedAttention.apply(q, k, v, coeff, mask, scale, int(chunk))

@@ -10,7 +10,7 @@ Implementations (all take q, k, v of shape (B, H, N, 64)):
     before      dreamcoeff's chunked implementation as first committed (benchmarks/_legacy_attention.py)
     chunked     dreamcoeff.attention.mixed_attention(impl="chunked"): the PyTorch path
     dreamcoeff  dreamcoeff.attention.mixed_attention, as the processor calls it ("auto": on the CPU the
-                fused C++ kernel of dreamcoeff.cpu_kernel, where it builds)
+                fused C++ kernel of dreamcoeff.attention.cpu_kernel, where it builds)
 
 Shapes: self-attention N=4096 with 10 heads and N=1024 with 20 heads (SDXL at 1024 px), and
 cross-attention of those to 77 text tokens; batch 1 and 2; forward+backward (grads for q, k, v and
@@ -26,16 +26,12 @@ import json
 import sys
 from pathlib import Path
 
+import _benchutil as bu  # sibling modules: `python benchmarks/x.py` puts this folder on sys.path
+import _legacy_attention
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import _benchutil as bu  # noqa: E402
-import _legacy_attention  # noqa: E402
-
-from dreamcoeff import attention as dc  # noqa: E402
+from dreamcoeff import attention as dc
 
 SHAPES = {  # name: (heads, N, L)
     "self N=4096 H=10": (10, 4096, 4096),

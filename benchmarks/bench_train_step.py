@@ -14,8 +14,8 @@ Configurations, each in its own process (`--child`), run in interleaved rounds:
     lora         peft LoraConfig(r=4) on to_q, to_k, to_v, to_out.0 via unet.add_adapter
     alpha        dreamcoeff.apply_coeff on every attn1 / attn2 (alpha = 0 at start: the exact path)
     alpha+lora   both
-    alpha@chunked  alpha with DREAMCOEFF_ATTENTION_IMPL=chunked: the PyTorch path instead of the fused
-                 C++ kernel that "auto" runs on the CPU (also a sampling configuration)
+    alpha@chunked  alpha with set_coeff_attention_impl(unet, "chunked"): the PyTorch path instead of the
+                 fused C++ kernel that "auto" runs on the CPU (also a sampling configuration)
 A step is: UNet forward on noisy latents, MSE to the noise, backward, AdamW step, zero_grad.
 Reported: median step time (over all timed steps of all rounds), the ratio to LoRA, and the peak
 memory of one step above the steady state (VmHWM after clear_refs, see _benchutil.py) as well as
@@ -31,30 +31,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import _benchutil as bu  # a sibling module: `python benchmarks/x.py` puts this folder on sys.path
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import _benchutil as bu  # noqa: E402
 
 TRAIN_CONFIGS = ("lora", "alpha", "alpha+lora", "alpha@chunked")
 SAMPLE_CONFIGS = ("base", "alpha", "alpha=0", "alpha@chunked")
 
 
-def _select_impl(config: str) -> str:
-    """'name@impl' runs `name` with DREAMCOEFF_ATTENTION_IMPL=impl (this child process only)."""
+def _split_impl(config: str) -> tuple[str, str]:
+    """'name@impl' -> (name, impl): `name` with its coeff layers set to `impl` ("auto" without '@')."""
     name, _, impl = config.partition("@")
-    if impl:
-        os.environ["DREAMCOEFF_ATTENTION_IMPL"] = impl
-    return name
+    return name, impl or "auto"
 BATCH, LATENT, TEXT_TOKENS, TEXT_DIM, POOLED_DIM, TIME_DIM = 2, 64, 77, 512, 320, 64
 
 
@@ -94,7 +87,7 @@ def unet_config(depth=(1, 2, 10)) -> dict:
     )
 
 
-def build_unet(depth, config: str):
+def build_unet(depth, config: str, impl: str = "auto"):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -108,8 +101,10 @@ def build_unet(depth, config: str):
         )
     if "alpha" in config:
         from dreamcoeff import apply_coeff, coeff_parameters
+        from dreamcoeff.processor import set_coeff_attention_impl
 
         apply_coeff(unet)
+        set_coeff_attention_impl(unet, impl)
         if config == "alpha" and SAMPLING:  # nonzero alpha so inference runs the exact path
             g = torch.Generator().manual_seed(1)
             with torch.no_grad():
@@ -133,7 +128,7 @@ def conditioning(g):
 
 def child_train(args) -> dict:
     bu.setup_threads(args.threads)
-    unet = build_unet(args.depth, _select_impl(args.config))
+    unet = build_unet(args.depth, *_split_impl(args.config))
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -170,8 +165,8 @@ def child_sample(args) -> dict:
     global SAMPLING
     SAMPLING = True
     bu.setup_threads(args.threads)
-    config = _select_impl(args.config)
-    unet = build_unet(args.depth, "alpha" if config == "alpha" else ("alpha0" if config == "alpha=0" else "base"))
+    config, impl = _split_impl(args.config)
+    unet = build_unet(args.depth, "alpha" if config == "alpha" else ("alpha0" if config == "alpha=0" else "base"), impl)
     unet.eval()
     sched = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,

@@ -18,22 +18,17 @@ Prints one JSON line per measurement and a summary table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
-import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dreamcoeff import apply_coeff, coeff_parameters  # noqa: E402
-from dreamcoeff.attention import materialized_mixed_attention, mixed_attention  # noqa: E402
-from dreamcoeff.triton_attention import mixed_attention_forward, triton_unavailable_reason  # noqa: E402
+from dreamcoeff import apply_coeff, coeff_parameters
+from dreamcoeff.attention import materialized_mixed_attention, mixed_attention
+from dreamcoeff.attention.triton_kernels import mixed_attention_forward, triton_unavailable_reason
+from dreamcoeff.processor import set_coeff_attention_impl
 
 DEV = torch.device("cuda")
 RESULTS = []
@@ -42,19 +37,6 @@ RESULTS = []
 def emit(**row):
     RESULTS.append(row)
     print(json.dumps(row), flush=True)
-
-
-@contextlib.contextmanager
-def attention_impl(impl):
-    """DREAMCOEFF_ATTENTION_IMPL (what "auto" runs where A != I) set for the block; None: unchanged."""
-    if impl is None:
-        yield
-        return
-    os.environ["DREAMCOEFF_ATTENTION_IMPL"] = impl
-    try:
-        yield
-    finally:
-        os.environ.pop("DREAMCOEFF_ATTENTION_IMPL", None)
 
 
 def timed(fn, warmup=2, reps=5):
@@ -219,7 +201,7 @@ def bench_sdxl(quick: bool):
         base = None
         methods = ["lora", "coeff", "coeff+lora"]
         if triton_unavailable_reason(DEV) is None:
-            methods.append("coeff (triton)")  # the fused kernels: DREAMCOEFF_ATTENTION_IMPL=triton
+            methods.append("coeff (triton)")  # the fused kernels: set_coeff_attention_impl(unet, "triton")
         for method in methods:
             unet = _unet()
             unet.requires_grad_(False)
@@ -228,6 +210,7 @@ def bench_sdxl(quick: bool):
                                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
             if "coeff" in method:
                 apply_coeff(unet, dropout=0.1)
+                set_coeff_attention_impl(unet, "triton" if "triton" in method else "auto")
             params = [p for p in unet.parameters() if p.requires_grad]
             for p in params:
                 p.data = p.data.float()
@@ -245,8 +228,7 @@ def bench_sdxl(quick: bool):
                 opt.zero_grad(set_to_none=True)
 
             try:
-                with attention_impl("triton" if "triton" in method else None):
-                    t, mem = timed(step, warmup=2, reps=5)
+                t, mem = timed(step, warmup=2, reps=5)
             except torch.OutOfMemoryError:
                 emit(bench="sdxl_train_step", method=method, checkpointing=checkpointing, error="OOM")
                 continue
@@ -273,8 +255,8 @@ def bench_sdxl_inference():
         emit(bench="sdxl_unet_inference", impl="chunked", ms_base=t_base * 1e3, ms_alpha=t_alpha * 1e3,
              time_vs_base=t_alpha / t_base, peak_mib_base=m_base, peak_mib_alpha=m_alpha)
         if triton_unavailable_reason(DEV) is None:
-            with attention_impl("triton"):
-                t_tri, m_tri = timed(lambda: unet(**inputs), warmup=2, reps=5)
+            set_coeff_attention_impl(unet, "triton")
+            t_tri, m_tri = timed(lambda: unet(**inputs), warmup=2, reps=5)
             emit(bench="sdxl_unet_inference", impl="triton", ms_base=t_base * 1e3, ms_alpha=t_tri * 1e3,
                  time_vs_base=t_tri / t_base, peak_mib_base=m_base, peak_mib_alpha=m_tri)
 

@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dreamcoeff.attention import choose_chunk_size, mixed_attention  # noqa: E402
+from dreamcoeff.attention import choose_chunk_size, mixed_attention
 
 
 def median_ms(fn, reps: int = 7) -> float:

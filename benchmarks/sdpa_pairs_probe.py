@@ -1,5 +1,4 @@
-import torch, time, statistics, sys
-sys.path.insert(0, ".")
+import torch, time, statistics
 from dreamcoeff.attention import mixed_attention
 import torch.nn.functional as F
 dev = "cuda"

@@ -6,7 +6,7 @@ Triton compiles to PTX on any machine, and its wheel ships NVIDIA's `ptxas`, so 
 compile (Triton IR -> PTX -> cubin) runs here on the CPU. That catches what Triton's interpreter
 cannot (GPU-only lowering errors, shapes the tensor cores reject) and reports, per kernel and
 configuration, the registers per thread, the bytes spilled to local memory and the shared memory
-per program: the numbers the default tiles in `dreamcoeff.triton_attention.kernel_configs` and
+per program: the numbers the default tiles in `dreamcoeff.attention.triton_kernels.kernel_configs` and
 `backward_kernel_config` were chosen by. It says nothing about speed; that needs a GPU (benchmarks/gpu_check.py).
 
 The kernels are compiled with the specialisations Triton's JIT applies at a real launch with
@@ -32,15 +32,13 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpr
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 try:
     import triton  # noqa: E402
     from triton.backends.compiler import GPUTarget  # noqa: E402
 except ImportError:  # pragma: no cover
     sys.exit("triton is not installed: pip install triton (or the project's [triton] extra)")
 
-from dreamcoeff import triton_attention as ta  # noqa: E402
+from dreamcoeff.attention import triton_kernels as ta  # noqa: E402
 
 # Bytes of shared memory one program may use (opt-in maximum per block), by compute capability.
 MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -113,19 +111,20 @@ def _assemble(ptx: str, arch: int, workdir: Path) -> dict:
 def compile_case(dtype: torch.dtype, heads: int, head_dim: int, has_mask: bool, arch: int, workdir: Path) -> list[dict]:
     lse_config, mix_config = ta.kernel_configs(dtype, heads, head_dim, has_mask=has_mask)
     bwd_config = ta.backward_kernel_config(dtype, heads, head_dim, has_mask=has_mask)
+    kernels = ta.jit_kernels()
     launches = [
-        ("fwd lse", ta._row_logsumexp_kernel, lse_config),
-        ("fwd mix", ta._mixed_attention_fwd_kernel, mix_config),
+        ("fwd lse", kernels["row_logsumexp"], lse_config),
+        ("fwd mix", kernels["fwd"], mix_config),
     ]
     if dtype != torch.float32:  # float32 gradients take the chunked path
         launches += [
-            ("bwd rows 0", ta._mixed_attention_bwd_rows_kernel, {**bwd_config, "PHASE": 0}),
-            ("bwd rows 1", ta._mixed_attention_bwd_rows_kernel, {**bwd_config, "PHASE": 1}),
+            ("bwd rows 0", kernels["bwd_rows"], {**bwd_config, "PHASE": 0}),
+            ("bwd rows 1", kernels["bwd_rows"], {**bwd_config, "PHASE": 1}),
         ]
         # dK and dV in one launch where a group holds every head, else two (as the backward runs them).
         one_launch = bwd_config["GROUP"] == bwd_config["HP"]
         keys = [("bwd keys", True, True)] if one_launch else [("bwd keys dK", True, False), ("bwd keys dV", False, True)]
-        launches += [(name, ta._mixed_attention_bwd_keys_kernel, {**bwd_config, "DO_DK": dk, "DO_DV": dv})
+        launches += [(name, kernels["bwd_keys"], {**bwd_config, "DO_DK": dk, "DO_DV": dv})
                      for name, dk, dv in keys]
     rows = []
     for launch, kernel, config in launches:
