@@ -35,20 +35,16 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from diffusers import DDPMScheduler  # noqa: E402
-
-from dreamcoeff.testing import microworld as mw  # noqa: E402
-from dreamcoeff.testing.tiny import write_tokenizer_files, build_tiny_tokenizer_files, tiny_scheduler_config  # noqa: E402
+from dreamcoeff.testing import microworld as mw
+from dreamcoeff.testing.tiny import build_tiny_tokenizer_files, tiny_scheduler_config, write_tokenizer_files
 
 TIME_IDS = torch.tensor([[mw.RES, mw.RES, 0, 0, mw.RES, mw.RES]], dtype=torch.float32)
 

@@ -27,17 +27,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pretrain as PT
+import run_bench as RB
 import torch
 
+from dreamcoeff.testing import microworld as mw
+
+# sibling scripts (pretrain, run_bench) import as modules: Python puts this folder on sys.path
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[1]))
-
-import pretrain as PT  # noqa: E402
-import run_bench as RB  # noqa: E402
-
-from dreamcoeff.testing import microworld as mw  # noqa: E402
-
 MODEL = HERE.parents[1] / "models" / "microworld-sdxl"
 CONTINUE_STEPS = 600
 COLOUR_DROP = 0.3

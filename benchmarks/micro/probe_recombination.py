@@ -20,17 +20,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import run_bench as RB
 import torch
 from PIL import Image
 
+from dreamcoeff.testing import microworld as mw
+
+# sibling scripts (pretrain, run_bench) import as modules: Python puts this folder on sys.path
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[1]))
-
-import run_bench as RB  # noqa: E402
-
-from dreamcoeff.testing import microworld as mw  # noqa: E402
-
 MODEL = str(HERE.parents[1] / "models" / "microworld-sdxl")
 BACKGROUNDS = ("green", "red", "blue", "black")
 IMAGES = 4

@@ -14,7 +14,7 @@ fine-tuning (``full``), all through ``train_dreambooth_coeff.py``'s code with th
 For every method (``--methods``) the learning rate is first chosen on the set's *validation* concept
 (its first) from ``--lr_grid``, by the mean of subject fidelity and requested-background
 fidelity (fixed before any result was seen). Then each test concept x seed is trained with
-``dreamcoeff.training.main`` (the code behind ``train_dreambooth_coeff.py``) and its evaluation
+``dreamcoeff.train.main`` (the code behind ``train_dreambooth_coeff.py``) and its evaluation
 prompts are sampled and scored with ``microworld``'s exact metrics:
 
 * subject fidelity: the generated object is the concept (shape, its colours, pattern), on the
@@ -46,15 +46,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
+from dreamcoeff.testing import microworld as mw
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from diffusers import StableDiffusionXLPipeline  # noqa: E402
-
-from dreamcoeff.testing import microworld as mw  # noqa: E402
-
 HERE = Path(__file__).resolve().parent
 METRICS = ("subject_train", "subject", "shape", "colours", "pattern", "background", "size", "position", "bg_copy")
 METHODS = ("coeff", "lora", "coeff+lora", "full")
@@ -79,7 +76,7 @@ def write_instances(c: mw.Concept, folder: Path) -> Path:
 def train(model: str, c: mw.Concept, method: str, lr: float, seed: int, steps: int, out: Path, inst: Path,
           noise_offset: float = 0.0) -> tuple[float, int]:
     """One DreamBooth run through the real trainer; (wall seconds, trainable parameters)."""
-    from dreamcoeff.training import main
+    from dreamcoeff.train import main
 
     flags = ["--pretrained_model_name_or_path", model, "--instance_dir", str(inst), "--instance_prompt",
              c.instance_prompt, "--output_dir", str(out), "--resolution", str(mw.RES), "--report_to", "none",
