@@ -126,8 +126,20 @@ def vae_report(pipe, log: dict, key: str = "vae_recon") -> None:
     print(f"{key}:", log[key], flush=True)
 
 
+def save_state(path: Path, step: int, pipe, opt, log: dict) -> None:
+    """Everything a later part needs to continue bit for bit: weights, optimizer, step, log so far."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"step": step, "unet": pipe.unet.state_dict(), "te1": pipe.text_encoder.state_dict(),
+                "te2": pipe.text_encoder_2.state_dict(), "opt": opt.state_dict(), "log": log}, tmp)
+    tmp.replace(path)  # a kill mid-write leaves the previous state intact
+    print(f"state at step {step} -> {path}", flush=True)
+
+
 def train_unet(pipe, steps: int, batch: int, lr: float, log: dict, save_every: int = 0, out: Path | None = None,
-               noise_offset: float = 0.0) -> int:
+               noise_offset: float = 0.0, state_path: Path | None = None, stop_after: int | None = None) -> int:
+    """UNet + text-encoder pretraining; with `state_path`, resumable in parts: it continues from the
+    state saved there (if any), saves it every `save_every` steps, and ends early after `stop_after`.
+    Returns the last step done."""
     unet, te1, te2 = pipe.unet, pipe.text_encoder, pipe.text_encoder_2
     sched = DDPMScheduler(**{k: v for k, v in tiny_scheduler_config().items() if k not in ("interpolation_type", "use_karras_sigmas")})
     scaling = pipe.vae.config.scaling_factor
@@ -137,8 +149,20 @@ def train_unet(pipe, steps: int, batch: int, lr: float, log: dict, save_every: i
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     curve = log.setdefault("unet_curve", [])
     t0 = time.time()
-    ema = None
-    for step in range(1, steps + 1):
+    ema, first = None, 1
+    if state_path is not None and state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        te1.load_state_dict(state["te1"])
+        te2.load_state_dict(state["te2"])
+        opt.load_state_dict(state["opt"])
+        first = state["step"] + 1
+        curve[:] = state["log"].get("unet_curve", [])
+        ema = curve[-1]["loss_ema"] if curve else None
+        t0 -= state["log"].get("unet_seconds_so_far", 0.0)
+        print(f"resuming from {state_path} at step {first}", flush=True)
+    step = first - 1
+    for step in range(first, steps + 1):
         for g in opt.param_groups:
             g["lr"] = lr * warmup_cosine(step, steps, warmup=100)
         gen = torch.Generator().manual_seed(step)
@@ -168,8 +192,17 @@ def train_unet(pipe, steps: int, batch: int, lr: float, log: dict, save_every: i
         if save_every and out is not None and step % save_every == 0:
             save(pipe, out)  # a usable snapshot if the run is cut short
             log["snapshot_step"] = step
+            if state_path is not None:
+                log["unet_seconds_so_far"] = round(time.time() - t0, 1)
+                save_state(state_path, step, pipe, opt, log)
+        if stop_after is not None and step >= stop_after and step < steps:
+            if state_path is not None:
+                log["unet_seconds_so_far"] = round(time.time() - t0, 1)
+                save_state(state_path, step, pipe, opt, log)
+            return step
     for m in (unet, te1, te2):
         m.eval().requires_grad_(False)
+    log.pop("unet_seconds_so_far", None)
     log["unet_steps"] = steps
     log["unet_seconds"] = round(time.time() - t0, 1)
     return step
@@ -231,6 +264,14 @@ def main(argv=None) -> int:
     p.add_argument("--eval_samples", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="intra-op CPU threads (part of what makes a run reproducible)")
     p.add_argument("--save_every", type=int, default=500, help="save a snapshot every N UNet steps (0: only at the end)")
+    p.add_argument("--model_version", default="v1", choices=mw.MICRO_MODEL_VERSIONS,
+                   help="v1: 4 / 8 heads (the shipped models/microworld-sdxl); v2: SDXL's 10 / 20 heads")
+    p.add_argument("--vae_from", default=None, metavar="DIR",
+                   help="reuse the trained VAE (and its scaling factor) of this pipeline folder instead of training one")
+    p.add_argument("--state", default=None, metavar="FILE",
+                   help="resumable parts: continue from this state file if it exists, and save it every --save_every steps")
+    p.add_argument("--stop_after", type=int, default=None, metavar="STEP",
+                   help="end this part after UNet step STEP (with --state; rerun the same command to continue)")
     p.add_argument("--check_against", default=None, metavar="LOG",
                    help="a pretrain_log.json to compare the weight hashes with at the end (exit 1 on a difference)")
     args = p.parse_args(argv)
@@ -238,13 +279,28 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     start = time.time()
     log: dict = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    pipe = mw.build_micro_pipeline(seed=args.seed)
-    train_vae(pipe, args.vae_steps, args.vae_batch, args.vae_lr, log)
-    vae_report(pipe, log)
-    pipe.vae.register_to_config(scaling_factor=round(1.0 / log["vae_recon"]["latent_std"], 5))
+    pipe = mw.build_micro_pipeline(seed=args.seed, version=args.model_version)
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        trained = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae")
+        pipe.vae.load_state_dict(trained.state_dict())
+        pipe.vae.register_to_config(scaling_factor=trained.config.scaling_factor)
+        log["vae_sha256"] = hashlib.sha256(
+            (Path(args.vae_from) / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+        vae_report(pipe, log)
+    else:
+        train_vae(pipe, args.vae_steps, args.vae_batch, args.vae_lr, log)
+        vae_report(pipe, log)
+        pipe.vae.register_to_config(scaling_factor=round(1.0 / log["vae_recon"]["latent_std"], 5))
     log["scaling_factor"] = pipe.vae.config.scaling_factor
     out = Path(args.out)
-    train_unet(pipe, args.steps, args.batch, args.lr, log, args.save_every, out, noise_offset=args.noise_offset)
+    state = Path(args.state) if args.state else None
+    done = train_unet(pipe, args.steps, args.batch, args.lr, log, args.save_every, out, noise_offset=args.noise_offset,
+                      state_path=state, stop_after=args.stop_after)
+    if done < args.steps:
+        print(f"part done at step {done} of {args.steps}; rerun the same command to continue", flush=True)
+        return 0
     save(pipe, out)
     log["weights_sha256"] = weight_hashes(out)
     log["grid_path"] = str(Path(args.log).with_name("pretrain_samples.png"))

@@ -506,18 +506,33 @@ def attributes_of(scenes: Iterable[Scene]) -> list[dict[str, Any]]:
 MICRO_LATENT_SIZE = RES // 4
 
 
-def micro_unet_config() -> dict[str, Any]:
-    """``tiny_unet_config()`` on 16x16 latents, with the deepest level narrowed from 128 to 96 channels.
+#: The micro-world base models by version. v1: 4 and 8 heads (1,696 coefficients); v2: SDXL's
+#: attention geometry, 10 heads at the middle level and 20 at the deepest (head size 8; 10,600
+#: coefficients), the same levels, depths (1 / 2 transformer layers) and VAE as v1.
+MICRO_MODEL_VERSIONS = ("v1", "v2")
 
-    Same SDXL layout (heads 4 / 8 / 8, transformer depth 1 / 2 in the attention levels), attention
-    over 8x8 = 64 and 4x4 = 16 image tokens; 5.2 M parameters instead of 8.1 M, so the saved pipeline
-    stays under 25 MB in float32.
+
+def micro_unet_config(version: str = "v1") -> dict[str, Any]:
+    """The micro-world UNet config of `version` (see :data:`MICRO_MODEL_VERSIONS`).
+
+    v1 is ``tiny_unet_config()`` on 16x16 latents with the deepest level narrowed from 128 to 96
+    channels: SDXL's layout (heads 4 / 8 / 8, transformer depth 1 / 2 in the attention levels),
+    attention over 8x8 = 64 and 4x4 = 16 image tokens; 5.2 M parameters, so the saved pipeline stays
+    under 25 MB in float32. v2 widens the attention levels to 80 and 160 channels with 10 and 20
+    heads of 8 (SDXL: 10 and 20 heads of 64): 12.4 M parameters, about 53 MB saved.
     """
     from .tiny import tiny_unet_config
 
+    if version not in MICRO_MODEL_VERSIONS:
+        raise ValueError(f"unknown micro-world model version {version!r}: use one of {MICRO_MODEL_VERSIONS}")
     cfg = tiny_unet_config()
-    cfg["block_out_channels"] = (32, 64, 96)
     cfg["sample_size"] = MICRO_LATENT_SIZE
+    if version == "v1":
+        cfg["block_out_channels"] = (32, 64, 96)
+    else:
+        # diffusers reads attention_head_dim as the number of heads per block (the first level has none)
+        cfg["block_out_channels"] = (32, 80, 160)
+        cfg["attention_head_dim"] = (2, 10, 20)
     return cfg
 
 
@@ -537,9 +552,9 @@ def micro_vae_config() -> dict[str, Any]:
     return cfg
 
 
-def build_micro_pipeline(seed: int = 0):
+def build_micro_pipeline(seed: int = 0, version: str = "v1"):
     """The untrained micro-world pipeline: the tiny SDXL pipeline with a tokenizer that knows
-    :data:`VOCAB_WORDS`, the UNet of :func:`micro_unet_config` and the VAE of :func:`micro_vae_config`
+    :data:`VOCAB_WORDS`, the UNet of :func:`micro_unet_config` (of `version`) and the VAE of :func:`micro_vae_config`
     (seeded like ``build_tiny_pipeline``). The VAE's posterior log-variance starts at -12 (std 0.0025)
     instead of ~0, so its latents are nearly deterministic from the first step: a random VAE's unit
     posterior noise would drown what the encoder carries until training shrinks it."""
@@ -551,7 +566,7 @@ def build_micro_pipeline(seed: int = 0):
     tiny = build_tiny_pipeline(seed=seed, vocab_words=VOCAB_WORDS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**micro_unet_config()).float().eval()
+        unet = UNet2DConditionModel(**micro_unet_config(version)).float().eval()
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(**micro_vae_config()).float().eval()
     with torch.no_grad():
