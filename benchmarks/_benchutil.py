@@ -194,9 +194,7 @@ class PeakMemory:
 def run_child(script: Path, args: list[str], timeout: float = 900) -> dict:
     """Run `python script args` and return the JSON object on its last stdout line."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    res = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+    res = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{script.name} {' '.join(args)} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -5,6 +5,7 @@ every chunk, scales the (rows x L) scores rather than the (rows x d) queries, co
 backward from four passes, computes the coefficient gradient as one long-inner-dimension GEMM, and
 accumulates dK / dV with a transposed wide operand. Not used by the library; only benchmarks/ imports it.
 """
+
 from __future__ import annotations
 
 import os

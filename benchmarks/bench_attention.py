@@ -47,10 +47,7 @@ MODES = ("fwd+bwd", "fwd")
 def make_inputs(shape: str, batch: int, device, seed: int = 0):
     heads, n, l = SHAPES[shape]
     g = torch.Generator(device="cpu").manual_seed(seed)
-    q, k, v = (
-        torch.randn(batch, heads, rows, HEAD_DIM, generator=g).to(device).requires_grad_()
-        for rows in (n, l, l)
-    )
+    q, k, v = (torch.randn(batch, heads, rows, HEAD_DIM, generator=g).to(device).requires_grad_() for rows in (n, l, l))
     coeff = (torch.eye(heads) + 0.05 * torch.randn(heads, heads, generator=g)).to(device).requires_grad_()
     grad = torch.randn(batch, heads, n, HEAD_DIM, generator=g).to(device)
     return q, k, v, coeff, grad
@@ -158,18 +155,38 @@ def main() -> None:
                     for impl in impls:
                         res = bu.run_child(
                             Path(__file__),
-                            ["--child", "--shape", shape, "--batch", str(batch), "--impl", impl, "--mode", mode,
-                             "--threads", str(args.threads), "--device", args.device],
+                            [
+                                "--child",
+                                "--shape",
+                                shape,
+                                "--batch",
+                                str(batch),
+                                "--impl",
+                                impl,
+                                "--mode",
+                                mode,
+                                "--threads",
+                                str(args.threads),
+                                "--device",
+                                args.device,
+                            ],
                         )
                         mem[impl] = res
                 for impl in impls:
                     row = {
-                        "shape": shape, "batch": batch, "mode": mode, "impl": impl, **summary[impl],
-                        "peak_bytes": mem.get(impl, {}).get("peak"), "memory_method": mem.get(impl, {}).get("method"),
+                        "shape": shape,
+                        "batch": batch,
+                        "mode": mode,
+                        "impl": impl,
+                        **summary[impl],
+                        "peak_bytes": mem.get(impl, {}).get("peak"),
+                        "memory_method": mem.get(impl, {}).get("method"),
                         "others_cores": load.others,
                     }
                     base_mem = mem.get("sdpa", {}).get("peak")
-                    row["mem_ratio"] = (row["peak_bytes"] / base_mem) if (base_mem and row["peak_bytes"] is not None) else None
+                    row["mem_ratio"] = (
+                        (row["peak_bytes"] / base_mem) if (base_mem and row["peak_bytes"] is not None) else None
+                    )
                     rows.append(row)
                     print(json.dumps(row), flush=True)
             del inputs

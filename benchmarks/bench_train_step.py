@@ -48,8 +48,9 @@ def _split_impl(config: str) -> tuple[str, str]:
     """'name@impl' -> (name, impl): `name` with its coeff layers set to `impl` ("auto" without '@')."""
     name, _, impl = config.partition("@")
     return name, impl or "auto"
-BATCH, LATENT, TEXT_TOKENS, TEXT_DIM, POOLED_DIM, TIME_DIM = 2, 64, 77, 512, 320, 64
 
+
+BATCH, LATENT, TEXT_TOKENS, TEXT_DIM, POOLED_DIM, TIME_DIM = 2, 64, 77, 512, 320, 64
 
 
 def _timed_calls(fn, n: int):
@@ -62,6 +63,7 @@ def _timed_calls(fn, n: int):
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     return times, cpu, pm
+
 
 def unet_config(depth=(1, 2, 10)) -> dict:
     return dict(
@@ -97,7 +99,9 @@ def build_unet(depth, config: str, impl: str = "auto"):
         from peft import LoraConfig
 
         unet.add_adapter(
-            LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+            LoraConfig(
+                r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+            )
         )
     if "alpha" in config:
         from dreamcoeff import apply_coeff, coeff_parameters
@@ -169,8 +173,12 @@ def child_sample(args) -> dict:
     unet = build_unet(args.depth, "alpha" if config == "alpha" else ("alpha0" if config == "alpha=0" else "base"), impl)
     unet.eval()
     sched = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        timestep_spacing="leading", steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="leading",
+        steps_offset=1,
     )
     g = torch.Generator().manual_seed(3)
     cond = conditioning(g)
@@ -221,8 +229,18 @@ def main() -> None:
     info = bu.machine_info(args.threads)
     print(f"# bench_train_step  {json.dumps(info)}", flush=True)
     print(f"# command: {' '.join(sys.argv)}  (depth {args.depth})", flush=True)
-    common = ["--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--sample-steps", str(args.sample_steps), "--depth", *map(str, args.depth)]
+    common = [
+        "--threads",
+        str(args.threads),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--sample-steps",
+        str(args.sample_steps),
+        "--depth",
+        *map(str, args.depth),
+    ]
     results = {}
     jobs = ([] if args.no_train else [("train", c) for c in TRAIN_CONFIGS]) + (
         [] if args.no_sampling else [("sample", c) for c in SAMPLE_CONFIGS]
@@ -242,19 +260,30 @@ def main() -> None:
         base = results[(kind, "lora" if kind == "train" else "base")]
         med = statistics.median(agg["times"])
         cpu = statistics.median(agg["cpu_times"])
-        rows.append({
-            "kind": kind, "config": config, "median_s": med, "ratio": med / statistics.median(base["times"]),
-            "min_s": min(agg["times"]), "min_ratio": min(agg["times"]) / min(base["times"]),
-            "cpu_median_s": cpu, "cpu_ratio": cpu / statistics.median(base["cpu_times"]),
-            "peak_step_bytes": max(agg["peaks"]), "peak_ratio": max(agg["peaks"]) / max(base["peaks"]),
-            "peak_rss_bytes": agg.get("peak_rss_bytes"), "trainable": agg.get("trainable"),
-            "n": len(agg["times"]),
-        })
+        rows.append(
+            {
+                "kind": kind,
+                "config": config,
+                "median_s": med,
+                "ratio": med / statistics.median(base["times"]),
+                "min_s": min(agg["times"]),
+                "min_ratio": min(agg["times"]) / min(base["times"]),
+                "cpu_median_s": cpu,
+                "cpu_ratio": cpu / statistics.median(base["cpu_times"]),
+                "peak_step_bytes": max(agg["peaks"]),
+                "peak_ratio": max(agg["peaks"]) / max(base["peaks"]),
+                "peak_rss_bytes": agg.get("peak_rss_bytes"),
+                "trainable": agg.get("trainable"),
+                "n": len(agg["times"]),
+            }
+        )
     others = "-" if load.others is None else f"{load.others:.1f}"
     print()
     print(f"others' load during the run: {others} cores (machine has {info['cores']})")
-    print("| run | config | median s | ratio | min s | ratio | CPU s (median) | ratio | peak extra MiB (step) | ratio "
-          "| process peak MiB | trainable |")
+    print(
+        "| run | config | median s | ratio | min s | ratio | CPU s (median) | ratio | peak extra MiB (step) | ratio "
+        "| process peak MiB | trainable |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
@@ -264,8 +293,12 @@ def main() -> None:
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": info, "command": sys.argv, "depth": args.depth,
-                                         "others_cores": load.others, "rows": rows}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"machine": info, "command": sys.argv, "depth": args.depth, "others_cores": load.others, "rows": rows},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

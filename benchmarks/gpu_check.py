@@ -68,8 +68,9 @@ def check_correctness():
     g = torch.Generator(device=DEV).manual_seed(0)
     b, h, n, l, d = 2, 10, 333, 77, 64
     impls = ("chunked", "triton") if triton_unavailable_reason(DEV) is None else ("chunked",)
-    for impl, dtype, tol in [(i, t, tol) for i in impls
-                             for t, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3))]:
+    for impl, dtype, tol in [
+        (i, t, tol) for i in impls for t, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3))
+    ]:
         q, k, v = (torch.randn(b, h, x, d, device=DEV, generator=g).to(dtype).requires_grad_() for x in (n, l, l))
         a = (torch.eye(h, device=DEV) + 0.3 * torch.randn(h, h, device=DEV, generator=g)).requires_grad_()
         mask = torch.zeros(b, 1, 1, l, device=DEV)
@@ -82,8 +83,14 @@ def check_correctness():
         qd, kd, vd, ad = (t.detach().double().requires_grad_() for t in (q, k, v, a))
         ref_grads = torch.autograd.grad((reference(qd, kd, vd, ad, d**-0.5, mask) * w).sum(), (qd, kd, vd, ad))
         grad_rel = max(((x.double() - y).norm() / y.norm()).item() for x, y in zip(grads, ref_grads))
-        emit(check="mixed_attention_vs_float64", impl=impl, dtype=str(dtype), rel_err=rel, grad_rel_err=grad_rel,
-             ok=rel <= tol and grad_rel <= 10 * tol)
+        emit(
+            check="mixed_attention_vs_float64",
+            impl=impl,
+            dtype=str(dtype),
+            rel_err=rel,
+            grad_rel_err=grad_rel,
+            ok=rel <= tol and grad_rel <= 10 * tol,
+        )
 
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
@@ -97,18 +104,25 @@ def check_correctness():
         base = attn(x, ctx)
         attn.set_processor(CoeffAttnProcessor(10).to(DEV))
         same = attn(x, ctx)
-    emit(check="alpha0_equals_AttnProcessor2_0_bf16", max_abs=(same - base).abs().max().item(),
-         ok=torch.equal(same, base))
+    emit(
+        check="alpha0_equals_AttnProcessor2_0_bf16",
+        max_abs=(same - base).abs().max().item(),
+        ok=torch.equal(same, base),
+    )
 
 
 def bench_attention(quick: bool):
-    shapes = [("self N=4096 H=10", 4096, 4096, 10), ("self N=1024 H=20", 1024, 1024, 20),
-              ("cross N=4096 L=77 H=10", 4096, 77, 10)]
-    for batch in ((1,) if quick else (1, 2)):
+    shapes = [
+        ("self N=4096 H=10", 4096, 4096, 10),
+        ("self N=1024 H=20", 1024, 1024, 20),
+        ("cross N=4096 L=77 H=10", 4096, 77, 10),
+    ]
+    for batch in (1,) if quick else (1, 2):
         for name, n, l, h in shapes:
             d = 64
-            q, k, v = (torch.randn(batch, h, x, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-                       for x in (n, l, l))
+            q, k, v = (
+                torch.randn(batch, h, x, d, device=DEV, dtype=torch.bfloat16, requires_grad=True) for x in (n, l, l)
+            )
             a = (torch.eye(h, device=DEV) + 0.1 * torch.randn(h, h, device=DEV)).requires_grad_()
             impls = {
                 "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
@@ -121,26 +135,43 @@ def bench_attention(quick: bool):
             base = {}
             for impl, fn in impls.items():
                 for mode in ("fwd", "fwd+bwd"):
+
                     def run(fn=fn, mode=mode):
                         if mode == "fwd":
                             with torch.no_grad():
                                 fn()
                         else:
                             fn().float().square().mean().backward()
+
                     try:
                         t, mem = timed(run)
                     except torch.OutOfMemoryError:
                         emit(bench="attention", shape=name, batch=batch, impl=impl, mode=mode, error="OOM")
                         continue
                     except Exception as error:  # e.g. a Triton compile failure: report it, keep measuring
-                        emit(bench="attention", shape=name, batch=batch, impl=impl, mode=mode,
-                             error=str(error).splitlines()[0][:300])
+                        emit(
+                            bench="attention",
+                            shape=name,
+                            batch=batch,
+                            impl=impl,
+                            mode=mode,
+                            error=str(error).splitlines()[0][:300],
+                        )
                         continue
                     if impl == "sdpa":
                         base[mode] = (t, mem)
                     bt, bm = base.get(mode, (t, mem))
-                    emit(bench="attention", shape=name, batch=batch, impl=impl, mode=mode, ms=t * 1e3, peak_mib=mem,
-                         time_vs_sdpa=t / bt, mem_vs_sdpa=mem / max(bm, 1e-9))
+                    emit(
+                        bench="attention",
+                        shape=name,
+                        batch=batch,
+                        impl=impl,
+                        mode=mode,
+                        ms=t * 1e3,
+                        peak_mib=mem,
+                        time_vs_sdpa=t / bt,
+                        mem_vs_sdpa=mem / max(bm, 1e-9),
+                    )
                     q.grad = k.grad = v.grad = a.grad = None
 
 
@@ -152,25 +183,55 @@ def sweep_triton_blocks():
         t_sdpa, _ = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         for bm, bn, warps in ((16, 16, 4), (16, 32, 4), (16, 32, 8), (16, 64, 8), (32, 32, 8), (32, 64, 8)):
             try:
-                t, mem = timed(lambda: mixed_attention_forward(q, k, v, a, 0.125, block_m=bm, block_n=bn,
-                                                               num_warps=warps))
+                t, mem = timed(
+                    lambda: mixed_attention_forward(q, k, v, a, 0.125, block_m=bm, block_n=bn, num_warps=warps)
+                )
             except Exception as error:  # out of shared memory / registers for this config
-                emit(bench="triton_blocks", shape=name, block_m=bm, block_n=bn, num_warps=warps,
-                     error=str(error).splitlines()[0][:200])
+                emit(
+                    bench="triton_blocks",
+                    shape=name,
+                    block_m=bm,
+                    block_n=bn,
+                    num_warps=warps,
+                    error=str(error).splitlines()[0][:200],
+                )
                 continue
-            emit(bench="triton_blocks", shape=name, block_m=bm, block_n=bn, num_warps=warps, ms=t * 1e3,
-                 time_vs_sdpa=t / t_sdpa, peak_mib=mem)
+            emit(
+                bench="triton_blocks",
+                shape=name,
+                block_m=bm,
+                block_n=bn,
+                num_warps=warps,
+                ms=t * 1e3,
+                time_vs_sdpa=t / t_sdpa,
+                peak_mib=mem,
+            )
 
 
 SDXL_UNET = {
-    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False, "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
-    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
-    "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
 }
 
 
@@ -188,16 +249,17 @@ def _inputs(batch, size=128):
         sample=torch.randn(batch, 4, size, size, device=DEV, dtype=torch.bfloat16),
         timestep=torch.randint(0, 1000, (batch,), device=DEV),
         encoder_hidden_states=torch.randn(batch, 77, 2048, device=DEV, dtype=torch.bfloat16),
-        added_cond_kwargs={"text_embeds": torch.randn(batch, 1280, device=DEV, dtype=torch.bfloat16),
-                           "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch, device=DEV,
-                                                    dtype=torch.bfloat16)},
+        added_cond_kwargs={
+            "text_embeds": torch.randn(batch, 1280, device=DEV, dtype=torch.bfloat16),
+            "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch, device=DEV, dtype=torch.bfloat16),
+        },
     )
 
 
 def bench_sdxl(quick: bool):
     from peft import LoraConfig
 
-    for checkpointing in ((True,) if quick else (True, False)):
+    for checkpointing in (True,) if quick else (True, False):
         base = None
         methods = ["lora", "coeff", "coeff+lora"]
         if triton_unavailable_reason(DEV) is None:
@@ -206,8 +268,14 @@ def bench_sdxl(quick: bool):
             unet = _unet()
             unet.requires_grad_(False)
             if "lora" in method:
-                unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                unet.add_adapter(
+                    LoraConfig(
+                        r=4,
+                        lora_alpha=4,
+                        init_lora_weights="gaussian",
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                    )
+                )
             if "coeff" in method:
                 apply_coeff(unet, dropout=0.1)
                 set_coeff_attention_impl(unet, "triton" if "triton" in method else "auto")
@@ -234,11 +302,18 @@ def bench_sdxl(quick: bool):
                 continue
             if method == "lora":
                 base = (t, mem)
-            emit(bench="sdxl_train_step", method=method, checkpointing=checkpointing, ms=t * 1e3, peak_mib=mem,
-                 trainable=sum(p.numel() for p in params), time_vs_lora=t / base[0], mem_vs_lora=mem / base[1])
+            emit(
+                bench="sdxl_train_step",
+                method=method,
+                checkpointing=checkpointing,
+                ms=t * 1e3,
+                peak_mib=mem,
+                trainable=sum(p.numel() for p in params),
+                time_vs_lora=t / base[0],
+                mem_vs_lora=mem / base[1],
+            )
             del unet, opt, params
             torch.cuda.empty_cache()
-
 
 
 def bench_sdxl_inference():
@@ -252,24 +327,44 @@ def bench_sdxl_inference():
         for p in coeff_parameters(unet):
             p.normal_(0, 0.05)
         t_alpha, m_alpha = timed(lambda: unet(**inputs), warmup=2, reps=5)
-        emit(bench="sdxl_unet_inference", impl="chunked", ms_base=t_base * 1e3, ms_alpha=t_alpha * 1e3,
-             time_vs_base=t_alpha / t_base, peak_mib_base=m_base, peak_mib_alpha=m_alpha)
+        emit(
+            bench="sdxl_unet_inference",
+            impl="chunked",
+            ms_base=t_base * 1e3,
+            ms_alpha=t_alpha * 1e3,
+            time_vs_base=t_alpha / t_base,
+            peak_mib_base=m_base,
+            peak_mib_alpha=m_alpha,
+        )
         if triton_unavailable_reason(DEV) is None:
             set_coeff_attention_impl(unet, "triton")
             t_tri, m_tri = timed(lambda: unet(**inputs), warmup=2, reps=5)
-            emit(bench="sdxl_unet_inference", impl="triton", ms_base=t_base * 1e3, ms_alpha=t_tri * 1e3,
-                 time_vs_base=t_tri / t_base, peak_mib_base=m_base, peak_mib_alpha=m_tri)
+            emit(
+                bench="sdxl_unet_inference",
+                impl="triton",
+                ms_base=t_base * 1e3,
+                ms_alpha=t_tri * 1e3,
+                time_vs_base=t_tri / t_base,
+                peak_mib_base=m_base,
+                peak_mib_alpha=m_tri,
+            )
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="+", choices=["correctness", "attention", "blocks", "sdxl", "inference"], default=None)
+    parser.add_argument(
+        "--only", nargs="+", choices=["correctness", "attention", "blocks", "sdxl", "inference"], default=None
+    )
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    for name, fn in (("correctness", check_correctness), ("attention", lambda: bench_attention(args.quick)),
-                     ("blocks", sweep_triton_blocks),
-                     ("sdxl", lambda: bench_sdxl(args.quick)), ("inference", bench_sdxl_inference)):
+    for name, fn in (
+        ("correctness", check_correctness),
+        ("attention", lambda: bench_attention(args.quick)),
+        ("blocks", sweep_triton_blocks),
+        ("sdxl", lambda: bench_sdxl(args.quick)),
+        ("inference", bench_sdxl_inference),
+    ):
         if args.only and name not in args.only:
             continue
         try:

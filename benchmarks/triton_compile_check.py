@@ -92,8 +92,11 @@ def _assemble(ptx: str, arch: int, workdir: Path) -> dict:
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     errors = []
     for ptxas in _ptxas():
-        run = subprocess.run([str(ptxas), "-v", f"--gpu-name={gpu}", str(src), "-o", str(workdir / "kernel.cubin")],
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [str(ptxas), "-v", f"--gpu-name={gpu}", str(src), "-o", str(workdir / "kernel.cubin")],
+            capture_output=True,
+            text=True,
+        )
         if run.returncode == 0:
             text = run.stderr
             registers = re.search(r"Used (\d+) registers", text)
@@ -123,17 +126,26 @@ def compile_case(dtype: torch.dtype, heads: int, head_dim: int, has_mask: bool, 
         ]
         # dK and dV in one launch where a group holds every head, else two (as the backward runs them).
         one_launch = bwd_config["GROUP"] == bwd_config["HP"]
-        keys = [("bwd keys", True, True)] if one_launch else [("bwd keys dK", True, False), ("bwd keys dV", False, True)]
-        launches += [(name, kernels["bwd_keys"], {**bwd_config, "DO_DK": dk, "DO_DV": dv})
-                     for name, dk, dv in keys]
+        keys = (
+            [("bwd keys", True, True)] if one_launch else [("bwd keys dK", True, False), ("bwd keys dV", False, True)]
+        )
+        launches += [(name, kernels["bwd_keys"], {**bwd_config, "DO_DK": dk, "DO_DV": dv}) for name, dk, dv in keys]
     rows = []
     for launch, kernel, config in launches:
         options = {key: config[key] for key in ("num_warps", "num_stages") if key in config}
         constants = {key: value for key, value in config.items() if key not in options}
         sig, attrs = _signature(kernel, dtype, constants)
         constants.update({name: 1 for name in UNIT_STRIDES if name in kernel.arg_names})
-        row = {"launch": launch, "kernel": kernel.__name__, "dtype": TRITON_DTYPE[dtype], "heads": heads, "head_dim": head_dim,
-               "mask": has_mask, **{k: v for k, v in config.items() if k.isupper() and k != "PRECISION"}, **options}
+        row = {
+            "launch": launch,
+            "kernel": kernel.__name__,
+            "dtype": TRITON_DTYPE[dtype],
+            "heads": heads,
+            "head_dim": head_dim,
+            "mask": has_mask,
+            **{k: v for k, v in config.items() if k.isupper() and k != "PRECISION"},
+            **options,
+        }
         try:
             source = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constants, attrs=attrs)
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -149,8 +161,13 @@ def compile_case(dtype: torch.dtype, heads: int, head_dim: int, has_mask: bool, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED),
-                        help="compute capability x10 (90: H100/H200, 80: A100, 86/89: RTX 30xx/40xx)")
+    parser.add_argument(
+        "--arch",
+        type=int,
+        default=90,
+        choices=sorted(MAX_SHARED),
+        help="compute capability x10 (90: H100/H200, 80: A100, 86/89: RTX 30xx/40xx)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"dreamcoeff-triton-check-{os.getpid()}"
@@ -163,13 +180,20 @@ def main(argv: list[str] | None = None) -> int:
             bad = "compile_error" in row or "ptxas_error" in row or row.get("shared_bytes", 0) > MAX_SHARED[args.arch]
             failed |= bad
             tiles = f"BM={row['BLOCK_M']} BN={row['BLOCK_N']}" + (f" G={row['GROUP']}" if "GROUP" in row else "")
-            stats = row.get("compile_error") or row.get("ptxas_error") or (
-                f"{row['registers']} registers, spills {row['spill_stores']}/{row['spill_loads']} B (store/load), "
-                f"shared {row['shared_bytes'] / 1024:.0f} KiB"
+            stats = (
+                row.get("compile_error")
+                or row.get("ptxas_error")
+                or (
+                    f"{row['registers']} registers, spills {row['spill_stores']}/{row['spill_loads']} B (store/load), "
+                    f"shared {row['shared_bytes'] / 1024:.0f} KiB"
+                )
             )
-            print(f"{'FAIL ' if bad else 'ok   '}{row['launch']:<11} {row['dtype']:<4} H={heads:<2} "
-                  f"mask={'y' if has_mask else 'n'} {tiles:<20} warps={row['num_warps']} "
-                  f"stages={row.get('num_stages', '-')}: {stats}", flush=True)
+            print(
+                f"{'FAIL ' if bad else 'ok   '}{row['launch']:<11} {row['dtype']:<4} H={heads:<2} "
+                f"mask={'y' if has_mask else 'n'} {tiles:<20} warps={row['num_warps']} "
+                f"stages={row.get('num_stages', '-')}: {stats}",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 1 if failed else 0

@@ -2,9 +2,13 @@
 
 Coeff-Tuning (Miao, Chen and Qiu, CVPR 2025) learns one H x H matrix per attention layer that
 remixes the heads' attention maps: O^h = sum_i (I + c*alpha)[h, i] softmax(Q^i K^i^T s + M) V^h.
+
+The public API is re-exported here; the layout (attention/, processor, weights, methods, train/,
+sample/, testing/) is described in docs/DESIGN.md section 5.
 """
 
 from .attention import coefficient_matrix, mixed_attention
+from .methods import METHODS, TuningMethod, get_method
 from .processor import (
     CoeffAttnProcessor,
     apply_coeff,
@@ -12,6 +16,7 @@ from .processor import (
     coeff_parameters,
     coeff_state_dict,
     remove_coeff,
+    set_coeff_attention_impl,
     set_coeff_scale,
     set_plain_attention_backend,
 )
@@ -27,6 +32,7 @@ __all__ = [
     "coeff_parameters",
     "coeff_state_dict",
     "set_coeff_scale",
+    "set_coeff_attention_impl",
     "set_plain_attention_backend",
     "save_coeff_weights",
     "load_coeff_weights",
@@ -35,4 +41,7 @@ __all__ = [
     "COEFF_WEIGHTS_NAME",
     "coefficient_matrix",
     "mixed_attention",
+    "METHODS",
+    "TuningMethod",
+    "get_method",
 ]

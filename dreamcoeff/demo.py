@@ -62,53 +62,83 @@ def _reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def run_demo(output_dir: Path, steps: int = 500, model: Path = MICRO_MODEL, samples: Path = SAMPLES) -> Path:
-    """Train alpha and LoRA on the demo's concept and write the comparison grid; returns its path."""
+def _flags(**settings: object) -> list[str]:
+    """Command-line flags from keyword arguments: True gives a bare switch, a list several values."""
+    out: list[str] = []
+    for name, value in settings.items():
+        out.append(f"--{name}")
+        if isinstance(value, (list, tuple)):
+            out += [str(v) for v in value]
+        elif value is not True:
+            out.append(str(value))
+    return out
+
+
+def _train_runs(model: Path, instance_dir: Path, output_dir: Path, steps: int) -> dict[str, Path]:
+    """Train alpha and the LoRA baseline through the real trainer; returns each run's folder."""
     from .testing import microworld as mw
-    from .sample import main as sample_main
     from .train import main as train_main
 
+    concept = mw.concept(CONCEPT)
+    common = _flags(
+        pretrained_model_name_or_path=model, instance_dir=instance_dir, instance_prompt=concept.instance_prompt,
+        resolution=mw.RES, max_train_steps=steps, report_to="none", checkpointing_steps=0,
+        overwrite_output_dir=True, seed=0, noise_offset=NOISE_OFFSET,
+    )  # fmt: skip
+    runs = {
+        "alpha": _flags(tuning="coeff", coeff_lr=COEFF_LR),
+        "lora": _flags(tuning="lora", rank=4, learning_rate=LORA_LR),
+    }
+    folders = {}
+    for name, extra in runs.items():
+        folders[name] = output_dir / "runs" / name
+        print(f"[demo] training {name} ({steps} steps) -> {folders[name]}", flush=True)
+        code = train_main(common + extra + _flags(output_dir=folders[name]))
+        _reset_accelerate()
+        if code:
+            raise SystemExit(code)
+    return folders
+
+
+def _render_grid(model: Path, runs: dict[str, Path], grid_dir: Path) -> None:
+    """Base / alpha / LoRA on the concept's evaluation prompts, same seeds and noise, one grid per seed."""
+    from .sample import main as sample_main
+    from .testing import microworld as mw
+
+    concept = mw.concept(CONCEPT)
+    print(f"[demo] sampling base / {' / '.join(runs)} side by side -> {grid_dir}", flush=True)
+    prompts = ["a {token} {class}"] + [r["prompt"].replace(concept.token, "{token} {class}")
+                                       for r in concept.eval_prompts()]  # fmt: skip
+    argv = _flags(pretrained_model_name_or_path=model, include_base=True)
+    for name, folder in runs.items():
+        argv += _flags(run=f"{name}={folder}")
+    for prompt in prompts:
+        argv += _flags(prompt=prompt)
+    argv += _flags(
+        token=concept.identifier, class_name=concept.shape, seeds=[0, 1], num_inference_steps=20, guidance_scale=4,
+        height=mw.RES, width=mw.RES, output=grid_dir, overwrite=True,
+    )  # fmt: skip
+    code = sample_main(argv)
+    if code:
+        raise SystemExit(code)
+
+
+def run_demo(output_dir: Path, steps: int = 500, model: Path = MICRO_MODEL, samples: Path = SAMPLES) -> Path:
+    """Train alpha and LoRA on the demo's concept and write the comparison grid; returns its path."""
     started = time.time()
     if not (model / "model_index.json").is_file():
-        raise SystemExit(f"demo: no model at {model}; it ships with the repository (run from the repository's "
-                         "root, pass --model DIR, or re-create it with `make pretrain-micro`)")
+        raise SystemExit(
+            f"demo: no model at {model}; it ships with the repository (run from the repository's "
+            "root, pass --model DIR, or re-create it with `make pretrain-micro`)"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     instance_dir = samples if any(samples.glob("*.png")) else None
     if instance_dir is None:
         instance_dir = output_dir / "instance"
         make_sample_images(instance_dir)
-    concept = mw.concept(CONCEPT)
-    common = [
-        "--pretrained_model_name_or_path", str(model), "--instance_dir", str(instance_dir),
-        "--instance_prompt", concept.instance_prompt, "--resolution", str(mw.RES),
-        "--max_train_steps", str(steps), "--report_to", "none",
-        "--checkpointing_steps", "0", "--overwrite_output_dir", "--seed", "0",
-        "--noise_offset", NOISE_OFFSET,
-    ]
-    runs = {
-        "alpha": ["--tuning", "coeff", "--coeff_lr", COEFF_LR],
-        "lora": ["--tuning", "lora", "--rank", "4", "--learning_rate", LORA_LR],
-    }
-    for name, extra in runs.items():
-        print(f"[demo] training {name} ({steps} steps) -> {output_dir / 'runs' / name}", flush=True)
-        code = train_main(common + extra + ["--output_dir", str(output_dir / "runs" / name)])
-        _reset_accelerate()
-        if code:
-            raise SystemExit(code)
-
+    runs = _train_runs(model, instance_dir, output_dir, steps)
     grid_dir = output_dir / "grid"
-    print(f"[demo] sampling base / alpha / lora side by side -> {grid_dir}", flush=True)
-    prompts = [r["prompt"].replace(concept.token, "{token} {class}") for r in concept.eval_prompts()]
-    code = sample_main([
-        "--pretrained_model_name_or_path", str(model), "--include_base",
-        "--run", f"alpha={output_dir / 'runs' / 'alpha'}", "--run", f"lora={output_dir / 'runs' / 'lora'}",
-        *[a for p in ["a {token} {class}", *prompts] for a in ("--prompt", p)],
-        "--token", concept.identifier, "--class_name", concept.shape,
-        "--seeds", "0", "1", "--num_inference_steps", "20", "--guidance_scale", "4",
-        "--height", str(mw.RES), "--width", str(mw.RES), "--output", str(grid_dir), "--overwrite",
-    ])
-    if code:
-        raise SystemExit(code)
+    _render_grid(model, runs, grid_dir)
     grids = sorted(grid_dir.glob("grid_*.png"))
     print(f"[demo] done in {time.time() - started:.0f} s. Comparison grid(s):", flush=True)
     for g in grids:
@@ -121,10 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m dreamcoeff.demo` (what `make demo` runs)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo_out")
-    parser.add_argument("--steps", type=int, default=500, help="training steps of each run (the micro-benchmark's protocol)")
-    parser.add_argument("--model", default=str(MICRO_MODEL), help="base pipeline folder (default: the shipped micro-world model)")
-    parser.add_argument("--instance_dir", default=str(SAMPLES),
-                        help="the demo concept's instance images (drawn into the output folder when empty or missing)")
+    parser.add_argument(
+        "--steps", type=int, default=500, help="training steps of each run (the micro-benchmark's protocol)"
+    )
+    parser.add_argument(
+        "--model", default=str(MICRO_MODEL), help="base pipeline folder (default: the shipped micro-world model)"
+    )
+    parser.add_argument(
+        "--instance_dir",
+        default=str(SAMPLES),
+        help="the demo concept's instance images (drawn into the output folder when empty or missing)",
+    )
     parser.add_argument("--make_samples", action="store_true", help="(re)draw --instance_dir's images and exit")
     args = parser.parse_args(argv)
     if args.make_samples:

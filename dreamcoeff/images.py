@@ -98,7 +98,9 @@ def list_images(directory: str | os.PathLike[str], what: str = "instance", *, al
             return []
         raise DataError(f"{flag} {directory} does not exist (resolved to {directory.absolute()}). Check the path.")
     if not directory.is_dir():
-        raise DataError(f"{flag} {directory} is a file, not a directory. Pass the folder that contains the {what} images.")
+        raise DataError(
+            f"{flag} {directory} is a file, not a directory. Pass the folder that contains the {what} images."
+        )
 
     images: list[Path] = []
     others: list[str] = []
@@ -232,7 +234,9 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_IMAGE_PIXE
         # Pillow's decoders raise a zoo of types for damaged files (OSError "image file is
         # truncated", SyntaxError "broken PNG file", ValueError, EOFError, struct.error, ...).
         # All of them mean the same to the user: this file cannot be used.
-        raise BadImageError(path, f"cannot decode image ({type(e).__name__}: {e}); the file is probably truncated or corrupt") from None
+        raise BadImageError(
+            path, f"cannot decode image ({type(e).__name__}: {e}); the file is probably truncated or corrupt"
+        ) from None
 
 
 def load_images(
@@ -289,7 +293,9 @@ def iter_loaded(
 # --------------------------------------------------------------------------------------------
 
 
-def read_caption(image_path: str | os.PathLike[str], caption_ext: str = ".txt", default: str | None = None) -> str | None:
+def read_caption(
+    image_path: str | os.PathLike[str], caption_ext: str = ".txt", default: str | None = None
+) -> str | None:
     """Read the caption file beside ``image_path`` (``photo.jpg`` -> ``photo.txt``).
 
     Decoded as UTF-8 (a leading BOM, as Windows editors write, is removed). Whitespace runs,

@@ -36,8 +36,13 @@ def add_lora(unet: torch.nn.Module, rank: int, lora_alpha: int | None = None, dr
     from peft import LoraConfig
 
     unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=lora_alpha or rank, lora_dropout=dropout, init_lora_weights="gaussian",
-                   target_modules=LORA_TARGET_MODULES)
+        LoraConfig(
+            r=rank,
+            lora_alpha=lora_alpha or rank,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+            target_modules=LORA_TARGET_MODULES,
+        )
     )
 
 
@@ -80,7 +85,7 @@ def load_lora_into_unet(unet: torch.nn.Module, path: str | os.PathLike) -> None:
     from safetensors.torch import load_file
 
     state = load_file(str(path))
-    state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    state = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:

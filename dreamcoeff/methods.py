@@ -179,8 +179,10 @@ class TuningMethod:
         if self.lora:
             lines.append(f'pipe.load_lora_weights("{out}")')
         if self.full:
-            lines.append(f'pipe.unet = UNet2DConditionModel.from_pretrained("{out}", subfolder="{FULL_UNET_DIR}", '
-                         'torch_dtype=torch.float16).to("cuda")')
+            lines.append(
+                f'pipe.unet = UNet2DConditionModel.from_pretrained("{out}", subfolder="{FULL_UNET_DIR}", '
+                'torch_dtype=torch.float16).to("cuda")'
+            )
         return lines
 
 

@@ -60,8 +60,9 @@ class SDXLComponents:
     noise_scheduler: object
 
 
-def load_components(name_or_path: str, vae_name_or_path: str | None = None, revision: str | None = None,
-                    variant: str | None = None) -> SDXLComponents:
+def load_components(
+    name_or_path: str, vae_name_or_path: str | None = None, revision: str | None = None, variant: str | None = None
+) -> SDXLComponents:
     """Load SDXL's parts from a hub id or a local folder (the training scheduler is DDPM)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -72,7 +73,9 @@ def load_components(name_or_path: str, vae_name_or_path: str | None = None, revi
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", use_fast=True, **kw)
         tokenizer_2 = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2", use_fast=True, **kw)
         text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", variant=variant, **kw)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2", variant=variant, **kw)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            name_or_path, subfolder="text_encoder_2", variant=variant, **kw
+        )
         if vae_name_or_path:
             vae = AutoencoderKL.from_pretrained(vae_name_or_path, **kw)
         else:
@@ -105,14 +108,15 @@ def encode_prompts(prompts, tokenizers, text_encoders, device) -> dict[str, tupl
             logger.warning("prompt is %d tokens, CLIP reads %d; the rest is cut: %r", n, max_len, prompt)
         hidden, pooled = [], None
         for tokenizer, encoder in zip(tokenizers, text_encoders):
-            ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
+            ids = tokenizer(
+                prompt,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
             result = encoder(ids, output_hidden_states=True)
             pooled = result[0]  # the last encoder's (projected) pooled output is what SDXL uses
             hidden.append(result.hidden_states[-2])
         out[prompt] = (torch.cat(hidden, dim=-1)[0].float().cpu(), pooled[0].float().cpu())
     return out
-
-
-# TEMPORARY-REEXPORT (removed once the trainer and sampler import from .lora)
-from .lora import FULL_UNET_DIR, LORA_WEIGHTS_NAME, add_lora, load_full_unet_weights, load_lora_into_unet, save_lora  # noqa: E402,F401

@@ -114,6 +114,35 @@ class CoeffAttnProcessor(nn.Module):
         # optimizers do, would not bump it and a stale answer would silently drop alpha).
         return not bool(self.alpha.detach().any())
 
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scale: float,
+        strength: float,
+    ) -> torch.Tensor:
+        """The heads' attention on (B, H, N, d) tensors: plain SDPA (or xformers) where A is exactly
+        I, else the exact mixed attention with A = I + strength * dropout(alpha)."""
+        if self.is_identity(strength):
+            if self.plain_backend == "xformers":
+                return _xformers_attention(query, key, value, attention_mask)
+            return F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale
+            )
+        coeff = coefficient_matrix(self.alpha, strength, self.dropout, self.training)
+        return mixed_attention(
+            query,
+            key,
+            value,
+            coeff.to(query.device),
+            scale,
+            attention_mask,
+            self.chunk_size,
+            prefer=self.attention_impl,
+        )
+
     def __call__(
         self,
         attn: Attention,
@@ -167,20 +196,7 @@ class CoeffAttnProcessor(nn.Module):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if self.is_identity(strength):
-            if self.plain_backend == "xformers":
-                hidden_states = _xformers_attention(query, key, value, attention_mask)
-            else:
-                hidden_states = F.scaled_dot_product_attention(
-                    query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
-                )
-        else:
-            coeff = coefficient_matrix(self.alpha, strength, self.dropout, self.training)
-            hidden_states = mixed_attention(
-                query, key, value, coeff.to(query.device), attn.scale, attention_mask, self.chunk_size,
-                prefer=self.attention_impl,
-            )
-
+        hidden_states = self.attend(query, key, value, attention_mask, attn.scale, strength)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * value.shape[-1])
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -270,7 +286,9 @@ def apply_coeff(
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     unknown = [t for t in targets if t not in ("attn1", "attn2")]
     if unknown:
-        raise ValueError(f"unknown coeff target(s) {unknown}: use 'attn1' (self-attention) and/or 'attn2' (cross-attention)")
+        raise ValueError(
+            f"unknown coeff target(s) {unknown}: use 'attn1' (self-attention) and/or 'attn2' (cross-attention)"
+        )
     include, exclude = _as_list(include), _as_list(exclude)
     selected = [path for path in attention_modules(unet) if _selected(path, targets, include, exclude)]
     if not selected:

@@ -1,6 +1,6 @@
 """Save, load and validate alpha files (`coeff_weights.safetensors`).
 
-Layout (DESIGN.md section 4): one float32 H x H tensor per tuned attention module under the key
+Layout (docs/DESIGN.md section 4): one float32 H x H tensor per tuned attention module under the key
 `unet.<module path>.alpha`, holding the *residual* alpha (A = I + scale * alpha), and string metadata
 `format=dreamcoeff`, `format_version`, `base_model`, `targets`, `coeff_dropout`, plus whatever the
 caller adds (the trainer stores its arguments as JSON under `training_args`).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,14 @@ from typing import Any
 import torch
 
 from .io import atomic_write
-from .processor import attention_modules, coeff_modules, coeff_state_dict, install_coeff_processors, remove_coeff, unwrap_unet
+from .processor import (
+    attention_modules,
+    coeff_modules,
+    coeff_state_dict,
+    install_coeff_processors,
+    remove_coeff,
+    unwrap_unet,
+)
 
 __all__ = [
     "COEFF_WEIGHTS_NAME",
@@ -56,9 +62,7 @@ def _metadata_strings(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
-def save_coeff_weights(
-    path: str | os.PathLike, unet, metadata: Mapping[str, Any] | None = None
-) -> Path:
+def save_coeff_weights(path: str | os.PathLike, unet, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write the model's alpha to a safetensors file, atomically (temp file + rename).
 
     `path` may be a directory (the file is then `coeff_weights.safetensors` inside it). Metadata values
@@ -92,7 +96,9 @@ def save_coeff_weights(
     try:
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     except OSError as exc:
-        raise CoeffWeightsError(f"could not write {path}: {exc.strerror or exc}; the previous file (if any) is intact") from exc
+        raise CoeffWeightsError(
+            f"could not write {path}: {exc.strerror or exc}; the previous file (if any) is intact"
+        ) from exc
 
 
 def _read_header(path: Path) -> dict:
@@ -127,8 +133,12 @@ def _read_header(path: Path) -> dict:
         if key == "__metadata__":
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= data_len):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(n) is int for n in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_len
+        ):
             raise CoeffWeightsError(f"{path} is corrupt or truncated (tensor {key!r} lies outside the file)")
     return header
 
@@ -161,12 +171,19 @@ def _validated_entries(path: Path) -> tuple[dict[str, int], dict[str, str]]:
             problems.append(f"{key}: not a 'unet.<attention module>.alpha' key")
         elif dtype not in _FLOAT_DTYPES:
             problems.append(f"{key}: dtype {dtype}, expected a float type")
-        elif not (isinstance(shape, list) and len(shape) == 2 and all(type(n) is int for n in shape)
-                  and shape[0] == shape[1] and 0 < shape[0] <= MAX_HEADS):
+        elif not (
+            isinstance(shape, list)
+            and len(shape) == 2
+            and all(type(n) is int for n in shape)
+            and shape[0] == shape[1]
+            and 0 < shape[0] <= MAX_HEADS
+        ):
             problems.append(f"{key}: shape {shape}, expected square H x H with H <= {MAX_HEADS}")
         elif info["data_offsets"][1] - info["data_offsets"][0] != shape[0] * shape[1] * _DTYPE_BYTES[dtype]:
-            problems.append(f"{key}: {info['data_offsets'][1] - info['data_offsets'][0]} bytes of data for a "
-                            f"{shape[0]} x {shape[1]} {dtype} tensor")
+            problems.append(
+                f"{key}: {info['data_offsets'][1] - info['data_offsets'][0]} bytes of data for a "
+                f"{shape[0]} x {shape[1]} {dtype} tensor"
+            )
         else:
             entries[key] = shape[0]
     if problems:

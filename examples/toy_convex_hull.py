@@ -116,9 +116,7 @@ def distance_to_hull(point, hull: list[tuple[float, float]]) -> float:
     if len(hull) == 1:
         return math.hypot(p[0] - hull[0][0], p[1] - hull[0][1])
     edges = list(zip(hull, hull[1:] + hull[:1]))
-    if len(hull) >= 3 and all(
-        (b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0]) >= 0 for a, b in edges
-    ):
+    if len(hull) >= 3 and all((b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0]) >= 0 for a, b in edges):
         return 0.0
     return min(_point_segment_distance(p, a, b) for a, b in edges)
 
@@ -303,16 +301,24 @@ class _Panel:
 
     def frame(self, title: str, subtitle: str = ""):
         d = self.draw
-        d.rectangle([self.plot_left, self.plot_top, self.plot_left + self.plot, self.plot_top + self.plot],
-                    outline=(170, 170, 170), width=_SS)
+        d.rectangle(
+            [self.plot_left, self.plot_top, self.plot_left + self.plot, self.plot_top + self.plot],
+            outline=(170, 170, 170),
+            width=_SS,
+        )
         for c in (-1.0, 0.0, 1.0):
             colour = (200, 200, 200) if c == 0 else (236, 236, 236)
             d.line([self.xy((c, -_LIMIT)), self.xy((c, _LIMIT))], fill=colour, width=_SS)
             d.line([self.xy((-_LIMIT, c)), self.xy((_LIMIT, c))], fill=colour, width=_SS)
         d.text((self.left + self.size // 2, self.top + 6 * _SS), title, font=_font(17), fill=(0, 0, 0), anchor="mt")
         if subtitle:
-            d.text((self.left + self.size // 2, self.top + 31 * _SS), subtitle, font=_font(14),
-                   fill=(60, 60, 60), anchor="mt")
+            d.text(
+                (self.left + self.size // 2, self.top + 31 * _SS),
+                subtitle,
+                font=_font(14),
+                fill=(60, 60, 60),
+                anchor="mt",
+            )
 
     def hull(self, hull):
         self.draw.polygon([self.xy(p) for p in hull], fill=_HULL_FILL, outline=_HULL_EDGE, width=2 * _SS)
@@ -327,9 +333,14 @@ class _Panel:
             dash = 9 * _SS
             for i in range(0, int(length // dash) + 1, 2):
                 t0, t1 = i * dash / length, min(1.0, (i + 1) * dash / length)
-                self.draw.line([(a[0] + t0 * (b[0] - a[0]), a[1] + t0 * (b[1] - a[1])),
-                                (a[0] + t1 * (b[0] - a[0]), a[1] + t1 * (b[1] - a[1]))],
-                               fill=colour, width=width * _SS)
+                self.draw.line(
+                    [
+                        (a[0] + t0 * (b[0] - a[0]), a[1] + t0 * (b[1] - a[1])),
+                        (a[0] + t1 * (b[0] - a[0]), a[1] + t1 * (b[1] - a[1])),
+                    ],
+                    fill=colour,
+                    width=width * _SS,
+                )
 
     def dots(self, points, colour, radius=5, outline=None):
         r = radius * _SS
@@ -356,8 +367,9 @@ class _Panel:
         for kind, colour, label in entries:
             cy = y + 7 * _SS
             if kind == "hull":
-                d.rectangle([x0, cy - 5 * _SS, x0 + 14 * _SS, cy + 5 * _SS], fill=_HULL_FILL, outline=_HULL_EDGE,
-                            width=_SS)
+                d.rectangle(
+                    [x0, cy - 5 * _SS, x0 + 14 * _SS, cy + 5 * _SS], fill=_HULL_FILL, outline=_HULL_EDGE, width=_SS
+                )
             elif kind == "dot":
                 d.ellipse([x0 + 2 * _SS, cy - 5 * _SS, x0 + 12 * _SS, cy + 5 * _SS], fill=colour)
             elif kind == "cross":
@@ -385,10 +397,16 @@ def _loss_panel(draw, left: int, top: int, result: dict):
         y = min(hi, max(lo, math.log10(max(value, 1e-300))))
         return x0 + step / max(1, steps) * w, y0 + (hi - y) / (hi - lo) * h
 
-    draw.text(((left + _PANEL // 2) * _SS, (top + 6) * _SS), "MSE to the target", font=_font(17),
-              fill=(0, 0, 0), anchor="mt")
-    draw.text(((left + _PANEL // 2) * _SS, (top + 31) * _SS), f"Adam, lr {result['config'].lr}, log scale, floor 1e-8",
-              font=_font(14), fill=(60, 60, 60), anchor="mt")
+    draw.text(
+        ((left + _PANEL // 2) * _SS, (top + 6) * _SS), "MSE to the target", font=_font(17), fill=(0, 0, 0), anchor="mt"
+    )
+    draw.text(
+        ((left + _PANEL // 2) * _SS, (top + 31) * _SS),
+        f"Adam, lr {result['config'].lr}, log scale, floor 1e-8",
+        font=_font(14),
+        fill=(60, 60, 60),
+        anchor="mt",
+    )
     draw.rectangle([x0, y0, x0 + w, y0 + h], outline=(170, 170, 170), width=_SS)
     for e in range(lo, hi + 1, 2):
         _, y = xy(0, 10.0**e)
@@ -403,8 +421,13 @@ def _loss_panel(draw, left: int, top: int, result: dict):
     _, yb = xy(0, bound)
     for i in range(0, w, 14 * _SS):
         draw.line([(x0 + i, yb), (x0 + min(w, i + 7 * _SS), yb)], fill=_HULL_EDGE, width=2 * _SS)
-    draw.text((x0 + w - 4 * _SS, yb + 4 * _SS), f"hull bound {bound:.2f} (lowest MSE inside the hull)",
-              font=_font(12), fill=_HULL_EDGE, anchor="rt")
+    draw.text(
+        (x0 + w - 4 * _SS, yb + 4 * _SS),
+        f"hull bound {bound:.2f} (lowest MSE inside the hull)",
+        font=_font(12),
+        fill=_HULL_EDGE,
+        anchor="rt",
+    )
     for mode in RUNS:
         pts = [xy(s, v) for s, v in enumerate(runs[mode]["history"])]
         draw.line(pts, fill=_RUN_COLORS[mode], width=3 * _SS, joint="curve")
@@ -425,10 +448,14 @@ def draw_figure(result: dict, path: str) -> None:
     draw = ImageDraw.Draw(img)
     hull, x, target = result["hull"], result["input"].tolist(), result["target"].tolist()
     heads = result["config"].heads
-    draw.text((width // 2 * _SS, 10 * _SS),
-              f"One attention layer, {heads} heads, W_v frozen: tuning W_q/W_k moves outputs only inside the "
-              "convex hull of the values; α can leave it",
-              font=_font(15), fill=(0, 0, 0), anchor="mt")
+    draw.text(
+        (width // 2 * _SS, 10 * _SS),
+        f"One attention layer, {heads} heads, W_v frozen: tuning W_q/W_k moves outputs only inside the "
+        "convex hull of the values; α can leave it",
+        font=_font(15),
+        fill=(0, 0, 0),
+        anchor="mt",
+    )
     top = 40
 
     p = _Panel(draw, 0, top)
@@ -439,8 +466,13 @@ def draw_figure(result: dict, path: str) -> None:
         p.dots(init[h].tolist(), _blend((90, 90, 90), 0.55), radius=3)
     p.polygon(x, _INPUT, width=2)
     p.dots(x, _INPUT, radius=6)
-    p.legend([("hull", None, "convex hull of values"), ("dot", _INPUT, "input X"),
-              ("dot", _blend((90, 90, 90), 0.55), f"initial output ({heads} heads)")])
+    p.legend(
+        [
+            ("hull", None, "convex hull of values"),
+            ("dot", _INPUT, "input X"),
+            ("dot", _blend((90, 90, 90), 0.55), f"initial output ({heads} heads)"),
+        ]
+    )
 
     p = _Panel(draw, _PANEL, top)
     p.frame("Target O", "rotated square, outside the hull")
@@ -463,8 +495,13 @@ def draw_figure(result: dict, path: str) -> None:
             p.segments(out[h].tolist(), target, _blend(colour, 0.6), width=1)
         for h in range(heads):
             p.dots(out[h].tolist(), colour, radius=5, outline=(255, 255, 255))
-        p.legend([("hull", None, "convex hull of values"), ("cross", _TARGET, "target"),
-                  ("dot", colour, f"output of each of the {heads} heads (line: error)")])
+        p.legend(
+            [
+                ("hull", None, "convex hull of values"),
+                ("cross", _TARGET, "target"),
+                ("dot", colour, f"output of each of the {heads} heads (line: error)"),
+            ]
+        )
 
     img = img.resize((width, height), Image.LANCZOS)
     img.save(path)
@@ -490,8 +527,10 @@ def main(argv: list[str] | None = None) -> dict:
         f.write("\n")
     draw_figure(result, os.path.join(args.out, "toy_convex_hull.png"))
     for mode in RUNS:
-        print(f"{mode:>13}: final MSE {record[mode]:.3e}  "
-              f"(max distance outside hull {record['max_distance_outside_hull'][mode]:.3f})")
+        print(
+            f"{mode:>13}: final MSE {record[mode]:.3e}  "
+            f"(max distance outside hull {record['max_distance_outside_hull'][mode]:.3f})"
+        )
     print(f"qk_only lower bound (target's squared distance to the hull): {record['qk_only_lower_bound']:.3f}")
     print(f"wrote {os.path.join(args.out, 'toy_convex_hull.png')} and toy_convex_hull.json")
     return record

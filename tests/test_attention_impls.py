@@ -276,8 +276,9 @@ def attention_model(heads=3, dim_head=4):
     from diffusers.models.attention_processor import Attention
 
     width = heads * dim_head
-    return torch.nn.ModuleDict({name: Attention(query_dim=width, heads=heads, dim_head=dim_head)
-                                for name in ("attn1", "attn2")})
+    return torch.nn.ModuleDict(
+        {name: Attention(query_dim=width, heads=heads, dim_head=dim_head) for name in ("attn1", "attn2")}
+    )
 
 
 def test_set_coeff_attention_impl_rejects_an_unknown_name():

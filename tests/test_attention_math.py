@@ -151,8 +151,13 @@ def test_processor_matches_reference(cross, with_mask):
 def test_processor_4d_input_group_norm_residual_rescale():
     # VAE-style attention: 4-D input, group norm, residual connection, output rescale.
     attn = _module(
-        query_dim=8, heads=2, dim_head=4, norm_num_groups=2, residual_connection=True,
-        rescale_output_factor=1.7, bias=True,
+        query_dim=8,
+        heads=2,
+        dim_head=4,
+        norm_num_groups=2,
+        residual_connection=True,
+        rescale_output_factor=1.7,
+        bias=True,
     )
     proc = CoeffAttnProcessor(2).double()
     attn.set_processor(proc)
@@ -172,8 +177,14 @@ def test_processor_4d_input_group_norm_residual_rescale():
 
 
 def test_processor_norm_cross_and_qk_norm():
-    attn = _module(query_dim=16, heads=4, dim_head=4, cross_attention_dim=12, cross_attention_norm="layer_norm",
-                   qk_norm="layer_norm")
+    attn = _module(
+        query_dim=16,
+        heads=4,
+        dim_head=4,
+        cross_attention_dim=12,
+        cross_attention_norm="layer_norm",
+        qk_norm="layer_norm",
+    )
     default_out = None
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     ctx = torch.randn(2, 6, 12, dtype=torch.float64)

@@ -368,10 +368,16 @@ def test_dataset_buckets_and_micro_conditioning(tmp_path):
     land = solid(tmp_path / "land.jpg", 512, 341)
     port = solid(tmp_path / "port.png", 341, 512)
     square = solid(tmp_path / "square.jpg", 300, 300)
-    ds = DreamBoothDataset([land, port, square], "a photo of sks dog", resolution=256, use_buckets=True, random_flip=True)
+    ds = DreamBoothDataset(
+        [land, port, square], "a photo of sks dog", resolution=256, use_buckets=True, random_flip=True
+    )
     assert len(ds) == 3
     by_name = {Path(ds[i]["image_path"]).name: ds[i] for i in range(3)}
-    expect = {"land.jpg": ((341, 512), (192, 320)), "port.png": ((512, 341), (320, 192)), "square.jpg": ((300, 300), (256, 256))}
+    expect = {
+        "land.jpg": ((341, 512), (192, 320)),
+        "port.png": ((512, 341), (320, 192)),
+        "square.jpg": ((300, 300), (256, 256)),
+    }
     for name, (orig, bucket) in expect.items():
         item = by_name[name]
         assert item["original_size"] == orig, name
@@ -481,7 +487,9 @@ def test_augmentation_key_matches_access(tmp_path):
             assert key == ds.augmentation_key(i, epoch)
             hash(key)
     ds.set_epoch(0)
-    assert ds.augmentation_key(0, epoch=9) != ds.augmentation_key(0) or ds.augmentation_key(1, 9) != ds.augmentation_key(1)
+    assert ds.augmentation_key(0, epoch=9) != ds.augmentation_key(0) or ds.augmentation_key(
+        1, 9
+    ) != ds.augmentation_key(1)
     center = DreamBoothDataset([path], "x", resolution=64, center_crop=True, repeats=5)
     assert len({center.augmentation_key(i, e) for i in range(5) for e in range(3)}) == 1  # cacheable
 
@@ -528,8 +536,13 @@ def test_dataset_captions_class_images_and_repeats(tmp_path):
     (inst / "a.txt").write_text("sks dog on a beach", encoding="utf-8")
     class_paths = [solid(cls / f"{k}.png", 64, 64, (0, 0, 255)) for k in range(3)]
     ds = DreamBoothDataset(
-        list_images(inst), "a photo of sks dog", resolution=64, class_images=list_images(cls, "class"),
-        class_prompt="a photo of a dog", caption_ext=".txt", repeats=2,
+        list_images(inst),
+        "a photo of sks dog",
+        resolution=64,
+        class_images=list_images(cls, "class"),
+        class_prompt="a photo of a dog",
+        caption_ext=".txt",
+        repeats=2,
     )
     assert len(ds) == 2 * 2 + 3
     assert list(ds.instance_indices) == [0, 1, 2, 3] and list(ds.class_indices) == [4, 5, 6]
@@ -629,7 +642,9 @@ def test_bucket_sampler_drop_last_no_shuffle_and_indices():
 
 
 def test_sampler_with_dataset_and_collate(tmp_path):
-    paths = [solid(tmp_path / f"l{k}.jpg", 96, 64) for k in range(3)] + [solid(tmp_path / f"p{k}.jpg", 64, 96) for k in range(2)]
+    paths = [solid(tmp_path / f"l{k}.jpg", 96, 64) for k in range(3)] + [
+        solid(tmp_path / f"p{k}.jpg", 64, 96) for k in range(2)
+    ]
     ds = DreamBoothDataset(paths, "sks", resolution=64, use_buckets=True, random_flip=True)
     sampler = BucketBatchSampler(ds, 2, seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_examples)
@@ -679,7 +694,9 @@ def test_real_photos_with_buckets():
     assert len(paths) >= 4
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)  # 512 px photos at 256: no upscaling expected
-        ds = DreamBoothDataset(paths, "a photo of sks dog", resolution=256, use_buckets=True, random_flip=True, repeats=2)
+        ds = DreamBoothDataset(
+            paths, "a photo of sks dog", resolution=256, use_buckets=True, random_flip=True, repeats=2
+        )
     assert len(ds) == 2 * len(paths)
     for i in range(len(ds)):
         item = ds[i]

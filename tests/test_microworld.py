@@ -177,9 +177,29 @@ def _pretrain(out, *extra):
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("micro_pretrain", module)
     spec.loader.exec_module(module)
-    return module.main(["--out", str(out / "model"), "--log", str(out / "log.json"), "--vae_steps", "2",
-                        "--steps", "2", "--batch", "4", "--vae_batch", "4", "--eval_samples", "0",
-                        "--save_every", "0", "--threads", "1", *extra])
+    return module.main(
+        [
+            "--out",
+            str(out / "model"),
+            "--log",
+            str(out / "log.json"),
+            "--vae_steps",
+            "2",
+            "--steps",
+            "2",
+            "--batch",
+            "4",
+            "--vae_batch",
+            "4",
+            "--eval_samples",
+            "0",
+            "--save_every",
+            "0",
+            "--threads",
+            "1",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -194,8 +214,12 @@ def test_pretraining_script_reproduces_its_weights(tmp_path):
     try:
         assert _pretrain(tmp_path / "a") == 0
         log = json.loads((tmp_path / "a" / "log.json").read_text())
-        assert {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"} <= set(log["weights_sha256"])
+        assert {
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors",
+            "text_encoder_2/model.safetensors",
+        } <= set(log["weights_sha256"])
         assert _pretrain(tmp_path / "b", "--check_against", str(tmp_path / "a" / "log.json")) == 0
         assert _pretrain(tmp_path / "c", "--seed", "1", "--check_against", str(tmp_path / "a" / "log.json")) == 1
     finally:
@@ -212,10 +236,27 @@ def test_benchmark_runs_every_method_and_writes_its_tables(tmp_path):
     _pretrain(tmp_path / "pre", "--vae_steps", "1", "--steps", "1")
     script = MODEL.parents[1] / "benchmarks" / "micro" / "run_bench.py"
     out = tmp_path / "bench"
-    cmd = [sys.executable, str(script), "--model", str(tmp_path / "pre" / "model"), "--out", str(out), "--jobs", "2",
-           "--quick", "--steps", "2", "--inference_steps", "2", "--concept_set", "recombination",
-           "--concepts", "flat-purple-square",
-           "--lr_grid", "coeff=1e-2;lora=1e-3;coeff+lora=1e-3;full=1e-4"]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--model",
+        str(tmp_path / "pre" / "model"),
+        "--out",
+        str(out),
+        "--jobs",
+        "2",
+        "--quick",
+        "--steps",
+        "2",
+        "--inference_steps",
+        "2",
+        "--concept_set",
+        "recombination",
+        "--concepts",
+        "flat-purple-square",
+        "--lr_grid",
+        "coeff=1e-2;lora=1e-3;coeff+lora=1e-3;full=1e-4",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -223,13 +264,26 @@ def test_benchmark_runs_every_method_and_writes_its_tables(tmp_path):
     assert sorted(r["method"] for r in res["runs"]) == sorted(["coeff", "lora", "coeff+lora", "full"])
     for row in res["runs"]:
         assert row["concept"] == "flat-purple-square" and row["seed"] == 0 and row["train_s"] > 0
-        assert {"subject_train", "subject", "shape", "colours", "pattern", "background", "size", "position",
-                "bg_copy"} <= set(row)
+        assert {
+            "subject_train",
+            "subject",
+            "shape",
+            "colours",
+            "pattern",
+            "background",
+            "size",
+            "position",
+            "bg_copy",
+        } <= set(row)
     params = {r["method"]: r["trainable_parameters"] for r in res["runs"]}
     assert params["coeff"] < params["lora"] < params["coeff+lora"] < params["full"]
     assert params["coeff+lora"] == params["coeff"] + params["lora"]
-    assert set(res["sanity"]) == {"base model, class prompt", "base model, instance prompts (0 steps)", "instance images",
-                                  "instance images through the VAE"}
+    assert set(res["sanity"]) == {
+        "base model, class prompt",
+        "base model, instance prompts (0 steps)",
+        "instance images",
+        "instance images through the VAE",
+    }
     assert "subject_train" in res["sanity"]["base model, instance prompts (0 steps)"][0]
     assert res["sanity"]["instance images"][0]["subject"] == 1.0  # the metric recognises the drawn concept
     assert res["validation_concept"] == "val-flat-orange-circle"  # rates are chosen within the set
@@ -249,8 +303,21 @@ def test_demo_runs_on_the_shipped_model(tmp_path):
     from dreamcoeff.demo import main
 
     try:
-        assert main(["--output_dir", str(tmp_path), "--steps", "2", "--model", str(MODEL),
-                     "--instance_dir", str(MODEL.parents[1] / "samples" / "instance")]) == 0
+        assert (
+            main(
+                [
+                    "--output_dir",
+                    str(tmp_path),
+                    "--steps",
+                    "2",
+                    "--model",
+                    str(MODEL),
+                    "--instance_dir",
+                    str(MODEL.parents[1] / "samples" / "instance"),
+                ]
+            )
+            == 0
+        )
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         PartialState._reset_state()

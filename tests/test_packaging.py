@@ -40,17 +40,26 @@ def wheel(tmp_path_factory) -> Path:
     src = _tracked_copy(tmp_path_factory.mktemp("clone") / "dreamcoeff")
     dist = tmp_path_factory.mktemp("dist")
     # No build isolation: the test environment has setuptools, and the build needs no network.
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(dist), str(src)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
+        check=True,
+        capture_output=True,
+    )
     (found,) = dist.glob("dreamcoeff-*.whl")
     return found
 
 
 def test_wheel_holds_package_data_and_no_tests(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    for needed in ("dreamcoeff/prompts/dreambooth_live.txt", "dreamcoeff/prompts/dreambooth_objects.txt",
-                   "dreamcoeff/prompts/validation.txt", "dreamcoeff/attention/csrc/mixed_attention_cpu.cpp",
-                   "dreamcoeff/train/loop.py", "dreamcoeff/sample/cli.py", "dreamcoeff/testing/tiny.py"):
+    for needed in (
+        "dreamcoeff/prompts/dreambooth_live.txt",
+        "dreamcoeff/prompts/dreambooth_objects.txt",
+        "dreamcoeff/prompts/validation.txt",
+        "dreamcoeff/attention/csrc/mixed_attention_cpu.cpp",
+        "dreamcoeff/train/loop.py",
+        "dreamcoeff/sample/cli.py",
+        "dreamcoeff/testing/tiny.py",
+    ):
         assert needed in names, needed
     assert not any(n.startswith(("tests/", "benchmarks/", "models/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
@@ -67,31 +76,67 @@ def test_installed_wheel_runs_both_commands(wheel, tmp_path, tiny_pipeline_dir):
     base_python = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base_python, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     python = env_dir / "bin" / "python"
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # torch, diffusers, ... from the test environment; a plain path line does not run that folder's
     # own .pth files, so the editable install of the repository is not visible here.
     Path(site, "reuse_test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
-                    "--prefix", str(env_dir), str(wheel)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--prefix", str(env_dir), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    where = subprocess.run([python, "-c", "import dreamcoeff, sys; print(dreamcoeff.__file__)"], cwd=run_dir,
-                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    where = subprocess.run(
+        [python, "-c", "import dreamcoeff, sys; print(dreamcoeff.__file__)"],
+        cwd=run_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert Path(where).is_relative_to(env_dir), where  # the wheel's copy, not the repository's
 
-    train = subprocess.run([env_dir / "bin" / "dreamcoeff-train", "--help"], cwd=run_dir, env=env,
-                           capture_output=True, text=True)
+    train = subprocess.run(
+        [env_dir / "bin" / "dreamcoeff-train", "--help"], cwd=run_dir, env=env, capture_output=True, text=True
+    )
     assert train.returncode == 0, train.stderr
     assert "--pretrained_model_name_or_path" in train.stdout and "--tuning" in train.stdout
 
     out = tmp_path / "grid"
     sample = subprocess.run(
-        [env_dir / "bin" / "dreamcoeff-sample", "--pretrained_model_name_or_path", str(tiny_pipeline_dir),
-         "--include_base", "--prompts", "validation", "--token", "sks", "--class_name", "dog",
-         "--num_inference_steps", "2", "--height", "64", "--width", "64", "--no_progress", "--output", str(out)],
-        cwd=run_dir, env=env, capture_output=True, text=True)
+        [
+            env_dir / "bin" / "dreamcoeff-sample",
+            "--pretrained_model_name_or_path",
+            str(tiny_pipeline_dir),
+            "--include_base",
+            "--prompts",
+            "validation",
+            "--token",
+            "sks",
+            "--class_name",
+            "dog",
+            "--num_inference_steps",
+            "2",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--no_progress",
+            "--output",
+            str(out),
+        ],
+        cwd=run_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert sample.returncode == 0, sample.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     prompts = [p if isinstance(p, str) else p.get("prompt", "") for p in manifest.get("prompts", [])]

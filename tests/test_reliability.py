@@ -63,9 +63,21 @@ def _make_images(folder: Path, sizes=((64, 64),) * 3, seed=0) -> Path:
 
 def _args(model_dir, instance_dir, out, *extra):
     return [
-        "--pretrained_model_name_or_path", str(model_dir), "--instance_dir", str(instance_dir),
-        "--instance_prompt", "a photo of sks dog", "--output_dir", str(out), "--resolution", "64",
-        "--report_to", "none", "--checkpointing_steps", "0", *map(str, extra),
+        "--pretrained_model_name_or_path",
+        str(model_dir),
+        "--instance_dir",
+        str(instance_dir),
+        "--instance_prompt",
+        "a photo of sks dog",
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "64",
+        "--report_to",
+        "none",
+        "--checkpointing_steps",
+        "0",
+        *map(str, extra),
     ]
 
 
@@ -110,9 +122,24 @@ def _spawn(argv, log: Path, processes: int = 1, pause: float | None = None) -> s
     if processes == 1:
         cmd = [sys.executable, str(entry), *argv]
     else:  # --multi_gpu picks torchrun; without CUDA the trainer runs its ranks on the CPU with gloo
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(entry), *argv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            str(entry),
+            *argv,
+        ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop(TEST_PAUSE_ENV, None)
     if pause:
@@ -225,8 +252,9 @@ def _kill_and_resume(argv, out: Path, logs: Path, moments: list[str], rng: rando
                 time.sleep(rng.uniform(0.0, 0.25))
             elif moment == "mid-checkpoint":  # a checkpoint-N.tmp being written
                 # a file this attempt wrote (a leftover of the previous kill being deleted does not count)
-                reached = _wait_until(lambda: any(_mtime(p) >= spawned for p in out.glob(f"checkpoint-*.tmp/{COEFF}")),
-                                      proc)
+                reached = _wait_until(
+                    lambda: any(_mtime(p) >= spawned for p in out.glob(f"checkpoint-*.tmp/{COEFF}")), proc
+                )
                 time.sleep(rng.uniform(0.0, 0.3))
             elif moment == "before-model-card":  # final weights written, README.md / completion marker not yet
                 reached = _wait_until(lambda: (out / LORA).exists() and not (out / "README.md").exists(), proc)
@@ -238,7 +266,9 @@ def _kill_and_resume(argv, out: Path, logs: Path, moments: list[str], rng: rando
             if proc.poll() is None:
                 _kill(proc)
             raise
-        assert reached and alive, f"attempt {n} ({moment}) ended before the kill:\n" + (logs / f"attempt{n}.log").read_text()[-3000:]
+        assert reached and alive, (
+            f"attempt {n} ({moment}) ended before the kill:\n" + (logs / f"attempt{n}.log").read_text()[-3000:]
+        )
         landed.append(moment)
         if moment == "mid-checkpoint":
             leftovers = list(out.glob("checkpoint-*.tmp"))
@@ -260,9 +290,27 @@ def _kill_and_resume(argv, out: Path, logs: Path, moments: list[str], rng: rando
     return landed
 
 
-KILL_COMMON = ("--tuning", "coeff+lora", "--checkpointing_steps", 1, "--checkpoints_total_limit", 3, "--random_flip",
-               "--lr_scheduler", "linear", "--coeff_lr", "1e-2", "--learning_rate", "1e-2", "--lora_dropout", "0.1",
-               "--coeff_dropout", "0.2", "--seed", 3)
+KILL_COMMON = (
+    "--tuning",
+    "coeff+lora",
+    "--checkpointing_steps",
+    1,
+    "--checkpoints_total_limit",
+    3,
+    "--random_flip",
+    "--lr_scheduler",
+    "linear",
+    "--coeff_lr",
+    "1e-2",
+    "--learning_rate",
+    "1e-2",
+    "--lora_dropout",
+    "0.1",
+    "--coeff_dropout",
+    "0.2",
+    "--seed",
+    3,
+)
 
 
 @pytest.mark.slow
@@ -305,8 +353,9 @@ def test_sigkill_and_resume_with_two_processes(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "run"
     moments = ["random", "mid-checkpoint"]
     seed = int(os.environ.get("DREAMCOEFF_KILL_SEED", "11"))
-    landed = _kill_and_resume(_args(tiny_pipeline_dir, inst, out, *common), out, tmp_path / "logs", moments,
-                              random.Random(seed), processes=2)
+    landed = _kill_and_resume(
+        _args(tiny_pipeline_dir, inst, out, *common), out, tmp_path / "logs", moments, random.Random(seed), processes=2
+    )
     assert landed == moments
     assert "weights identical on all 2 processes" in (tmp_path / "logs" / "final.log").read_text()
     worst = _assert_same_weights(_final_weights(out), reference)
@@ -328,13 +377,32 @@ def test_leftovers_of_a_killed_run_are_never_resumed_and_are_cleaned(tiny_pipeli
     (out / ".final.tmp.d").mkdir()
     assert _steps(out) == [1, 2]
     with caplog.at_level("INFO", logger="dreamcoeff"):
-        assert main(_args(tiny_pipeline_dir, inst, out, "--max_train_steps", 3, "--checkpointing_steps", 1,
-                          "--resume_from_checkpoint", "latest")) == 0
+        assert (
+            main(
+                _args(
+                    tiny_pipeline_dir,
+                    inst,
+                    out,
+                    "--max_train_steps",
+                    3,
+                    "--checkpointing_steps",
+                    1,
+                    "--resume_from_checkpoint",
+                    "latest",
+                )
+            )
+            == 0
+        )
     assert "resumed from" in caplog.text and "checkpoint-2 at step 2" in caplog.text
     assert _steps(out) == [1, 2, 3]
     names = {p.name for p in out.iterdir()}
-    assert not names & {"checkpoint-7.tmp", "checkpoint-3.tmp", "checkpoint-1.old", ".coeff_weights.safetensors.x1y2.tmp",
-                        ".final.tmp.d"}
+    assert not names & {
+        "checkpoint-7.tmp",
+        "checkpoint-3.tmp",
+        "checkpoint-1.old",
+        ".coeff_weights.safetensors.x1y2.tmp",
+        ".final.tmp.d",
+    }
     assert "checkpoint-9" in names  # not ours to delete, and never taken for a checkpoint
 
 
@@ -343,8 +411,9 @@ def test_leftovers_of_a_killed_run_are_never_resumed_and_are_cleaned(tiny_pipeli
 
 
 @pytest.mark.slow
-def test_checkpoint_limit_deletes_old_ones_only_after_the_new_one_is_complete(tiny_pipeline_dir, tmp_path, monkeypatch,
-                                                                                capsys):
+def test_checkpoint_limit_deletes_old_ones_only_after_the_new_one_is_complete(
+    tiny_pipeline_dir, tmp_path, monkeypatch, capsys
+):
     import dreamcoeff.train.checkpoints as checkpoints
 
     inst = _make_images(tmp_path / "inst")
@@ -360,8 +429,9 @@ def test_checkpoint_limit_deletes_old_ones_only_after_the_new_one_is_complete(ti
         events.append(_steps(folder))
 
     monkeypatch.setattr(checkpoints, "prune_checkpoints", spy)
-    argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", 4, "--checkpointing_steps", 1,
-                 "--checkpoints_total_limit", 2)
+    argv = _args(
+        tiny_pipeline_dir, inst, out, "--max_train_steps", 4, "--checkpointing_steps", 1, "--checkpoints_total_limit", 2
+    )
     assert main(argv) == 0
     argv = _override(argv, ["--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
     assert events == [[1], [1, 2], [2, 3], [3, 4]]
@@ -385,8 +455,11 @@ def test_checkpoint_limit_deletes_old_ones_only_after_the_new_one_is_complete(ti
     import safetensors.torch
 
     monkeypatch.setattr(accelerate.Accelerator, "save_state", real_save_state)
-    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(
-        OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(
+        safetensors.torch,
+        "save_file",
+        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),
+    )
     err = _run_error(capsys, argv)
     assert "could not write checkpoint" in err and "checkpoint-5" in err and "No space left" in err
     assert _steps(out) == [3, 4] and not list(out.glob("checkpoint-*.tmp"))
@@ -425,8 +498,23 @@ def test_failed_final_write_leaves_previous_files_intact(tiny_pipeline_dir, tmp_
             return real_save_file(tensors, filename, metadata=metadata)
 
         monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-        err = _run_error(capsys, _args(tiny_pipeline_dir, inst, out, "--max_train_steps", 1, "--tuning", "coeff+lora",
-                                       "--seed", 5, "--overwrite_output_dir", "--coeff_lr", "0.05"))
+        err = _run_error(
+            capsys,
+            _args(
+                tiny_pipeline_dir,
+                inst,
+                out,
+                "--max_train_steps",
+                1,
+                "--tuning",
+                "coeff+lora",
+                "--seed",
+                5,
+                "--overwrite_output_dir",
+                "--coeff_lr",
+                "0.05",
+            ),
+        )
         assert "No space left on device" in err and "intact" in err, err
         assert len(calls) == failing_write
         # both weight files are the previous run's, as a matching pair; nothing half-written
@@ -470,8 +558,22 @@ def test_transient_non_finite_steps_are_skipped(tiny_pipeline_dir, tmp_path, mon
     out = tmp_path / "out"
     _inject_nan(monkeypatch, loss_steps={1}, grad_steps={4})
     with caplog.at_level("WARNING"):
-        assert main(_args(tiny_pipeline_dir, inst, out, "--max_train_steps", 5, "--checkpointing_steps", 2,
-                          "--coeff_lr", "1e-2")) == 0
+        assert (
+            main(
+                _args(
+                    tiny_pipeline_dir,
+                    inst,
+                    out,
+                    "--max_train_steps",
+                    5,
+                    "--checkpointing_steps",
+                    2,
+                    "--coeff_lr",
+                    "1e-2",
+                )
+            )
+            == 0
+        )
     skipped = re.findall(r"step (\d+): non-finite loss or gradient, step skipped \(1 in a row\)", caplog.text)
     assert skipped == ["1", "4"]
     assert "step 4 was skipped: no checkpoint saved" in caplog.text
@@ -482,14 +584,29 @@ def test_transient_non_finite_steps_are_skipped(tiny_pipeline_dir, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_divergence_stops_with_learning_rate_hint_and_keeps_last_good_checkpoint(tiny_pipeline_dir, tmp_path,
-                                                                                 monkeypatch, capsys, caplog):
+def test_divergence_stops_with_learning_rate_hint_and_keeps_last_good_checkpoint(
+    tiny_pipeline_dir, tmp_path, monkeypatch, capsys, caplog
+):
     inst = _make_images(tmp_path / "inst")
     out = tmp_path / "out"
     _inject_nan(monkeypatch, loss_steps=set(range(4, 100)))
     with caplog.at_level("WARNING"):
-        err = _run_error(capsys, _args(tiny_pipeline_dir, inst, out, "--max_train_steps", 20, "--checkpointing_steps", 2,
-                                       "--max_bad_steps", 3, "--coeff_lr", "1e-2"))
+        err = _run_error(
+            capsys,
+            _args(
+                tiny_pipeline_dir,
+                inst,
+                out,
+                "--max_train_steps",
+                20,
+                "--checkpointing_steps",
+                2,
+                "--max_bad_steps",
+                3,
+                "--coeff_lr",
+                "1e-2",
+            ),
+        )
     assert caplog.text.count("non-finite loss or gradient, step skipped") == 3
     assert "3 consecutive steps" in err and "diverged" in err
     assert "Lower the learning rate" in err and "--coeff_lr 0.01" in err
@@ -526,30 +643,58 @@ GOOD_KEY = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.alpha"
 META = {"format": "dreamcoeff", "format_version": "1"}
 
 
-@pytest.mark.parametrize("case", ["trillion elements", "heads over limit", "data size lies", "non-int shape",
-                                  "offsets not ints", "header length huge", "header over limit",
-                                  "metadata not strings", "deeply nested"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "trillion elements",
+        "heads over limit",
+        "data size lies",
+        "non-int shape",
+        "offsets not ints",
+        "header length huge",
+        "header over limit",
+        "metadata not strings",
+        "deeply nested",
+    ],
+)
 def test_absurd_headers_refused_before_reading_data(tmp_path, case, no_tensor_reads):
     path = tmp_path / "alpha.safetensors"
     if case == "trillion elements":  # a 200-byte file claiming a 10^12-element tensor
-        _raw_safetensors(path, {"__metadata__": META, GOOD_KEY: {"dtype": "F32", "shape": [10**6, 10**6],
-                                                                  "data_offsets": [0, 4 * 10**12]}})
+        _raw_safetensors(
+            path,
+            {
+                "__metadata__": META,
+                GOOD_KEY: {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]},
+            },
+        )
         message = "corrupt or truncated"
     elif case == "heads over limit":
-        _raw_safetensors(path, {"__metadata__": META, GOOD_KEY: {"dtype": "F32", "shape": [10**6, 10**6],
-                                                                  "data_offsets": [0, 16]}}, b"\0" * 16)
+        _raw_safetensors(
+            path,
+            {"__metadata__": META, GOOD_KEY: {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 16]}},
+            b"\0" * 16,
+        )
         message = "expected square H x H"
     elif case == "data size lies":  # a plausible shape, but the bytes do not match it
-        _raw_safetensors(path, {"__metadata__": META, GOOD_KEY: {"dtype": "F32", "shape": [1024, 1024],
-                                                                  "data_offsets": [0, 16]}}, b"\0" * 16)
+        _raw_safetensors(
+            path,
+            {"__metadata__": META, GOOD_KEY: {"dtype": "F32", "shape": [1024, 1024], "data_offsets": [0, 16]}},
+            b"\0" * 16,
+        )
         message = "16 bytes of data for a 1024 x 1024 F32 tensor"
     elif case == "non-int shape":
-        _raw_safetensors(path, {"__metadata__": META, GOOD_KEY: {"dtype": "F32", "shape": [2.0, 2.0],
-                                                                  "data_offsets": [0, 16]}}, b"\0" * 16)
+        _raw_safetensors(
+            path,
+            {"__metadata__": META, GOOD_KEY: {"dtype": "F32", "shape": [2.0, 2.0], "data_offsets": [0, 16]}},
+            b"\0" * 16,
+        )
         message = "expected square H x H"
     elif case == "offsets not ints":
-        _raw_safetensors(path, {"__metadata__": META, GOOD_KEY: {"dtype": "F32", "shape": [2, 2],
-                                                                  "data_offsets": ["0", "16"]}}, b"\0" * 16)
+        _raw_safetensors(
+            path,
+            {"__metadata__": META, GOOD_KEY: {"dtype": "F32", "shape": [2, 2], "data_offsets": ["0", "16"]}},
+            b"\0" * 16,
+        )
         message = "corrupt or truncated"
     elif case == "header length huge":  # the 8-byte length says 1 TB
         _raw_safetensors(path, {"__metadata__": META}, header_len=2**40)
@@ -583,10 +728,12 @@ def test_keys_outside_the_unet_refused_before_loading(tiny_pipe, tmp_path, monke
     apply_coeff(tiny_pipe.unet)
     before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
     processors = {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()}
-    outside = ["unet.conv_in.alpha",  # a real module, but not attention
-               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.alpha",  # inside an attention
-               "unet.text_encoder.encoder.layers.0.self_attn.alpha",
-               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.alpha"]
+    outside = [
+        "unet.conv_in.alpha",  # a real module, but not attention
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.alpha",  # inside an attention
+        "unet.text_encoder.encoder.layers.0.self_attn.alpha",
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.alpha",
+    ]
     import safetensors
 
     for key in outside:
@@ -605,8 +752,11 @@ def test_alpha_is_never_read_with_pickle():
     """Static guard: nothing in the package unpickles (torch.load, pickle, np.load). (That a pickle file
     is refused by name is tested in tests/test_unet_coeff.py::test_load_refusals_leave_pipeline_untouched.)"""
     sources = {p.name: p.read_text() for p in (REPO / "dreamcoeff").glob("*.py")}
-    offenders = [name for name, text in sources.items()
-                 if re.search(r"torch\.load\(|pickle\.loads?\(|np\.load\(|weights_only\s*=\s*False", text)]
+    offenders = [
+        name
+        for name, text in sources.items()
+        if re.search(r"torch\.load\(|pickle\.loads?\(|np\.load\(|weights_only\s*=\s*False", text)
+    ]
     assert not offenders, offenders
 
 
@@ -619,8 +769,9 @@ def _png_claiming_size(path: Path, width: int, height: int) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -694,7 +845,9 @@ def test_skip_bad_images_trains_on_the_rest(tiny_pipeline_dir, tmp_path, capsys,
     inst = tmp_path / "inst"
     names = [_bad_file(case, inst, monkeypatch, stem=f"bad{i}")[0] for i, case in enumerate(BAD_IMAGES)]
     # all bad: a clear error, nothing to train on
-    err = _run_error(capsys, _args(tiny_pipeline_dir, inst, tmp_path / "none", "--max_train_steps", 1, "--skip_bad_images"))
+    err = _run_error(
+        capsys, _args(tiny_pipeline_dir, inst, tmp_path / "none", "--max_train_steps", 1, "--skip_bad_images")
+    )
     assert f"all {len(BAD_IMAGES)} instance image(s) failed to load" in err
     _make_images(inst, sizes=((64, 64),))
     with caplog.at_level("WARNING"):
@@ -748,10 +901,24 @@ def test_odd_but_valid_inputs_train(tiny_pipeline_dir, tmp_path, monkeypatch, ca
     monkeypatch.setattr(data_lib, "collate_examples", collate)
     monkeypatch.setattr(training, "encode_prompts", encode)
     with caplog.at_level("WARNING"):
-        assert main(_args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 8, "--caption_ext", ".txt",
-                          "--square_crop")) == 0
-    assert len(seen_batches) >= 8 and all(b.shape[1] == 3 and b.abs().max() <= 1 and torch.isfinite(b).all()
-                                          for b in seen_batches)
+        assert (
+            main(
+                _args(
+                    tiny_pipeline_dir,
+                    inst,
+                    tmp_path / "out",
+                    "--max_train_steps",
+                    8,
+                    "--caption_ext",
+                    ".txt",
+                    "--square_crop",
+                )
+            )
+            == 0
+        )
+    assert len(seen_batches) >= 8 and all(
+        b.shape[1] == 3 and b.abs().max() <= 1 and torch.isfinite(b).all() for b in seen_batches
+    )
     assert "a photo of sks dog, café" in seen_prompts and "a photo of sks dog" in seen_prompts
     assert long_caption in seen_prompts and "CLIP reads 77" in caplog.text
     assert "small.webp is 24x24" in caplog.text and "upscaling" in caplog.text
@@ -792,11 +959,18 @@ FLAG_CASES = {
     "empty instance dir": (["--instance_dir", "{tmp}/empty"], "is empty"),
     "instance dir without images": (["--instance_dir", "{tmp}/text_only"], "none with an image extension"),
     "instance dir is a file": (["--instance_dir", "{tmp}/text_only/notes.txt"], "is a file, not a directory"),
-    "prior preservation without class prompt": (["--with_prior_preservation", "--class_data_dir", "{tmp}/c"],
-                                                 "--with_prior_preservation needs --class_prompt"),
-    "prior preservation without class dir": (["--with_prior_preservation", "--class_prompt", "a dog"],
-                                             "needs --class_data_dir"),
-    "class prompt without prior preservation": (["--class_prompt", "a dog"], "only used with --with_prior_preservation"),
+    "prior preservation without class prompt": (
+        ["--with_prior_preservation", "--class_data_dir", "{tmp}/c"],
+        "--with_prior_preservation needs --class_prompt",
+    ),
+    "prior preservation without class dir": (
+        ["--with_prior_preservation", "--class_prompt", "a dog"],
+        "needs --class_data_dir",
+    ),
+    "class prompt without prior preservation": (
+        ["--class_prompt", "a dog"],
+        "only used with --with_prior_preservation",
+    ),
     "resolution not a multiple of 8": (["--resolution", "100"], "multiple of 8"),
     "zero steps": (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
     "dropout of 1": (["--coeff_dropout", "1.0"], "--coeff_dropout must be in [0, 1)"),
@@ -804,10 +978,14 @@ FLAG_CASES = {
     "zero learning rate": (["--coeff_lr", "0"], "must be > 0"),
     "zero max_bad_steps": (["--max_bad_steps", "0"], "--max_bad_steps must be >= 1"),
     "no instance prompt nor captions": (["--instance_prompt", ""], "--instance_prompt is required"),
-    "resume from a folder that is no checkpoint": (["--resume_from_checkpoint", "{tmp}/empty"],
-                                                   "is not a complete dreamcoeff checkpoint"),
-    "resume with another method": (["--resume_from_checkpoint", "latest", "--tuning", "coeff"],
-                                   "--tuning 'lora' in the checkpoint, 'coeff' now"),
+    "resume from a folder that is no checkpoint": (
+        ["--resume_from_checkpoint", "{tmp}/empty"],
+        "is not a complete dreamcoeff checkpoint",
+    ),
+    "resume with another method": (
+        ["--resume_from_checkpoint", "latest", "--tuning", "coeff"],
+        "--tuning 'lora' in the checkpoint, 'coeff' now",
+    ),
     "config file with unknown keys": (["--config", "{tmp}/bad.yaml"], "unknown setting(s) ['learning_rat']"),
     "config file unparsable": (["--config", "{tmp}/broken.toml"], "cannot parse it"),
     "output dir of a previous run": (["--output_dir", "{tmp}/previous"], "holds a previous run"),
@@ -852,11 +1030,14 @@ def _override(argv: list[str], extra: list[str]) -> list[str]:
     return argv
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
-    (["--tuning", "dora"], "invalid choice: 'dora'"),
-    (["--max_train_steps", "ten"], "invalid int value: 'ten'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+        (["--tuning", "dora"], "invalid choice: 'dora'"),
+        (["--max_train_steps", "ten"], "invalid int value: 'ten'"),
+    ],
+)
 def test_unknown_and_malformed_flags_exit_2(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         main(["--pretrained_model_name_or_path", "m", "--instance_dir", str(tmp_path), "--instance_prompt", "p", *argv])
@@ -869,9 +1050,23 @@ def test_bad_class_image_named(tiny_pipeline_dir, tmp_path, capsys):
     inst = _make_images(tmp_path / "inst", sizes=((64, 64),))
     cls = _make_images(tmp_path / "class", sizes=((64, 64),))
     (cls / "img1.png").write_bytes(b"")
-    err = _run_error(capsys, _args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1,
-                                   "--with_prior_preservation", "--class_prompt", "a photo of a dog",
-                                   "--class_data_dir", cls, "--num_class_images", 2))
+    err = _run_error(
+        capsys,
+        _args(
+            tiny_pipeline_dir,
+            inst,
+            tmp_path / "out",
+            "--max_train_steps",
+            1,
+            "--with_prior_preservation",
+            "--class_prompt",
+            "a photo of a dog",
+            "--class_data_dir",
+            cls,
+            "--num_class_images",
+            2,
+        ),
+    )
     assert "img1.png" in err and "0 bytes" in err
 
 
@@ -893,8 +1088,22 @@ def _rss_bytes(pid: int) -> int | None:
 def test_500_steps_without_memory_growth(tiny_pipeline_dir, tmp_path):
     inst = _make_images(tmp_path / "inst")
     steps = 500
-    cmd = [sys.executable, str(ENTRY), *_args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", steps,
-                                               "--tuning", "coeff", "--random_flip", "--coeff_lr", "1e-3")]
+    cmd = [
+        sys.executable,
+        str(ENTRY),
+        *_args(
+            tiny_pipeline_dir,
+            inst,
+            tmp_path / "out",
+            "--max_train_steps",
+            steps,
+            "--tuning",
+            "coeff",
+            "--random_flip",
+            "--coeff_lr",
+            "1e-3",
+        ),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     progress = {"step": 0}
@@ -935,8 +1144,13 @@ def test_500_steps_without_memory_growth(tiny_pipeline_dir, tmp_path):
     early, middle = rss_at(50), rss_at(275)
     end = [r for s, r in samples if s >= steps - 5][-1]
     mib = 2**20
-    figures = {"rss_step50_mib": early / mib, "rss_step275_mib": middle / mib, "rss_end_mib": end / mib,
-               "growth_mib": (end - early) / mib, "samples": len(samples)}
+    figures = {
+        "rss_step50_mib": early / mib,
+        "rss_step275_mib": middle / mib,
+        "rss_end_mib": end / mib,
+        "growth_mib": (end - early) / mib,
+        "samples": len(samples),
+    }
     print("memory:", json.dumps(figures))
     # A leak of one step's graph or batch per step would add tens of MiB over 450 steps (and keep growing).
     assert end - early < 32 * mib, figures

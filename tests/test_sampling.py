@@ -124,8 +124,14 @@ def metric_models(tmp_path_factory):
     torch.manual_seed(0)
     clip = CLIPModel(
         CLIPConfig(
-            text_config=dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **small),
+            text_config=dict(
+                vocab_size=len(tok),
+                max_position_embeddings=77,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                **small,
+            ),
             vision_config=dict(image_size=32, patch_size=8, **small),
             projection_dim=16,
         )
@@ -167,7 +173,9 @@ def _frozen_tiny_pipe():
 
 def test_read_prompt_file_fills_placeholders_and_skips_comments(tmp_path):
     f = tmp_path / "p.txt"
-    f.write_text("# a comment {nope}\n\na {token} {class}  in the   snow\n   # indented comment\nliteral {{braces}} {class}\n")
+    f.write_text(
+        "# a comment {nope}\n\na {token} {class}  in the   snow\n   # indented comment\nliteral {{braces}} {class}\n"
+    )
     assert S.read_prompt_file(f, "sks", "dog") == ["a sks dog in the snow", "literal {braces} dog"]
     assert M.metric_text("a sks dog in the snow", "sks") == "a dog in the snow"
     assert M.metric_text("a sksy dog", "sks") == "a sksy dog"
@@ -203,7 +211,9 @@ def _paper_prompts(section: str) -> list[str]:
     return [p.format("sks", "dog") for p in re.findall(r"'([^']*)'\.format", text[start:end])]
 
 
-@pytest.mark.parametrize("name, section", [("dreambooth_objects.txt", "Object Prompts"), ("dreambooth_live.txt", "Live Subject Prompts")])
+@pytest.mark.parametrize(
+    "name, section", [("dreambooth_objects.txt", "Object Prompts"), ("dreambooth_live.txt", "Live Subject Prompts")]
+)
 def test_shipped_dreambooth_prompt_files(name, section):
     prompts = S.read_prompt_file(PROMPTS / name, "sks", "dog")
     assert len(prompts) == 25 and len(set(prompts)) == 25
@@ -230,7 +240,9 @@ def test_old_prompts_path_falls_back_to_the_packaged_file(tmp_path, monkeypatch)
     assert S.find_prompt_file("elsewhere/validation.txt") == Path("elsewhere/validation.txt")  # only a prompts/ folder
     (tmp_path / "prompts").mkdir()
     (tmp_path / "prompts" / "validation.txt").write_text("a {class}\n")
-    assert S.read_prompt_file(S.find_prompt_file("prompts/validation.txt"), None, "dog") == ["a dog"]  # a real file wins
+    assert S.read_prompt_file(S.find_prompt_file("prompts/validation.txt"), None, "dog") == [
+        "a dog"
+    ]  # a real file wins
     with pytest.raises(S.SamplingError, match="does not exist"):
         S.read_prompt_file(S.find_prompt_file("prompts/nope.txt"), "sks", "dog")
     assert S.packaged_prompt_files() == ["dreambooth_live", "dreambooth_objects", "validation"]
@@ -249,7 +261,12 @@ def test_shipped_validation_prompts():
 
 def test_parse_run_finds_weights(run_dirs):
     coeff = S.parse_run(f"c={run_dirs / 'coeff'}")
-    assert (coeff.name, coeff.kind, coeff.alpha_path.name, coeff.lora_path) == ("c", "alpha", "coeff_weights.safetensors", None)
+    assert (coeff.name, coeff.kind, coeff.alpha_path.name, coeff.lora_path) == (
+        "c",
+        "alpha",
+        "coeff_weights.safetensors",
+        None,
+    )
     assert coeff.training_args() == {"coeff_lr": 1e-2, "max_train_steps": 10}
     both = S.parse_run(f"both={run_dirs / 'coeff' / 'coeff_weights.safetensors'},{run_dirs / 'lora'}")
     assert both.kind == "alpha+lora"
@@ -279,7 +296,10 @@ def test_plan_rows(run_dirs):
     lora = S.parse_run(f"lora={run_dirs / 'lora'}")
     rows = S.plan_rows([coeff, lora], include_base=True, coeff_scales=[0, 0.5])
     assert [(r.name, r.coeff_scale, r.has_lora) for r in rows] == [
-        ("base", None, False), ("coeff@0", 0.0, False), ("coeff@0.5", 0.5, False), ("lora", None, True)
+        ("base", None, False),
+        ("coeff@0", 0.0, False),
+        ("coeff@0.5", 0.5, False),
+        ("lora", None, True),
     ]
     assert [r.slug for r in rows] == ["base", "coeff_c0", "coeff_c0.5", "lora"]
     assert [r.name for r in S.plan_rows([coeff])] == ["coeff"]
@@ -340,7 +360,9 @@ def test_make_grid_size_tiles_and_labels():
     # different labels draw differently; no labels, no margins
     other = S.make_grid(images, ["lora\nLoRA", "both\nalpha c=1 + LoRA"], cols, title="seed 0")
     assert other.size[1] == grid.size[1]
-    assert not np.array_equal(np.asarray(other.crop((0, y0, x0, grid.size[1]))), np.asarray(grid.crop((0, y0, x0, grid.size[1]))))
+    assert not np.array_equal(
+        np.asarray(other.crop((0, y0, x0, grid.size[1]))), np.asarray(grid.crop((0, y0, x0, grid.size[1])))
+    )
     bare = S.make_grid(images)
     assert bare.size == (3 * tw + 4 * gap, 2 * th + 3 * gap)
 
@@ -375,8 +397,16 @@ def test_sample_runs_switches_adapters_exactly(run_dirs):
     coeff = S.parse_run(f"coeff={run_dirs / 'coeff'}")
     both = S.parse_run(f"both={run_dirs / 'coeff'},{run_dirs / 'lora'}")
     prompt, seed = "a sks dog in the snow", 3
-    result = S.sample_runs(pipe, [lora, coeff, both], [prompt], [seed], include_base=True, coeff_scales=[0, 1],
-                           num_inference_steps=2, progress=False)
+    result = S.sample_runs(
+        pipe,
+        [lora, coeff, both],
+        [prompt],
+        [seed],
+        include_base=True,
+        coeff_scales=[0, 1],
+        num_inference_steps=2,
+        progress=False,
+    )
     assert [r.name for r in result.rows] == ["base", "lora", "coeff@0", "coeff@1", "both@0", "both@1"]
     img = {r.name: _pixels(result.image(result.find(r.name, 0, seed))) for r in result.rows}
 
@@ -419,8 +449,9 @@ def test_sample_runs_swaps_in_a_fully_fine_tuned_unet(run_dirs):
     lora = S.parse_run(f"lora={run_dirs / 'lora'}")
     coeff = S.parse_run(f"coeff={run_dirs / 'coeff'}")
     prompt, seed = "a sks dog", 5
-    result = S.sample_runs(pipe, [full, lora, coeff], [prompt], [seed], include_base=True, num_inference_steps=2,
-                           progress=False)
+    result = S.sample_runs(
+        pipe, [full, lora, coeff], [prompt], [seed], include_base=True, num_inference_steps=2, progress=False
+    )
     assert [r.name for r in result.rows] == ["base", "full", "lora", "coeff"]
     assert result.rows[1].description == "full UNet"
     img = {r.name: _pixels(result.image(result.find(r.name, 0, seed))) for r in result.rows}
@@ -449,8 +480,9 @@ def test_full_unet_of_another_architecture_refused(run_dirs, tmp_path):
     UNet2DConditionModel(**cfg).save_pretrained(tmp_path / "other" / "unet")
     pipe = _frozen_tiny_pipe()
     with pytest.raises(S.SamplingError, match=r"run 'other': the UNet in .* another architecture .*block_out_channels"):
-        S.sample_runs(pipe, [S.parse_run(f"other={tmp_path / 'other'}")], ["a dog"], [0], num_inference_steps=2,
-                      progress=False)
+        S.sample_runs(
+            pipe, [S.parse_run(f"other={tmp_path / 'other'}")], ["a dog"], [0], num_inference_steps=2, progress=False
+        )
     with pytest.raises(S.SamplingError, match="cannot be combined with alpha or LoRA"):
         S.parse_run(f"mixed={run_dirs / 'full'},{run_dirs / 'lora'}")
 
@@ -464,7 +496,9 @@ def test_sample_runs_validates_every_run_before_sampling(run_dirs, foreign_weigh
     with pytest.raises(S.SamplingError, match=r"(?s)run 'sdxl-alpha': .*10 heads in the file, 4 in the UNet"):
         S.sample_runs(pipe, [good, bad_alpha], ["a dog"], [0], num_inference_steps=2, progress=False)
     bad_lora = S.parse_run(f"sdxl-lora={foreign_weights / 'lora'}")
-    with pytest.raises(S.SamplingError, match=r"(?s)run 'sdxl-lora': LoRA .* does not fit this UNet.*input size 640, but .* takes 64"):
+    with pytest.raises(
+        S.SamplingError, match=r"(?s)run 'sdxl-lora': LoRA .* does not fit this UNet.*input size 640, but .* takes 64"
+    ):
         S.sample_runs(pipe, [good, bad_lora], ["a dog"], [0], num_inference_steps=2, progress=False)
     assert calls == []  # no image was started
     assert not any(pipe.get_list_adapters().values()) and not coeff_modules(pipe)
@@ -503,15 +537,43 @@ def _html_refs(text: str) -> set[str]:
 def test_cli_end_to_end(tiny_pipeline_dir, run_dirs, metric_models, instance_dir, tmp_path, capsys):
     clip_dir, dino_dir = metric_models
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# two DreamBooth prompts\na {token} {class} in the jungle\na {token} {class} wearing a red hat\n")
+    prompts.write_text(
+        "# two DreamBooth prompts\na {token} {class} in the jungle\na {token} {class} wearing a red hat\n"
+    )
     out = tmp_path / "out"
     common = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--num_inference_steps", "2", "--no_progress"]
-    code = main(common + [
-        "--run", f"coeff={run_dirs / 'coeff'}", "--run", f"lora={run_dirs / 'lora'}", "--include_base",
-        "--prompts", str(prompts), "--token", "sks", "--class_name", "dog", "--seeds", "0", "1",
-        "--coeff_scales", "0", "1", "--negative_prompt", "blurry", "--output", str(out),
-        "--clip_model", str(clip_dir), "--dino_model", str(dino_dir), "--instance_dir", str(instance_dir),
-    ])
+    code = main(
+        common
+        + [
+            "--run",
+            f"coeff={run_dirs / 'coeff'}",
+            "--run",
+            f"lora={run_dirs / 'lora'}",
+            "--include_base",
+            "--prompts",
+            str(prompts),
+            "--token",
+            "sks",
+            "--class_name",
+            "dog",
+            "--seeds",
+            "0",
+            "1",
+            "--coeff_scales",
+            "0",
+            "1",
+            "--negative_prompt",
+            "blurry",
+            "--output",
+            str(out),
+            "--clip_model",
+            str(clip_dir),
+            "--dino_model",
+            str(dino_dir),
+            "--instance_dir",
+            str(instance_dir),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = ["base", "coeff_c0", "coeff_c1", "lora"]
     expected = {f"images/{r}_p{p:02d}_s{s}.png" for r in rows for p in range(2) for s in (0, 1)}
@@ -555,7 +617,9 @@ def test_cli_end_to_end(tiny_pipeline_dir, run_dirs, metric_models, instance_dir
     assert by_file["images/coeff_c1_p01_s1.png"] != by_file["images/base_p01_s1.png"]
     summary = {m["row"]: m for m in manifest["metrics"]}
     assert set(summary) == {"base", "coeff@0", "coeff@1", "lora"}
-    assert summary["base"]["clip_t"] == pytest.approx(np.mean([m["clip_t"] for f, m in by_file.items() if "/base_" in f]))
+    assert summary["base"]["clip_t"] == pytest.approx(
+        np.mean([m["clip_t"] for f, m in by_file.items() if "/base_" in f])
+    )
     lines = (out / "metrics.csv").read_text().splitlines()
     assert len(lines) == 1 + 16 and lines[0].endswith("clip_t,clip_i,dino")
     assert "a dog in the jungle" in (out / "metrics.csv").read_text()  # CLIP-T text: no identifier
@@ -563,8 +627,20 @@ def test_cli_end_to_end(tiny_pipeline_dir, run_dirs, metric_models, instance_dir
 
     # another invocation, other rows / prompts / seeds: the base image of a (prompt, seed) is unchanged
     out2 = tmp_path / "out2"
-    code = main(common + ["--include_base", "--prompt", "a sks dog wearing a red hat", "--seeds", "1",
-                          "--negative_prompt", "blurry", "--output", str(out2)])
+    code = main(
+        common
+        + [
+            "--include_base",
+            "--prompt",
+            "a sks dog wearing a red hat",
+            "--seeds",
+            "1",
+            "--negative_prompt",
+            "blurry",
+            "--output",
+            str(out2),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert np.array_equal(px(out2 / "images/base_p00_s1.png"), px("images/base_p01_s1.png"))
     assert not (out2 / "metrics.csv").exists()
@@ -578,26 +654,56 @@ def test_cli_end_to_end(tiny_pipeline_dir, run_dirs, metric_models, instance_dir
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_run", "duplicate_name", "empty_prompts", "unknown_placeholder", "no_prompts", "foreign_alpha", "foreign_lora"],
+    [
+        "missing_run",
+        "duplicate_name",
+        "empty_prompts",
+        "unknown_placeholder",
+        "no_prompts",
+        "foreign_alpha",
+        "foreign_lora",
+    ],
 )
 def test_cli_bad_input_is_one_clear_error(case, tiny_pipeline_dir, run_dirs, foreign_weights, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a {token} {class}\n")
     args = {
         "missing_run": (["--run", f"coeff={tmp_path / 'runs' / 'nope'}"], r"run 'coeff': .*nope does not exist"),
-        "duplicate_name": (["--run", f"x={run_dirs / 'coeff'}", "--run", f"x={run_dirs / 'lora'}"], "'x' is given twice"),
+        "duplicate_name": (
+            ["--run", f"x={run_dirs / 'coeff'}", "--run", f"x={run_dirs / 'lora'}"],
+            "'x' is given twice",
+        ),
         "empty_prompts": (["--run", f"c={run_dirs / 'coeff'}", "--prompts", "EMPTY"], "holds no prompts"),
-        "unknown_placeholder": (["--run", f"c={run_dirs / 'coeff'}", "--prompt", "a {subject}"], r"unknown placeholder \{subject\}"),
+        "unknown_placeholder": (
+            ["--run", f"c={run_dirs / 'coeff'}", "--prompt", "a {subject}"],
+            r"unknown placeholder \{subject\}",
+        ),
         "no_prompts": (["--include_base", "--prompts", None], "no prompts"),
-        "foreign_alpha": (["--run", f"old={foreign_weights / 'coeff_weights.safetensors'}"], r"run 'old': .*does not fit this UNet"),
+        "foreign_alpha": (
+            ["--run", f"old={foreign_weights / 'coeff_weights.safetensors'}"],
+            r"run 'old': .*does not fit this UNet",
+        ),
         "foreign_lora": (["--run", f"old={foreign_weights / 'lora'}"], r"run 'old': LoRA .*does not fit this UNet"),
     }
     extra, message = args[case]
     if "EMPTY" in extra:
         (tmp_path / "empty.txt").write_text("# nothing\n")
         extra[extra.index("EMPTY")] = str(tmp_path / "empty.txt")
-    argv = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--token", "sks", "--class_name", "dog",
-            "--prompts", str(prompts), "--num_inference_steps", "2", "--no_progress", "--output", str(tmp_path / "out")]
+    argv = [
+        "--pretrained_model_name_or_path",
+        str(tiny_pipeline_dir),
+        "--token",
+        "sks",
+        "--class_name",
+        "dog",
+        "--prompts",
+        str(prompts),
+        "--num_inference_steps",
+        "2",
+        "--no_progress",
+        "--output",
+        str(tmp_path / "out"),
+    ]
     if None in extra:  # drop --prompts
         argv = [a for i, a in enumerate(argv) if a != "--prompts" and (i == 0 or argv[i - 1] != "--prompts")]
         extra = [e for e in extra if e not in ("--prompts", None)]

@@ -88,8 +88,9 @@ def test_same_seed_gives_bit_identical_weights_and_keeps_global_rng(pipe):
     other = build_tiny_pipeline(seed=1)
     assert not torch.equal(pipe.unet.conv_in.weight, other.unet.conv_in.weight)
     # get_input_embeddings(): transformers 5's CLIPTextModel has no `.text_model` wrapper any more.
-    assert not torch.equal(pipe.text_encoder.get_input_embeddings().weight,
-                           other.text_encoder.get_input_embeddings().weight)
+    assert not torch.equal(
+        pipe.text_encoder.get_input_embeddings().weight, other.text_encoder.get_input_embeddings().weight
+    )
 
 
 def test_build_is_fast_float32_eval():
@@ -143,7 +144,11 @@ def test_components_are_consistent_like_sdxl(pipe):
     sc = sched.config
     assert (sc.beta_start, sc.beta_end, sc.beta_schedule) == (0.00085, 0.012, "scaled_linear")
     assert (sc.num_train_timesteps, sc.prediction_type, sc.steps_offset, sc.timestep_spacing) == (
-        1000, "epsilon", 1, "leading")
+        1000,
+        "epsilon",
+        1,
+        "leading",
+    )
 
     assert pipe.config.force_zeros_for_empty_prompt is True
     assert pipe.image_encoder is None and pipe.feature_extractor is None
@@ -164,8 +169,11 @@ def test_unet_has_self_and_cross_attention_at_several_resolutions_with_different
     for b in blocks:
         for kind in ("attn1", "attn2"):
             attn = getattr(b, kind)
-            hooks.append(attn.register_forward_hook(
-                lambda mod, args, out, kind=kind: heads_by_tokens[(kind, args[0].shape[1])].add(mod.heads)))
+            hooks.append(
+                attn.register_forward_hook(
+                    lambda mod, args, out, kind=kind: heads_by_tokens[(kind, args[0].shape[1])].add(mod.heads)
+                )
+            )
     try:
         with torch.no_grad():
             unet(**_unet_inputs(batch=2, latent=2 * TINY_LATENT_SIZE))
@@ -190,13 +198,14 @@ def test_unet_has_self_and_cross_attention_at_several_resolutions_with_different
 def test_tokenizer_pads_to_77_and_keeps_words_whole(pipe, name):
     tok = getattr(pipe, name)
     assert tok.model_max_length == TINY_MAX_LENGTH
-    ids = tok(PROMPT, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
+    ids = tok(
+        PROMPT, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     assert ids.shape == (1, TINY_MAX_LENGTH)
     tokens = tok.convert_ids_to_tokens(ids[0].tolist())
     words = PROMPT.split()
     assert tokens[: len(words) + 2] == ["<|startoftext|>", *[w + "</w>" for w in words], "<|endoftext|>"]
-    assert set(tokens[len(words) + 1:]) == {"<|endoftext|>"}  # padded with EOS like SDXL's tokenizer
+    assert set(tokens[len(words) + 1 :]) == {"<|endoftext|>"}  # padded with EOS like SDXL's tokenizer
     # every listed word is one token (case-insensitive like CLIP)
     for word in DEFAULT_VOCAB_WORDS:
         assert len(tok(word.upper(), add_special_tokens=False).input_ids) == 1, word
@@ -231,8 +240,7 @@ def test_pipeline_makes_finite_images_of_the_right_shape(pipe):
 
     # (the calls above use CFG with no negative prompt: the force_zeros_for_empty_prompt path)
     # default size, CFG off, 2 images per prompt
-    images = _images(pipe, height=None, width=None, guidance_scale=1.0, negative_prompt=None,
-                     num_images_per_prompt=2)
+    images = _images(pipe, height=None, width=None, guidance_scale=1.0, negative_prompt=None, num_images_per_prompt=2)
     assert images.shape == (2, TINY_RESOLUTION, TINY_RESOLUTION, 3) and np.isfinite(images).all()
 
 
@@ -253,8 +261,10 @@ def test_save_load_round_trip_is_exact(pipe, saved_dir):
         a, b = getattr(pipe, name), getattr(loaded, name)
         assert b.model_max_length == TINY_MAX_LENGTH and len(a) == len(b)
         text = [PROMPT, "A RED cat's toy on the beach, 2 dogs!!", ""]
-        assert a(text, padding="max_length", max_length=77).input_ids == b(text, padding="max_length",
-                                                                           max_length=77).input_ids
+        assert (
+            a(text, padding="max_length", max_length=77).input_ids
+            == b(text, padding="max_length", max_length=77).input_ids
+        )
 
     with torch.no_grad():
         inputs = _unet_inputs()

@@ -12,8 +12,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from dreamcoeff import load_coeff_weights, read_coeff_file
-from dreamcoeff.train.config import UsageError, parse_args
 from dreamcoeff.train import list_checkpoints, main
+from dreamcoeff.train.config import UsageError, parse_args
 from tests.helpers import make_images as _make_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,16 +30,29 @@ def _fresh_accelerate_state():
 
 def _args(model_dir, instance_dir, out, *extra):
     return [
-        "--pretrained_model_name_or_path", str(model_dir), "--instance_dir", str(instance_dir),
-        "--instance_prompt", "a photo of sks dog", "--output_dir", str(out), "--resolution", "64",
-        "--report_to", "none", "--checkpointing_steps", "0", *map(str, extra),
+        "--pretrained_model_name_or_path",
+        str(model_dir),
+        "--instance_dir",
+        str(instance_dir),
+        "--instance_prompt",
+        "a photo of sks dog",
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "64",
+        "--report_to",
+        "none",
+        "--checkpointing_steps",
+        "0",
+        *map(str, extra),
     ]
 
 
 def _images(pipe):
     pipe.set_progress_bar_config(disable=True)
-    return pipe("a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                output_type="np").images
+    return pipe(
+        "a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
 
 
 @pytest.mark.slow
@@ -47,10 +60,40 @@ def _images(pipe):
 def test_each_mode_trains_saves_and_loads(tiny_pipeline_dir, tmp_path, tuning):
     inst = _make_images(tmp_path / "inst")
     out = tmp_path / "out"
-    validation = ("--validation_prompt", "a sks dog", "--num_validation_images", 1, "--validation_steps", 2,
-                  "--validation_inference_steps", 2) if tuning == "coeff" else ()
-    assert main(_args(tiny_pipeline_dir, inst, out, "--tuning", tuning, "--max_train_steps", 3,
-                      "--coeff_lr", "5e-2", "--learning_rate", "5e-2", "--random_flip", *validation)) == 0
+    validation = (
+        (
+            "--validation_prompt",
+            "a sks dog",
+            "--num_validation_images",
+            1,
+            "--validation_steps",
+            2,
+            "--validation_inference_steps",
+            2,
+        )
+        if tuning == "coeff"
+        else ()
+    )
+    assert (
+        main(
+            _args(
+                tiny_pipeline_dir,
+                inst,
+                out,
+                "--tuning",
+                tuning,
+                "--max_train_steps",
+                3,
+                "--coeff_lr",
+                "5e-2",
+                "--learning_rate",
+                "5e-2",
+                "--random_flip",
+                *validation,
+            )
+        )
+        == 0
+    )
     assert (out / "args.json").is_file() and (out / "README.md").is_file()
     if validation:  # every --validation_steps and at the end, fixed seeds
         assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_00002", "step_00003"]
@@ -110,9 +153,25 @@ def _run_killed_after_checkpoint(monkeypatch, kill_step: int, argv: list[str]) -
 @pytest.mark.slow
 def test_resume_mid_epoch_matches_uninterrupted(tiny_pipeline_dir, tmp_path, monkeypatch):
     inst = _make_images(tmp_path / "inst")  # 3 images, batch 1: checkpoint at step 2 is mid-epoch
-    common = ("--tuning", "coeff+lora", "--max_train_steps", 5, "--checkpointing_steps", 2, "--random_flip",
-              "--lr_scheduler", "linear", "--coeff_lr", "1e-2", "--learning_rate", "1e-2", "--lora_dropout", "0.1",
-              "--coeff_dropout", "0.2")
+    common = (
+        "--tuning",
+        "coeff+lora",
+        "--max_train_steps",
+        5,
+        "--checkpointing_steps",
+        2,
+        "--random_flip",
+        "--lr_scheduler",
+        "linear",
+        "--coeff_lr",
+        "1e-2",
+        "--learning_rate",
+        "1e-2",
+        "--lora_dropout",
+        "0.1",
+        "--coeff_dropout",
+        "0.2",
+    )
     ref_out = tmp_path / "ref"
     assert main(_args(tiny_pipeline_dir, inst, ref_out, *common)) == 0
     reference = _final_weights(ref_out)
@@ -143,8 +202,19 @@ def test_full_fine_tuning_saves_the_unet_and_resumes_exactly(tiny_pipeline_dir, 
     from diffusers import UNet2DConditionModel
 
     inst = _make_images(tmp_path / "inst")
-    common = ("--tuning", "full", "--max_train_steps", 4, "--checkpointing_steps", 2, "--random_flip",
-              "--learning_rate", "1e-3", "--lr_scheduler", "linear")
+    common = (
+        "--tuning",
+        "full",
+        "--max_train_steps",
+        4,
+        "--checkpointing_steps",
+        2,
+        "--random_flip",
+        "--learning_rate",
+        "1e-3",
+        "--lr_scheduler",
+        "linear",
+    )
     ref_out = tmp_path / "ref"
     assert main(_args(tiny_pipeline_dir, inst, ref_out, *common)) == 0
     assert not (ref_out / "coeff_weights.safetensors").exists()
@@ -188,9 +258,24 @@ def test_cache_latents_changes_nothing_but_speed(tiny_pipeline_dir, tmp_path):
 def test_prior_preservation_generates_and_reuses_class_images(tiny_pipeline_dir, tmp_path):
     inst = _make_images(tmp_path / "inst")
     class_dir = tmp_path / "class"
-    args = _args(tiny_pipeline_dir, inst, tmp_path / "out", "--with_prior_preservation", "--class_data_dir", class_dir,
-                 "--class_prompt", "a photo of a dog", "--num_class_images", 3, "--sample_batch_size", 2,
-                 "--class_generation_steps", 2, "--max_train_steps", 2)
+    args = _args(
+        tiny_pipeline_dir,
+        inst,
+        tmp_path / "out",
+        "--with_prior_preservation",
+        "--class_data_dir",
+        class_dir,
+        "--class_prompt",
+        "a photo of a dog",
+        "--num_class_images",
+        3,
+        "--sample_batch_size",
+        2,
+        "--class_generation_steps",
+        2,
+        "--max_train_steps",
+        2,
+    )
     assert main(args) == 0
     made = sorted(p.name for p in class_dir.iterdir())
     assert made == ["class_00000.png", "class_00001.png", "class_00002.png"]
@@ -230,10 +315,22 @@ def test_two_processes_agree(tiny_pipeline_dir, tmp_path):
     inst = _make_images(tmp_path / "inst", sizes=((64, 64),) * 4)
     out = tmp_path / "out"
     # --multi_gpu selects the torchrun launcher; without CUDA the trainer runs the ranks on the CPU (gloo)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "train_dreambooth_coeff.py"), *_args(tiny_pipeline_dir, inst, out, "--max_train_steps", 2,
-                                                          "--tuning", "coeff+lora", "--coeff_lr", "1e-2")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "train_dreambooth_coeff.py"),
+        *_args(tiny_pipeline_dir, inst, out, "--max_train_steps", 2, "--tuning", "coeff+lora", "--coeff_lr", "1e-2"),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -289,10 +386,18 @@ def test_model_folder_not_sdxl(tmp_path, capsys):
     (tmp_path / "model").mkdir()
     err = _run_error(capsys, _args(tmp_path / "model", inst, tmp_path / "out"))
     assert "model_index.json" in err
-    (tmp_path / "model" / "model_index.json").write_text(json.dumps(
-        {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"]}))
+    (tmp_path / "model" / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "PNDMScheduler"],
+            }
+        )
+    )
     err = _run_error(capsys, _args(tmp_path / "model", inst, tmp_path / "out"))
     assert "not an SDXL model" in err and "text_encoder_2" in err
 
@@ -314,7 +419,9 @@ def test_missing_optional_packages(tiny_pipeline_dir, tmp_path, capsys, monkeypa
     monkeypatch.setitem(sys.modules, "xformers.ops", None)
     err = _run_error(capsys, _args(tiny_pipeline_dir, inst, tmp_path / "a", "--use_8bit_adam"))
     assert "bitsandbytes" in err and "pip install" in err
-    err = _run_error(capsys, _args(tiny_pipeline_dir, inst, tmp_path / "b", "--enable_xformers_memory_efficient_attention"))
+    err = _run_error(
+        capsys, _args(tiny_pipeline_dir, inst, tmp_path / "b", "--enable_xformers_memory_efficient_attention")
+    )
     assert "xformers" in err and "pip install" in err
 
 
@@ -330,18 +437,43 @@ def test_long_prompt_warns(tiny_pipeline_dir, tmp_path, caplog):
 
 def test_flags_config_file_and_contradictions(tmp_path):
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text("pretrained_model_name_or_path: m\ninstance_data_dir: d\ninstance_prompt: p\nrank: 8\ncoeff_lr: 0.005\n")
+    cfg_file.write_text(
+        "pretrained_model_name_or_path: m\ninstance_data_dir: d\ninstance_prompt: p\nrank: 8\ncoeff_lr: 0.005\n"
+    )
     cfg = parse_args(["--config", str(cfg_file), "--rank", "16"])
     assert cfg.rank == 16 and cfg.coeff_lr == 0.005  # the command line wins, the file fills the rest
     toml = tmp_path / "run.toml"
     toml.write_text('pretrained_model_name_or_path = "m"\ninstance_dir = "d"\ninstance_prompt = "p"\n')
     with pytest.raises(UsageError, match="unknown setting"):
         parse_args(["--config", str(toml)])
-    cfg = parse_args(["--pretrained_model_name_or_path", "m", "--instance_dir", "d", "--instance_prompt", "p",
-                      "--validation_prompt", "a", "--validation_prompt", "b"])
+    cfg = parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            "m",
+            "--instance_dir",
+            "d",
+            "--instance_prompt",
+            "p",
+            "--validation_prompt",
+            "a",
+            "--validation_prompt",
+            "b",
+        ]
+    )
     assert cfg.instance_data_dir == "d" and cfg.validation_prompt == ["a", "b"]
     with pytest.raises(UsageError, match="--class_prompt"):
-        parse_args(["--pretrained_model_name_or_path", "m", "--instance_dir", "d", "--instance_prompt", "p",
-                    "--with_prior_preservation", "--class_data_dir", "c"])
+        parse_args(
+            [
+                "--pretrained_model_name_or_path",
+                "m",
+                "--instance_dir",
+                "d",
+                "--instance_prompt",
+                "p",
+                "--with_prior_preservation",
+                "--class_data_dir",
+                "c",
+            ]
+        )
     with pytest.raises(SystemExit):
         parse_args(["--pretrained_model_name_or_path", "m", "--no_such_flag"])

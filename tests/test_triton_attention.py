@@ -114,7 +114,9 @@ def test_fp16_keeps_a_diagonal_alpha_that_fp16_itself_would_round_away():
     assert rel(ta.mixed_attention_forward(q, k, v, a, 0.25), ref_mixed(q, k, v, a, 0.25)) < 2e-3
 
 
-@pytest.mark.skip(reason="Triton's interpreter computes bfloat16 dots wrongly (numpy has no bfloat16); fp16 covers the same path")
+@pytest.mark.skip(
+    reason="Triton's interpreter computes bfloat16 dots wrongly (numpy has no bfloat16); fp16 covers the same path"
+)
 def test_bfloat16_forward():  # pragma: no cover - kept as the check to run on a GPU
     q, k, v, a, _ = make(1, 4, 24, 40, 16, dtype=torch.bfloat16, seed=7)
     assert rel(ta.mixed_attention_forward(q, k, v, a, 0.25), ref_mixed(q, k, v, a, 0.25)) < 2e-2
@@ -269,6 +271,7 @@ def test_clear_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CUDA tensors.*TRITON_INTERPRET=1"):
         dc.mixed_attention(q.float(), k.float(), v.float(), a.float(), impl="triton")
+
     class OutOfResources(Exception):  # what triton raises when the tiles exceed shared memory
         pass
 
@@ -293,8 +296,9 @@ def test_kernels_compile_for_sm90_within_its_shared_memory(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_compile_check.py"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     out = tmp_path / "rows.json"
-    run = subprocess.run([sys.executable, str(script), "--json", str(out)], capture_output=True, text=True, env=env,
-                         timeout=900)
+    run = subprocess.run(
+        [sys.executable, str(script), "--json", str(out)], capture_output=True, text=True, env=env, timeout=900
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     rows = json.loads(out.read_text())
     kernels = {row["kernel"] for row in rows}

@@ -38,8 +38,11 @@ def _randomize(unet, std=0.3, seed=0):
 
 def _images(pipe, **kw):
     out = pipe(
-        prompt="a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-        output_type="np", **kw,
+        prompt="a photo of sks dog",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **kw,
     )
     return torch.from_numpy(out.images)
 
@@ -146,8 +149,9 @@ def test_lora_composes_with_alpha(tiny_pipe, unet_inputs):
 
     unet = tiny_pipe.unet
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     with torch.no_grad():  # make LoRA non-trivial (lora_B starts at zero)
         for name, p in unet.named_parameters():
             if "lora_B" in name:
@@ -173,8 +177,9 @@ def test_save_load_roundtrip(tiny_pipe, tmp_path):
     _randomize(unet)
     tuned_images = _images(tiny_pipe)
     assert not torch.allclose(tuned_images, base_images, atol=1e-4)
-    path = save_coeff_weights(tmp_path / "coeff_weights.safetensors", unet,
-                              {"base_model": "tiny", "training_args": {"lr": 1e-3}})
+    path = save_coeff_weights(
+        tmp_path / "coeff_weights.safetensors", unet, {"base_model": "tiny", "training_args": {"lr": 1e-3}}
+    )
     assert not list(tmp_path.glob("*.tmp"))
 
     from safetensors import safe_open
@@ -222,16 +227,26 @@ def test_load_refusals_leave_pipeline_untouched(tiny_pipe, tmp_path):
     good_key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.alpha"
     heads = 4
     cases = {
-        "unknown module": (_saved(tmp_path, "a.safetensors", {"unet.down_blocks.9.attn1.alpha": torch.zeros(4, 4)}, meta),
-                           "no attention module"),
-        "head count": (_saved(tmp_path, "b.safetensors", {good_key: torch.zeros(heads + 1, heads + 1)}, meta),
-                       f"{heads + 1} heads in the file, {heads} in the UNet"),
-        "not dreamcoeff": (_saved(tmp_path, "c.safetensors", {good_key: torch.zeros(heads, heads)}, {"format": "pt"}),
-                           "not a dreamcoeff alpha file"),
-        "non-finite": (_saved(tmp_path, "d.safetensors", {good_key: torch.full((heads, heads), float("nan"))}, meta),
-                       "non-finite"),
-        "bad key": (_saved(tmp_path, "e.safetensors", {"text_encoder.x.alpha": torch.zeros(2, 2)}, meta),
-                    "not a 'unet.<attention module>.alpha' key"),
+        "unknown module": (
+            _saved(tmp_path, "a.safetensors", {"unet.down_blocks.9.attn1.alpha": torch.zeros(4, 4)}, meta),
+            "no attention module",
+        ),
+        "head count": (
+            _saved(tmp_path, "b.safetensors", {good_key: torch.zeros(heads + 1, heads + 1)}, meta),
+            f"{heads + 1} heads in the file, {heads} in the UNet",
+        ),
+        "not dreamcoeff": (
+            _saved(tmp_path, "c.safetensors", {good_key: torch.zeros(heads, heads)}, {"format": "pt"}),
+            "not a dreamcoeff alpha file",
+        ),
+        "non-finite": (
+            _saved(tmp_path, "d.safetensors", {good_key: torch.full((heads, heads), float("nan"))}, meta),
+            "non-finite",
+        ),
+        "bad key": (
+            _saved(tmp_path, "e.safetensors", {"text_encoder.x.alpha": torch.zeros(2, 2)}, meta),
+            "not a 'unet.<attention module>.alpha' key",
+        ),
         "not square": (_saved(tmp_path, "f.safetensors", {good_key: torch.zeros(4, 3)}, meta), "expected square"),
         "missing": (tmp_path / "missing.safetensors", "not found"),
     }
@@ -247,14 +262,18 @@ def test_load_refusals_leave_pipeline_untouched(tiny_pipe, tmp_path):
     cases["truncated"] = (truncated, "corrupt or truncated")
 
     # one with a valid part and an invalid part: nothing of it may be applied
-    mixed = _saved(tmp_path, "g.safetensors", {good_key: torch.ones(heads, heads),
-                                                 "unet.up_blocks.7.attn2.alpha": torch.zeros(2, 2)}, meta)
+    mixed = _saved(
+        tmp_path,
+        "g.safetensors",
+        {good_key: torch.ones(heads, heads), "unet.up_blocks.7.attn2.alpha": torch.zeros(2, 2)},
+        meta,
+    )
     cases["partly valid"] = (mixed, "does not fit this UNet")
 
     apply_coeff(tiny_pipe.unet, targets="attn2")
     _randomize(tiny_pipe.unet)
     snap = _snapshot(tiny_pipe)
-    for name, (path, message) in cases.items():
+    for path, message in cases.values():
         with pytest.raises(CoeffWeightsError, match=message):
             load_coeff_weights(tiny_pipe, path)
         _assert_untouched(tiny_pipe, snap)

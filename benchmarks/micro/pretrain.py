@@ -58,8 +58,9 @@ def encode_text(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = []
     pooled = None
     for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
+        ids = tok(
+            prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         res = enc(ids, output_hidden_states=True)
         pooled = res[0]
         hidden.append(res.hidden_states[-2])
@@ -106,12 +107,12 @@ def vae_report(pipe, log: dict, key: str = "vae_recon") -> None:
     """Reconstruction error (mean |.| in 0-255 units) and exact-metric recovery through the VAE."""
     vae = pipe.vae
     imgs, _, scenes = mw.world_batch(123_456, 64)
-    rec = ((vae.decode(vae.encode(to_tensor(imgs)).latent_dist.mode()).sample.clamp(-1, 1) + 1) * 127.5)
+    rec = (vae.decode(vae.encode(to_tensor(imgs)).latent_dist.mode()).sample.clamp(-1, 1) + 1) * 127.5
     rec = rec.round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
     ok = [all(mw.matches_scene(r, s).values()) for r, s in zip(rec, scenes)]
     inst = [(c, s) for c in mw.CONCEPTS for s in c.instance_scenes()]
     cimgs = np.stack([mw.render(s) for _, s in inst])
-    crec = ((vae.decode(vae.encode(to_tensor(cimgs)).latent_dist.mode()).sample.clamp(-1, 1) + 1) * 127.5)
+    crec = (vae.decode(vae.encode(to_tensor(cimgs)).latent_dist.mode()).sample.clamp(-1, 1) + 1) * 127.5
     crec = crec.round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
     subj = [mw.subject_match(r, c)["subject"] for r, (c, _) in zip(crec, inst)]
     lat = vae.encode(to_tensor(mw.world_batch(654_321, 128)[0])).latent_dist.mode()
@@ -129,19 +130,40 @@ def vae_report(pipe, log: dict, key: str = "vae_recon") -> None:
 def save_state(path: Path, step: int, pipe, opt, log: dict) -> None:
     """Everything a later part needs to continue bit for bit: weights, optimizer, step, log so far."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"step": step, "unet": pipe.unet.state_dict(), "te1": pipe.text_encoder.state_dict(),
-                "te2": pipe.text_encoder_2.state_dict(), "opt": opt.state_dict(), "log": log}, tmp)
+    torch.save(
+        {
+            "step": step,
+            "unet": pipe.unet.state_dict(),
+            "te1": pipe.text_encoder.state_dict(),
+            "te2": pipe.text_encoder_2.state_dict(),
+            "opt": opt.state_dict(),
+            "log": log,
+        },
+        tmp,
+    )
     tmp.replace(path)  # a kill mid-write leaves the previous state intact
     print(f"state at step {step} -> {path}", flush=True)
 
 
-def train_unet(pipe, steps: int, batch: int, lr: float, log: dict, save_every: int = 0, out: Path | None = None,
-               noise_offset: float = 0.0, state_path: Path | None = None, stop_after: int | None = None) -> int:
+def train_unet(
+    pipe,
+    steps: int,
+    batch: int,
+    lr: float,
+    log: dict,
+    save_every: int = 0,
+    out: Path | None = None,
+    noise_offset: float = 0.0,
+    state_path: Path | None = None,
+    stop_after: int | None = None,
+) -> int:
     """UNet + text-encoder pretraining; with `state_path`, resumable in parts: it continues from the
     state saved there (if any), saves it every `save_every` steps, and ends early after `stop_after`.
     Returns the last step done."""
     unet, te1, te2 = pipe.unet, pipe.text_encoder, pipe.text_encoder_2
-    sched = DDPMScheduler(**{k: v for k, v in tiny_scheduler_config().items() if k not in ("interpolation_type", "use_karras_sigmas")})
+    sched = DDPMScheduler(
+        **{k: v for k, v in tiny_scheduler_config().items() if k not in ("interpolation_type", "use_karras_sigmas")}
+    )
     scaling = pipe.vae.config.scaling_factor
     params = list(unet.parameters()) + list(te1.parameters()) + list(te2.parameters())
     for m in (unet, te1, te2):
@@ -179,7 +201,9 @@ def train_unet(pipe, steps: int, batch: int, lr: float, log: dict, save_every: i
             noise = noise + noise_offset * torch.randn(lat.shape[:2] + (1, 1), generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         noisy = sched.add_noise(lat, noise, t)
-        pred = unet(noisy, t, emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": TIME_IDS.repeat(batch, 1)}).sample
+        pred = unet(
+            noisy, t, emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": TIME_IDS.repeat(batch, 1)}
+        ).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -188,7 +212,9 @@ def train_unet(pipe, steps: int, batch: int, lr: float, log: dict, save_every: i
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 50 == 0 or step == 1:
             curve.append({"step": step, "loss": loss.item(), "loss_ema": ema, "s": round(time.time() - t0, 1)})
-            print(f"unet step {step}/{steps} loss {loss.item():.4f} ema {ema:.4f} ({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"unet step {step}/{steps} loss {loss.item():.4f} ema {ema:.4f} ({time.time() - t0:.0f}s)", flush=True
+            )
         if save_every and out is not None and step % save_every == 0:
             save(pipe, out)  # a usable snapshot if the run is cut short
             log["snapshot_step"] = step
@@ -217,8 +243,13 @@ def sample_report(pipe, n: int, log: dict, steps: int = 20, guidance: float = 4.
     prompts = [mw.caption(s) for s in scenes]
     images = []
     for i in range(0, n, 8):
-        out = pipe(prompts[i:i + 8], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=torch.Generator().manual_seed(i), output_type="np").images
+        out = pipe(
+            prompts[i : i + 8],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(i),
+            output_type="np",
+        ).images
         images.extend(out)
     acc: dict[str, list[float]] = {}
     for img, s in zip(images, scenes):
@@ -230,7 +261,9 @@ def sample_report(pipe, n: int, log: dict, steps: int = 20, guidance: float = 4.
     if log.get("grid_path"):
         from PIL import Image
 
-        grid = np.concatenate([np.concatenate(list(images[r * 8:(r + 1) * 8]), axis=1) for r in range(min(4, n // 8))], axis=0)
+        grid = np.concatenate(
+            [np.concatenate(list(images[r * 8 : (r + 1) * 8]), axis=1) for r in range(min(4, n // 8))], axis=0
+        )
         Image.fromarray((grid * 255).round().astype(np.uint8)).save(log["grid_path"])
 
 
@@ -244,8 +277,9 @@ def save(pipe, out) -> None:
 
 def weight_hashes(out: Path) -> dict[str, str]:
     """sha256 of every weight file of a saved pipeline, by path relative to it."""
-    return {str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(out.rglob("*.safetensors"))}
+    return {
+        str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.rglob("*.safetensors"))
+    }
 
 
 def main(argv=None) -> int:
@@ -259,21 +293,50 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4000, help="UNet (+ text encoder) steps")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--noise_offset", type=float, default=0.1,
-                   help="offset noise (a random per-channel constant added to the noise), as SDXL's own pretraining used")
+    p.add_argument(
+        "--noise_offset",
+        type=float,
+        default=0.1,
+        help="offset noise (a random per-channel constant added to the noise), as SDXL's own pretraining used",
+    )
     p.add_argument("--eval_samples", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2, help="intra-op CPU threads (part of what makes a run reproducible)")
-    p.add_argument("--save_every", type=int, default=500, help="save a snapshot every N UNet steps (0: only at the end)")
-    p.add_argument("--model_version", default="v1", choices=mw.MICRO_MODEL_VERSIONS,
-                   help="v1: 4 / 8 heads (the shipped models/microworld-sdxl); v2: SDXL's 10 / 20 heads")
-    p.add_argument("--vae_from", default=None, metavar="DIR",
-                   help="reuse the trained VAE (and its scaling factor) of this pipeline folder instead of training one")
-    p.add_argument("--state", default=None, metavar="FILE",
-                   help="resumable parts: continue from this state file if it exists, and save it every --save_every steps")
-    p.add_argument("--stop_after", type=int, default=None, metavar="STEP",
-                   help="end this part after UNet step STEP (with --state; rerun the same command to continue)")
-    p.add_argument("--check_against", default=None, metavar="LOG",
-                   help="a pretrain_log.json to compare the weight hashes with at the end (exit 1 on a difference)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="intra-op CPU threads (part of what makes a run reproducible)"
+    )
+    p.add_argument(
+        "--save_every", type=int, default=500, help="save a snapshot every N UNet steps (0: only at the end)"
+    )
+    p.add_argument(
+        "--model_version",
+        default="v1",
+        choices=mw.MICRO_MODEL_VERSIONS,
+        help="v1: 4 / 8 heads (the shipped models/microworld-sdxl); v2: SDXL's 10 / 20 heads",
+    )
+    p.add_argument(
+        "--vae_from",
+        default=None,
+        metavar="DIR",
+        help="reuse the trained VAE (and its scaling factor) of this pipeline folder instead of training one",
+    )
+    p.add_argument(
+        "--state",
+        default=None,
+        metavar="FILE",
+        help="resumable parts: continue from this state file if it exists, and save it every --save_every steps",
+    )
+    p.add_argument(
+        "--stop_after",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="end this part after UNet step STEP (with --state; rerun the same command to continue)",
+    )
+    p.add_argument(
+        "--check_against",
+        default=None,
+        metavar="LOG",
+        help="a pretrain_log.json to compare the weight hashes with at the end (exit 1 on a difference)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -287,7 +350,8 @@ def main(argv=None) -> int:
         pipe.vae.load_state_dict(trained.state_dict())
         pipe.vae.register_to_config(scaling_factor=trained.config.scaling_factor)
         log["vae_sha256"] = hashlib.sha256(
-            (Path(args.vae_from) / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+            (Path(args.vae_from) / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+        ).hexdigest()
         vae_report(pipe, log)
     else:
         train_vae(pipe, args.vae_steps, args.vae_batch, args.vae_lr, log)
@@ -296,8 +360,18 @@ def main(argv=None) -> int:
     log["scaling_factor"] = pipe.vae.config.scaling_factor
     out = Path(args.out)
     state = Path(args.state) if args.state else None
-    done = train_unet(pipe, args.steps, args.batch, args.lr, log, args.save_every, out, noise_offset=args.noise_offset,
-                      state_path=state, stop_after=args.stop_after)
+    done = train_unet(
+        pipe,
+        args.steps,
+        args.batch,
+        args.lr,
+        log,
+        args.save_every,
+        out,
+        noise_offset=args.noise_offset,
+        state_path=state,
+        stop_after=args.stop_after,
+    )
     if done < args.steps:
         print(f"part done at step {done} of {args.steps}; rerun the same command to continue", flush=True)
         return 0
@@ -313,8 +387,9 @@ def main(argv=None) -> int:
     if args.check_against:
         expected = json.loads(Path(args.check_against).read_text())["weights_sha256"]
         if expected != log["weights_sha256"]:
-            differ = sorted(k for k in set(expected) | set(log["weights_sha256"])
-                            if expected.get(k) != log["weights_sha256"].get(k))
+            differ = sorted(
+                k for k in set(expected) | set(log["weights_sha256"]) if expected.get(k) != log["weights_sha256"].get(k)
+            )
             print(f"NOT reproduced: {', '.join(differ)} differ from {args.check_against}", flush=True)
             return 1
         print(f"reproduced: every weight file matches {args.check_against}", flush=True)

@@ -49,8 +49,9 @@ def colour_dropped_batch(seed: int, n: int, drop_prob: float = 0.25):
     """mw.world_batch with the colour word also left out of a COLOUR_DROP share of the captions."""
     imgs, caps, scenes = _world_batch(seed, n, drop_prob)
     rng = np.random.default_rng(10_000_000 + seed)
-    caps = [c.replace(f"{s.colour} {s.shape}", s.shape) if rng.random() < COLOUR_DROP else c
-            for c, s in zip(caps, scenes)]
+    caps = [
+        c.replace(f"{s.colour} {s.shape}", s.shape) if rng.random() < COLOUR_DROP else c for c, s in zip(caps, scenes)
+    ]
     return imgs, caps, scenes
 
 
@@ -98,8 +99,11 @@ def main(work: str = "/tmp/probe_colour_dropout") -> int:
             rows.append((method, lr, evaluate(RB.load(str(model), method, out))))
         for method, lr, s in rows:
             log["runs"].append({"concept": name, "method": method, "lr": lr, **s})
-            print(f"{name} {method} {lr or ''}: subject {s['subject']:.2f} colours {s['colours']:.2f} "
-                  f"subject_train {s['subject_train']:.2f} background {s['background']:.2f}", flush=True)
+            print(
+                f"{name} {method} {lr or ''}: subject {s['subject']:.2f} colours {s['colours']:.2f} "
+                f"subject_train {s['subject_train']:.2f} background {s['background']:.2f}",
+                flush=True,
+            )
     log["wall_s"] = round(time.time() - t0, 1)
     (work_dir / "probe_colour_dropout.json").write_text(json.dumps(log, indent=1))
     return 0

@@ -37,9 +37,11 @@ def measure(pipe, prompts: list[str]) -> dict[str, float]:
     images = RB.generate(pipe, prompts, IMAGES, 0, 20, 4.0)
     wanted = [p.split(" on a ")[1].split()[0] for p in prompts for _ in range(IMAGES)]
     found = [mw.analyze(im) for im in images]
-    return {"purple_only": float(np.mean([a.get("colours") == ["purple"] for a in found])),
-            "diamond": float(np.mean([a.get("shape") == "diamond" for a in found])),
-            "background": float(np.mean([a["background"] == w for a, w in zip(found, wanted)]))}
+    return {
+        "purple_only": float(np.mean([a.get("colours") == ["purple"] for a in found])),
+        "diamond": float(np.mean([a.get("shape") == "diamond" for a in found])),
+        "background": float(np.mean([a["background"] == w for a, w in zip(found, wanted)])),
+    }
 
 
 def main(work: str = "/tmp/probe_recombination") -> None:

@@ -73,15 +73,47 @@ def write_instances(c: mw.Concept, folder: Path) -> Path:
     return folder
 
 
-def train(model: str, c: mw.Concept, method: str, lr: float, seed: int, steps: int, out: Path, inst: Path,
-          noise_offset: float = 0.0) -> tuple[float, int]:
+def train(
+    model: str,
+    c: mw.Concept,
+    method: str,
+    lr: float,
+    seed: int,
+    steps: int,
+    out: Path,
+    inst: Path,
+    noise_offset: float = 0.0,
+) -> tuple[float, int]:
     """One DreamBooth run through the real trainer; (wall seconds, trainable parameters)."""
     from dreamcoeff.train import main
 
-    flags = ["--pretrained_model_name_or_path", model, "--instance_dir", str(inst), "--instance_prompt",
-             c.instance_prompt, "--output_dir", str(out), "--resolution", str(mw.RES), "--report_to", "none",
-             "--checkpointing_steps", "0", "--max_train_steps", str(steps), "--seed", str(seed),
-             "--tuning", method, "--rank", "4", "--overwrite_output_dir", "--noise_offset", str(noise_offset)]
+    flags = [
+        "--pretrained_model_name_or_path",
+        model,
+        "--instance_dir",
+        str(inst),
+        "--instance_prompt",
+        c.instance_prompt,
+        "--output_dir",
+        str(out),
+        "--resolution",
+        str(mw.RES),
+        "--report_to",
+        "none",
+        "--checkpointing_steps",
+        "0",
+        "--max_train_steps",
+        str(steps),
+        "--seed",
+        str(seed),
+        "--tuning",
+        method,
+        "--rank",
+        "4",
+        "--overwrite_output_dir",
+        "--noise_offset",
+        str(noise_offset),
+    ]
     # One learning rate per method; alpha+LoRA uses it for both parameter groups, full for the whole UNet.
     flags += ["--coeff_lr", str(lr), "--learning_rate", str(lr)]
     t0 = time.time()
@@ -98,7 +130,9 @@ def load(model: str, method: str | None, out: Path | None) -> StableDiffusionXLP
     if method == "full":
         from diffusers import UNet2DConditionModel
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(model, unet=UNet2DConditionModel.from_pretrained(out, subfolder="unet"))
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            model, unet=UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+        )
     else:
         pipe = StableDiffusionXLPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
@@ -116,8 +150,9 @@ def generate(pipe, prompts: list[str], n: int, seed: int, steps: int, guidance: 
     images = []
     for i, p in enumerate(prompts):
         g = torch.Generator().manual_seed(10_000 * seed + i)
-        images.extend(pipe([p] * n, num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                           output_type="np").images)
+        images.extend(
+            pipe([p] * n, num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="np").images
+        )
     return images
 
 
@@ -135,9 +170,14 @@ def world_accuracy(pipe, args, n: int = 48) -> dict[str, float]:
     scenes = [mw.sample_scene(rng) for _ in range(n)]
     acc: dict[str, list[float]] = {}
     for i in range(0, n, 8):
-        batch = scenes[i:i + 8]
-        imgs = pipe([mw.caption(sc) for sc in batch], num_inference_steps=args.inference_steps,
-                    guidance_scale=args.guidance, generator=torch.Generator().manual_seed(i), output_type="np").images
+        batch = scenes[i : i + 8]
+        imgs = pipe(
+            [mw.caption(sc) for sc in batch],
+            num_inference_steps=args.inference_steps,
+            guidance_scale=args.guidance,
+            generator=torch.Generator().manual_seed(i),
+            output_type="np",
+        ).images
         for img, sc in zip(imgs, batch):
             m = mw.matches_scene(img, sc)
             m.pop("pattern")
@@ -162,8 +202,9 @@ def score(images: list[np.ndarray], requests: list[dict], n: int, c: mw.Concept)
     return {k: float(np.mean(v)) for k, v in acc.items() if v}
 
 
-def evaluate_concept(pipe, c: mw.Concept, seed: int, images: int, inference_steps: int,
-                     guidance: float) -> tuple[dict[str, float], list[np.ndarray]]:
+def evaluate_concept(
+    pipe, c: mw.Concept, seed: int, images: int, inference_steps: int, guidance: float
+) -> tuple[dict[str, float], list[np.ndarray]]:
     """Sample and score concept ``c``'s evaluation prompts and its instance prompt with ``pipe``:
     (scores incl. ``subject_train``, the evaluation prompts' images)."""
     reqs = c.eval_prompts()
@@ -177,8 +218,22 @@ def evaluate_concept(pipe, c: mw.Concept, seed: int, images: int, inference_step
 
 
 def _t975(df: int) -> float:
-    table = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
-             12: 2.18, 15: 2.13, 20: 2.09, 30: 2.04}
+    table = {
+        1: 12.71,
+        2: 4.30,
+        3: 3.18,
+        4: 2.78,
+        5: 2.57,
+        6: 2.45,
+        7: 2.36,
+        8: 2.31,
+        9: 2.26,
+        10: 2.23,
+        12: 2.18,
+        15: 2.13,
+        20: 2.09,
+        30: 2.04,
+    }
     return table.get(df) or table[min((k for k in table if k >= df), default=30)]
 
 
@@ -202,30 +257,53 @@ def grid(rows: list[list[np.ndarray]], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(REPO / "models" / "microworld-sdxl"))
-    p.add_argument("--concept_set", default="texture", choices=sorted(mw.CONCEPT_SETS),
-                   help="which held-out concepts: texture (patterned, never drawn) or recombination (flat colour + shape)")
-    p.add_argument("--out", default=None, help="output folder (default: this folder for texture, recombination/ for the other set)")
+    p.add_argument(
+        "--concept_set",
+        default="texture",
+        choices=sorted(mw.CONCEPT_SETS),
+        help="which held-out concepts: texture (patterned, never drawn) or recombination (flat colour + shape)",
+    )
+    p.add_argument(
+        "--out", default=None, help="output folder (default: this folder for texture, recombination/ for the other set)"
+    )
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--concepts", default=None, help="test concepts (default: the set's test concepts)")
-    p.add_argument("--steps", type=int, default=500,
-                   help="optimizer steps per DreamBooth run (all methods; 500, as in diffusers' DreamBooth LoRA examples)")
-    p.add_argument("--lr_grid", default="coeff=1e-3,3e-3,1e-2;lora=1e-3,3e-3,1e-2;coeff+lora=1e-3,3e-3,1e-2;full=3e-5,1e-4,3e-4")
-    p.add_argument("--noise_offset", type=float, default=0.1,
-                   help="the trainer's --noise_offset for every run (the micro model was pretrained with 0.1)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=500,
+        help="optimizer steps per DreamBooth run (all methods; 500, as in diffusers' DreamBooth LoRA examples)",
+    )
+    p.add_argument(
+        "--lr_grid", default="coeff=1e-3,3e-3,1e-2;lora=1e-3,3e-3,1e-2;coeff+lora=1e-3,3e-3,1e-2;full=3e-5,1e-4,3e-4"
+    )
+    p.add_argument(
+        "--noise_offset",
+        type=float,
+        default=0.1,
+        help="the trainer's --noise_offset for every run (the micro model was pretrained with 0.1)",
+    )
     p.add_argument("--images", type=int, default=2, help="images per evaluation prompt")
     p.add_argument("--inference_steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="2 test concepts, seed 0, 1 image per prompt")
     p.add_argument("--minutes", type=float, default=None, help="stop starting new test runs after this long")
-    p.add_argument("--phase", default="sanity,select,test",
-                   help="comma list of sanity, select, test (to split the work over processes)")
+    p.add_argument(
+        "--phase",
+        default="sanity,select,test",
+        help="comma list of sanity, select, test (to split the work over processes)",
+    )
     p.add_argument("--lr_from", nargs="*", default=[], help="part files whose chosen_lr the test phase uses")
     p.add_argument("--tag", default=None, help="write part_TAG.json (and grid rows) instead of the final files")
     p.add_argument("--merge", nargs="*", default=None, help="merge part files into results.json / RESULTS.md")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="split the methods over this many processes (one thread each) and merge the parts")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="split the methods over this many processes (one thread each) and merge the parts",
+    )
     args = p.parse_args(argv)
     concept_set = mw.CONCEPT_SETS[args.concept_set]
     if args.concepts is None:
@@ -253,8 +331,13 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="microbench-"))
     rows_dir = out / "rows"
     grid_rows: dict[str, list] = {m: [] for m in methods}
-    res: dict = {"settings": {k: v for k, v in vars(args).items() if k not in ("merge",)}, "lr_selection": {},
-                 "chosen_lr": {}, "runs": [], "sanity": {}}
+    res: dict = {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("merge",)},
+        "lr_selection": {},
+        "chosen_lr": {},
+        "runs": [],
+        "sanity": {},
+    }
     for f in args.lr_from:
         res["chosen_lr"].update(json.loads(Path(f).read_text()).get("chosen_lr", {}))
 
@@ -277,22 +360,31 @@ def main(argv=None) -> int:
                 reqs = c.eval_prompts()
                 class_reqs = [dict(r, prompt=r["prompt"].replace(c.token, c.shape)) for r in reqs]
                 for seed in seeds:
-                    imgs = generate(base, [r["prompt"] for r in class_reqs], args.images, seed, args.inference_steps,
-                                    args.guidance)
+                    imgs = generate(
+                        base, [r["prompt"] for r in class_reqs], args.images, seed, args.inference_steps, args.guidance
+                    )
                     res["sanity"].setdefault("base model, class prompt", []).append(
-                        {"concept": c.name, "seed": seed, **score(imgs, class_reqs, args.images, c)})
+                        {"concept": c.name, "seed": seed, **score(imgs, class_reqs, args.images, c)}
+                    )
                     # the zero point of every method: the untrained model given the very prompts the
                     # trained ones get (identifier included), scored the same way (evaluate() = 0 steps)
                     s, _ = evaluate(base, c, seed)
-                    res["sanity"].setdefault(ZERO_STEP_ROW, []).append(
-                        {"concept": c.name, "seed": seed, **s})
+                    res["sanity"].setdefault(ZERO_STEP_ROW, []).append({"concept": c.name, "seed": seed, **s})
                 inst = [mw.render(s) for s in c.instance_scenes()]
                 # each instance image scored against every evaluation request, as drawn and after a
                 # round trip through the VAE (the most any method can reach through this decoder)
-                for name, images in (("instance images", inst), ("instance images through the VAE", vae_round_trip(base, inst))):
+                for name, images in (
+                    ("instance images", inst),
+                    ("instance images through the VAE", vae_round_trip(base, inst)),
+                ):
                     per = [score([im], [r], 1, c) for r in reqs for im in images]
                     res["sanity"].setdefault(name, []).append(
-                        {"concept": c.name, "seed": 0, **{k: float(np.mean([x[k] for x in per if k in x])) for k in per[0]}})
+                        {
+                            "concept": c.name,
+                            "seed": 0,
+                            **{k: float(np.mean([x[k] for x in per if k in x])) for k in per[0]},
+                        }
+                    )
             del base
             write()
 
@@ -307,7 +399,9 @@ def main(argv=None) -> int:
                     secs, _ = train(args.model, val, m, lr, 0, args.steps, run_dir, inst_val, args.noise_offset)
                     s, _ = evaluate(load(args.model, m, run_dir), val, 0)
                     crit = 0.5 * (s["subject"] + s["background"])
-                    res["lr_selection"].setdefault(m, []).append({"lr": lr, "criterion": crit, "train_s": round(secs, 1), **s})
+                    res["lr_selection"].setdefault(m, []).append(
+                        {"lr": lr, "criterion": crit, "train_s": round(secs, 1), **s}
+                    )
                     print(f"[val] {m} lr {lr}: criterion {crit:.3f} {s} ({secs:.0f}s)", flush=True)
                     if best is None or crit > best[0]:  # ties keep the smaller rate
                         best = (crit, lr)
@@ -326,10 +420,21 @@ def main(argv=None) -> int:
                             raise TimeoutError
                         lr = res["chosen_lr"][m]
                         run_dir = work / "runs" / f"{c.name}-{m}-{seed}"
-                        secs, trainable = train(args.model, c, m, lr, seed, args.steps, run_dir, inst, args.noise_offset)
+                        secs, trainable = train(
+                            args.model, c, m, lr, seed, args.steps, run_dir, inst, args.noise_offset
+                        )
                         s, imgs = evaluate(load(args.model, m, run_dir), c, seed)
-                        res["runs"].append({"method": m, "concept": c.name, "seed": seed, "lr": lr, "train_s": round(secs, 1),
-                                            "trainable_parameters": trainable, **s})
+                        res["runs"].append(
+                            {
+                                "method": m,
+                                "concept": c.name,
+                                "seed": seed,
+                                "lr": lr,
+                                "train_s": round(secs, 1),
+                                "trainable_parameters": trainable,
+                                **s,
+                            }
+                        )
                         print(f"[test] {m} {c.name} seed {seed}: {s} ({secs:.0f}s)", flush=True)
                         if seed == seeds[0]:
                             row = [mw.render(c.instance_scenes()[0]).astype(np.float32) / 255] + imgs[:: args.images]
@@ -359,7 +464,7 @@ def run_jobs(args, argv: list[str], out: Path) -> int:
     if args.lr_from or args.tag or args.phase != "sanity,select,test":
         raise SystemExit("--jobs runs every phase itself; drop --lr_from / --tag / --phase")
     methods = args.methods.split(",")
-    shares = [methods[i::args.jobs] for i in range(args.jobs) if methods[i::args.jobs]]
+    shares = [methods[i :: args.jobs] for i in range(args.jobs) if methods[i :: args.jobs]]
     passthrough, skip = [], False
     for a in argv:  # drop --jobs / --methods; they are set per part
         if skip:
@@ -374,8 +479,19 @@ def run_jobs(args, argv: list[str], out: Path) -> int:
     procs = []
     for i, share in enumerate(shares):
         phase = "sanity,select,test" if i == 0 else "select,test"
-        cmd = [sys.executable, __file__, *passthrough, "--methods", ",".join(share), "--phase", phase,
-               "--tag", f"job{i}", "--threads", "1"]
+        cmd = [
+            sys.executable,
+            __file__,
+            *passthrough,
+            "--methods",
+            ",".join(share),
+            "--phase",
+            phase,
+            "--tag",
+            f"job{i}",
+            "--threads",
+            "1",
+        ]
         log = open(out / f"part_job{i}.log", "w")
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
         print(f"job {i}: {', '.join(share)} (log {out / f'part_job{i}.log'})", flush=True)
@@ -420,8 +536,9 @@ def merge(parts: list[Path], out: Path) -> int:
     res["settings"].pop("tag", None)
     order = [c.name for s in mw.CONCEPT_SETS.values() for c in s]
     for m in methods:
-        files = sorted((out / "rows").glob(f"{m.replace('+', '_')}__*.png"),
-                       key=lambda f: order.index(f.stem.split("__")[1]))
+        files = sorted(
+            (out / "rows").glob(f"{m.replace('+', '_')}__*.png"), key=lambda f: order.index(f.stem.split("__")[1])
+        )
         if files:
             img = np.concatenate([np.asarray(Image.open(f)) for f in files], axis=0)
             Image.fromarray(img).save(out / f"grid_{m.replace('+', '_')}.png")
@@ -440,8 +557,11 @@ def summarise(rows: list[dict]) -> dict[str, list[float]]:
 
 
 def _write(res: dict, out: Path, methods: list[str]) -> None:
-    res["summary"] = {m: summarise([r for r in res["runs"] if r["method"] == m]) for m in methods
-                      if any(r["method"] == m for r in res["runs"])}
+    res["summary"] = {
+        m: summarise([r for r in res["runs"] if r["method"] == m])
+        for m in methods
+        if any(r["method"] == m for r in res["runs"])
+    }
     res["summary_sanity"] = {k: summarise(v) for k, v in res["sanity"].items()}
     (out / "results.json").write_text(json.dumps(res, indent=1))
     (out / "RESULTS.md").write_text(report(res, methods))
@@ -456,8 +576,10 @@ def _fmt(v) -> str:
 
 def table(res: dict) -> str:
     cols = ("subject_train", "subject", "shape", "colours", "pattern", "background", "size", "position", "bg_copy")
-    lines = ["| row | runs | trainable params | train s/run | " + " | ".join(cols) + " |",
-             "|---|---|---|---|" + "---|" * len(cols)]
+    lines = [
+        "| row | runs | trainable params | train s/run | " + " | ".join(cols) + " |",
+        "|---|---|---|---|" + "---|" * len(cols),
+    ]
     for name, s in list(res.get("summary_sanity", {}).items()) + list(res.get("summary", {}).items()):
         runs = [r for r in res.get("runs", []) if r["method"] == name]
         params = f"{runs[0]['trainable_parameters']:,}" if runs and "trainable_parameters" in runs[0] else "-"
@@ -468,11 +590,11 @@ def table(res: dict) -> str:
 
 SET_DESCRIPTIONS = {
     "texture": "Concepts: two-colour patterned objects (striped, checkered, split, ringed) that never occur in the "
-               "pretraining world, where every object is one flat colour: a subject the base model has never drawn.",
-    "recombination": "Concepts: one flat colour bound to one shape (\"a qlv circle\" = a yellow circle). The world has "
-                     "and the base model draws both, but never names the pair. Subject = right shape in exactly that "
-                     "one colour. Every world caption names a colour, so the untrained model draws a prompt without "
-                     "one with no object or a purple one: compare each method with the \"0 steps\" row.",
+    "pretraining world, where every object is one flat colour: a subject the base model has never drawn.",
+    "recombination": 'Concepts: one flat colour bound to one shape ("a qlv circle" = a yellow circle). The world has '
+    "and the base model draws both, but never names the pair. Subject = right shape in exactly that "
+    "one colour. Every world caption names a colour, so the untrained model draws a prompt without "
+    'one with no object or a purple one: compare each method with the "0 steps" row.',
 }
 
 
@@ -529,30 +651,48 @@ round trip, the most a method can reach through this decoder.
 def report(res: dict, methods: list[str]) -> str:
     s = res["settings"]
     set_name = s.get("concept_set", "texture")
-    lines = [f"# Micro-DreamBench results: {set_name} concepts", "",
-             SET_DESCRIPTIONS[set_name], "",
-             "Generated by `benchmarks/micro/run_bench.py` (`make bench-micro`); raw numbers in `results.json`.", "",
-             f"Base model `{Path(s['model']).name}`; {s['steps']} DreamBooth steps per run, batch 1, "
-             f"noise offset {s.get('noise_offset', 0.0)}, {s['images']} image(s) per evaluation prompt, {s['inference_steps']} Euler steps, guidance {s['guidance']}. "
-             "Means with 95% t-intervals over runs (test concept x seed); each run's value is the mean over its "
-             "generated images. Subject = shape, colour(s) and pattern all right, on the evaluation prompts "
-             "(other backgrounds, sizes, positions); subject_train = the same on the instance prompt itself "
-             "(learned at all?); background/size/position = "
-             "what the prompt asked for; bg_copy = the concept's training background appears although another "
-             "was requested (lower is better).", ""]
+    lines = [
+        f"# Micro-DreamBench results: {set_name} concepts",
+        "",
+        SET_DESCRIPTIONS[set_name],
+        "",
+        "Generated by `benchmarks/micro/run_bench.py` (`make bench-micro`); raw numbers in `results.json`.",
+        "",
+        f"Base model `{Path(s['model']).name}`; {s['steps']} DreamBooth steps per run, batch 1, "
+        f"noise offset {s.get('noise_offset', 0.0)}, {s['images']} image(s) per evaluation prompt, {s['inference_steps']} Euler steps, guidance {s['guidance']}. "
+        "Means with 95% t-intervals over runs (test concept x seed); each run's value is the mean over its "
+        "generated images. Subject = shape, colour(s) and pattern all right, on the evaluation prompts "
+        "(other backgrounds, sizes, positions); subject_train = the same on the instance prompt itself "
+        "(learned at all?); background/size/position = "
+        "what the prompt asked for; bg_copy = the concept's training background appears although another "
+        "was requested (lower is better).",
+        "",
+    ]
     if res.get("stopped_early"):
         lines += [f"**Stopped early:** {res['stopped_early']}.", ""]
     lines += [table(res), ""]
     if res.get("runs"):
-        lines += ["Subject fidelity on the evaluation prompts per test concept (mean over seeds):", "", per_concept(res), ""]
+        lines += [
+            "Subject fidelity on the evaluation prompts per test concept (mean over seeds):",
+            "",
+            per_concept(res),
+            "",
+        ]
     if res.get("world_sanity"):
         w = res["world_sanity"]
-        lines += [f"Base model on {w['n']} random full world captions (no concept), fraction right: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in w.items() if k != "n") + ". This is the ceiling the "
-                  "customised models work under: the subject can only be as exact as the base model draws.", ""]
+        lines += [
+            f"Base model on {w['n']} random full world captions (no concept), fraction right: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in w.items() if k != "n")
+            + ". This is the ceiling the "
+            "customised models work under: the subject can only be as exact as the base model draws.",
+            "",
+        ]
     if res.get("chosen_lr"):
-        lines += ["Learning rates chosen on the validation concept (criterion: mean of subject and background "
-                  "fidelity; alpha+LoRA uses one rate for both groups):", ""]
+        lines += [
+            "Learning rates chosen on the validation concept (criterion: mean of subject and background "
+            "fidelity; alpha+LoRA uses one rate for both groups):",
+            "",
+        ]
         for m, rows in res["lr_selection"].items():
             tried = ", ".join(f"{r['lr']:g} -> {r['criterion']:.2f}" for r in rows)
             lines.append(f"- {m}: chose {res['chosen_lr'].get(m, '?')} ({tried})")

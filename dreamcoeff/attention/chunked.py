@@ -263,4 +263,3 @@ def chunked_backward(
         dv_t.transpose(-1, -2).to(v.dtype, memory_format=torch.contiguous_format) if need_v else None,
         da.to(coeff.dtype) if need_a else None,
     )
-

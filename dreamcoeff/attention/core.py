@@ -1,6 +1,6 @@
 """The math of Coeff-Tuning attention: the mixing matrix, dtype and mask helpers, the naive reference.
 
-For one attention layer with H heads (DESIGN.md section 1):
+For one attention layer with H heads (docs/DESIGN.md section 1):
 
     P^i    = softmax(Q^i K^i^T * scale + M)          # map of head i, rows sum to 1
     O^h    = sum_i A[h, i] * P^i @ V^h               # head h mixes ALL maps, applied to ITS OWN values

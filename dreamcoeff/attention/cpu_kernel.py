@@ -82,17 +82,28 @@ def _build() -> None:
     name = f"dreamcoeff_cpu_{capability.lower() if flags else 'default'}"
     _clear_stale_lock(name)
     # Said only when loading takes a while (a build): a cached load is quick and stays silent.
-    notice = threading.Timer(1.0, lambda: print(
-        f"dreamcoeff: building the fused CPU attention kernel {name} (once per machine, about 20 s)",
-        file=sys.stderr, flush=True))
+    notice = threading.Timer(
+        1.0,
+        lambda: print(
+            f"dreamcoeff: building the fused CPU attention kernel {name} (once per machine, about 20 s)",
+            file=sys.stderr,
+            flush=True,
+        ),
+    )
     notice.daemon = True
     notice.start()
     try:
         # -fopenmp: at::parallel_for is a header template around `#pragma omp parallel`; without it
         # the blocks would run on one thread. The library binds to the libgomp torch already loaded.
         # -ffp-contract=fast: a * b + c as one FMA (ISO C++ mode turns that off by default).
-        load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", "-ffp-contract=fast", *flags],
-             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=fast", *flags],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
     finally:
         notice.cancel()
 
@@ -109,7 +120,9 @@ def unavailable_reason(device: torch.device | str | None = None) -> str | None:
             _state["loaded"] = True
         except Exception as error:  # no compiler, no ninja, a BLAS without sgemm_: fall back, say why
             message = str(error).strip().splitlines()
-            _state["error"] = f"the fused CPU kernel could not be built: {message[-1] if message else type(error).__name__}"
+            _state["error"] = (
+                f"the fused CPU kernel could not be built: {message[-1] if message else type(error).__name__}"
+            )
     return None if _state["loaded"] else str(_state["error"])
 
 
@@ -176,6 +189,4 @@ def mixed_attention_backward(
     grads = torch.ops.dreamcoeff_cpu.backward(
         qc, kc, vc, ac, mc, lse.contiguous(), g, float(scale), *map(bool, needs), int(rows), int(cols)
     )
-    return tuple(
-        grad.to(like.dtype) if need else None for grad, like, need in zip(grads, (q, k, v, coeff), needs)
-    )
+    return tuple(grad.to(like.dtype) if need else None for grad, like, need in zip(grads, (q, k, v, coeff), needs))

@@ -129,7 +129,6 @@ def _warn_once(message: str, stacklevel: int = 3) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
-
 def _is_exact_identity(coeff: torch.Tensor) -> bool:
     """A == I exactly, and no gradient is wanted for it (else the exact path must run to give one)."""
     if coeff.requires_grad and torch.is_grad_enabled():

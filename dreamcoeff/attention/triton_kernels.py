@@ -2,7 +2,7 @@
 
 On the CPU the kernels run only in Triton's interpreter, for the tests.
 
-    O^h = sum_i A[h, i] softmax(Q^i K^i^T * scale + M)^i V^h          (DESIGN.md section 1)
+    O^h = sum_i A[h, i] softmax(Q^i K^i^T * scale + M)^i V^h          (docs/DESIGN.md section 1)
 
 The chunked PyTorch path writes every chunk's scores, maps and mixed maps to memory, one pass per
 op; on a GPU those passes are HBM round trips, which is why it ran at 13-26x SDPA on an H200
@@ -100,7 +100,6 @@ def _pow2(n: int, minimum: int = 16) -> int:
 
 
 if triton is not None:
-
     # ---- helpers shared by the kernels (inlined by Triton) ----------------------------------------
 
     @triton.jit
@@ -115,12 +114,29 @@ if triton is not None:
     @triton.jit
     def _row_stat(base, heads, rows, H, N):
         """A per-(head, row) float32 statistic (lse, delta) of one batch element, (heads, rows)."""
-        return tl.load(base + heads[:, None] * N + rows[None, :], mask=(heads < H)[:, None] & (rows < N)[None, :],
-                       other=0.0)
+        return tl.load(
+            base + heads[:, None] * N + rows[None, :], mask=(heads < H)[:, None] & (rows < N)[None, :], other=0.0
+        )
 
     @triton.jit
-    def _maps(q, k_t, lse, mask_base, heads, rows, cols, s_mh, s_mn, s_ml, H, N, L, scale,
-              HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    def _maps(
+        q,
+        k_t,
+        lse,
+        mask_base,
+        heads,
+        rows,
+        cols,
+        s_mh,
+        s_mn,
+        s_ml,
+        H,
+        N,
+        L,
+        scale,
+        HAS_MASK: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """P = exp(Q K^T * scale + M - lse) of a (heads, rows, keys) tile, float32, zero outside the
         real heads, rows and keys; the maps are normalised because lse is the whole row's."""
         s = tl.dot(q, k_t, input_precision=PRECISION) * scale
@@ -130,8 +146,17 @@ if triton is not None:
         return tl.where(ok, tl.exp(s - lse[:, :, None]), 0.0)
 
     @triton.jit
-    def _mix(a_hi, a_lo, maps, HP: tl.constexpr, OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             SPLIT_A: tl.constexpr, PRECISION: tl.constexpr):
+    def _mix(
+        a_hi,
+        a_lo,
+        maps,
+        HP: tl.constexpr,
+        OUT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SPLIT_A: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """sum_i A[o, i] maps[i] for a (HP, BLOCK_M, BLOCK_N) tile (maps in the values' dtype) and the
         (OUT, HP) rows of A: one (OUT x HP) @ (HP x BLOCK_M*BLOCK_N) dot, two with A split; float32."""
         flat = tl.reshape(maps, [HP, BLOCK_M * BLOCK_N])
@@ -144,12 +169,27 @@ if triton is not None:
 
     @triton.jit
     def _row_logsumexp_kernel(
-        Q, K, Mask, LSE,
+        Q,
+        K,
+        Mask,
+        LSE,
         scale,
-        s_qb, s_qh, s_qn, s_qd,
-        s_kb, s_kh, s_kl, s_kd,
-        s_mb, s_mh, s_mn, s_ml,
-        H, N, L, D,
+        s_qb,
+        s_qh,
+        s_qn,
+        s_qd,
+        s_kb,
+        s_kh,
+        s_kl,
+        s_kd,
+        s_mb,
+        s_mh,
+        s_mn,
+        s_ml,
+        H,
+        N,
+        L,
+        D,
         HAS_MASK: tl.constexpr,
         PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -195,14 +235,40 @@ if triton is not None:
 
     @triton.jit
     def _mixed_attention_fwd_kernel(
-        Q, K, V, A_HI, A_LO, Mask, LSE, Out,
+        Q,
+        K,
+        V,
+        A_HI,
+        A_LO,
+        Mask,
+        LSE,
+        Out,
         scale,
-        s_qb, s_qh, s_qn, s_qd,
-        s_kb, s_kh, s_kl, s_kd,
-        s_vb, s_vh, s_vl, s_vd,
-        s_mb, s_mh, s_mn, s_ml,
-        s_ob, s_oh, s_on, s_od,
-        H, N, L, D, DV,
+        s_qb,
+        s_qh,
+        s_qn,
+        s_qd,
+        s_kb,
+        s_kh,
+        s_kl,
+        s_kd,
+        s_vb,
+        s_vh,
+        s_vl,
+        s_vd,
+        s_mb,
+        s_mh,
+        s_mn,
+        s_ml,
+        s_ob,
+        s_oh,
+        s_on,
+        s_od,
+        H,
+        N,
+        L,
+        D,
+        DV,
         HAS_MASK: tl.constexpr,
         SPLIT_A: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -251,14 +317,43 @@ if triton is not None:
 
     @triton.jit
     def _mixed_attention_bwd_rows_kernel(
-        Q, K, V, A_HI, A_LO, Mask, LSE, DO, DELTA, DQ, DA,
+        Q,
+        K,
+        V,
+        A_HI,
+        A_LO,
+        Mask,
+        LSE,
+        DO,
+        DELTA,
+        DQ,
+        DA,
         scale,
-        s_qb, s_qh, s_qn, s_qd,
-        s_kb, s_kh, s_kl, s_kd,
-        s_vb, s_vh, s_vl, s_vd,
-        s_mb, s_mh, s_mn, s_ml,
-        s_gb, s_gh, s_gn, s_gd,
-        H, N, L, D, DV,
+        s_qb,
+        s_qh,
+        s_qn,
+        s_qd,
+        s_kb,
+        s_kh,
+        s_kl,
+        s_kd,
+        s_vb,
+        s_vh,
+        s_vl,
+        s_vd,
+        s_mb,
+        s_mh,
+        s_mn,
+        s_ml,
+        s_gb,
+        s_gh,
+        s_gn,
+        s_gd,
+        H,
+        N,
+        L,
+        D,
+        DV,
         PHASE: tl.constexpr,
         HAS_MASK: tl.constexpr,
         SPLIT_A: tl.constexpr,
@@ -307,8 +402,24 @@ if triton is not None:
         for start in range(0, L, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             k = _tile(K, ih, cols, dims, s_kh, s_kl, s_kd, H, L, D)
-            p = _maps(q, tl.permute(k, (0, 2, 1)), lse, Mask, ih, rows, cols, s_mh, s_mn, s_ml, H, N, L, scale,
-                      HAS_MASK, PRECISION)
+            p = _maps(
+                q,
+                tl.permute(k, (0, 2, 1)),
+                lse,
+                Mask,
+                ih,
+                rows,
+                cols,
+                s_mh,
+                s_mn,
+                s_ml,
+                H,
+                N,
+                L,
+                scale,
+                HAS_MASK,
+                PRECISION,
+            )
             v_t = _tile(V, heads, vdims, cols, s_vh, s_vd, s_vl, H, DV, L)
             dm = tl.dot(g, v_t, input_precision=PRECISION).to(dt)  # (HP, BLOCK_M, BLOCK_N)
             dp = _mix(at_hi, at_lo, dm, HP, OUT, BLOCK_M, BLOCK_N, SPLIT_A, PRECISION)
@@ -321,8 +432,11 @@ if triton is not None:
                 ds = p * (dp - delta[:, :, None])
                 dq += tl.dot(ds.to(dt), k, input_precision=PRECISION)
         if PHASE == 0:
-            tl.store(DELTA + (b * H + heads[:, None]) * N + rows[None, :], delta,
-                     mask=(heads < H)[:, None] & (rows < N)[None, :])
+            tl.store(
+                DELTA + (b * H + heads[:, None]) * N + rows[None, :],
+                delta,
+                mask=(heads < H)[:, None] & (rows < N)[None, :],
+            )
             program = b * tl.num_programs(0) + tl.program_id(0)
             tl.store(DA + program * HP * HP + heads[:, None] * HP + heads[None, :], da)
         else:
@@ -334,14 +448,43 @@ if triton is not None:
 
     @triton.jit
     def _mixed_attention_bwd_keys_kernel(
-        Q, K, V, A_HI, A_LO, Mask, LSE, DO, DELTA, DK, DVAL,
+        Q,
+        K,
+        V,
+        A_HI,
+        A_LO,
+        Mask,
+        LSE,
+        DO,
+        DELTA,
+        DK,
+        DVAL,
         scale,
-        s_qb, s_qh, s_qn, s_qd,
-        s_kb, s_kh, s_kl, s_kd,
-        s_vb, s_vh, s_vl, s_vd,
-        s_mb, s_mh, s_mn, s_ml,
-        s_gb, s_gh, s_gn, s_gd,
-        H, N, L, D, DV,
+        s_qb,
+        s_qh,
+        s_qn,
+        s_qd,
+        s_kb,
+        s_kh,
+        s_kl,
+        s_kd,
+        s_vb,
+        s_vh,
+        s_vl,
+        s_vd,
+        s_mb,
+        s_mh,
+        s_mn,
+        s_ml,
+        s_gb,
+        s_gh,
+        s_gn,
+        s_gd,
+        H,
+        N,
+        L,
+        D,
+        DV,
         DO_DK: tl.constexpr,
         DO_DV: tl.constexpr,
         HAS_MASK: tl.constexpr,
@@ -383,10 +526,35 @@ if triton is not None:
             if DO_DV:
                 q = _tile(Q, heads, rows, dims, s_qh, s_qn, s_qd, H, N, D)
                 k_t = _tile(K, heads, dims, cols, s_kh, s_kd, s_kl, H, D, L)
-                p = _maps(q, k_t, _row_stat(LSE, heads, rows, H, N), Mask, heads, rows, cols, s_mh, s_mn, s_ml,
-                          H, N, L, scale, HAS_MASK, PRECISION)
-                mixed = _mix(tl.load(A_HI + a_off), tl.load(A_LO + a_off), p.to(dt), HP, GROUP, BLOCK_M, BLOCK_N,
-                             SPLIT_A, PRECISION)
+                p = _maps(
+                    q,
+                    k_t,
+                    _row_stat(LSE, heads, rows, H, N),
+                    Mask,
+                    heads,
+                    rows,
+                    cols,
+                    s_mh,
+                    s_mn,
+                    s_ml,
+                    H,
+                    N,
+                    L,
+                    scale,
+                    HAS_MASK,
+                    PRECISION,
+                )
+                mixed = _mix(
+                    tl.load(A_HI + a_off),
+                    tl.load(A_LO + a_off),
+                    p.to(dt),
+                    HP,
+                    GROUP,
+                    BLOCK_M,
+                    BLOCK_N,
+                    SPLIT_A,
+                    PRECISION,
+                )
                 g_grp = _tile(DO, grp, rows, vdims, s_gh, s_gn, s_gd, H, N, DV)
                 dv += tl.dot(tl.permute(mixed.to(dt), (0, 2, 1)), g_grp, input_precision=PRECISION)
             if DO_DK:
@@ -396,13 +564,30 @@ if triton is not None:
                 else:
                     q_grp = _tile(Q, grp, rows, dims, s_qh, s_qn, s_qd, H, N, D)
                     k_t_grp = _tile(K, grp, dims, cols, s_kh, s_kd, s_kl, H, D, L)
-                    p_grp = _maps(q_grp, k_t_grp, _row_stat(LSE, grp, rows, H, N), Mask, grp, rows, cols,
-                                  s_mh, s_mn, s_ml, H, N, L, scale, HAS_MASK, PRECISION)
+                    p_grp = _maps(
+                        q_grp,
+                        k_t_grp,
+                        _row_stat(LSE, grp, rows, H, N),
+                        Mask,
+                        grp,
+                        rows,
+                        cols,
+                        s_mh,
+                        s_mn,
+                        s_ml,
+                        H,
+                        N,
+                        L,
+                        scale,
+                        HAS_MASK,
+                        PRECISION,
+                    )
                 g = _tile(DO, heads, rows, vdims, s_gh, s_gn, s_gd, H, N, DV)
                 v_t = _tile(V, heads, vdims, cols, s_vh, s_vd, s_vl, H, DV, L)
                 dm = tl.dot(g, v_t, input_precision=PRECISION).to(dt)
-                dp = _mix(tl.load(A_HI + at_off), tl.load(A_LO + at_off), dm, HP, GROUP, BLOCK_M, BLOCK_N,
-                          SPLIT_A, PRECISION)
+                dp = _mix(
+                    tl.load(A_HI + at_off), tl.load(A_LO + at_off), dm, HP, GROUP, BLOCK_M, BLOCK_N, SPLIT_A, PRECISION
+                )
                 ds = p_grp * (dp - _row_stat(DELTA + b * H * N, grp, rows, H, N)[:, :, None])
                 dk += tl.dot(tl.permute(ds.to(dt), (0, 2, 1)), q_grp, input_precision=PRECISION)
         out_rows = (b * H + grp[:, None, None]) * L + cols[None, :, None]
@@ -418,8 +603,12 @@ def jit_kernels() -> dict[str, object]:
     "row_logsumexp", "fwd", "bwd_rows", "bwd_keys", for benchmarks/triton_compile_check.py."""
     if triton is None:
         return {}
-    return {"row_logsumexp": _row_logsumexp_kernel, "fwd": _mixed_attention_fwd_kernel,
-            "bwd_rows": _mixed_attention_bwd_rows_kernel, "bwd_keys": _mixed_attention_bwd_keys_kernel}
+    return {
+        "row_logsumexp": _row_logsumexp_kernel,
+        "fwd": _mixed_attention_fwd_kernel,
+        "bwd_rows": _mixed_attention_bwd_rows_kernel,
+        "bwd_keys": _mixed_attention_bwd_keys_kernel,
+    }
 
 
 def kernel_configs(
@@ -448,8 +637,12 @@ def kernel_configs(
     precision = "ieee" if not low_precision else "tf32"  # tf32 is ignored for fp16/bf16 dots
     block_d = _pow2(head_dim)
     lse = dict(
-        HAS_MASK=has_mask, PRECISION=precision, BLOCK_M=64, BLOCK_N=64 if low_precision else 32,  # fp32: registers
-        BLOCK_D=block_d, num_warps=4,
+        HAS_MASK=has_mask,
+        PRECISION=precision,
+        BLOCK_M=64,
+        BLOCK_N=64 if low_precision else 32,  # fp32: registers
+        BLOCK_D=block_d,
+        num_warps=4,
     )
     mix = dict(
         HAS_MASK=has_mask,
@@ -521,8 +714,18 @@ def backward_kernel_config(
     num_stages: int = 2,
 ) -> dict:
     """Constants and launch options shared by the three backward launches (see `kernel_configs`)."""
-    _, config = kernel_configs(dtype, heads, head_dim, value_dim, has_mask, block_m=block_m, block_n=block_n,
-                               group=group, num_warps=num_warps, num_stages=num_stages)
+    _, config = kernel_configs(
+        dtype,
+        heads,
+        head_dim,
+        value_dim,
+        has_mask,
+        block_m=block_m,
+        block_n=block_n,
+        group=group,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     return config
 
 
@@ -566,8 +769,26 @@ def mixed_attention_forward(
         )
         # Pass 2: all heads' maps, mixed, times the values; one program per row block and head group.
         _mixed_attention_fwd_kernel[(triton.cdiv(n, mix_config["BLOCK_M"]), b, hp // mix_config["GROUP"])](
-            q, k, v, a_hi, a_lo, mask, lse, out, float(scale),
-            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(), h, n, l, d, dv, **mix_config
+            q,
+            k,
+            v,
+            a_hi,
+            a_lo,
+            mask,
+            lse,
+            out,
+            float(scale),
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *mask_strides,
+            *out.stride(),
+            h,
+            n,
+            l,
+            d,
+            dv,
+            **mix_config,
         )
     return (out, lse) if return_lse else out
 
@@ -623,8 +844,21 @@ def mixed_attention_backward(
             for do_dk, do_dv in passes:
                 if do_dk or do_dv:
                     _mixed_attention_bwd_keys_kernel[(triton.cdiv(l, block_n), b, hp // grp)](
-                        q, k, v, a_hi, a_lo, mask, lse, grad_out, delta, dk, dval, *common,
-                        DO_DK=do_dk, DO_DV=do_dv, **config
+                        q,
+                        k,
+                        v,
+                        a_hi,
+                        a_lo,
+                        mask,
+                        lse,
+                        grad_out,
+                        delta,
+                        dk,
+                        dval,
+                        *common,
+                        DO_DK=do_dk,
+                        DO_DV=do_dv,
+                        **config,
                     )
     da = da_parts.sum(0)[:h, :h].to(coeff.dtype) if needs[3] else None
     return (

@@ -40,12 +40,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-_LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?:lora[._](?:down|up|A|B)|lora_linear_layer\.(?:down|up)|lora_magnitude_vector)")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?:lora[._](?:down|up|A|B)|lora_linear_layer\.(?:down|up)|lora_magnitude_vector)"
+)
 
 
 def _lora_key_problem(key: str, tensor: torch.Tensor, modules: Mapping[str, torch.nn.Module]) -> str | None:
     """What is wrong with one ``unet.`` LoRA key for this UNet's modules, or None."""
-    match = _LORA_KEY.match(key[len("unet."):])
+    match = _LORA_KEY.match(key[len("unet.") :])
     if not match:
         return f"{key}: not a LoRA key diffusers understands"
     path = match.group("module")
@@ -57,7 +59,7 @@ def _lora_key_problem(key: str, tensor: torch.Tensor, modules: Mapping[str, torc
     if not isinstance(weight, torch.Tensor) or weight.ndim not in (2, 4):
         return f"{key}: '{path}' is a {type(base).__name__}, not a Linear or Conv2d layer"
     out_features, in_features = weight.shape[:2]
-    rest = key[len("unet.") + match.end("module"):]
+    rest = key[len("unet.") + match.end("module") :]
     is_down = any(t in rest for t in ("down", "lora_A", "lora.A"))
     is_up = any(t in rest for t in ("up", "lora_B", "lora.B"))
     if tensor.ndim >= 2 and is_down and tensor.shape[1] != in_features:
@@ -75,7 +77,9 @@ def lora_problems(unet: torch.nn.Module, state_dict: Mapping[str, torch.Tensor])
     (empty list: it fits). Text-encoder keys are left to diffusers.
     """
     modules = dict(unwrap_unet(unet).named_modules())
-    problems = (_lora_key_problem(key, tensor, modules) for key, tensor in state_dict.items() if key.startswith("unet."))
+    problems = (
+        _lora_key_problem(key, tensor, modules) for key, tensor in state_dict.items() if key.startswith("unet.")
+    )
     return [p for p in problems if p is not None]
 
 
@@ -172,15 +176,19 @@ class AdapterSwitcher:
         base = {k: v for k, v in unwrap_unet(self.base_unet).config.items() if k not in volatile}
         differ = sorted(k for k in base if k in config and jsonable(config[k]) != jsonable(base[k]))
         if differ:
-            raise SamplingError(f"run {run.name!r}: the UNet in {path} has another architecture than the base model's "
-                                f"({', '.join(differ[:5])} differ); was it trained on another base model?")
+            raise SamplingError(
+                f"run {run.name!r}: the UNet in {path} has another architecture than the base model's "
+                f"({', '.join(differ[:5])} differ); was it trained on another base model?"
+            )
 
     def _load_full_unet(self, run: RunSpec) -> dict[str, Any]:
         from diffusers import UNet2DConditionModel
 
         if getattr(self.base_unet, "_hf_hook", None) is not None:
-            raise SamplingError(f"run {run.name!r} is a full UNet fine-tune, which cannot be swapped into a pipeline "
-                                "with CPU offload; drop --cpu_offload")
+            raise SamplingError(
+                f"run {run.name!r} is a full UNet fine-tune, which cannot be swapped into a pipeline "
+                "with CPU offload; drop --cpu_offload"
+            )
         path = run.unet_path
         weights = path / "diffusion_pytorch_model.safetensors"
         if not weights.is_file():
@@ -193,8 +201,12 @@ class AdapterSwitcher:
             raise SamplingError(f"run {run.name!r}: the UNet in {path} could not be loaded: {exc}") from None
         unet.eval().requires_grad_(False)
         self.full_unets[run.name] = unet
-        return {"path": str(path.resolve()), "sha256": _sha256(weights), "bytes": weights.stat().st_size,
-                "parameters": sum(p.numel() for p in unet.parameters())}
+        return {
+            "path": str(path.resolve()),
+            "sha256": _sha256(weights),
+            "bytes": weights.stat().st_size,
+            "parameters": sum(p.numel() for p in unet.parameters()),
+        }
 
     def _use_unet(self, unet: torch.nn.Module) -> None:
         """Make ``unet`` the pipeline's UNet: a swapped-in full UNet lives on the pipeline's device only
@@ -227,7 +239,9 @@ class AdapterSwitcher:
                 f"run {run.name!r}: LoRA {path} does not fit this UNet ({len(problems)} problem(s)); "
                 "was it trained on another base model?\n  " + "\n  ".join(shown)
             )
-        ranks = sorted({int(v.shape[0]) for k, v in state.items() if re.search(r"lora[._](down|A)\b", k) and v.ndim >= 2})
+        ranks = sorted(
+            {int(v.shape[0]) for k, v in state.items() if re.search(r"lora[._](down|A)\b", k) and v.ndim >= 2}
+        )
         return {
             "path": str(path.resolve()),
             "sha256": _sha256(path),

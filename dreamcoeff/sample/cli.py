@@ -51,49 +51,90 @@ def build_parser() -> argparse.ArgumentParser:
         "(Coeff-Tuning alpha, LoRA, both) and the base model, side by side, optionally with DreamBooth metrics.",
     )
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL base model: hub id or local diffusers folder")
-    g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="a different VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    g.add_argument(
+        "--pretrained_model_name_or_path", required=True, help="SDXL base model: hub id or local diffusers folder"
+    )
+    g.add_argument(
+        "--pretrained_vae_model_name_or_path", default=None, help="a different VAE (e.g. madebyollin/sdxl-vae-fp16-fix)"
+    )
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
     g = p.add_argument_group("runs")
-    g.add_argument("--run", action="append", default=[], metavar="NAME=PATH[,PATH2]",
-                   help="a training output folder, or an alpha and/or LoRA file; repeatable (one row each)")
+    g.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="NAME=PATH[,PATH2]",
+        help="a training output folder, or an alpha and/or LoRA file; repeatable (one row each)",
+    )
     g.add_argument("--include_base", action="store_true", help="add a row for the base model without adapters")
-    g.add_argument("--coeff_scales", type=float, nargs="+", default=None, metavar="C",
-                   help="alpha strength sweep for runs with alpha: one row per value (0 = base model)")
+    g.add_argument(
+        "--coeff_scales",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="C",
+        help="alpha strength sweep for runs with alpha: one row per value (0 = base model)",
+    )
     g.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA adapters")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); may use {token} and {class}")
-    g.add_argument("--prompts", default=None, metavar="FILE",
-                   help="prompt file: one per line, {token}/{class} placeholders, # comments; or the name of a "
-                   f"prompt file shipped with dreamcoeff ({', '.join(packaged_prompt_files())})")
+    g.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="prompt file: one per line, {token}/{class} placeholders, # comments; or the name of a "
+        f"prompt file shipped with dreamcoeff ({', '.join(packaged_prompt_files())})",
+    )
     g.add_argument("--token", default=None, help="the rare identifier that fills {token}, e.g. sks")
     g.add_argument("--class_name", default=None, help="the subject class that fills {class}, e.g. dog")
     g.add_argument("--negative_prompt", default=None)
+    _add_sampling_and_output_args(p)
+    return p
+
+
+def _add_sampling_and_output_args(p: argparse.ArgumentParser) -> None:
+    """The sampling, output and metrics groups of :func:`build_parser`."""
     g = p.add_argument_group("sampling")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per prompt per seed per row")
     g.add_argument("--num_inference_steps", type=int, default=30)
     g.add_argument("--guidance_scale", type=float, default=5.0)
     g.add_argument("--height", type=int, default=None, help="default: the model's (1024 for SDXL)")
     g.add_argument("--width", type=int, default=None)
-    g.add_argument("--scheduler", default=None, help="euler, euler_a, heun, ddim, ddpm, pndm, lms, unipc, dpm++, "
-                   "dpm++_karras or a diffusers class name (default: the model's own)")
+    g.add_argument(
+        "--scheduler",
+        default=None,
+        help="euler, euler_a, heun, ddim, ddpm, pndm, lms, unipc, dpm++, "
+        "dpm++_karras or a diffusers class name (default: the model's own)",
+    )
     g.add_argument("--batch_size", type=int, default=1, help="images per pipeline call")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, fp32 on CPU")
+    g.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, fp32 on CPU"
+    )
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--cpu_offload", action="store_true", help="keep each model on the CPU until it runs (less GPU memory)")
+    g.add_argument(
+        "--cpu_offload", action="store_true", help="keep each model on the CPU until it runs (less GPU memory)"
+    )
     g = p.add_argument_group("output")
     g.add_argument("--output", "--output_dir", dest="output", required=True, help="output folder")
     g.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --output")
-    g.add_argument("--grid_tile_size", type=int, default=256, help="largest tile side in the grids (images are kept full size)")
+    g.add_argument(
+        "--grid_tile_size", type=int, default=256, help="largest tile side in the grids (images are kept full size)"
+    )
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("metrics (DreamBooth: CLIP-T, CLIP-I, DINO)")
     g.add_argument("--metrics", action="store_true", help="score every image (implied by --clip_model / --dino_model)")
-    g.add_argument("--clip_model", default=None, help="CLIP model folder (e.g. openai/clip-vit-large-patch14): CLIP-T, CLIP-I")
+    g.add_argument(
+        "--clip_model", default=None, help="CLIP model folder (e.g. openai/clip-vit-large-patch14): CLIP-T, CLIP-I"
+    )
     g.add_argument("--dino_model", default=None, help="DINO ViT folder (e.g. facebook/dino-vits16): DINO")
-    g.add_argument("--instance_data_dir", "--instance_dir", dest="instance_dir", default=None,
-                   help="the real subject images, for CLIP-I and DINO")
-    return p
+    g.add_argument(
+        "--instance_data_dir",
+        "--instance_dir",
+        dest="instance_dir",
+        default=None,
+        help="the real subject images, for CLIP-I and DINO",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,7 +146,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts: list[str] = []
     if args.prompts:
         prompts += read_prompt_file(find_prompt_file(args.prompts), args.token, args.class_name)
-    prompts += [format_prompt(p, args.token, args.class_name, where=f"--prompt {i + 1}") for i, p in enumerate(args.prompt)]
+    prompts += [
+        format_prompt(p, args.token, args.class_name, where=f"--prompt {i + 1}") for i, p in enumerate(args.prompt)
+    ]
     if not prompts:
         raise SamplingError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
@@ -184,16 +227,23 @@ def _clear_output(output: Path) -> None:
         grid.unlink()
 
 
-def _render(args: argparse.Namespace, runs: Sequence[RunSpec], prompts: list[str], device: str,
-            dtype: torch.dtype, output: Path) -> tuple[SampleResult, float]:
+def _render(
+    args: argparse.Namespace, runs: Sequence[RunSpec], prompts: list[str], device: str, dtype: torch.dtype, output: Path
+) -> tuple[SampleResult, float]:
     """Load the base model once, check every run's weights against it, then render into ``output``.
 
     Returns the result and the seconds the base model took to load. The pipeline is freed on return.
     """
     t_load = time.perf_counter()
     pipe = load_base_pipeline(
-        args.pretrained_model_name_or_path, dtype=dtype, device=device, vae=args.pretrained_vae_model_name_or_path,
-        revision=args.revision, variant=args.variant, cpu_offload=args.cpu_offload, scheduler=args.scheduler,
+        args.pretrained_model_name_or_path,
+        dtype=dtype,
+        device=device,
+        vae=args.pretrained_vae_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        cpu_offload=args.cpu_offload,
+        scheduler=args.scheduler,
     )
     load_seconds = time.perf_counter() - t_load
     switcher = AdapterSwitcher(pipe, runs)  # every run's weights checked against this UNet
@@ -201,11 +251,22 @@ def _render(args: argparse.Namespace, runs: Sequence[RunSpec], prompts: list[str
         _clear_output(output)
     output.mkdir(parents=True, exist_ok=True)
     result = sample_runs(
-        pipe, runs, prompts, args.seeds,
-        include_base=args.include_base, coeff_scales=args.coeff_scales, lora_scale=args.lora_scale,
-        negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale, height=args.height, width=args.width, batch_size=args.batch_size,
-        output_dir=output, progress=not args.no_progress, switcher=switcher,
+        pipe,
+        runs,
+        prompts,
+        args.seeds,
+        include_base=args.include_base,
+        coeff_scales=args.coeff_scales,
+        lora_scale=args.lora_scale,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        output_dir=output,
+        progress=not args.no_progress,
+        switcher=switcher,
     )
     return result, load_seconds
 
@@ -235,25 +296,34 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _score(args: argparse.Namespace, result: SampleResult, output: Path, instance_images: list[Image.Image] | None,
-           device: str) -> tuple[list[dict[str, float]], list[dict[str, Any]], dict[str, Any]]:
+def _score(
+    args: argparse.Namespace, result: SampleResult, output: Path, instance_images: list[Image.Image] | None, device: str
+) -> tuple[list[dict[str, float]], list[dict[str, Any]], dict[str, Any]]:
     """The DreamBooth metrics of every image and per row (also written as CSVs), and the settings they used."""
     clip = M.ClipEmbedder(args.clip_model, device) if args.clip_model else None
     dino = M.DinoEmbedder(args.dino_model, device) if args.dino_model else None
     metrics = M.compute_metrics(
         [output / rec.file for rec in result.records],
         [M.metric_text(rec.prompt, args.token) for rec in result.records],
-        instance_images=instance_images, clip=clip, dino=dino,
+        instance_images=instance_images,
+        clip=clip,
+        dino=dino,
     )
     summary = M.summarize_metrics(result, metrics)
     M.write_metrics_csv(result, metrics, summary, output, token=args.token)
-    settings = dict(clip_model=args.clip_model, dino_model=args.dino_model, instance_data_dir=args.instance_dir,
-                    instance_images=len(instance_images or []), clip_t_text="the prompt without the --token word")
+    settings = dict(
+        clip_model=args.clip_model,
+        dino_model=args.dino_model,
+        instance_data_dir=args.instance_dir,
+        instance_images=len(instance_images or []),
+        clip_t_text="the prompt without the --token word",
+    )
     return metrics, summary, settings
 
 
-def _print_summary(result: SampleResult, grids: Mapping[int, str], summary: Sequence[Mapping[str, Any]] | None,
-                   output: Path) -> None:
+def _print_summary(
+    result: SampleResult, grids: Mapping[int, str], summary: Sequence[Mapping[str, Any]] | None, output: Path
+) -> None:
     """What was written, and the metric means per row as a table."""
     print(f"{len(result.records)} images, {len(grids)} grid(s) -> {output}/index.html")
     if summary:
@@ -296,10 +366,23 @@ def run(args: argparse.Namespace) -> int:
         settings.update(metric_settings)
         timing["metrics_seconds"] = round(time.perf_counter() - t_metrics, 4)
     timing["total_seconds"] = round(time.perf_counter() - t_start, 4)
-    write_manifest(result, output, grids, settings=settings, metrics=metrics, metrics_summary=summary,
-                   extra={"timing": {**result.timing, **timing}})
-    write_index_html(result, output, grids, title=f"dreamcoeff samples: {output.name}",
-                     model=args.pretrained_model_name_or_path, metrics_summary=summary)
+    write_manifest(
+        result,
+        output,
+        grids,
+        settings=settings,
+        metrics=metrics,
+        metrics_summary=summary,
+        extra={"timing": {**result.timing, **timing}},
+    )
+    write_index_html(
+        result,
+        output,
+        grids,
+        title=f"dreamcoeff samples: {output.name}",
+        model=args.pretrained_model_name_or_path,
+        metrics_summary=summary,
+    )
     _print_summary(result, grids, summary, output)
     return 0
 

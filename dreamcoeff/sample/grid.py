@@ -65,8 +65,9 @@ def _fit_lines(lines: list[str], max_lines: int, font: Font, max_width: int) -> 
     return kept
 
 
-def _check_shape(rows: list[list[Image.Image | None]], row_labels: Sequence[str] | None,
-                 col_labels: Sequence[str] | None) -> int:
+def _check_shape(
+    rows: list[list[Image.Image | None]], row_labels: Sequence[str] | None, col_labels: Sequence[str] | None
+) -> int:
     """The number of columns; ValueError for an empty grid, ragged rows or label counts that differ."""
     if not rows or not rows[0]:
         raise ValueError("make_grid needs at least one row with at least one image")
@@ -80,8 +81,9 @@ def _check_shape(rows: list[list[Image.Image | None]], row_labels: Sequence[str]
     return ncols
 
 
-def _tile_size(rows: list[list[Image.Image | None]], tile_size: int | None, min_tile_size: int,
-               max_tile_size: int | None) -> tuple[int, int]:
+def _tile_size(
+    rows: list[list[Image.Image | None]], tile_size: int | None, min_tile_size: int, max_tile_size: int | None
+) -> tuple[int, int]:
     """Tile width and height from the first image (see :func:`make_grid`'s ``tile_size``)."""
     first = next((im for r in rows for im in r if im is not None), None)
     w0, h0 = first.size if first is not None else (min_tile_size, min_tile_size)
@@ -117,9 +119,17 @@ class _Layout:
     height: int
 
 
-def _layout(nrows: int, ncols: int, tile: tuple[int, int], row_labels: Sequence[str] | None,
-            col_labels: Sequence[str] | None, title: str | None, font_size: int | None, gap: int,
-            max_label_lines: int) -> _Layout:
+def _layout(
+    nrows: int,
+    ncols: int,
+    tile: tuple[int, int],
+    row_labels: Sequence[str] | None,
+    col_labels: Sequence[str] | None,
+    title: str | None,
+    font_size: int | None,
+    gap: int,
+    max_label_lines: int,
+) -> _Layout:
     """Fonts, wrapped labels and margins for an ``nrows`` x ``ncols`` grid of ``tile``-sized tiles."""
     tw, th = tile
     font_size = font_size or max(12, min(28, tw // 12))
@@ -128,7 +138,9 @@ def _layout(nrows: int, ncols: int, tile: tuple[int, int], row_labels: Sequence[
     line_h = ascent + descent + max(2, font_size // 6)
     pad = max(3, font_size // 3)
 
-    col_lines = [_fit_lines(wrap_text(t, font, tw - 2 * pad), max_label_lines, font, tw - 2 * pad) for t in col_labels or []]
+    col_lines = [
+        _fit_lines(wrap_text(t, font, tw - 2 * pad), max_label_lines, font, tw - 2 * pad) for t in col_labels or []
+    ]
     header_h = (max(len(ls) for ls in col_lines) * line_h + 2 * pad) if col_lines else 0
     label_w = 0
     row_lines: list[list[str]] = []
@@ -136,7 +148,10 @@ def _layout(nrows: int, ncols: int, tile: tuple[int, int], row_labels: Sequence[
         natural = max((font.getlength(line) for t in row_labels for line in str(t).split("\n")), default=0)
         label_w = int(min(natural, max(tw, 10 * font_size))) + 2 * pad
         max_row_lines = max(1, th // line_h)
-        row_lines = [_fit_lines(wrap_text(t, font, label_w - 2 * pad), max_row_lines, font, label_w - 2 * pad) for t in row_labels]
+        row_lines = [
+            _fit_lines(wrap_text(t, font, label_w - 2 * pad), max_row_lines, font, label_w - 2 * pad)
+            for t in row_labels
+        ]
     x0 = gap + (label_w + gap if label_w else 0)
     width = x0 + ncols * tw + (ncols - 1) * gap + gap
     title_lines = wrap_text(title, font, width - 2 * gap - 2 * pad) if title else []
@@ -157,8 +172,14 @@ def _draw_headers(draw: ImageDraw.ImageDraw, lay: _Layout, text_color: tuple[int
             draw.text((x, lay.gap + lay.title_h + lay.pad + i * lay.line_h), line, font=lay.font, fill=text_color)
 
 
-def _draw_row(grid: Image.Image, draw: ImageDraw.ImageDraw, lay: _Layout, r: int, row: list[Image.Image | None],
-              text_color: tuple[int, int, int]) -> None:
+def _draw_row(
+    grid: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    lay: _Layout,
+    r: int,
+    row: list[Image.Image | None],
+    text_color: tuple[int, int, int],
+) -> None:
     """Row ``r``: its label centred left of it, then its tiles (None: a grey tile)."""
     top = lay.y0 + r * (lay.th + lay.gap)
     if lay.row_lines:
@@ -220,7 +241,13 @@ def make_grid(
     _draw_headers(draw, lay, text_color)
     for r, row in enumerate(rows):
         _draw_row(grid, draw, lay, r, row, text_color)
-    grid.info["grid_layout"] = {"origin": (lay.x0, lay.y0), "tile_size": tile, "gap": gap, "rows": len(rows), "cols": ncols}
+    grid.info["grid_layout"] = {
+        "origin": (lay.x0, lay.y0),
+        "tile_size": tile,
+        "gap": gap,
+        "rows": len(rows),
+        "cols": ncols,
+    }
     return grid
 
 

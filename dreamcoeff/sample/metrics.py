@@ -203,8 +203,13 @@ def summarize_metrics(result: SampleResult, metrics: Sequence[Mapping[str, float
     summary = []
     for row in result.rows:
         values = [m for rec, m in zip(result.records, metrics, strict=True) if rec.row == row.name]
-        entry: dict[str, Any] = {"row": row.name, "run": row.run.name if row.run else None,
-                                 "coeff_scale": row.coeff_scale, "lora": row.has_lora, "images": len(values)}
+        entry: dict[str, Any] = {
+            "row": row.name,
+            "run": row.run.name if row.run else None,
+            "coeff_scale": row.coeff_scale,
+            "lora": row.has_lora,
+            "images": len(values),
+        }
         for name in METRIC_NAMES:
             got = [m[name] for m in values if name in m]
             if got:
@@ -226,16 +231,37 @@ def write_metrics_csv(
     per_image = output_dir / "metrics.csv"
     with open(per_image, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["row", "run", "coeff_scale", "lora", "prompt_index", "seed", "file", "prompt", "clip_t_text", *names])
+        writer.writerow(
+            ["row", "run", "coeff_scale", "lora", "prompt_index", "seed", "file", "prompt", "clip_t_text", *names]
+        )
         for rec, m in zip(result.records, metrics, strict=True):
-            writer.writerow([rec.row, rec.run or "", "" if rec.coeff_scale is None else rec.coeff_scale, int(rec.lora),
-                             rec.prompt_index, rec.seed, rec.file or "", rec.prompt, metric_text(rec.prompt, token),
-                             *[f"{m[n]:.6f}" if n in m else "" for n in names]])
+            writer.writerow(
+                [
+                    rec.row,
+                    rec.run or "",
+                    "" if rec.coeff_scale is None else rec.coeff_scale,
+                    int(rec.lora),
+                    rec.prompt_index,
+                    rec.seed,
+                    rec.file or "",
+                    rec.prompt,
+                    metric_text(rec.prompt, token),
+                    *[f"{m[n]:.6f}" if n in m else "" for n in names],
+                ]
+            )
     per_row = output_dir / "metrics_summary.csv"
     with open(per_row, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["row", "run", "coeff_scale", "lora", "images", *names])
         for s in summary:
-            writer.writerow([s["row"], s["run"] or "", "" if s["coeff_scale"] is None else s["coeff_scale"], int(s["lora"]),
-                             s["images"], *[f"{s[n]:.6f}" if n in s else "" for n in names]])
+            writer.writerow(
+                [
+                    s["row"],
+                    s["run"] or "",
+                    "" if s["coeff_scale"] is None else s["coeff_scale"],
+                    int(s["lora"]),
+                    s["images"],
+                    *[f"{s[n]:.6f}" if n in s else "" for n in names],
+                ]
+            )
     return per_image, per_row

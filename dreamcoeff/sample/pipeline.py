@@ -43,7 +43,9 @@ def resolve_scheduler(name: str) -> tuple[type[SchedulerMixin], dict[str, Any]]:
     cls_name, overrides = SCHEDULERS.get(name.lower(), (name, {}))
     cls = getattr(diffusers, cls_name, None) if cls_name.endswith("Scheduler") else None
     if cls is None:
-        raise SamplingError(f"unknown --scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name")
+        raise SamplingError(
+            f"unknown --scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name"
+        )
     return cls, overrides
 
 
@@ -57,12 +59,18 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
         raise SamplingError(f"--scheduler {name}: {exc}") from None
 
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """"auto" is float16 on CUDA and float32 elsewhere; else fp32 / fp16 / bf16."""
+    """ "auto" is float16 on CUDA and float32 elsewhere; else fp32 / fp16 / bf16."""
     if name == "auto":
         return torch.float16 if str(device).startswith("cuda") else torch.float32
     if name not in _DTYPES:
@@ -86,8 +94,9 @@ def freeze(pipe: DiffusionPipeline) -> None:
         p.requires_grad_(False)
 
 
-def _from_pretrained(name_or_path: str, dtype: torch.dtype, vae: str | None, revision: str | None,
-                     variant: str | None) -> StableDiffusionXLPipeline:
+def _from_pretrained(
+    name_or_path: str, dtype: torch.dtype, vae: str | None, revision: str | None, variant: str | None
+) -> StableDiffusionXLPipeline:
     """The pipeline's files loaded (with another VAE if given); :class:`SamplingError` if they cannot be."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 

@@ -17,7 +17,14 @@ from .errors import SamplingError
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
-__all__ = ["PLACEHOLDERS", "format_prompt", "prompt_tag", "packaged_prompt_files", "find_prompt_file", "read_prompt_file"]
+__all__ = [
+    "PLACEHOLDERS",
+    "format_prompt",
+    "prompt_tag",
+    "packaged_prompt_files",
+    "find_prompt_file",
+    "read_prompt_file",
+]
 
 #: Placeholders a prompt may use: ``{token}`` (the rare identifier, e.g. "sks") and ``{class}``.
 PLACEHOLDERS = ("token", "class")

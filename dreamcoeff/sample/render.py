@@ -50,7 +50,9 @@ class ImageRecord:
 
     def to_json(self) -> dict[str, Any]:
         """The record without its image, as written to the manifest and into the PNG's text chunk."""
-        return {k: getattr(self, k) for k in ("row", "run", "coeff_scale", "lora", "prompt_index", "prompt", "seed", "file")}
+        return {
+            k: getattr(self, k) for k in ("row", "run", "coeff_scale", "lora", "prompt_index", "prompt", "seed", "file")
+        }
 
 
 @dataclass
@@ -138,9 +140,16 @@ class _Job:
 
 
 def _checked_inputs(
-    pipe: StableDiffusionXLPipeline, runs: Sequence[RunSpec], prompts: Sequence[str], seeds: Sequence[int],
-    include_base: bool, coeff_scales: Sequence[float] | None, batch_size: int, num_inference_steps: int,
-    height: int | None, width: int | None,
+    pipe: StableDiffusionXLPipeline,
+    runs: Sequence[RunSpec],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    include_base: bool,
+    coeff_scales: Sequence[float] | None,
+    batch_size: int,
+    num_inference_steps: int,
+    height: int | None,
+    width: int | None,
 ) -> tuple[list[str], list[int], int, int, list[Row]]:
     """(prompts, seeds, height, width, rows), checked; :class:`SamplingError` for bad input."""
     prompts = list(prompts)
@@ -164,8 +173,13 @@ def _checked_inputs(
 def _save_record(row: Row, prompt_index: int, seed: int, image: Image.Image, job: _Job) -> ImageRecord:
     """The image's record; the image written to ``images/`` (with the record as PNG text) and/or kept."""
     record = ImageRecord(
-        row=row.name, run=row.run.name if row.run else None, coeff_scale=row.coeff_scale,
-        lora=row.has_lora, prompt_index=prompt_index, prompt=job.prompts[prompt_index], seed=seed,
+        row=row.name,
+        run=row.run.name if row.run else None,
+        coeff_scale=row.coeff_scale,
+        lora=row.has_lora,
+        prompt_index=prompt_index,
+        prompt=job.prompts[prompt_index],
+        seed=seed,
     )
     if job.output_dir is not None:
         record.file = f"images/{row.slug}_{prompt_tag(prompt_index, len(job.prompts))}_s{seed}.png"
@@ -177,7 +191,9 @@ def _save_record(row: Row, prompt_index: int, seed: int, image: Image.Image, job
     return record
 
 
-def _render_batch(pipe: StableDiffusionXLPipeline, row: Row, batch: list[tuple[int, int]], job: _Job) -> list[ImageRecord]:
+def _render_batch(
+    pipe: StableDiffusionXLPipeline, row: Row, batch: list[tuple[int, int]], job: _Job
+) -> list[ImageRecord]:
     """One pipeline call for a batch of (prompt index, seed), each from its seed's initial latents."""
     drawn = [initial_latents(pipe, seed, job.height, job.width, job.dtype) for _, seed in batch]
     out = pipe(
@@ -219,7 +235,11 @@ def _render_row(
 
 
 def _render_rows(
-    pipe: StableDiffusionXLPipeline, switcher: AdapterSwitcher, rows: Sequence[Row], job: _Job, lora_scale: float,
+    pipe: StableDiffusionXLPipeline,
+    switcher: AdapterSwitcher,
+    rows: Sequence[Row],
+    job: _Job,
+    lora_scale: float,
     progress: bool,
 ) -> tuple[list[ImageRecord], dict[str, dict[str, float]]]:
     """Every row in turn, with a progress bar; the switcher is closed at the end, also on errors."""
@@ -237,8 +257,13 @@ def _render_rows(
 
 
 def _settings(
-    pipe: StableDiffusionXLPipeline, job: _Job, seeds: list[int], include_base: bool,
-    coeff_scales: Sequence[float] | None, lora_scale: float, batch_size: int,
+    pipe: StableDiffusionXLPipeline,
+    job: _Job,
+    seeds: list[int],
+    include_base: bool,
+    coeff_scales: Sequence[float] | None,
+    lora_scale: float,
+    batch_size: int,
 ) -> dict[str, Any]:
     """How the images were made, for the manifest."""
     return {
@@ -322,9 +347,16 @@ def sample_runs(
         (output_dir / "images").mkdir(parents=True, exist_ok=True)
     items = [(p, s) for s in seeds for p in range(len(prompts))]
     job = _Job(
-        prompts=prompts, batches=[items[i : i + batch_size] for i in range(0, len(items), batch_size)],
-        negative_prompt=negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-        height=height, width=width, dtype=pipe.unet.dtype, output_dir=output_dir, keep_images=keep_images,
+        prompts=prompts,
+        batches=[items[i : i + batch_size] for i in range(0, len(items), batch_size)],
+        negative_prompt=negative_prompt,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        dtype=pipe.unet.dtype,
+        output_dir=output_dir,
+        keep_images=keep_images,
     )
     records, row_timing = _render_rows(pipe, switcher, rows, job, lora_scale, progress)
     settings = _settings(pipe, job, seeds, include_base, coeff_scales, lora_scale, batch_size)

@@ -42,8 +42,12 @@ def _versions() -> dict[str, str]:
 
     from .. import __version__
 
-    return {"dreamcoeff": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__}
+    return {
+        "dreamcoeff": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def write_manifest(
@@ -74,8 +78,14 @@ def write_manifest(
         "settings": {**result.settings, **(settings or {})},
         "runs": runs,
         "rows": [
-            {"name": r.name, "run": r.run.name if r.run else None, "coeff_scale": r.coeff_scale, "lora": r.has_lora,
-             "description": r.description, **result.timing["rows"].get(r.name, {})}
+            {
+                "name": r.name,
+                "run": r.run.name if r.run else None,
+                "coeff_scale": r.coeff_scale,
+                "lora": r.has_lora,
+                "description": r.description,
+                **result.timing["rows"].get(r.name, {}),
+            }
             for r in result.rows
         ],
         "timing": result.timing,
@@ -135,7 +145,9 @@ def _html_facts(result: SampleResult, model: str | None) -> list[str]:
 
 def _html_rows(result: SampleResult) -> list[str]:
     """The rows table: what each row applies, its weight files, seconds per image."""
-    out = ["<h2>Rows</h2><table><tr><th>row</th><th>applies</th><th>alpha file</th><th>LoRA file</th><th>s / image</th></tr>"]
+    out = [
+        "<h2>Rows</h2><table><tr><th>row</th><th>applies</th><th>alpha file</th><th>LoRA file</th><th>s / image</th></tr>"
+    ]
     for row in result.rows:
         weights = result.weights.get(row.run.name, {}) if row.run else {}
         alpha = weights.get("alpha", {}).get("path", "") if row.coeff_scale is not None else ""
@@ -161,13 +173,17 @@ def _html_prompts(result: SampleResult) -> list[str]:
 def _html_metrics(metrics_summary: Sequence[Mapping[str, Any]]) -> list[str]:
     """The per-row metric means and what they measure."""
     names = [m for m in METRIC_NAMES if any(m in r for r in metrics_summary)]
-    out = ["<h2>Metrics (mean per row)</h2><table><tr><th>row</th><th>images</th>",
-           "".join(f"<th>{_esc(n)}</th>" for n in names) + "</tr>"]
+    out = [
+        "<h2>Metrics (mean per row)</h2><table><tr><th>row</th><th>images</th>",
+        "".join(f"<th>{_esc(n)}</th>" for n in names) + "</tr>",
+    ]
     for r in metrics_summary:
         cells = "".join(f"<td>{r[n]:.4f}</td>" if r.get(n) is not None else "<td></td>" for n in names)
         out.append(f"<tr><td>{_esc(r['row'])}</td><td>{r['images']}</td>{cells}</tr>")
-    out.append("</table><p>CLIP-T: cosine similarity of image and prompt (without the identifier) in CLIP space; "
-               "CLIP-I / DINO: mean cosine similarity to the instance images.</p>")
+    out.append(
+        "</table><p>CLIP-T: cosine similarity of image and prompt (without the identifier) in CLIP space; "
+        "CLIP-I / DINO: mean cosine similarity to the instance images.</p>"
+    )
     return out
 
 
@@ -176,9 +192,13 @@ def _html_seed(result: SampleResult, seed: int, grids: Mapping[int, str]) -> lis
     n = len(result.prompts)
     out = [f'<h2 id="seed-{seed}">Seed {seed}</h2>']
     if seed in grids:
-        out.append(f'<a href="{_url(grids[seed])}"><img class="grid" src="{_url(grids[seed])}" alt="grid, seed {seed}"></a>')
+        out.append(
+            f'<a href="{_url(grids[seed])}"><img class="grid" src="{_url(grids[seed])}" alt="grid, seed {seed}"></a>'
+        )
     out.append(f"<details><summary>Single images, seed {seed}</summary><table><tr><th>row</th>")
-    out.append("".join(f'<th title="{_esc(p)}">{prompt_tag(i, n)}</th>' for i, p in enumerate(result.prompts)) + "</tr>")
+    out.append(
+        "".join(f'<th title="{_esc(p)}">{prompt_tag(i, n)}</th>' for i, p in enumerate(result.prompts)) + "</tr>"
+    )
     for row, records in zip(result.rows, result.grid_rows(seed), strict=True):
         cells = []
         for rec in records:

@@ -46,7 +46,7 @@ class RunSpec:
 
     @property
     def kind(self) -> str:
-        """"alpha", "lora", "alpha+lora" or "unet"."""
+        """ "alpha", "lora", "alpha+lora" or "unet"."""
         parts = (("alpha", self.alpha_path), ("lora", self.lora_path), ("unet", self.unet_path))
         return "+".join(k for k, p in parts if p is not None)
 
@@ -140,8 +140,10 @@ def parse_run(spec: str) -> RunSpec:
             files[kind] = file
     unet, alpha, lora = files.get("unet"), files.get("alpha"), files.get("lora")
     if unet is not None and (alpha is not None or lora is not None):
-        raise SamplingError(f"run {name!r}: a fully fine-tuned UNet ({unet}) cannot be combined with alpha or LoRA "
-                            "files in one run; give them as separate runs")
+        raise SamplingError(
+            f"run {name!r}: a fully fine-tuned UNet ({unet}) cannot be combined with alpha or LoRA "
+            "files in one run; give them as separate runs"
+        )
     return RunSpec(name=name, alpha_path=alpha, lora_path=lora, source=source, unet_path=unet)
 
 

@@ -35,8 +35,9 @@ world word is a single token.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +80,10 @@ IDENTIFIERS = ("sks", "zwx", "ohwx", "qlv", "vbk", "mtz")
 VOCAB_WORDS: tuple[str, ...] = tuple(
     dict.fromkeys(
         ["a", "an", "the", "on", "at", "background", "left", "center", "right", "small", "large"]
-        + list(COLOURS) + list(PATTERN_BACKGROUNDS) + list(SHAPES) + list(IDENTIFIERS)
+        + list(COLOURS)
+        + list(PATTERN_BACKGROUNDS)
+        + list(SHAPES)
+        + list(IDENTIFIERS)
     )
 )
 
@@ -141,7 +145,7 @@ def pattern_labels(pattern: str, cx: float, cy: float, r: float, rx: float | Non
     if pattern == "solid":
         return np.zeros((RES, RES), np.int64)
     if pattern == "striped":  # 4 horizontal bands
-        return (np.floor((v + 1.0) * 2.0).astype(np.int64) % 2)
+        return np.floor((v + 1.0) * 2.0).astype(np.int64) % 2
     if pattern == "checkered":  # 2 x 2 quadrants
         return ((u >= 0).astype(np.int64) + (v >= 0).astype(np.int64)) % 2
     if pattern == "split":  # left half / right half
@@ -254,21 +258,43 @@ class Concept:
 
     def instance_scenes(self, n: int = 5) -> list[Scene]:
         """n training scenes on the one training background, varying size and position (fixed)."""
-        layout = [("large", "center", 0, 0), ("small", "left", 1, -1), ("large", "right", -1, 1),
-                  ("small", "center", 2, 1), ("large", "left", 0, -2)]
+        layout = [
+            ("large", "center", 0, 0),
+            ("small", "left", 1, -1),
+            ("large", "right", -1, 1),
+            ("small", "center", 2, 1),
+            ("large", "left", 0, -2),
+        ]
         return [self.scene(s, p, self.train_background, dx, dy) for s, p, dx, dy in layout[:n]]
 
     def eval_prompts(self) -> list[dict[str, Any]]:
         """Evaluation prompts, each with what it asks for (keys: prompt, background, size, position)."""
-        others = [b for b in ("red", "green", "blue", "yellow", "white", "black", "checkered")
-                  if b != self.train_background and b not in self.colours][:3]
+        others = [
+            b
+            for b in ("red", "green", "blue", "yellow", "white", "black", "checkered")
+            if b != self.train_background and b not in self.colours
+        ][:3]
         out = []
         for bg in others:
-            out.append({"prompt": f"a {self.token} on a {bg} background", "background": bg, "size": None, "position": None})
-        out.append({"prompt": f"a small {self.token} at the left on a {others[0]} background",
-                    "background": others[0], "size": "small", "position": "left"})
-        out.append({"prompt": f"a large {self.token} at the right on a {others[1]} background",
-                    "background": others[1], "size": "large", "position": "right"})
+            out.append(
+                {"prompt": f"a {self.token} on a {bg} background", "background": bg, "size": None, "position": None}
+            )
+        out.append(
+            {
+                "prompt": f"a small {self.token} at the left on a {others[0]} background",
+                "background": others[0],
+                "size": "small",
+                "position": "left",
+            }
+        )
+        out.append(
+            {
+                "prompt": f"a large {self.token} at the right on a {others[1]} background",
+                "background": others[1],
+                "size": "large",
+                "position": "right",
+            }
+        )
         return out
 
 
@@ -392,7 +418,9 @@ def analyze(img: np.ndarray) -> dict[str, Any]:
     bg, bg_dist = _estimate_background(x)
     out: dict[str, Any] = {"background": bg, "background_distance": bg_dist, "object": False}
     # With an unknown background, compare against the best template anyway (its colour may be off).
-    name = bg or min(_BG_TEMPLATES, key=lambda n: np.linalg.norm(x[_BORDER_MASK] - _BG_TEMPLATES[n][_BORDER_MASK], axis=-1).mean())
+    name = bg or min(
+        _BG_TEMPLATES, key=lambda n: np.linalg.norm(x[_BORDER_MASK] - _BG_TEMPLATES[n][_BORDER_MASK], axis=-1).mean()
+    )
     diff = np.linalg.norm(x - _BG_TEMPLATES[name], axis=-1)
     mask = _largest_component(diff > MASK_THRESHOLD)
     n = int(mask.sum())
@@ -404,9 +432,12 @@ def analyze(img: np.ndarray) -> dict[str, Any]:
     cy, cx = (y0 + y1) / 2.0, (x0 + x1) / 2.0
     ry, rx = (y1 - y0) / 2.0, (x1 - x0) / 2.0
     extent = max(y1 - y0, x1 - x0)
-    out.update(object=True, bbox=(int(y0), int(x0), int(y1), int(x1)),
-               size="small" if extent < SIZE_SPLIT else "large",
-               position="left" if cx < POS_SPLITS[0] else ("right" if cx > POS_SPLITS[1] else "center"))
+    out.update(
+        object=True,
+        bbox=(int(y0), int(x0), int(y1), int(x1)),
+        size="small" if extent < SIZE_SPLIT else "large",
+        position="left" if cx < POS_SPLITS[0] else ("right" if cx > POS_SPLITS[1] else "center"),
+    )
     # shape: best IoU against each shape fitted to the bounding box
     ious = {}
     for s in SHAPES:
@@ -431,8 +462,8 @@ def analyze(img: np.ndarray) -> dict[str, Any]:
         out.update(pattern="solid", pattern_agreement=float(counts[order[0]]) if order else 0.0)
         return out
     is_first = (lab == order[0]).astype(np.int64)
-    is_second = (lab == order[1])
-    two = (is_first.astype(bool) | is_second)
+    is_second = lab == order[1]
+    two = is_first.astype(bool) | is_second
     scores = {}
     for p in PATTERNS[1:]:
         pl = pattern_labels(p, cx, cy, ry, rx)[core]
@@ -480,8 +511,12 @@ def subject_match(img: np.ndarray, c: Concept, analysis: dict[str, Any] | None =
     return {"shape": shape, "colours": colours, "pattern": pattern, "subject": shape * colours * pattern}
 
 
-def prompt_match(img: np.ndarray, request: dict[str, Any], train_background: str | None = None,
-                 analysis: dict[str, Any] | None = None) -> dict[str, float | None]:
+def prompt_match(
+    img: np.ndarray,
+    request: dict[str, Any],
+    train_background: str | None = None,
+    analysis: dict[str, Any] | None = None,
+) -> dict[str, float | None]:
     """Prompt fidelity: requested background / size / position (None where not requested), and
     ``bg_copy`` = 1 when the concept's training background appears although another was requested."""
     a = analysis if analysis is not None else analyze(img)
@@ -547,8 +582,13 @@ def micro_vae_config() -> dict[str, Any]:
     from .tiny import tiny_vae_config
 
     cfg = tiny_vae_config()
-    cfg.update(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-               block_out_channels=(16, 32, 64), norm_num_groups=1, sample_size=RES)
+    cfg.update(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        norm_num_groups=1,
+        sample_size=RES,
+    )
     return cfg
 
 
@@ -574,7 +614,13 @@ def build_micro_pipeline(seed: int = 0, version: str = "v1"):
         vae.quant_conv.weight[latent:] = 0.0
         vae.quant_conv.bias[latent:] = -12.0
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=tiny.text_encoder, text_encoder_2=tiny.text_encoder_2,
-        tokenizer=tiny.tokenizer, tokenizer_2=tiny.tokenizer_2, unet=unet, scheduler=tiny.scheduler,
-        force_zeros_for_empty_prompt=True, add_watermarker=False,
+        vae=vae,
+        text_encoder=tiny.text_encoder,
+        text_encoder_2=tiny.text_encoder_2,
+        tokenizer=tiny.tokenizer,
+        tokenizer_2=tiny.tokenizer_2,
+        unet=unet,
+        scheduler=tiny.scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )

@@ -102,30 +102,136 @@ _NUM_TIME_IDS = 6
 #: concept tokens, and common captioning words. Extra words can be passed as ``vocab_words``.
 DEFAULT_VOCAB_WORDS: tuple[str, ...] = (
     # the canonical prompt and rare identifier tokens
-    "a", "an", "the", "photo", "picture", "image", "of", "sks", "ohwx", "zwx", "xyz",
-    "dog", "cat", "toy", "backpack", "person", "man", "woman", "boy", "girl", "bird", "car",
-    "bowl", "vase", "teapot", "sneaker", "shoe", "clock", "robot", "plushie", "sunglasses",
+    "a",
+    "an",
+    "the",
+    "photo",
+    "picture",
+    "image",
+    "of",
+    "sks",
+    "ohwx",
+    "zwx",
+    "xyz",
+    "dog",
+    "cat",
+    "toy",
+    "backpack",
+    "person",
+    "man",
+    "woman",
+    "boy",
+    "girl",
+    "bird",
+    "car",
+    "bowl",
+    "vase",
+    "teapot",
+    "sneaker",
+    "shoe",
+    "clock",
+    "robot",
+    "plushie",
+    "sunglasses",
     # prepositions / glue
-    "on", "in", "with", "and", "at", "by", "top", "background", "front", "next", "to", "is", "for",
+    "on",
+    "in",
+    "with",
+    "and",
+    "at",
+    "by",
+    "top",
+    "background",
+    "front",
+    "next",
+    "to",
+    "is",
+    "for",
     # DreamBooth live-subject evaluation prompts
-    "jungle", "snow", "beach", "cobblestone", "street", "pink", "fabric", "wooden", "floor", "city",
-    "mountain", "blue", "house", "purple", "rug", "forest", "wearing", "red", "hat", "santa",
-    "rainbow", "scarf", "black", "monocle", "chef", "outfit", "firefighter", "police", "glasses",
-    "yellow", "shirt", "wizard", "shiny", "wet", "cube", "shaped",
+    "jungle",
+    "snow",
+    "beach",
+    "cobblestone",
+    "street",
+    "pink",
+    "fabric",
+    "wooden",
+    "floor",
+    "city",
+    "mountain",
+    "blue",
+    "house",
+    "purple",
+    "rug",
+    "forest",
+    "wearing",
+    "red",
+    "hat",
+    "santa",
+    "rainbow",
+    "scarf",
+    "black",
+    "monocle",
+    "chef",
+    "outfit",
+    "firefighter",
+    "police",
+    "glasses",
+    "yellow",
+    "shirt",
+    "wizard",
+    "shiny",
+    "wet",
+    "cube",
+    "shaped",
     # common captioning / style words
-    "green", "white", "orange", "brown", "gray", "small", "big", "cute", "fluffy", "sitting",
-    "standing", "lying", "grass", "table", "sofa", "park", "water", "sky", "sunset", "portrait",
-    "painting", "style", "high", "quality", "detailed", "close", "up", "view", "studio", "lighting",
-    "realistic", "cartoon", "drawing", "sketch", "watercolor", "oil", "blurry", "low", "ugly",
-    "bad", "worst",
+    "green",
+    "white",
+    "orange",
+    "brown",
+    "gray",
+    "small",
+    "big",
+    "cute",
+    "fluffy",
+    "sitting",
+    "standing",
+    "lying",
+    "grass",
+    "table",
+    "sofa",
+    "park",
+    "water",
+    "sky",
+    "sunset",
+    "portrait",
+    "painting",
+    "style",
+    "high",
+    "quality",
+    "detailed",
+    "close",
+    "up",
+    "view",
+    "studio",
+    "lighting",
+    "realistic",
+    "cartoon",
+    "drawing",
+    "sketch",
+    "watercolor",
+    "oil",
+    "blurry",
+    "low",
+    "ugly",
+    "bad",
+    "worst",
 )
 
 # The CLIP pre-tokenizer split pattern (identical to transformers' CLIPTokenizer / CLIPTokenizerFast
 # converter): the special tokens, English contractions, runs of letters, single digits, runs of
 # other non-space characters.
-_CLIP_SPLIT_PATTERN = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
+_CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _END_OF_WORD = "</w>"
 _BOS = "<|startoftext|>"
 _EOS = "<|endoftext|>"
@@ -270,9 +376,7 @@ def tiny_text_encoder_configs(
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode character table (256 entries, CLIP's order)."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     table = {b: chr(b) for b in printable}
     extra = 0
@@ -468,9 +572,7 @@ def build_tiny_pipeline(seed: int = 0, vocab_words: Iterable[str] | None = None)
     return pipe
 
 
-def save_tiny_pipeline(
-    path: str | Path, seed: int = 0, vocab_words: Iterable[str] | None = None
-) -> Path:
+def save_tiny_pipeline(path: str | Path, seed: int = 0, vocab_words: Iterable[str] | None = None) -> Path:
     """Build the tiny pipeline and ``save_pretrained`` it (safetensors) into folder ``path``.
 
     The folder loads back with ``StableDiffusionXLPipeline.from_pretrained(path)`` and gives the same

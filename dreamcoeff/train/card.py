@@ -34,11 +34,14 @@ def write_model_card(cfg: TrainConfig, out: Path, result: TrainResult, validatio
     title = method.title(cfg.rank)
     share = 100.0 * result.trainable_parameters / max(1, result.unet_parameters)
     load = method.load_lines(out)
-    images = "\n".join(f"![{p.name}]({p.relative_to(out).as_posix()})" for p in validation[:8]) or "(no validation prompt given)"
+    images = (
+        "\n".join(f"![{p.name}]({p.relative_to(out).as_posix()})" for p in validation[:8])
+        or "(no validation prompt given)"
+    )
     text = f"""---
 base_model: {cfg.pretrained_model_name_or_path}
 library_name: diffusers
-tags: [{', '.join(['stable-diffusion-xl', 'dreambooth', 'coeff-tuning', 'dreamcoeff'] + method.tags)}]
+tags: [{", ".join(["stable-diffusion-xl", "dreambooth", "coeff-tuning", "dreamcoeff"] + method.tags)}]
 instance_prompt: {json.dumps(cfg.instance_prompt)}
 ---
 
@@ -54,9 +57,9 @@ Trained with [dreamcoeff](https://pypi.org/project/dreamcoeff/) on the images in
 | steps | {result.global_step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |
 | learning rates | alpha {cfg.coeff_lr}, {method.weights_label} {cfg.learning_rate} ({cfg.lr_scheduler}) |
 | coeff targets / dropout | {cfg.coeff_targets} / {cfg.coeff_dropout} |
-| resolution | {cfg.resolution} ({'square crops' if cfg.square_crop or cfg.with_prior_preservation else 'aspect buckets'}) |
-| prior preservation | {f'yes: {cfg.class_prompt!r}, weight {cfg.prior_loss_weight}' if cfg.with_prior_preservation else 'no'} |
-| mixed precision | {cfg.mixed_precision or 'no'} |
+| resolution | {cfg.resolution} ({"square crops" if cfg.square_crop or cfg.with_prior_preservation else "aspect buckets"}) |
+| prior preservation | {f"yes: {cfg.class_prompt!r}, weight {cfg.prior_loss_weight}" if cfg.with_prior_preservation else "no"} |
+| mixed precision | {cfg.mixed_precision or "no"} |
 | wall time | {result.wall_time_s:.0f} s |
 
 ## Use
@@ -68,7 +71,7 @@ from dreamcoeff import load_coeff_weights
 
 pipe = StableDiffusionXLPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
 {chr(10).join(load)}
-image = pipe({json.dumps(cfg.instance_prompt or 'a photo of sks dog')}, cross_attention_kwargs={{"coeff_scale": 1.0}}).images[0]
+image = pipe({json.dumps(cfg.instance_prompt or "a photo of sks dog")}, cross_attention_kwargs={{"coeff_scale": 1.0}}).images[0]
 ```
 
 ## Validation images

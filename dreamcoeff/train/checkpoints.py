@@ -33,7 +33,13 @@ _LEFTOVER_RE = re.compile(r"^(checkpoint-\d+\.(tmp|old)|\..+\.tmp(\.d)?)$")
 STATE_NAME = "dreamcoeff_state.json"
 COMPLETE_NAME = "dreamcoeff_complete.json"
 # Arguments that may change between a run and its resumption without changing what is trained.
-_VOLATILE_ARGS = {"resume_from_checkpoint", "overwrite_output_dir", "report_to", "logging_dir", "dataloader_num_workers"}
+_VOLATILE_ARGS = {
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    "report_to",
+    "logging_dir",
+    "dataloader_num_workers",
+}
 # Arguments that fix the shape of the trainable weights: a checkpoint cannot be resumed with others.
 # (Another base model only gets a warning: the same model may live under another path now.)
 _STRUCTURAL_ARGS = ("tuning", "coeff_targets", "rank", "lora_alpha")
@@ -75,7 +81,9 @@ def resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
     if not path.is_absolute() and not path.exists():
         path = out / path
     if not (path / STATE_NAME).is_file():
-        raise UsageError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: {path} is not a complete dreamcoeff checkpoint")
+        raise UsageError(
+            f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: {path} is not a complete dreamcoeff checkpoint"
+        )
     return path
 
 
@@ -123,15 +131,25 @@ def check_resume_args(cfg: TrainConfig, checkpoint: Path) -> None:
     except (OSError, ValueError):
         return
     now = json.loads(cfg.to_json())
-    clash = [f"--{k} {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in _STRUCTURAL_ARGS
-             if k in saved and saved.get(k) != now.get(k)]
+    clash = [
+        f"--{k} {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+        for k in _STRUCTURAL_ARGS
+        if k in saved and saved.get(k) != now.get(k)
+    ]
     if clash:
-        raise UsageError(f"cannot resume from {checkpoint}: it was trained with other settings ("
-                         + "; ".join(clash) + "). Use the same flags, or start a new --output_dir")
+        raise UsageError(
+            f"cannot resume from {checkpoint}: it was trained with other settings ("
+            + "; ".join(clash)
+            + "). Use the same flags, or start a new --output_dir"
+        )
     changed = sorted(k for k, v in _comparable_args(now).items() if k in saved and saved[k] != v)
     if changed:
-        logger.warning("resuming from %s with changed settings: %s; the result will differ from an "
-                       "uninterrupted run with the original ones", checkpoint, ", ".join(f"--{k}" for k in changed))
+        logger.warning(
+            "resuming from %s with changed settings: %s; the result will differ from an "
+            "uninterrupted run with the original ones",
+            checkpoint,
+            ", ".join(f"--{k}" for k in changed),
+        )
 
 
 def completed_run(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
@@ -154,9 +172,11 @@ def write_error(exc: BaseException) -> OSError | None:
 
 def write_failed_message(out: Path, exc: OSError) -> str:
     """What to tell the user when the final files could not be written."""
-    return (f"could not write the final files in {out}: {exc.strerror or exc}. Files already there are intact "
-            "(each is written under a temporary name, then renamed); free some space and rerun with "
-            "--resume_from_checkpoint latest")
+    return (
+        f"could not write the final files in {out}: {exc.strerror or exc}. Files already there are intact "
+        "(each is written under a temporary name, then renamed); free some space and rerun with "
+        "--resume_from_checkpoint latest"
+    )
 
 
 def register_hooks(accelerator: Accelerator, method: TuningMethod, cfg: TrainConfig) -> None:

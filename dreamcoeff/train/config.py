@@ -22,12 +22,22 @@ class UsageError(ValueError):
 
 
 def _f(default, help, group, choices=None, aliases=(), nargs=None, action=None):
-    return field(default=default, metadata=dict(help=help, group=group, choices=choices, aliases=aliases, nargs=nargs, action=action))
+    return field(
+        default=default,
+        metadata=dict(help=help, group=group, choices=choices, aliases=aliases, nargs=nargs, action=action),
+    )
 
 
 MODEL, DATA, METHOD, TRAIN, OPTIM, PRIOR, CKPT, VALID, SYSTEM = (
-    "model", "data", "method (Coeff-Tuning / LoRA)", "training", "optimizer", "prior preservation",
-    "checkpoints and output", "validation and logging", "speed and memory",
+    "model",
+    "data",
+    "method (Coeff-Tuning / LoRA)",
+    "training",
+    "optimizer",
+    "prior preservation",
+    "checkpoints and output",
+    "validation and logging",
+    "speed and memory",
 )
 
 
@@ -36,15 +46,27 @@ class TrainConfig:
     """Every setting of a dreamcoeff training run (see `--help` for each flag)."""
 
     # model
-    pretrained_model_name_or_path: str | None = _f(None, "SDXL base: a hub id or a local diffusers folder (required)", MODEL)
-    pretrained_vae_model_name_or_path: str | None = _f(None, "a better VAE (e.g. an fp16-safe one); by default the model's own VAE, kept in float32", MODEL)
+    pretrained_model_name_or_path: str | None = _f(
+        None, "SDXL base: a hub id or a local diffusers folder (required)", MODEL
+    )
+    pretrained_vae_model_name_or_path: str | None = _f(
+        None, "a better VAE (e.g. an fp16-safe one); by default the model's own VAE, kept in float32", MODEL
+    )
     revision: str | None = _f(None, "hub revision of the model", MODEL)
     variant: str | None = _f(None, "weight variant to load, e.g. fp16", MODEL)
 
     # data
-    instance_data_dir: str | None = _f(None, "folder of instance images (jpg/png/webp) of the subject (required)", DATA, aliases=("--instance_dir",))
-    instance_prompt: str | None = _f(None, "prompt with the identifier, e.g. 'a photo of sks dog' (required unless every image has a caption file)", DATA)
-    caption_ext: str | None = _f(None, "read per-image captions from sidecar files with this extension, e.g. .txt (name.jpg -> name.txt)", DATA)
+    instance_data_dir: str | None = _f(
+        None, "folder of instance images (jpg/png/webp) of the subject (required)", DATA, aliases=("--instance_dir",)
+    )
+    instance_prompt: str | None = _f(
+        None,
+        "prompt with the identifier, e.g. 'a photo of sks dog' (required unless every image has a caption file)",
+        DATA,
+    )
+    caption_ext: str | None = _f(
+        None, "read per-image captions from sidecar files with this extension, e.g. .txt (name.jpg -> name.txt)", DATA
+    )
     resolution: int = _f(1024, "training resolution (pixels of the square, or the area of each aspect bucket)", DATA)
     square_crop: bool = _f(False, "square crops like diffusers' script instead of aspect-ratio buckets", DATA)
     center_crop: bool = _f(False, "center crops instead of random crops", DATA)
@@ -54,9 +76,21 @@ class TrainConfig:
     dataloader_num_workers: int = _f(0, "data loading worker processes", DATA)
 
     # method
-    tuning: str = _f("coeff", "what to train: Coeff-Tuning alpha, LoRA, both, or every UNet weight (full fine-tuning, the DreamBooth paper's baseline)", METHOD, choices=tuple(METHODS))
-    coeff_targets: str = _f("both", "attention modules that get alpha: self- (attn1), cross- (attn2) or both", METHOD, choices=("attn1", "attn2", "both"))
-    coeff_dropout: float = _f(0.1, "coefficient dropout on alpha's elements (the paper's ablation found 0.1-0.2 best)", METHOD)
+    tuning: str = _f(
+        "coeff",
+        "what to train: Coeff-Tuning alpha, LoRA, both, or every UNet weight (full fine-tuning, the DreamBooth paper's baseline)",
+        METHOD,
+        choices=tuple(METHODS),
+    )
+    coeff_targets: str = _f(
+        "both",
+        "attention modules that get alpha: self- (attn1), cross- (attn2) or both",
+        METHOD,
+        choices=("attn1", "attn2", "both"),
+    )
+    coeff_dropout: float = _f(
+        0.1, "coefficient dropout on alpha's elements (the paper's ablation found 0.1-0.2 best)", METHOD
+    )
     coeff_lr: float = _f(1e-3, "learning rate of alpha (its own param group)", METHOD)
     rank: int = _f(4, "LoRA rank", METHOD)
     lora_alpha: int | None = _f(None, "LoRA scaling numerator (default: = rank)", METHOD)
@@ -68,24 +102,39 @@ class TrainConfig:
     num_train_epochs: int = _f(1, "epochs, used when --max_train_steps is not given", TRAIN)
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", TRAIN)
     max_grad_norm: float = _f(1.0, "gradient clipping norm", TRAIN)
-    snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is the paper's choice); off by default", TRAIN)
+    snr_gamma: float | None = _f(
+        None, "Min-SNR loss weighting gamma (5.0 is the paper's choice); off by default", TRAIN
+    )
     noise_offset: float = _f(0.0, "noise offset (0.0357 is common for SDXL)", TRAIN)
     seed: int = _f(0, "seed for data order, augmentation, noise and validation", TRAIN)
     max_bad_steps: int = _f(10, "stop after this many consecutive steps with a non-finite loss or gradient", TRAIN)
 
     # optimizer
-    learning_rate: float = _f(1e-4, "learning rate of the LoRA weights (of the whole UNet with --tuning full; 5e-6 is the usual DreamBooth value there)", OPTIM)
-    lr_scheduler: str = _f("constant", "learning-rate schedule", OPTIM, choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"))
+    learning_rate: float = _f(
+        1e-4,
+        "learning rate of the LoRA weights (of the whole UNet with --tuning full; 5e-6 is the usual DreamBooth value there)",
+        OPTIM,
+    )
+    lr_scheduler: str = _f(
+        "constant",
+        "learning-rate schedule",
+        OPTIM,
+        choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
+    )
     lr_warmup_steps: int = _f(0, "warm-up steps of the schedule", OPTIM)
     use_8bit_adam: bool = _f(False, "bitsandbytes' 8-bit AdamW (pip install bitsandbytes)", OPTIM)
     adam_beta1: float = _f(0.9, "AdamW beta1", OPTIM)
     adam_beta2: float = _f(0.999, "AdamW beta2", OPTIM)
-    adam_weight_decay: float = _f(1e-4, "AdamW weight decay of LoRA weights (alpha gets none: decay pulls it to the base model)", OPTIM)
+    adam_weight_decay: float = _f(
+        1e-4, "AdamW weight decay of LoRA weights (alpha gets none: decay pulls it to the base model)", OPTIM
+    )
     adam_epsilon: float = _f(1e-8, "AdamW epsilon", OPTIM)
 
     # prior preservation
     with_prior_preservation: bool = _f(False, "add the prior-preservation loss on class images (square crops)", PRIOR)
-    class_data_dir: str | None = _f(None, "folder of class images; missing ones are generated with the base model", PRIOR)
+    class_data_dir: str | None = _f(
+        None, "folder of class images; missing ones are generated with the base model", PRIOR
+    )
     class_prompt: str | None = _f(None, "prompt of the class images, e.g. 'a photo of a dog'", PRIOR)
     num_class_images: int = _f(100, "class images wanted; missing ones are generated", PRIOR)
     prior_loss_weight: float = _f(1.0, "weight of the prior-preservation loss", PRIOR)
@@ -104,17 +153,35 @@ class TrainConfig:
     num_validation_images: int = _f(4, "images per validation prompt", VALID)
     validation_steps: int = _f(100, "run validation every N optimizer steps (and at the end)", VALID)
     validation_inference_steps: int = _f(25, "inference steps of validation images", VALID)
-    report_to: str = _f("tensorboard", "tracker for logs: tensorboard, wandb, all or none (skipped with a note when not installed)", VALID)
+    report_to: str = _f(
+        "tensorboard",
+        "tracker for logs: tensorboard, wandb, all or none (skipped with a note when not installed)",
+        VALID,
+    )
     logging_dir: str = _f("logs", "tracker folder, relative to --output_dir", VALID)
 
     # speed and memory
-    mixed_precision: str | None = _f(None, "fp16 / bf16 activations and frozen weights (trainable ones stay float32)", SYSTEM, choices=("no", "fp16", "bf16"))
+    mixed_precision: str | None = _f(
+        None,
+        "fp16 / bf16 activations and frozen weights (trainable ones stay float32)",
+        SYSTEM,
+        choices=("no", "fp16", "bf16"),
+    )
     allow_tf32: bool = _f(False, "allow TF32 matmuls on Ampere+ GPUs", SYSTEM)
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward to save memory", SYSTEM)
-    enable_xformers_memory_efficient_attention: bool = _f(False, "xformers for plain attention (layers without alpha; alpha layers keep exact mixing)", SYSTEM)
+    enable_xformers_memory_efficient_attention: bool = _f(
+        False, "xformers for plain attention (layers without alpha; alpha layers keep exact mixing)", SYSTEM
+    )
     cache_latents: bool = _f(False, "encode each augmentation variant with the VAE once and reuse it", SYSTEM)
-    coeff_chunk_size: int | None = _f(None, "query rows per chunk in the exact mixed attention (default: from a memory budget)", SYSTEM)
-    coeff_attention_impl: str = _f("auto", "how alpha layers compute the exact mixed attention: auto (the fused C++ kernel on the CPU, chunked PyTorch on GPUs), chunked, cpu_fused (the fused C++ kernel, built on first use; needs a C++ compiler), or triton (fused Triton kernels: CUDA, `pip install triton`; untimed on a GPU so far, see benchmarks/README.md)", SYSTEM, choices=("auto", "chunked", "cpu_fused", "triton"))
+    coeff_chunk_size: int | None = _f(
+        None, "query rows per chunk in the exact mixed attention (default: from a memory budget)", SYSTEM
+    )
+    coeff_attention_impl: str = _f(
+        "auto",
+        "how alpha layers compute the exact mixed attention: auto (the fused C++ kernel on the CPU, chunked PyTorch on GPUs), chunked, cpu_fused (the fused C++ kernel, built on first use; needs a C++ compiler), or triton (fused Triton kernels: CUDA, `pip install triton`; untimed on a GPU so far, see benchmarks/README.md)",
+        SYSTEM,
+        choices=("auto", "chunked", "cpu_fused", "triton"),
+    )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -206,15 +273,29 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.instance_data_dir:
         raise UsageError("--instance_data_dir (or --instance_dir) is required: the folder with photos of your subject")
     if not cfg.instance_prompt and not cfg.caption_ext:
-        raise UsageError("--instance_prompt is required (e.g. 'a photo of sks dog'), unless --caption_ext gives per-image captions")
+        raise UsageError(
+            "--instance_prompt is required (e.g. 'a photo of sks dog'), unless --caption_ext gives per-image captions"
+        )
     if cfg.with_prior_preservation:
         if not cfg.class_prompt:
             raise UsageError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog')")
         if not cfg.class_data_dir:
             raise UsageError("--with_prior_preservation needs --class_data_dir (generated images are stored there)")
     elif cfg.class_data_dir or cfg.class_prompt:
-        raise UsageError("--class_data_dir / --class_prompt are only used with --with_prior_preservation; add it or drop them")
-    positive = ["resolution", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "rank", "repeats", "num_validation_images", "validation_steps", "max_bad_steps"]
+        raise UsageError(
+            "--class_data_dir / --class_prompt are only used with --with_prior_preservation; add it or drop them"
+        )
+    positive = [
+        "resolution",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "rank",
+        "repeats",
+        "num_validation_images",
+        "validation_steps",
+        "max_bad_steps",
+    ]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(cfg, name)}")

@@ -238,7 +238,9 @@ class DreamBoothDataset(Dataset):
         if not instance_images:
             raise DataError("no instance images given")
         if class_images and not class_prompt:
-            raise DataError("class images were given but --class_prompt is empty; pass --class_prompt (e.g. 'a photo of a dog')")
+            raise DataError(
+                "class images were given but --class_prompt is empty; pass --class_prompt (e.g. 'a photo of a dog')"
+            )
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip

@@ -81,7 +81,9 @@ def select_attention_impl(impl: str, device: torch.device, unet: torch.nn.Module
 
         reason = triton_unavailable_reason(torch.device(device))
         if reason is not None:
-            raise UsageError(f"--coeff_attention_impl triton: {reason}; or drop the flag (chunked PyTorch runs everywhere)")
+            raise UsageError(
+                f"--coeff_attention_impl triton: {reason}; or drop the flag (chunked PyTorch runs everywhere)"
+            )
     if impl == "cpu_fused":
         from ..attention.cpu_kernel import unavailable_reason
 
@@ -119,12 +121,24 @@ class Trainer:
         if resuming and cfg.resume_from_checkpoint == "latest":
             record = completed_run(cfg, out)
             if record is not None:
-                logger.info("%s holds a completed run with these arguments (%d steps): nothing to do",
-                            out, record["global_step"])
-                print(f"dreamcoeff: {out} is already complete ({record['global_step']} steps); nothing to do", flush=True)
-                return TrainResult(out, int(record["global_step"]), int(record.get("trainable_parameters", 0)),
-                                   int(record.get("unet_parameters", 0)), time.time() - self.started, 0,
-                                   [out / name for name in record.get("files", [])], record.get("final_loss"))
+                logger.info(
+                    "%s holds a completed run with these arguments (%d steps): nothing to do",
+                    out,
+                    record["global_step"],
+                )
+                print(
+                    f"dreamcoeff: {out} is already complete ({record['global_step']} steps); nothing to do", flush=True
+                )
+                return TrainResult(
+                    out,
+                    int(record["global_step"]),
+                    int(record.get("trainable_parameters", 0)),
+                    int(record.get("unet_parameters", 0)),
+                    time.time() - self.started,
+                    0,
+                    [out / name for name in record.get("files", [])],
+                    record.get("final_loss"),
+                )
         self.instance_paths = data.list_images(cfg.instance_data_dir, what="instance")
         self.resume_path = resolve_resume(cfg, out)
         if self.resume_path is not None:
@@ -159,10 +173,13 @@ class Trainer:
     def build_models(self) -> None:
         """Load SDXL, freeze it in the mixed-precision dtype, install the method's trainable parts."""
         cfg, accelerator = self.cfg, self.accelerator
-        components = load_components(cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path,
-                                     cfg.revision, cfg.variant)
+        components = load_components(
+            cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path, cfg.revision, cfg.variant
+        )
         self.components = components
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            accelerator.mixed_precision, torch.float32
+        )
         self.device = accelerator.device
         unet, vae = components.unet, components.vae
         for model in (unet, vae, components.text_encoder, components.text_encoder_2):
@@ -195,20 +212,34 @@ class Trainer:
         # Prior preservation uses square crops so instance and class images share a batch.
         use_buckets = not (cfg.square_crop or cfg.with_prior_preservation)
         self.dataset = data.DreamBoothDataset(
-            self.instance_paths, cfg.instance_prompt or "", resolution=cfg.resolution, class_images=self.class_paths,
-            class_prompt=cfg.class_prompt, caption_ext=cfg.caption_ext, center_crop=cfg.center_crop,
-            random_flip=cfg.random_flip, use_buckets=use_buckets, repeats=cfg.repeats, seed=cfg.seed,
-            skip_bad_images=cfg.skip_bad_images, warn=logger.warning,
+            self.instance_paths,
+            cfg.instance_prompt or "",
+            resolution=cfg.resolution,
+            class_images=self.class_paths,
+            class_prompt=cfg.class_prompt,
+            caption_ext=cfg.caption_ext,
+            center_crop=cfg.center_crop,
+            random_flip=cfg.random_flip,
+            use_buckets=use_buckets,
+            repeats=cfg.repeats,
+            seed=cfg.seed,
+            skip_bad_images=cfg.skip_bad_images,
+            warn=logger.warning,
         )
-        self.sampler = data.BucketBatchSampler(self.dataset, cfg.train_batch_size, seed=cfg.seed,
-                                               indices=self.dataset.instance_indices)
-        self.dataloader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
-                                                      collate_fn=data.collate_examples,
-                                                      num_workers=cfg.dataloader_num_workers)
+        self.sampler = data.BucketBatchSampler(
+            self.dataset, cfg.train_batch_size, seed=cfg.seed, indices=self.dataset.instance_indices
+        )
+        self.dataloader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=data.collate_examples,
+            num_workers=cfg.dataloader_num_workers,
+        )
         c = self.components
         captions = [ex.caption for ex in self.dataset.examples]
-        self.embeddings = encode_prompts(captions, [c.tokenizer, c.tokenizer_2], [c.text_encoder, c.text_encoder_2],
-                                         self.device)
+        self.embeddings = encode_prompts(
+            captions, [c.tokenizer, c.tokenizer_2], [c.text_encoder, c.text_encoder_2], self.device
+        )
 
     def build_optimizer(self) -> None:
         """AdamW (or bitsandbytes' 8-bit AdamW) over the method's parameter groups; the schedule."""
@@ -220,7 +251,9 @@ class Trainer:
             try:
                 import bitsandbytes as bnb
             except ImportError as exc:
-                raise UsageError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`, or drop the flag") from exc
+                raise UsageError(
+                    "--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`, or drop the flag"
+                ) from exc
             optimizer_cls = bnb.optim.AdamW8bit
         else:
             optimizer_cls = torch.optim.AdamW
@@ -229,22 +262,28 @@ class Trainer:
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
         self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * self.updates_per_epoch
         self.num_epochs = math.ceil(self.max_steps / self.updates_per_epoch)
-        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=self.optimizer,
-                                          num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                                          num_training_steps=self.max_steps * accelerator.num_processes)
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=self.max_steps * accelerator.num_processes,
+        )
 
     def prepare(self) -> None:
         """Hand everything to accelerate, write args.json, start trackers, resume a checkpoint."""
         cfg, accelerator, out = self.cfg, self.accelerator, self.out
         register_hooks(accelerator, self.method, cfg)
         self.unet, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
-            self.unet, self.optimizer, self.dataloader, self.lr_scheduler)
+            self.unet, self.optimizer, self.dataloader, self.lr_scheduler
+        )
         self.bare_unet = accelerator.unwrap_model(self.unet)
         if accelerator.is_main_process:
             atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(cfg.to_json(), encoding="utf-8"))
             if accelerator.trackers:
-                accelerator.init_trackers("dreamcoeff", config={k: v for k, v in asdict(cfg).items()
-                                                                  if isinstance(v, (int, float, str, bool))})
+                accelerator.init_trackers(
+                    "dreamcoeff",
+                    config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))},
+                )
         if self.resume_path is not None:
             accelerator.load_state(str(self.resume_path))
             state = json.loads((self.resume_path / STATE_NAME).read_text())
@@ -265,8 +304,13 @@ class Trainer:
         skip_batches = (self.global_step % self.updates_per_epoch) * cfg.gradient_accumulation_steps
         self.latent_cache: dict = {}
         self.bad_steps, self.step_bad = 0, False
-        self.bar = tqdm(total=self.max_steps, initial=self.global_step, desc="steps",
-                        disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self.max_steps,
+            initial=self.global_step,
+            desc="steps",
+            disable=not accelerator.is_local_main_process,
+            dynamic_ncols=True,
+        )
         for epoch in range(first_epoch, self.num_epochs):
             if self.global_step >= self.max_steps:
                 break
@@ -303,8 +347,9 @@ class Trainer:
             scaling = self.vae.config.scaling_factor
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             latents = ((latents - shift) * scaling).to(self.weight_dtype)
-            loss = denoising_loss(self.unet, self.components.noise_scheduler, latents, batch, self.embeddings, cfg,
-                                  gen, self.weight_dtype)
+            loss = denoising_loss(
+                self.unet, self.components.noise_scheduler, latents, batch, self.embeddings, cfg, gen, self.weight_dtype
+            )
             finite = accelerator.reduce(torch.isfinite(loss).float().reshape(1), reduction="sum").item()
             if finite == accelerator.num_processes:
                 accelerator.backward(loss)
@@ -319,17 +364,23 @@ class Trainer:
         """Clip and step, or skip a non-finite step; stop the run after --max_bad_steps in a row."""
         cfg, accelerator = self.cfg, self.accelerator
         params = self.coeff_params + self.weight_params
-        norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if not self.step_bad else torch.tensor(float("nan"))
+        norm = (
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if not self.step_bad else torch.tensor(float("nan"))
+        )
         if self.step_bad or not torch.isfinite(torch.as_tensor(norm)):
             self.bad_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
-            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                           self.global_step + 1, self.bad_steps)
+            logger.warning(
+                "step %d: non-finite loss or gradient, step skipped (%d in a row)", self.global_step + 1, self.bad_steps
+            )
             if self.bad_steps >= cfg.max_bad_steps:
                 self.bar.close()
                 kept = list_checkpoints(self.out)
-                kept_text = (f"the last good checkpoint, {kept[-1][1]}, is kept" if kept else
-                             "no checkpoint had been written (see --checkpointing_steps)")
+                kept_text = (
+                    f"the last good checkpoint, {kept[-1][1]}, is kept"
+                    if kept
+                    else "no checkpoint had been written (see --checkpointing_steps)"
+                )
                 raise TrainingError(
                     f"{self.bad_steps} consecutive steps had a non-finite loss or gradient: the run diverged. "
                     f"Lower the learning rate (--coeff_lr {cfg.coeff_lr}, --learning_rate {cfg.learning_rate}), "
@@ -374,21 +425,37 @@ class Trainer:
             meta = {"base_model": cfg.pretrained_model_name_or_path, "training_args": asdict(cfg)}
             files += stage_final_files(self.method, self.bare_unet, out, meta)
             if cfg.validation_prompt and (self.global_step % cfg.validation_steps or not self.validation_paths):
-                self.validation_paths = run_validation(cfg, self.components, self.bare_unet, accelerator,
-                                                       self.global_step, out)
+                self.validation_paths = run_validation(
+                    cfg, self.components, self.bare_unet, accelerator, self.global_step, out
+                )
         accelerator.end_training()
-        result = TrainResult(out, self.global_step, self.trainable, self.unet_total, time.time() - self.started,
-                             peak_memory(self.device), files, self.last_loss)
+        result = TrainResult(
+            out,
+            self.global_step,
+            self.trainable,
+            self.unet_total,
+            time.time() - self.started,
+            peak_memory(self.device),
+            files,
+            self.last_loss,
+        )
         if accelerator.is_main_process:
             try:
                 files.append(write_model_card(cfg, out, result, self.validation_paths))
                 files.append(out / "args.json")
                 # Written last: a run is complete only once every file is in place.
-                record = {"global_step": self.global_step, "trainable_parameters": self.trainable,
-                          "unet_parameters": self.unet_total, "final_loss": self.last_loss,
-                          "files": [p.name for p in files], "args": json.loads(cfg.to_json())}
-                atomic_write(out / COMPLETE_NAME,
-                             lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2), encoding="utf-8"))
+                record = {
+                    "global_step": self.global_step,
+                    "trainable_parameters": self.trainable,
+                    "unet_parameters": self.unet_total,
+                    "final_loss": self.last_loss,
+                    "files": [p.name for p in files],
+                    "args": json.loads(cfg.to_json()),
+                }
+                atomic_write(
+                    out / COMPLETE_NAME,
+                    lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2), encoding="utf-8"),
+                )
             except OSError as exc:
                 raise TrainingError(write_failed_message(out, exc)) from exc
             print_summary(result, self.step_times)
@@ -403,7 +470,9 @@ def check_ranks_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
     gathered = accelerator.gather(flat.unsqueeze(0))
     spread = (gathered - gathered[0:1]).abs().max().item()
     if spread > 0:
-        raise TrainingError(f"trainable weights differ across {accelerator.num_processes} processes (max diff {spread:g})")
+        raise TrainingError(
+            f"trainable weights differ across {accelerator.num_processes} processes (max diff {spread:g})"
+        )
     logger.info("weights identical on all %d processes", accelerator.num_processes)
 
 

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
-def with_class_batch(batch: dict[str, Any], dataset: data.DreamBoothDataset, cfg: TrainConfig, micro: int,
-                     accelerator: Accelerator) -> dict[str, Any]:
+def with_class_batch(
+    batch: dict[str, Any], dataset: data.DreamBoothDataset, cfg: TrainConfig, micro: int, accelerator: Accelerator
+) -> dict[str, Any]:
     """Append class images to an instance batch: a fixed permutation of the class images walked in
     order across steps and ranks, so a resumed run draws the same ones."""
     class_idx = list(dataset.class_indices)
@@ -43,8 +44,15 @@ def with_class_batch(batch: dict[str, Any], dataset: data.DreamBoothDataset, cfg
 
 
 @torch.no_grad()
-def encode_latents(vae: torch.nn.Module, batch: dict[str, Any], dataset: data.DreamBoothDataset, cfg: TrainConfig,
-                   cache: dict, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+def encode_latents(
+    vae: torch.nn.Module,
+    batch: dict[str, Any],
+    dataset: data.DreamBoothDataset,
+    cfg: TrainConfig,
+    cache: dict,
+    gen: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
     """VAE latents of the batch, sampled from the posterior; with --cache_latents the posterior of
     each augmentation variant (image, crop, flip) is computed once."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -62,9 +70,16 @@ def encode_latents(vae: torch.nn.Module, batch: dict[str, Any], dataset: data.Dr
     return DiagonalGaussianDistribution(params).sample(generator=gen)
 
 
-def denoising_loss(unet: torch.nn.Module, noise_scheduler, latents: torch.Tensor, batch: dict[str, Any],
-                   embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig, gen: torch.Generator,
-                   weight_dtype: torch.dtype) -> torch.Tensor:
+def denoising_loss(
+    unet: torch.nn.Module,
+    noise_scheduler,
+    latents: torch.Tensor,
+    batch: dict[str, Any],
+    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    weight_dtype: torch.dtype,
+) -> torch.Tensor:
     """SDXL's training loss on scaled latents: noise (with --noise_offset), a random timestep per
     example, the epsilon or v target, Min-SNR weights (--snr_gamma), and the prior-preservation
     term on the batch's class images (--prior_loss_weight)."""
@@ -72,16 +87,19 @@ def denoising_loss(unet: torch.nn.Module, noise_scheduler, latents: torch.Tensor
     noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=device, dtype=latents.dtype)
+            (latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=device, dtype=latents.dtype
+        )
     bsz = latents.shape[0]
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen,
-                              device=device).long()
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen, device=device
+    ).long()
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     embeds = torch.stack([embeddings[c][0] for c in batch["captions"]]).to(device, weight_dtype)
     pooled = torch.stack([embeddings[c][1] for c in batch["captions"]]).to(device, weight_dtype)
     time_ids = batch["add_time_ids"].to(device, weight_dtype)
-    pred = unet(noisy, timesteps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-                return_dict=False)[0]
+    pred = unet(
+        noisy, timesteps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False
+    )[0]
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
         target = noise

@@ -35,8 +35,12 @@ def ensure_class_images(cfg: TrainConfig, components: SDXLComponents, accelerato
         todo = [i for i in range(cfg.num_class_images * 2) if f"class_{i:05d}.png" not in have][:missing]
         mine = todo[accelerator.process_index :: accelerator.num_processes]
         pipe = StableDiffusionXLPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
-            tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=components.unet,
+            vae=components.vae,
+            text_encoder=components.text_encoder,
+            text_encoder_2=components.text_encoder_2,
+            tokenizer=components.tokenizer,
+            tokenizer_2=components.tokenizer_2,
+            unet=components.unet,
             scheduler=sampling_scheduler(components.noise_scheduler),
         )
         pipe.set_progress_bar_config(disable=True)
@@ -45,8 +49,13 @@ def ensure_class_images(cfg: TrainConfig, components: SDXLComponents, accelerato
             batch = mine[start : start + cfg.sample_batch_size]
             gens = [torch.Generator("cpu").manual_seed(seed_of("class", cfg.seed, i)) for i in batch]
             with torch.no_grad(), accelerator.autocast():
-                images = pipe(prompt=[cfg.class_prompt] * len(batch), generator=gens, height=cfg.resolution,
-                              width=cfg.resolution, num_inference_steps=cfg.class_generation_steps).images
+                images = pipe(
+                    prompt=[cfg.class_prompt] * len(batch),
+                    generator=gens,
+                    height=cfg.resolution,
+                    width=cfg.resolution,
+                    num_inference_steps=cfg.class_generation_steps,
+                ).images
             for i, img in zip(batch, images):
                 atomic_write(class_dir / f"class_{i:05d}.png", lambda tmp, img=img: img.save(tmp, format="PNG"))
             bar.update(len(batch))
@@ -63,8 +72,9 @@ def sampling_scheduler(noise_scheduler):
     return EulerDiscreteScheduler.from_config(noise_scheduler.config)
 
 
-def run_validation(cfg: TrainConfig, components: SDXLComponents, unet: torch.nn.Module, accelerator: Accelerator,
-                   step: int, out: Path) -> list[Path]:
+def run_validation(
+    cfg: TrainConfig, components: SDXLComponents, unet: torch.nn.Module, accelerator: Accelerator, step: int, out: Path
+) -> list[Path]:
     """Render every validation prompt with fixed seeds into `validation/step_NNNNN/` (and TensorBoard)."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -72,8 +82,12 @@ def run_validation(cfg: TrainConfig, components: SDXLComponents, unet: torch.nn.
     if not prompts:
         return []
     pipe = StableDiffusionXLPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
-        tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=unet,
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        text_encoder_2=components.text_encoder_2,
+        tokenizer=components.tokenizer,
+        tokenizer_2=components.tokenizer_2,
+        unet=unet,
         scheduler=sampling_scheduler(components.noise_scheduler),
     )
     pipe.set_progress_bar_config(disable=True)
@@ -87,8 +101,13 @@ def run_validation(cfg: TrainConfig, components: SDXLComponents, unet: torch.nn.
             for k in range(cfg.num_validation_images):
                 gen = torch.Generator("cpu").manual_seed(cfg.seed + k)
                 with torch.no_grad(), accelerator.autocast():
-                    image = pipe(prompt=prompt, generator=gen, height=cfg.resolution, width=cfg.resolution,
-                                 num_inference_steps=cfg.validation_inference_steps).images[0]
+                    image = pipe(
+                        prompt=prompt,
+                        generator=gen,
+                        height=cfg.resolution,
+                        width=cfg.resolution,
+                        num_inference_steps=cfg.validation_inference_steps,
+                    ).images[0]
                 path = folder / f"prompt{p_idx:02d}_seed{cfg.seed + k}.png"
                 image.save(path)
                 paths.append(path)
