@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 def ensure_class_images(cfg: TrainConfig, components: SDXLComponents, accelerator: Accelerator) -> list[Path]:
     """Generate the missing class images with the base model (deterministic seeds and names)."""
-    from diffusers import StableDiffusionXLPipeline
     from tqdm.auto import tqdm
 
     class_dir = Path(cfg.class_data_dir)
@@ -34,16 +33,7 @@ def ensure_class_images(cfg: TrainConfig, components: SDXLComponents, accelerato
         have = {p.name for p in existing}
         todo = [i for i in range(cfg.num_class_images * 2) if f"class_{i:05d}.png" not in have][:missing]
         mine = todo[accelerator.process_index :: accelerator.num_processes]
-        pipe = StableDiffusionXLPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            text_encoder_2=components.text_encoder_2,
-            tokenizer=components.tokenizer,
-            tokenizer_2=components.tokenizer_2,
-            unet=components.unet,
-            scheduler=sampling_scheduler(components.noise_scheduler),
-        )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = sampling_pipeline(components, components.unet)
         bar = tqdm(total=len(mine), desc="class images", disable=not accelerator.is_local_main_process)
         for start in range(0, len(mine), cfg.sample_batch_size):
             batch = mine[start : start + cfg.sample_batch_size]
@@ -72,15 +62,10 @@ def sampling_scheduler(noise_scheduler):
     return EulerDiscreteScheduler.from_config(noise_scheduler.config)
 
 
-def run_validation(
-    cfg: TrainConfig, components: SDXLComponents, unet: torch.nn.Module, accelerator: Accelerator, step: int, out: Path
-) -> list[Path]:
-    """Render every validation prompt with fixed seeds into `validation/step_NNNNN/` (and TensorBoard)."""
+def sampling_pipeline(components: SDXLComponents, unet: torch.nn.Module):
+    """A `StableDiffusionXLPipeline` around the components being trained (no copy), Euler, quiet."""
     from diffusers import StableDiffusionXLPipeline
 
-    prompts = cfg.validation_prompt or []
-    if not prompts:
-        return []
     pipe = StableDiffusionXLPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
@@ -91,6 +76,17 @@ def run_validation(
         scheduler=sampling_scheduler(components.noise_scheduler),
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_validation(
+    cfg: TrainConfig, components: SDXLComponents, unet: torch.nn.Module, accelerator: Accelerator, step: int, out: Path
+) -> list[Path]:
+    """Render every validation prompt with fixed seeds into `validation/step_NNNNN/` (and TensorBoard)."""
+    prompts = cfg.validation_prompt or []
+    if not prompts:
+        return []
+    pipe = sampling_pipeline(components, unet)
     folder = out / "validation" / f"step_{step:05d}"
     folder.mkdir(parents=True, exist_ok=True)
     was_training = unet.training
