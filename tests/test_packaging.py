@@ -21,8 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _tracked_copy(dest: Path) -> Path:
-    """The repository's tracked files (what a clean clone holds), without the shipped model."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    """The repository's files as a clean clone holds them (tracked, plus new files git does not
+    ignore, so a change not yet committed is tested too), without the shipped model and data."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout  # fmt: skip
     for name in files.decode().split("\0"):
         if not name or name.startswith(("models/", "samples/", "benchmarks/")):
             continue
@@ -74,22 +76,18 @@ def test_installed_wheel_runs_both_commands(wheel, tmp_path, tiny_pipeline_dir):
     through a .pth file), run from a folder with no repository in sight."""
     env_dir = tmp_path / "venv"
     base_python = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base_python, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    subprocess.run([base_python, "-m", "venv", str(env_dir)], check=True)  # with its own pip (ensurepip, offline)
     python = env_dir / "bin" / "python"
-    site = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    # The environment's own pip installs the wheel: its scripts then run this environment's Python, and
+    # it cannot touch the test environment's editable install (pip uninstalls an installed copy of a
+    # package it installs, and `--prefix` from the test environment's pip would).
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
+                   check=True, capture_output=True)  # fmt: skip
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     # torch, diffusers, ... from the test environment; a plain path line does not run that folder's
     # own .pth files, so the editable install of the repository is not visible here.
     Path(site, "reuse_test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--prefix", str(env_dir), str(wheel)],
-        check=True,
-        capture_output=True,
-    )
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
@@ -138,7 +136,7 @@ def test_installed_wheel_runs_both_commands(wheel, tmp_path, tiny_pipeline_dir):
         text=True,
     )
     assert sample.returncode == 0, sample.stderr[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    prompts = [p if isinstance(p, str) else p.get("prompt", "") for p in manifest.get("prompts", [])]
-    assert any("a sks dog on the beach" in p for p in prompts), manifest.get("prompts")
+    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    assert "a sks dog on the beach" in settings["prompts"]  # the packaged validation.txt, placeholders filled
+    assert Path(settings["prompt_file"]).is_relative_to(env_dir)  # read from the installed package
     assert (out / "grid_s0.png").is_file()
