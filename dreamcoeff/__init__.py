@@ -8,6 +8,7 @@ sample/, testing/) is described in docs/DESIGN.md section 5.
 """
 
 from .attention import coefficient_matrix, mixed_attention
+from .loading import LoadedRun, RunLoadError, load_run, unload_run
 from .methods import METHODS, TuningMethod, get_method
 from .processor import (
     CoeffAttnProcessor,
@@ -44,4 +45,8 @@ __all__ = [
     "METHODS",
     "TuningMethod",
     "get_method",
+    "load_run",
+    "unload_run",
+    "LoadedRun",
+    "RunLoadError",
 ]

@@ -3,15 +3,16 @@
 One small object per method answers every question the trainer, the model card and the sampler
 have about it, so no code tests method names (``"coeff" in tuning``). A method is a set of
 *parts*: alpha (Coeff-Tuning's H x H matrices), LoRA (PEFT, on the attention projections) and the
-whole UNet (full fine-tuning). Each part has one file (or folder) in an output directory and in a
+whole UNet (full fine-tuning), plus learned identifier tokens (pivotal tuning, `tokens.py`), which
+compose with any of them. Each part has one file (or folder) in an output directory and in a
 checkpoint, its own parameter group and learning rate, and its own save and load. Adding a method
-(DoRA, learned tokens) means adding a part or an entry to `METHODS`, not editing the loop.
+(DoRA, ...) means adding a part or an entry to `METHODS`, not editing the loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,11 +20,13 @@ import torch
 
 from .lora import FULL_UNET_DIR, LORA_WEIGHTS_NAME, add_lora, load_full_unet_weights, load_lora_into_unet, save_lora
 from .processor import apply_coeff, coeff_parameters
+from .tokens import EMBEDDINGS_SUFFIX
 from .weights import COEFF_WEIGHTS_NAME, load_coeff_weights, save_coeff_weights
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
+    from .tokens import LearnedTokens
     from .train.config import TrainConfig
 
 __all__ = ["ARTIFACTS", "METHODS", "Artifact", "TuningMethod", "artifacts_in", "get_method"]
@@ -34,18 +37,26 @@ class Artifact:
     """A trained part's file (or folder) inside an output directory or a checkpoint.
 
     Attributes:
-        kind: ``"alpha"``, ``"lora"`` or ``"unet"``.
-        name: the file or folder name.
+        kind: ``"alpha"``, ``"lora"``, ``"unet"`` or ``"embeddings"``.
+        name: the file or folder name; for embeddings the suffix of ``<run name>_emb.safetensors``.
         marker: for a folder, the file that must be inside it for the folder to count.
+        suffix_only: `name` is a suffix (the file is named after its run).
     """
 
     kind: str
     name: str
     marker: str | None = None
+    suffix_only: bool = False
 
     def find(self, folder: str | Path) -> Path | None:
-        """The artifact's path in `folder` if it is there (a folder only with its marker), else None."""
-        path = Path(folder) / self.name
+        """The artifact's path in `folder` if it is there (a folder only with its marker), else None.
+        For a name known only by its suffix, the file named after the folder is preferred."""
+        folder = Path(folder)
+        if self.suffix_only:
+            named = folder / (folder.resolve().name + self.name)
+            found = sorted(folder.glob("*" + self.name)) if folder.is_dir() else []
+            return named if named.is_file() else (found[0] if found else None)
+        path = folder / self.name
         found = (path / self.marker).is_file() if self.marker else path.is_file()
         return path if found else None
 
@@ -53,8 +64,9 @@ class Artifact:
 ALPHA = Artifact("alpha", COEFF_WEIGHTS_NAME)
 LORA = Artifact("lora", LORA_WEIGHTS_NAME)
 FULL_UNET = Artifact("unet", FULL_UNET_DIR, marker="config.json")
+EMBEDDINGS = Artifact("embeddings", EMBEDDINGS_SUFFIX, suffix_only=True)
 #: Every kind of trained file, in the order the sampler and the trainer report them.
-ARTIFACTS: tuple[Artifact, ...] = (ALPHA, LORA, FULL_UNET)
+ARTIFACTS: tuple[Artifact, ...] = (ALPHA, LORA, FULL_UNET, EMBEDDINGS)
 
 
 def artifacts_in(folder: str | Path) -> list[tuple[str, Path]]:
@@ -72,6 +84,7 @@ class TuningMethod:
         coeff: trains Coeff-Tuning's alpha.
         lora: trains LoRA on the attention projections.
         full: trains every UNet weight.
+        tokens: also learns identifier tokens in both text encoders (``--train_text_encoder_ti``).
     """
 
     name: str
@@ -79,17 +92,31 @@ class TuningMethod:
     coeff: bool = False
     lora: bool = False
     full: bool = False
+    tokens: bool = False
 
     # ---- what it is -------------------------------------------------------------------------------
 
     def title(self, rank: int) -> str:
         """A human name for model cards and summaries, e.g. ``Coeff-Tuning + LoRA rank 4``."""
-        return self.title_template.format(rank=rank)
+        title = self.title_template.format(rank=rank)
+        if self.tokens and self.trains_unet:
+            title += " + learned tokens"
+        return title
+
+    def with_tokens(self, tokens: bool = True) -> TuningMethod:
+        """This method with (or without) learned identifier tokens."""
+        return replace(self, tokens=tokens)
+
+    @property
+    def trains_unet(self) -> bool:
+        """Whether any UNet part trains (``--tuning none`` trains only tokens)."""
+        return self.coeff or self.lora or self.full
 
     @property
     def artifacts(self) -> tuple[Artifact, ...]:
         """The files this method writes into an output folder and a checkpoint."""
-        return tuple(a for a, on in ((ALPHA, self.coeff), (LORA, self.lora), (FULL_UNET, self.full)) if on)
+        parts = ((ALPHA, self.coeff), (LORA, self.lora), (FULL_UNET, self.full), (EMBEDDINGS, self.tokens))
+        return tuple(a for a, on in parts if on)
 
     @property
     def weights_label(self) -> str:
@@ -99,7 +126,7 @@ class TuningMethod:
     @property
     def tags(self) -> list[str]:
         """Model-card tags beyond the common ones."""
-        return ["lora"] if self.lora else []
+        return (["lora"] if self.lora else []) + (["textual_inversion"] if self.tokens else [])
 
     def unet_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         """The dtype the UNet is held in: full fine-tuning keeps float32 master weights (accelerate
@@ -129,26 +156,42 @@ class TuningMethod:
         weights = [p for p in unet.parameters() if p.requires_grad and id(p) not in ids]
         return coeff, weights
 
-    def parameter_groups(self, unet: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    def parameter_groups(
+        self, unet: torch.nn.Module, cfg: TrainConfig, tokens: LearnedTokens | None = None
+    ) -> list[dict[str, Any]]:
         """Optimizer groups: alpha with ``--coeff_lr`` and no weight decay (decay would pull it to
-        the base model), the weights with ``--learning_rate`` and ``--adam_weight_decay``."""
+        the base model), the weights with ``--learning_rate`` and ``--adam_weight_decay``, the
+        token rows with ``--text_encoder_lr`` and no decay (decay pulls an embedding towards zero,
+        which is no word at all)."""
         coeff, weights = self.trainable_parameters(unet)
         groups = []
         if coeff:
             groups.append({"params": coeff, "lr": cfg.coeff_lr, "weight_decay": 0.0})
         if weights:
             groups.append({"params": weights, "lr": cfg.learning_rate, "weight_decay": cfg.adam_weight_decay})
+        if self.tokens and tokens is not None:
+            groups.append({"params": list(tokens.rows), "lr": cfg.text_encoder_lr, "weight_decay": 0.0})
         return groups
 
     # ---- files --------------------------------------------------------------------------------------
 
-    def save(self, unet: torch.nn.Module, folder: str | Path, metadata: Mapping[str, Any] | None = None) -> list[Path]:
+    def save(
+        self,
+        unet: torch.nn.Module,
+        folder: str | Path,
+        metadata: Mapping[str, Any] | None = None,
+        tokens: LearnedTokens | None = None,
+        tokens_name: str | None = None,
+    ) -> list[Path]:
         """Write every trained part into `folder` (each file atomically); returns their paths.
 
-        `metadata` goes into the alpha file's header (the final files carry the training arguments).
+        `metadata` goes into the alpha file's header (the final files carry the training arguments);
+        the learned tokens go to `tokens_name` (``<run name>_emb.safetensors``).
         """
         folder = Path(folder)
         written = []
+        if self.tokens and tokens is not None:
+            written.append(tokens.save(folder / (tokens_name or folder.name + EMBEDDINGS_SUFFIX)))
         if self.coeff:
             written.append(save_coeff_weights(folder / COEFF_WEIGHTS_NAME, unet, metadata))
         if self.lora:
@@ -158,10 +201,15 @@ class TuningMethod:
             written.append(folder / FULL_UNET_DIR)
         return written
 
-    def load(self, unet: torch.nn.Module, folder: str | Path) -> None:
+    def load(self, unet: torch.nn.Module, folder: str | Path, tokens: LearnedTokens | None = None) -> None:
         """Copy the parts saved in `folder` (a checkpoint) into the installed ones, in place, so an
         optimizer built on them keeps referring to the same parameters."""
         folder = Path(folder)
+        if self.tokens and tokens is not None:
+            found = EMBEDDINGS.find(folder)
+            if found is None:
+                raise ValueError(f"{folder}: no *{EMBEDDINGS_SUFFIX} (a checkpoint of a run without learned tokens?)")
+            tokens.load_(found)
         if self.coeff:
             load_coeff_weights(unet, folder / COEFF_WEIGHTS_NAME)
             for p in coeff_parameters(unet):
@@ -185,6 +233,20 @@ class TuningMethod:
             )
         return lines
 
+    def token_load_lines(self, out: str | Path, embeddings_name: str, tokens: list[str]) -> list[str]:
+        """The diffusers lines that load this run's learned tokens (model card)."""
+        if not self.tokens:
+            return []
+        path = Path(out) / embeddings_name
+        return [
+            "from safetensors.torch import load_file",
+            f'state = load_file("{path}")',
+            f'pipe.load_textual_inversion(state["clip_l"], token={tokens!r}, text_encoder=pipe.text_encoder, '
+            "tokenizer=pipe.tokenizer)",
+            f'pipe.load_textual_inversion(state["clip_g"], token={tokens!r}, text_encoder=pipe.text_encoder_2, '
+            "tokenizer=pipe.tokenizer_2)",
+        ]
+
 
 METHODS: dict[str, TuningMethod] = {
     m.name: m
@@ -193,13 +255,17 @@ METHODS: dict[str, TuningMethod] = {
         TuningMethod("lora", "LoRA rank {rank}", lora=True),
         TuningMethod("coeff+lora", "Coeff-Tuning + LoRA rank {rank}", coeff=True, lora=True),
         TuningMethod("full", "full UNet fine-tuning", full=True),
+        # learned tokens only (with --train_text_encoder_ti): textual inversion in both encoders
+        TuningMethod("none", "learned tokens (pivotal tuning)"),
     )
 }
 
 
-def get_method(name: str) -> TuningMethod:
-    """The method of a ``--tuning`` value; a ValueError lists the choices for an unknown one."""
+def get_method(name: str, tokens: bool = False) -> TuningMethod:
+    """The method of a ``--tuning`` value (with learned tokens if `tokens`); a ValueError lists the
+    choices for an unknown one."""
     try:
-        return METHODS[name]
+        method = METHODS[name]
     except KeyError:
         raise ValueError(f"unknown tuning method {name!r}: use one of {', '.join(METHODS)}") from None
+    return method.with_tokens(tokens) if tokens else method

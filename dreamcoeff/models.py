@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -93,10 +95,31 @@ def token_length(tokenizer, prompt: str) -> int:
     return len(tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"])
 
 
+def encode_prompt_batch(
+    prompts: Sequence[str], tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL prompt encoding of a batch, differentiable (learned tokens train through it):
+    penultimate hidden states of both encoders concatenated (B x 77 x D), and the second encoder's
+    pooled projection (B x P), in the encoders' dtype on `device`."""
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        result = encoder(ids, output_hidden_states=True)
+        pooled = result[0]  # the last encoder's (projected) pooled output is what SDXL uses
+        hidden.append(result.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), pooled
+
+
 @torch.no_grad()
 def encode_prompts(prompts, tokenizers, text_encoders, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """SDXL prompt encoding: penultimate hidden states of both encoders concatenated, plus the
-    second encoder's pooled projection. Returns {prompt: (embeds 77 x D, pooled P)} on the CPU.
+    """SDXL prompt encoding of each distinct prompt (frozen encoders: computed once and cached).
+    Returns {prompt: (embeds 77 x D, pooled P)} in float32 on the CPU.
 
     Prompts longer than the tokenizers' 77 tokens are cut, with a warning naming the prompt.
     """
@@ -106,17 +129,6 @@ def encode_prompts(prompts, tokenizers, text_encoders, device) -> dict[str, tupl
         n = token_length(tokenizers[0], prompt)
         if n > max_len:
             logger.warning("prompt is %d tokens, CLIP reads %d; the rest is cut: %r", n, max_len, prompt)
-        hidden, pooled = [], None
-        for tokenizer, encoder in zip(tokenizers, text_encoders):
-            ids = tokenizer(
-                prompt,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
-            result = encoder(ids, output_hidden_states=True)
-            pooled = result[0]  # the last encoder's (projected) pooled output is what SDXL uses
-            hidden.append(result.hidden_states[-2])
-        out[prompt] = (torch.cat(hidden, dim=-1)[0].float().cpu(), pooled[0].float().cpu())
+        embeds, pooled = encode_prompt_batch([prompt], tokenizers, text_encoders, device)
+        out[prompt] = (embeds[0].float().cpu(), pooled[0].float().cpu())
     return out

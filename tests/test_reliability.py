@@ -878,7 +878,7 @@ def _odd_but_valid_images(folder: Path) -> None:
 @pytest.mark.slow
 def test_odd_but_valid_inputs_train(tiny_pipeline_dir, tmp_path, monkeypatch, caplog):
     import dreamcoeff.train.data as data_lib
-    import dreamcoeff.train.loop as training
+    import dreamcoeff.train.text as training
 
     inst = tmp_path / "inst"
     _odd_but_valid_images(inst)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..io import atomic_write
 from ..methods import get_method
+from ..tokens import TokenPlan, embeddings_file_name
 from .config import TrainConfig
 
 
@@ -28,12 +29,23 @@ class TrainResult:
     final_loss: float | None = None
 
 
-def write_model_card(cfg: TrainConfig, out: Path, result: TrainResult, validation: list[Path]) -> Path:
+def write_model_card(
+    cfg: TrainConfig, out: Path, result: TrainResult, validation: list[Path], plan: TokenPlan | None = None
+) -> Path:
     """Write the run's `README.md`: method, trainable parameters, settings, how to load, images."""
-    method = get_method(cfg.tuning)
+    method = get_method(cfg.tuning, tokens=cfg.train_text_encoder_ti)
     title = method.title(cfg.rank)
     share = 100.0 * result.trainable_parameters / max(1, result.unet_parameters)
     load = method.load_lines(out)
+    prompt = cfg.instance_prompt or "a photo of sks dog"
+    tokens_row = "no"
+    if plan is not None:
+        load += method.token_load_lines(out, embeddings_file_name(out), plan.all_tokens)
+        prompt = plan.replace(prompt)
+        groups = ", ".join(f"{name} -> {''.join(toks)}" for name, toks in plan.tokens.items())
+        tokens_row = (
+            f"{groups} (learning rate {cfg.text_encoder_lr}, first {cfg.train_text_encoder_ti_frac:g} of the steps)"
+        )
     images = (
         "\n".join(f"![{p.name}]({p.relative_to(out).as_posix()})" for p in validation[:8])
         or "(no validation prompt given)"
@@ -57,6 +69,7 @@ Trained with [dreamcoeff](https://pypi.org/project/dreamcoeff/) on the images in
 | steps | {result.global_step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |
 | learning rates | alpha {cfg.coeff_lr}, {method.weights_label} {cfg.learning_rate} ({cfg.lr_scheduler}) |
 | coeff targets / dropout | {cfg.coeff_targets} / {cfg.coeff_dropout} |
+| learned tokens | {tokens_row} |
 | resolution | {cfg.resolution} ({"square crops" if cfg.square_crop or cfg.with_prior_preservation else "aspect buckets"}) |
 | prior preservation | {f"yes: {cfg.class_prompt!r}, weight {cfg.prior_loss_weight}" if cfg.with_prior_preservation else "no"} |
 | mixed precision | {cfg.mixed_precision or "no"} |
@@ -71,8 +84,11 @@ from dreamcoeff import load_coeff_weights
 
 pipe = StableDiffusionXLPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
 {chr(10).join(load)}
-image = pipe({json.dumps(cfg.instance_prompt or "a photo of sks dog")}, cross_attention_kwargs={{"coeff_scale": 1.0}}).images[0]
+image = pipe({json.dumps(prompt)}, cross_attention_kwargs={{"coeff_scale": 1.0}}).images[0]
 ```
+
+Or all of it in one call: `dreamcoeff.load_run(pipe, "{out}")` (and `dreamcoeff.unload_run(pipe, loaded)` to go back
+to the base model).
 
 ## Validation images
 

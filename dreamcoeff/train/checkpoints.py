@@ -17,13 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 from ..io import fsync_dir, fsync_tree, remove_aside, replace_path
 from ..methods import ARTIFACTS
+from ..tokens import TokenError
 from ..weights import CoeffWeightsError
 from .config import TrainConfig, UsageError
 
 if TYPE_CHECKING:
+    import torch
     from accelerate import Accelerator
 
     from ..methods import TuningMethod
+    from ..tokens import LearnedTokens
 
 logger = logging.getLogger("dreamcoeff")
 
@@ -51,8 +54,11 @@ class TrainingError(RuntimeError):
 
 def has_previous_run(out: Path) -> bool:
     """Whether `out` holds another run's files (arguments, weights, completion record, checkpoints)."""
-    markers = ["args.json", COMPLETE_NAME] + [a.name for a in ARTIFACTS if a.marker is None]
-    return out.is_dir() and (any((out / m).exists() for m in markers) or bool(list_checkpoints(out)))
+    if not out.is_dir():
+        return False
+    files = any((out / m).exists() for m in ("args.json", COMPLETE_NAME))
+    weights = any(a.find(out) is not None for a in ARTIFACTS if a.marker is None)
+    return files or weights or bool(list_checkpoints(out))
 
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -179,21 +185,28 @@ def write_failed_message(out: Path, exc: OSError) -> str:
     )
 
 
-def register_hooks(accelerator: Accelerator, method: TuningMethod, cfg: TrainConfig) -> None:
+def register_hooks(
+    accelerator: Accelerator,
+    method: TuningMethod,
+    cfg: TrainConfig,
+    unet: torch.nn.Module,
+    tokens: LearnedTokens | None = None,
+    tokens_name: str | None = None,
+) -> None:
     """Make accelerate's save_state / load_state write and read only the trained parts (never the
-    multi-GB frozen UNet), plus the run's arguments."""
+    multi-GB frozen UNet) and the learned tokens, plus the run's arguments."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            for model in models:
-                method.save(accelerator.unwrap_model(model), output_dir)
+            method.save(unet, output_dir, tokens=tokens, tokens_name=tokens_name)
             (Path(output_dir) / "args.json").write_text(cfg.to_json(), encoding="utf-8")
         while weights:
             weights.pop()
 
     def load_hook(models, input_dir):
-        while models:
-            method.load(accelerator.unwrap_model(models.pop()), input_dir)
+        while models:  # accelerate would otherwise load a whole UNet's weights: ours are the parts
+            models.pop()
+        method.load(unet, input_dir, tokens)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -233,7 +246,14 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, limit: int |
     return final
 
 
-def stage_final_files(method: TuningMethod, unet, out: Path, metadata: dict[str, Any]) -> list[Path]:
+def stage_final_files(
+    method: TuningMethod,
+    unet,
+    out: Path,
+    metadata: dict[str, Any],
+    tokens: LearnedTokens | None = None,
+    tokens_name: str | None = None,
+) -> list[Path]:
     """Write every final weight file in full beside the output first, then rename all into place:
     a failed write (full disk) leaves the previous run's files intact and matching."""
     staging = out / ".final.tmp.d"
@@ -241,11 +261,11 @@ def stage_final_files(method: TuningMethod, unet, out: Path, metadata: dict[str,
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        for path in method.save(unet, staging, metadata):
+        for path in method.save(unet, staging, metadata, tokens=tokens, tokens_name=tokens_name):
             replace_path(path, out / path.name)
             files.append(out / path.name)
         fsync_dir(out)
-    except (OSError, CoeffWeightsError) as exc:
+    except (OSError, CoeffWeightsError, TokenError) as exc:
         if write_error(exc) is None:
             raise
         raise TrainingError(write_failed_message(out, write_error(exc))) from exc

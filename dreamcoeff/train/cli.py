@@ -6,6 +6,7 @@ import logging
 import sys
 
 from ..models import ModelError
+from ..tokens import TokenError
 from ..weights import CoeffWeightsError
 from .checkpoints import TrainingError
 from .config import UsageError, parse_args
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         train(cfg)
-    except (UsageError, DataError, ModelError, CoeffWeightsError, TrainingError) as exc:
+    except (UsageError, DataError, ModelError, CoeffWeightsError, TokenError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ImportError as exc:

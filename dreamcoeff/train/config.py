@@ -28,10 +28,11 @@ def _f(default, help, group, choices=None, aliases=(), nargs=None, action=None):
     )
 
 
-MODEL, DATA, METHOD, TRAIN, OPTIM, PRIOR, CKPT, VALID, SYSTEM = (
+MODEL, DATA, METHOD, TOKENS, TRAIN, OPTIM, PRIOR, CKPT, VALID, SYSTEM = (
     "model",
     "data",
     "method (Coeff-Tuning / LoRA)",
+    "learned tokens (pivotal tuning)",
     "training",
     "optimizer",
     "prior preservation",
@@ -78,7 +79,8 @@ class TrainConfig:
     # method
     tuning: str = _f(
         "coeff",
-        "what to train: Coeff-Tuning alpha, LoRA, both, or every UNet weight (full fine-tuning, the DreamBooth paper's baseline)",
+        "what to train: Coeff-Tuning alpha, LoRA, both, every UNet weight (full fine-tuning, the DreamBooth paper's "
+        "baseline), or none of the UNet (with --train_text_encoder_ti: learned tokens only)",
         METHOD,
         choices=tuple(METHODS),
     )
@@ -95,6 +97,27 @@ class TrainConfig:
     rank: int = _f(4, "LoRA rank", METHOD)
     lora_alpha: int | None = _f(None, "LoRA scaling numerator (default: = rank)", METHOD)
     lora_dropout: float = _f(0.0, "dropout in the LoRA layers", METHOD)
+
+    # learned tokens (pivotal tuning), named as in diffusers' train_dreambooth_lora_sdxl_advanced.py
+    train_text_encoder_ti: bool = _f(
+        False, "also learn new identifier tokens in both text encoders (textual inversion / pivotal tuning)", TOKENS
+    )
+    token_abstraction: str = _f(
+        "TOK",
+        "the word(s) in the instance prompt, captions and validation prompts that stand for the new tokens "
+        "(comma-separated for several)",
+        TOKENS,
+    )
+    num_new_tokens_per_abstraction: int = _f(2, "new tokens per abstraction (TOK -> <s0><s1>)", TOKENS)
+    train_text_encoder_ti_frac: float = _f(
+        0.5, "share of the steps during which the tokens train; then they freeze and prompts are cached again", TOKENS
+    )
+    text_encoder_lr: float = _f(
+        5e-3, "learning rate of the token embeddings (chosen on the micro world, see benchmarks/README.md)", TOKENS
+    )
+    initializer_concept: str | None = _f(
+        None, "start the new tokens from this word's embedding (e.g. the class word); default: random", TOKENS
+    )
 
     # training
     train_batch_size: int = _f(1, "batch size per device", TRAIN)
@@ -311,6 +334,31 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--checkpointing_steps must be >= 0 (0 disables checkpoints)")
     if cfg.learning_rate <= 0 or cfg.coeff_lr <= 0:
         raise UsageError("--learning_rate and --coeff_lr must be > 0")
+    validate_tokens(cfg)
+
+
+def validate_tokens(cfg: TrainConfig) -> None:
+    """The learned-token flags: what is asked must be trainable and the abstraction must be used."""
+    from ..tokens import TokenError, TokenPlan
+
+    if cfg.tuning == "none" and not cfg.train_text_encoder_ti:
+        raise UsageError("--tuning none trains nothing by itself: add --train_text_encoder_ti (learned tokens only)")
+    if not cfg.train_text_encoder_ti:
+        return
+    try:
+        plan = TokenPlan.make(cfg.token_abstraction, cfg.num_new_tokens_per_abstraction)
+    except TokenError as exc:
+        raise UsageError(str(exc)) from None
+    missing = plan.missing_from(cfg.instance_prompt or "")
+    if cfg.instance_prompt and missing:
+        raise UsageError(
+            f"--instance_prompt {cfg.instance_prompt!r} does not contain the token abstraction {missing[0]!r}: "
+            f"write it where the subject's name goes, e.g. 'a photo of {missing[0]} dog'"
+        )
+    if not 0.0 < cfg.train_text_encoder_ti_frac <= 1.0:
+        raise UsageError(f"--train_text_encoder_ti_frac must be in (0, 1], got {cfg.train_text_encoder_ti_frac}")
+    if cfg.text_encoder_lr <= 0:
+        raise UsageError("--text_encoder_lr must be > 0")
 
 
 def defaults() -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The DreamBooth training loop for SDXL, in phases: preflight, build, data, optimizer, steps, finalize.
 
-`train(cfg)` runs one training of any tuning method (`methods.get_method(cfg.tuning)` says what is
+`train(cfg)` runs one training of any tuning method (`methods.get_method(cfg.tuning, tokens)` says what is
 trained, saved and loaded) through one code path. Every random draw of a step (noise, timesteps,
 VAE sampling, dropout) is seeded from (seed, micro-step, rank), and data order and augmentation from
 (seed, epoch): a resumed run sees exactly what an uninterrupted one would, and ends with the same
@@ -23,8 +23,9 @@ import torch
 
 from ..io import atomic_write
 from ..methods import get_method
-from ..models import encode_prompts, load_components
+from ..models import load_components
 from ..processor import set_coeff_attention_impl, set_plain_attention_backend
+from ..tokens import LearnedTokens, TokenPlan, embeddings_file_name
 from . import data
 from .card import TrainResult, print_summary, write_model_card
 from .checkpoints import (
@@ -44,6 +45,7 @@ from .checkpoints import (
 )
 from .config import TrainConfig, UsageError
 from .step import denoising_loss, encode_latents, with_class_batch
+from .text import TextConditioning
 from .validation import ensure_class_images, run_validation
 
 logger = logging.getLogger("dreamcoeff")
@@ -98,8 +100,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.method = get_method(cfg.tuning)
+        self.method = get_method(cfg.tuning, tokens=cfg.train_text_encoder_ti)
+        self.plan = (
+            TokenPlan.make(cfg.token_abstraction, cfg.num_new_tokens_per_abstraction) if self.method.tokens else None
+        )
+        self.tokens: LearnedTokens | None = None
         self.out = Path(cfg.output_dir)
+        self.tokens_name = embeddings_file_name(self.out)
         self.started = time.time()
         self.global_step = 0
         self.validation_paths: list[Path] = []
@@ -203,7 +210,12 @@ class Trainer:
         unet.train()
         self.unet, self.vae = unet, vae
         self.coeff_params, self.weight_params = self.method.trainable_parameters(unet)
-        self.trainable = sum(p.numel() for p in self.coeff_params + self.weight_params)
+        if self.method.tokens:
+            c = components
+            self.tokens = LearnedTokens(self.plan, [c.tokenizer, c.tokenizer_2], [c.text_encoder, c.text_encoder_2],
+                                        cfg.initializer_concept, seed=cfg.seed).to(self.device)  # fmt: skip
+        token_params = list(self.tokens.rows) if self.tokens is not None else []
+        self.trainable = sum(p.numel() for p in self.coeff_params + self.weight_params + token_params)
         self.unet_total = sum(p.numel() for p in unet.parameters())
 
     def build_data(self) -> None:
@@ -235,18 +247,20 @@ class Trainer:
             collate_fn=data.collate_examples,
             num_workers=cfg.dataloader_num_workers,
         )
-        c = self.components
+        if self.plan is not None:  # instance prompt and captions name the subject by its new tokens
+            for ex in self.dataset.examples:
+                if not ex.is_class:
+                    ex.caption = self.plan.replace(ex.caption)
         captions = [ex.caption for ex in self.dataset.examples]
-        self.embeddings = encode_prompts(
-            captions, [c.tokenizer, c.tokenizer_2], [c.text_encoder, c.text_encoder_2], self.device
-        )
+        self.text = TextConditioning(self.components, self.device, self.weight_dtype, captions, self.tokens)
+        self.validation_prompts = [self.plan.replace(p) if self.plan else p for p in cfg.validation_prompt or []]
 
     def build_optimizer(self) -> None:
         """AdamW (or bitsandbytes' 8-bit AdamW) over the method's parameter groups; the schedule."""
         from diffusers.optimization import get_scheduler
 
         cfg, accelerator = self.cfg, self.accelerator
-        groups = self.method.parameter_groups(self.unet, cfg)
+        groups = self.method.parameter_groups(self.unet, cfg, self.tokens)
         if cfg.use_8bit_adam:
             try:
                 import bitsandbytes as bnb
@@ -262,6 +276,8 @@ class Trainer:
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
         self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * self.updates_per_epoch
         self.num_epochs = math.ceil(self.max_steps / self.updates_per_epoch)
+        # with --tuning none the tokens are all there is to train: they train on every step
+        self.text.set_schedule(self.max_steps, cfg.train_text_encoder_ti_frac if self.method.trains_unet else 1.0)
         self.lr_scheduler = get_scheduler(
             cfg.lr_scheduler,
             optimizer=self.optimizer,
@@ -272,10 +288,15 @@ class Trainer:
     def prepare(self) -> None:
         """Hand everything to accelerate, write args.json, start trackers, resume a checkpoint."""
         cfg, accelerator, out = self.cfg, self.accelerator, self.out
-        register_hooks(accelerator, self.method, cfg)
-        self.unet, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
-            self.unet, self.optimizer, self.dataloader, self.lr_scheduler
-        )
+        register_hooks(accelerator, self.method, cfg, self.unet, self.tokens, self.tokens_name)
+        if self.method.trains_unet:
+            self.unet, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
+                self.unet, self.optimizer, self.dataloader, self.lr_scheduler
+            )
+        else:  # learned tokens only: a UNet without trainable weights must not be wrapped in DDP
+            self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
+                self.optimizer, self.dataloader, self.lr_scheduler
+            )
         self.bare_unet = accelerator.unwrap_model(self.unet)
         if accelerator.is_main_process:
             atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(cfg.to_json(), encoding="utf-8"))
@@ -291,6 +312,7 @@ class Trainer:
             # The load hook copies into the existing parameters, so the optimizer still holds them.
             coeff_now, _ = self.method.trainable_parameters(self.bare_unet)
             assert all(a is b for a, b in zip(self.coeff_params, coeff_now))
+            self.text.freeze_if_due(self.global_step)
             logger.info("resumed from %s at step %d", self.resume_path, self.global_step)
 
     # ---- steps ----------------------------------------------------------------------------------------
@@ -347,8 +369,9 @@ class Trainer:
             scaling = self.vae.config.scaling_factor
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             latents = ((latents - shift) * scaling).to(self.weight_dtype)
+            text = self.text(batch["captions"])
             loss = denoising_loss(
-                self.unet, self.components.noise_scheduler, latents, batch, self.embeddings, cfg, gen, self.weight_dtype
+                self.unet, self.components.noise_scheduler, latents, batch, text, cfg, gen, self.weight_dtype
             )
             finite = accelerator.reduce(torch.isfinite(loss).float().reshape(1), reduction="sum").item()
             if finite == accelerator.num_processes:
@@ -363,7 +386,8 @@ class Trainer:
     def optimizer_step(self) -> None:
         """Clip and step, or skip a non-finite step; stop the run after --max_bad_steps in a row."""
         cfg, accelerator = self.cfg, self.accelerator
-        params = self.coeff_params + self.weight_params
+        self.text.sync_gradients(accelerator)
+        params = self.coeff_params + self.weight_params + self.text.trainable()
         norm = (
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if not self.step_bad else torch.tensor(float("nan"))
         )
@@ -411,7 +435,10 @@ class Trainer:
             else:
                 save_checkpoint(accelerator, self.out, step, cfg.checkpoints_total_limit)
         if cfg.validation_prompt and step % cfg.validation_steps == 0 and accelerator.is_main_process:
-            self.validation_paths = run_validation(cfg, self.components, self.bare_unet, accelerator, step, self.out)
+            self.validation_paths = run_validation(
+                cfg, self.components, self.bare_unet, accelerator, step, self.out, self.validation_prompts
+            )
+        self.text.freeze_if_due(step)
 
     # ---- finalize ---------------------------------------------------------------------------------------
 
@@ -419,14 +446,15 @@ class Trainer:
         """Final weight files (all or none), last validation, model card, completion record, summary."""
         cfg, accelerator, out = self.cfg, self.accelerator, self.out
         accelerator.wait_for_everyone()
-        check_ranks_agree(accelerator, self.coeff_params + self.weight_params)
+        token_params = list(self.tokens.rows) if self.tokens is not None else []
+        check_ranks_agree(accelerator, self.coeff_params + self.weight_params + token_params)
         files: list[Path] = []
         if accelerator.is_main_process:
             meta = {"base_model": cfg.pretrained_model_name_or_path, "training_args": asdict(cfg)}
-            files += stage_final_files(self.method, self.bare_unet, out, meta)
+            files += stage_final_files(self.method, self.bare_unet, out, meta, self.tokens, self.tokens_name)
             if cfg.validation_prompt and (self.global_step % cfg.validation_steps or not self.validation_paths):
                 self.validation_paths = run_validation(
-                    cfg, self.components, self.bare_unet, accelerator, self.global_step, out
+                    cfg, self.components, self.bare_unet, accelerator, self.global_step, out, self.validation_prompts
                 )
         accelerator.end_training()
         result = TrainResult(
@@ -441,7 +469,7 @@ class Trainer:
         )
         if accelerator.is_main_process:
             try:
-                files.append(write_model_card(cfg, out, result, self.validation_paths))
+                files.append(write_model_card(cfg, out, result, self.validation_paths, self.plan))
                 files.append(out / "args.json")
                 # Written last: a run is complete only once every file is in place.
                 record = {

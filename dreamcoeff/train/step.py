@@ -75,14 +75,15 @@ def denoising_loss(
     noise_scheduler,
     latents: torch.Tensor,
     batch: dict[str, Any],
-    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    text: tuple[torch.Tensor, torch.Tensor],
     cfg: TrainConfig,
     gen: torch.Generator,
     weight_dtype: torch.dtype,
 ) -> torch.Tensor:
     """SDXL's training loss on scaled latents: noise (with --noise_offset), a random timestep per
     example, the epsilon or v target, Min-SNR weights (--snr_gamma), and the prior-preservation
-    term on the batch's class images (--prior_loss_weight)."""
+    term on the batch's class images (--prior_loss_weight). `text` is the batch's prompt
+    conditioning, ``(embeds B x 77 x D, pooled B x P)``."""
     device = latents.device
     noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
     if cfg.noise_offset:
@@ -94,8 +95,7 @@ def denoising_loss(
         0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen, device=device
     ).long()
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    embeds = torch.stack([embeddings[c][0] for c in batch["captions"]]).to(device, weight_dtype)
-    pooled = torch.stack([embeddings[c][1] for c in batch["captions"]]).to(device, weight_dtype)
+    embeds, pooled = text
     time_ids = batch["add_time_ids"].to(device, weight_dtype)
     pred = unet(
         noisy, timesteps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False

@@ -80,10 +80,18 @@ def sampling_pipeline(components: SDXLComponents, unet: torch.nn.Module):
 
 
 def run_validation(
-    cfg: TrainConfig, components: SDXLComponents, unet: torch.nn.Module, accelerator: Accelerator, step: int, out: Path
+    cfg: TrainConfig,
+    components: SDXLComponents,
+    unet: torch.nn.Module,
+    accelerator: Accelerator,
+    step: int,
+    out: Path,
+    prompts: list[str] | None = None,
 ) -> list[Path]:
-    """Render every validation prompt with fixed seeds into `validation/step_NNNNN/` (and TensorBoard)."""
-    prompts = cfg.validation_prompt or []
+    """Render every validation prompt with fixed seeds into `validation/step_NNNNN/` (and TensorBoard).
+    `prompts` are the validation prompts as the model reads them (learned tokens in place of the
+    abstraction); default ``--validation_prompt``."""
+    prompts = (cfg.validation_prompt or []) if prompts is None else prompts
     if not prompts:
         return []
     pipe = sampling_pipeline(components, unet)
