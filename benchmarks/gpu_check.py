@@ -29,6 +29,7 @@ from dreamcoeff import apply_coeff, coeff_parameters
 from dreamcoeff.attention import materialized_mixed_attention, mixed_attention
 from dreamcoeff.attention.triton_kernels import mixed_attention_forward, triton_unavailable_reason
 from dreamcoeff.processor import set_coeff_attention_impl
+from dreamcoeff.testing.sdxl import sdxl_unet_config
 
 DEV = torch.device("cuda")
 RESULTS = []
@@ -208,39 +209,12 @@ def sweep_triton_blocks():
             )
 
 
-SDXL_UNET = {
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True,
-}
-
-
 def _unet():
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     with torch.device(DEV):
-        unet = UNet2DConditionModel(**SDXL_UNET)
+        unet = UNet2DConditionModel(**sdxl_unet_config())
     return unet.to(torch.bfloat16)
 
 

@@ -21,6 +21,7 @@ from dreamcoeff import (
     save_coeff_weights,
     set_coeff_scale,
 )
+from dreamcoeff.testing.sdxl import SDXL_BASE_UNET_CONFIG
 from dreamcoeff.testing.tiny import build_tiny_pipeline
 
 
@@ -321,34 +322,6 @@ def test_loads_into_pretrained_folder(tiny_pipeline_dir, tmp_path):
     again.set_progress_bar_config(disable=True)
     load_coeff_weights(again, tmp_path)
     assert torch.equal(_images(again), images)
-
-
-SDXL_BASE_UNET_CONFIG = {
-    # the published config of stabilityai/stable-diffusion-xl-base-1.0's UNet
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True,
-}
 
 
 def test_real_sdxl_layout_on_meta_device():

@@ -83,6 +83,7 @@ def train(
     out: Path,
     inst: Path,
     noise_offset: float = 0.0,
+    extra: tuple[str, ...] = (),
 ) -> tuple[float, int]:
     """One DreamBooth run through the real trainer; (wall seconds, trainable parameters)."""
     from dreamcoeff.train import main
@@ -115,7 +116,7 @@ def train(
         str(noise_offset),
     ]
     # One learning rate per method; alpha+LoRA uses it for both parameter groups, full for the whole UNet.
-    flags += ["--coeff_lr", str(lr), "--learning_rate", str(lr)]
+    flags += ["--coeff_lr", str(lr), "--learning_rate", str(lr), *extra]
     t0 = time.time()
     with contextlib.redirect_stderr(io.StringIO()):
         rc = main(flags)
