@@ -17,7 +17,7 @@ import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,9 @@ from .processor import (
     remove_coeff,
     unwrap_unet,
 )
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 __all__ = [
     "COEFF_WEIGHTS_NAME",
@@ -62,7 +65,11 @@ def _metadata_strings(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
-def save_coeff_weights(path: str | os.PathLike, unet, metadata: Mapping[str, Any] | None = None) -> Path:
+def save_coeff_weights(
+    path: str | os.PathLike,
+    unet: UNet2DConditionModel | DiffusionPipeline | torch.nn.Module,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
     """Write the model's alpha to a safetensors file, atomically (temp file + rename).
 
     `path` may be a directory (the file is then `coeff_weights.safetensors` inside it). Metadata values
@@ -216,7 +223,11 @@ def read_coeff_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return _load_tensors(path, entries), metadata
 
 
-def load_coeff_weights(pipe_or_unet, path: str | os.PathLike, scale: float = 1.0) -> list[str]:
+def load_coeff_weights(
+    pipe_or_unet: DiffusionPipeline | UNet2DConditionModel | torch.nn.Module,
+    path: str | os.PathLike,
+    scale: float = 1.0,
+) -> list[str]:
     """Load an alpha file into a pipeline or UNet, replacing any alpha it had.
 
     Every key must name an attention module of the UNet with the same head count; otherwise a
