@@ -505,6 +505,215 @@ def test_sample_runs_validates_every_run_before_sampling(run_dirs, foreign_weigh
 
 
 # ----------------------------------------------------------------------------------------------
+# learned tokens (pivotal tuning): loaded for their run's rows only, {token} filled per row
+
+
+def _embeddings_file(path: Path, widths=(32, 64), count=2, seed=0, abstractions=None) -> Path:
+    """An embeddings file as diffusers' advanced script writes it (clip_l / clip_g rows; the tiny
+    pipeline's encoders are 32 and 64 wide), with dreamcoeff's metadata if ``abstractions`` is given."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    state = {k: 3.0 * torch.randn(count, w, generator=g) for k, w in zip(("clip_l", "clip_g"), widths)}
+    meta = None
+    if abstractions is not None:
+        tokens = [t for group in abstractions.values() for t in group]
+        meta = {"tokens": json.dumps(tokens), "token_abstractions": json.dumps(abstractions)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+def test_parse_run_with_learned_tokens(run_dirs, tmp_path):
+    emb = _embeddings_file(tmp_path / "ti" / "ti_emb.safetensors", abstractions={"TOK": ["<s0>", "<s1>"]})
+    ti = S.parse_run(f"ti={tmp_path / 'ti'}")
+    assert (ti.kind, ti.emb_path, ti.alpha_path) == ("tokens", emb, None)
+    assert ti.learned_tokens() == (["<s0>", "<s1>"], {"TOK": "<s0><s1>"}) and ti.learned_token() == "<s0><s1>"
+    # an embeddings file is told apart by its clip_l / clip_g keys, alone or beside other files of its run
+    assert S.parse_run(str(emb)).kind == "tokens"
+    both = S.parse_run(f"x={run_dirs / 'coeff' / 'coeff_weights.safetensors'},{emb}")
+    assert (both.kind, both.emb_path) == ("alpha+tokens", emb)
+    assert S.parse_run(f"f={run_dirs / 'full'},{emb}").kind == "unet+tokens"  # they compose with a full UNet
+    plain = _embeddings_file(tmp_path / "plain_emb.safetensors", count=3)  # no metadata: <s0><s1><s2>
+    assert S.parse_run(f"p={plain}").learned_token() == "<s0><s1><s2>"
+    with pytest.raises(S.SamplingError, match="two embeddings files"):
+        S.parse_run(f"y={tmp_path / 'ti'},{plain}")
+    rows = S.plan_rows([both, ti], include_base=True, coeff_scales=[0, 1])
+    assert [(r.name, r.has_tokens, r.description) for r in rows] == [
+        ("base", False, "base model"),
+        ("x@0", True, "alpha c=0 + learned tokens"),
+        ("x@1", True, "alpha c=1 + learned tokens"),
+        ("ti", True, "learned tokens"),
+    ]
+
+
+def test_fill_prompts_per_row(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a {token} {class}\n# note\na {class}\n")
+    templates = S.read_prompt_templates(f)
+    assert [t.text for t in templates] == ["a {token} {class}", "a {class}"]
+    assert S.fill_prompts(templates, "sks", "dog", {"ti": "<s0><s1>"}) == (
+        ["a sks dog", "a dog"],
+        {"ti": ["a <s0><s1> dog", "a dog"]},
+    )
+    # no --token: fine where only runs with learned tokens read {token}; the labels keep the placeholder
+    assert S.fill_prompts(templates, None, "dog", {"ti": "<s0><s1>"}, token_needed=False)[0] == [
+        "a {token} dog",
+        "a dog",
+    ]
+    with pytest.raises(S.SamplingError, match=r"p\.txt:1: .*uses \{token\} but no value was given \(--token\)"):
+        S.fill_prompts(templates, None, "dog", {"ti": "<s0><s1>"})
+    (tmp_path / "bad.txt").write_text("a {tokn}\n")
+    with pytest.raises(S.SamplingError, match=r"unknown placeholder \{tokn\}"):
+        S.read_prompt_templates(tmp_path / "bad.txt")
+
+
+def test_sample_runs_loads_learned_tokens_for_their_rows_only(run_dirs, tmp_path):
+    """The tokens are in the encoders for the ti row only: the base row before it and the alpha row
+    after it equal fresh pipelines without them; the ti row equals diffusers' own loader."""
+    from dreamcoeff.tokens import load_embeddings_into
+
+    emb = _embeddings_file(tmp_path / "ti" / "ti_emb.safetensors", abstractions={"TOK": ["<s0>", "<s1>"]})
+    pipe = _frozen_tiny_pipe()
+    vocab = (len(pipe.tokenizer), len(pipe.tokenizer_2))
+    ti, coeff = S.parse_run(f"ti={tmp_path / 'ti'}"), S.parse_run(f"coeff={run_dirs / 'coeff'}")
+    seed = 2
+    result = S.sample_runs(
+        pipe,
+        [ti, coeff],
+        ["a sks dog"],
+        [seed],
+        include_base=True,
+        num_inference_steps=2,
+        progress=False,
+        run_prompts={"ti": ["a <s0><s1> dog"]},
+    )
+    assert [(r.row, r.prompt) for r in result.records] == [
+        ("base", "a sks dog"),
+        ("ti", "a <s0><s1> dog"),
+        ("coeff", "a sks dog"),
+    ]
+    img = {r.name: _pixels(result.image(result.find(r.name, 0, seed))) for r in result.rows}
+
+    def fresh(prompt, tokens=False, alpha=False):
+        ref = _frozen_tiny_pipe()
+        if tokens:
+            load_embeddings_into(ref, emb)
+        if alpha:
+            load_coeff_weights(ref, run_dirs / "coeff")
+        return _pixels(ref(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed)).images[0])
+
+    assert np.array_equal(img["base"], fresh("a sks dog"))
+    assert np.array_equal(img["ti"], fresh("a <s0><s1> dog", tokens=True))
+    assert np.array_equal(img["coeff"], fresh("a sks dog", alpha=True))
+    assert np.abs(img["ti"] - fresh("a <s0><s1> dog")).max() > 20  # the tokens did something
+    assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == vocab and "<s0>" not in pipe.tokenizer.get_vocab()
+    info = result.weights["ti"]["embeddings"]
+    assert (info["tokens"], info["token"], info["dims"]) == (["<s0>", "<s1>"], "<s0><s1>", {"clip_l": 32, "clip_g": 64})
+    assert len(info["sha256"]) == 64 and result.settings["run_prompts"] == {"ti": ["a <s0><s1> dog"]}
+    with pytest.raises(S.SamplingError, match="run 'coeff' has 2 prompts, the others 1"):
+        S.sample_runs(pipe, [coeff], ["a dog"], [0], progress=False, run_prompts={"coeff": ["a", "b"]})
+
+
+def test_cli_learned_tokens_without_token_and_bad_embeddings(tiny_pipeline_dir, tmp_path, capsys):
+    good = _embeddings_file(tmp_path / "good" / "good_emb.safetensors")
+    common = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--num_inference_steps", "2",
+              "--no_progress", "--prompt", "a {token} dog"]  # fmt: skip
+    # only a run with learned tokens reads {token}: no --token needed
+    assert main(common + ["--run", f"ti={good}", "--output", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [im["prompt"] for im in manifest["images"]] == ["a <s0><s1> dog"]
+    assert manifest["settings"]["prompts"] == ["a {token} dog"] and manifest["runs"]["ti"]["kind"] == "tokens"
+    # the base row does read it
+    assert main(common + ["--run", f"ti={good}", "--include_base", "--output", str(tmp_path / "o2")]) == 2
+    assert re.search(r"uses \{token\} but no value was given \(--token\)", capsys.readouterr().err)
+
+    bad = _embeddings_file(tmp_path / "bad" / "x_emb.safetensors", widths=(16, 64))
+    junk = tmp_path / "junk" / "junk_emb.safetensors"
+    junk.parent.mkdir()
+    junk.write_bytes(b"not a safetensors file")
+    for spec, message in (
+        (
+            f"bad={bad}",
+            rf"run 'bad': {re.escape(str(bad))}: clip_l rows have 16 numbers, this pipeline's encoder has 32",
+        ),
+        (f"junk={junk.parent}", rf"run 'junk': {re.escape(str(junk))} is not a readable safetensors file"),
+    ):
+        argv = common + ["--token", "sks", "--include_base", "--run", f"ti={good}", "--run", spec]
+        assert main(argv + ["--output", str(tmp_path / "o3")]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+        assert len(errors) == 1 and errors[0].startswith("dreamcoeff-sample: error: "), errors
+        assert re.search(message, errors[0]), errors[0]
+        assert not (tmp_path / "o3").exists()  # checked before any image (or the output folder) was made
+
+
+@pytest.fixture(scope="module")
+def ti_run(tiny_pipeline_dir, tmp_path_factory):
+    """A tiny pivotal-tuning run trained by the trainer: alpha and two learned tokens (<s0><s1>)."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    from dreamcoeff.train import main as train
+    from tests.helpers import make_images
+
+    root = tmp_path_factory.mktemp("ti")
+    inst = make_images(root / "inst", ((64, 64),) * 3, 0)
+    argv = ["--pretrained_model_name_or_path", tiny_pipeline_dir, "--instance_dir", inst, "--output_dir", root / "ti",
+            "--instance_prompt", "a photo of TOK dog", "--resolution", 64, "--report_to", "none", "--seed", 0,
+            "--checkpointing_steps", 0, "--tuning", "coeff", "--train_text_encoder_ti", "--max_train_steps", 2,
+            "--coeff_lr", "5e-2", "--text_encoder_lr", "5e-2"]  # fmt: skip
+    try:
+        assert train([str(a) for a in argv]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._reset_state()
+    return root / "ti"
+
+
+@pytest.mark.slow
+def test_cli_trained_run_with_learned_tokens(tiny_pipeline_dir, run_dirs, ti_run, tmp_path, capsys):
+    """A trained ti run beside the base model and an alpha-only run: {token} is <s0><s1> in the ti
+    row and --token elsewhere; the base and alpha rows are bit-identical to an invocation without the
+    ti run; the ti row is what load_run gives on a fresh pipeline."""
+    import hashlib
+
+    from dreamcoeff import load_run
+
+    common = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--num_inference_steps", "2",
+              "--no_progress", "--include_base", "--prompt", "a {token} dog", "--token", "sks",
+              "--seeds", "0"]  # fmt: skip
+    with_ti, without = tmp_path / "with", tmp_path / "without"
+    code = main(common + ["--run", f"ti={ti_run}", "--run", f"plain={run_dirs / 'coeff'}", "--output", str(with_ti)])
+    assert code == 0, capsys.readouterr().err
+    assert main(common + ["--run", f"plain={run_dirs / 'coeff'}", "--output", str(without)]) == 0
+
+    manifest = json.loads((with_ti / "manifest.json").read_text())
+    prompts = {im["row"]: im["prompt"] for im in manifest["images"]}
+    assert prompts == {"base": "a sks dog", "ti": "a <s0><s1> dog", "plain": "a sks dog"}
+    emb = ti_run / "ti_emb.safetensors"
+    info = manifest["runs"]["ti"]
+    assert info["kind"] == "alpha+tokens" and info["embeddings"]["token"] == "<s0><s1>"
+    assert info["embeddings"]["sha256"] == hashlib.sha256(emb.read_bytes()).hexdigest()
+    assert info["alpha"]["sha256"] == hashlib.sha256((ti_run / "coeff_weights.safetensors").read_bytes()).hexdigest()
+    assert manifest["settings"]["prompts"] == ["a sks dog"]
+    assert manifest["settings"]["run_prompts"] == {"ti": ["a <s0><s1> dog"]}
+    assert json.loads((without / "manifest.json").read_text())["images"][0]["prompt"] == "a sks dog"
+
+    def px(path):
+        return _pixels(Image.open(path))
+
+    for row in ("base", "plain"):  # the rows before and after the ti row
+        assert np.array_equal(px(with_ti / f"images/{row}_p00_s0.png"), px(without / f"images/{row}_p00_s0.png")), row
+
+    pipe = S.load_base_pipeline(str(tiny_pipeline_dir))  # as the sampler loads it (its own scheduler, fp32 on CPU)
+    pipe.set_progress_bar_config(disable=True)
+    loaded = load_run(pipe, ti_run)
+    out = pipe(loaded.prompt("a TOK dog"), num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    ti_image = px(with_ti / "images/ti_p00_s0.png")
+    assert np.array_equal(ti_image, _pixels(out.images[0]))
+    assert np.abs(ti_image - px(with_ti / "images/base_p00_s0.png")).max() > 0
+
+
+# ----------------------------------------------------------------------------------------------
 # metrics
 
 

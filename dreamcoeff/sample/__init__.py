@@ -1,14 +1,15 @@
 """Prompt-grid sampling: what did each run learn, on the same prompts and the same noise.
 
 One base SDXL pipeline is loaded once. Each *run* (a training output: an alpha file, a LoRA file,
-both, or a fully fine-tuned UNet) becomes one or more *rows*; every row renders every prompt for
-every seed from the same initial latents, so that the differences between rows come from the
-method alone:
+both, or a fully fine-tuned UNet, each optionally with learned identifier tokens) becomes one or
+more *rows*; every row renders every prompt for every seed from the same initial latents, so that
+the differences between rows come from the method alone:
 
     base              the pre-trained model (``include_base``)
     coeff             alpha at strength 1 (or ``coeff@0.5`` ... with a ``coeff_scales`` sweep)
     lora              the LoRA adapter
     both              alpha and LoRA together
+    ti                a run with learned tokens: loaded for its rows only, ``{token}`` is its own
 
 Everything is validated before the first image: missing paths, files for another architecture (the
 error names the run), empty prompt files, unknown placeholders, duplicated names.
@@ -37,7 +38,16 @@ from .grid import _font as _font  # private (the redundant alias re-exports it):
 from .grid import make_grid, save_grids, wrap_text
 from .metrics import METRIC_NAMES
 from .pipeline import SCHEDULERS, load_base_pipeline, resolve_dtype, resolve_scheduler, set_scheduler
-from .prompts import PLACEHOLDERS, find_prompt_file, format_prompt, packaged_prompt_files, read_prompt_file
+from .prompts import (
+    PLACEHOLDERS,
+    PromptTemplate,
+    fill_prompts,
+    find_prompt_file,
+    format_prompt,
+    packaged_prompt_files,
+    read_prompt_file,
+    read_prompt_templates,
+)
 from .render import ImageRecord, SampleResult, initial_latents, sample_runs
 from .report import write_index_html, write_manifest
 from .runs import Row, RunSpec, parse_run, plan_rows
@@ -50,6 +60,9 @@ __all__ = [
     "read_prompt_file",
     "find_prompt_file",
     "packaged_prompt_files",
+    "PromptTemplate",
+    "read_prompt_templates",
+    "fill_prompts",
     "RunSpec",
     "parse_run",
     "Row",

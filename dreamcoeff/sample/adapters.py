@@ -1,9 +1,12 @@
-"""Switching adapters on one pipeline: every run's alpha, LoRA or full UNet, one row's at a time.
+"""Switching adapters on one pipeline: every run's alpha, LoRA, full UNet or learned tokens, one row's at a time.
 
 Switching between rows never reloads the base model. Every run's LoRA is loaded once, up front, as its
 own PEFT adapter and switched with ``set_adapters`` / ``disable_lora`` (a disabled PEFT layer computes
 exactly ``base_layer(x)``, so the base row after a LoRA row is bit-identical to the one before). Alpha
 is installed per row from its file (a few hundred KB at most) and removed again for rows without it.
+Learned tokens are checked up front and loaded into both text encoders (diffusers'
+``load_textual_inversion``) for their run's rows only, then unloaded again: the other rows' encoders
+and tokenizers are the base model's, bit for bit.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..processor import coeff_modules, remove_coeff, set_coeff_scale, unwrap_unet
+from ..tokens import ENCODER_KEYS, TokenError, load_embeddings_into, read_embeddings_file, unload_embeddings
 from ..weights import CoeffWeightsError, load_coeff_weights, read_coeff_file
 from .errors import SamplingError
 from .pipeline import freeze
-from .quiet import quiet_diffusers_noise, quiet_lora_loading
+from .quiet import quiet_diffusers_noise, quiet_lora_loading, quiet_token_loading
 from .report import jsonable
 from .runs import Row, RunSpec
 
@@ -91,8 +95,10 @@ class AdapterSwitcher:
     validation against this UNet), every LoRA file's keys are checked against the UNet, and only
     then is each LoRA loaded as its own PEFT adapter (then disabled). A fully fine-tuned UNet
     (``--tuning full``) is loaded once, checked against the base UNet's config, kept on the CPU and
-    swapped in for its rows only. Errors are :class:`SamplingError` naming the run. :meth:`close`
-    deletes the adapters again and puts the base UNet back.
+    swapped in for its rows only. Learned tokens are checked against both text encoders (readable,
+    finite, the encoders' widths, token strings new to the tokenizers) and loaded for their run's
+    rows only. Errors are :class:`SamplingError` naming the run. :meth:`close` deletes the adapters
+    again, unloads any tokens and puts the base UNet back.
     """
 
     def __init__(self, pipe: StableDiffusionXLPipeline, runs: Sequence[RunSpec]):
@@ -104,6 +110,8 @@ class AdapterSwitcher:
         self._alpha_run: str | None = None
         self.base_unet = pipe.unet
         self.full_unets: dict[str, torch.nn.Module] = {}
+        self._tokens_run: str | None = None  # whose learned tokens are loaded
+        self._loaded_tokens: list[str] = []
         if coeff_modules(pipe):
             remove_coeff(pipe)
         freeze(pipe)
@@ -113,6 +121,8 @@ class AdapterSwitcher:
                 self.weights[run.name]["alpha"] = self._check_alpha(run)
             if run.unet_path is not None:
                 self.weights[run.name]["unet"] = self._load_full_unet(run)
+            if run.emb_path is not None:
+                self.weights[run.name]["embeddings"] = self._check_embeddings(run)
         loras = [r for r in runs if r.lora_path is not None]
         infos = {r.name: self._check_lora(r) for r in loras}  # every file checked before any is loaded
         try:
@@ -164,6 +174,52 @@ class AdapterSwitcher:
             "metadata": {k: v for k, v in metadata.items() if k != "training_args"},
             "has_training_args": training_args is not None,
         }
+
+    def _check_embeddings(self, run: RunSpec) -> dict[str, Any]:
+        """The embeddings file checked against both text encoders, without loading it."""
+        path = run.emb_path
+        try:
+            state, tokens = read_embeddings_file(path)
+        except TokenError as exc:
+            raise SamplingError(f"run {run.name!r}: {exc}") from None
+        pairs = ((self.pipe.text_encoder, self.pipe.tokenizer), (self.pipe.text_encoder_2, self.pipe.tokenizer_2))
+        for key, (encoder, tokenizer) in zip(ENCODER_KEYS, pairs, strict=True):
+            dim = encoder.get_input_embeddings().weight.shape[1]
+            if state[key].shape[1] != dim:
+                raise SamplingError(
+                    f"run {run.name!r}: {path}: {key} rows have {state[key].shape[1]} numbers, this pipeline's "
+                    f"encoder has {dim}; were the tokens trained on another base model?"
+                )
+            clash = [t for t in tokens if t in tokenizer.get_vocab()]
+            if clash:
+                raise SamplingError(f"run {run.name!r}: {path}: the tokens {clash} are already in the base tokenizers")
+        _, abstractions = run.learned_tokens()
+        return {
+            "path": str(path.resolve()),
+            "sha256": _sha256(path),
+            "bytes": path.stat().st_size,
+            "tokens": tokens,
+            "abstractions": abstractions,
+            "token": run.learned_token(),
+            "dims": {key: int(state[key].shape[1]) for key in ENCODER_KEYS},
+        }
+
+    def _use_tokens(self, run: RunSpec | None) -> None:
+        """``run``'s learned tokens in both text encoders (loaded only when the run changes), or none."""
+        wanted = run.name if run is not None and run.emb_path is not None else None
+        if wanted == self._tokens_run:
+            return
+        if self._tokens_run is not None:
+            unload_embeddings(self.pipe, self._loaded_tokens)
+            self._tokens_run, self._loaded_tokens = None, []
+        if wanted is not None:
+            try:
+                with quiet_token_loading():
+                    self._loaded_tokens = load_embeddings_into(self.pipe, run.emb_path)
+            except TokenError as exc:  # the file changed since it was checked
+                raise SamplingError(f"run {run.name!r}: {exc}") from None
+            self._tokens_run = wanted
+        freeze(self.pipe)  # the resized embedding matrices too
 
     def _check_unet_config(self, run: RunSpec) -> None:
         """The full UNet's config.json must describe the base UNet's architecture."""
@@ -252,7 +308,8 @@ class AdapterSwitcher:
         }
 
     def reset(self) -> None:
-        """The base model: its own UNet, no alpha, every LoRA disabled."""
+        """The base model: its own UNet and text encoders, no alpha, every LoRA disabled."""
+        self._use_tokens(None)
         self._use_unet(self.base_unet)
         if coeff_modules(self.pipe):
             remove_coeff(self.pipe)
@@ -277,8 +334,10 @@ class AdapterSwitcher:
             self._alpha_run = None
 
     def activate(self, row: Row, lora_scale: float = 1.0) -> None:
-        """Put exactly this row's adapters in place (alpha at ``row.coeff_scale``, its LoRA or none)."""
+        """Put exactly this row's adapters in place (alpha at ``row.coeff_scale``, its LoRA or none,
+        its run's learned tokens or none)."""
         run = row.run
+        self._use_tokens(run)
         self._use_unet(self.base_unet)  # adapters are switched on the base UNet, a full UNet swapped in last
         if row.has_lora:
             self.pipe.enable_lora()

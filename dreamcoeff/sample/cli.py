@@ -6,9 +6,10 @@
 
 (also installed as ``dreamcoeff-sample``). Writes ``images/``, one ``grid_s<seed>.png`` per seed,
 ``index.html`` and ``manifest.json`` into ``--output``; with ``--metrics``, also ``metrics.csv`` and
-``metrics_summary.csv``. The work is done by the other modules of :mod:`dreamcoeff.sample`; this one
-parses arguments, checks them before anything heavy is loaded, and reports bad input as one clear
-error (exit code 2) instead of a traceback.
+``metrics_summary.csv``. A run with learned tokens (``<name>_emb.safetensors``) reads ``{token}`` as
+its own tokens (``<s0><s1>``), the other rows as ``--token``. The work is done by the other modules
+of :mod:`dreamcoeff.sample`; this one parses arguments, checks them before anything heavy is loaded,
+and reports bad input as one clear error (exit code 2) instead of a traceback.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .adapters import AdapterSwitcher
 from .errors import SamplingError
 from .grid import save_grids
 from .pipeline import load_base_pipeline, resolve_dtype, resolve_scheduler
-from .prompts import find_prompt_file, format_prompt, packaged_prompt_files, read_prompt_file
+from .prompts import PromptTemplate, fill_prompts, find_prompt_file, packaged_prompt_files, read_prompt_templates
 from .render import SampleResult, sample_runs
 from .report import write_index_html, write_manifest
 from .runs import RunSpec, parse_run, plan_rows
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=PATH[,PATH2]",
-        help="a training output folder, or an alpha and/or LoRA file; repeatable (one row each)",
+        help="a training output folder, or an alpha, LoRA and/or learned-token embeddings file; "
+        "repeatable (one row each)",
     )
     g.add_argument("--include_base", action="store_true", help="add a row for the base model without adapters")
     g.add_argument(
@@ -86,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt file: one per line, {token}/{class} placeholders, # comments; or the name of a "
         f"prompt file shipped with dreamcoeff ({', '.join(packaged_prompt_files())})",
     )
-    g.add_argument("--token", default=None, help="the rare identifier that fills {token}, e.g. sks")
+    g.add_argument(
+        "--token",
+        default=None,
+        help="the rare identifier that fills {token}, e.g. sks (a run with learned tokens fills it with its own)",
+    )
     g.add_argument("--class_name", default=None, help="the subject class that fills {class}, e.g. dog")
     g.add_argument("--negative_prompt", default=None)
     _add_sampling_and_output_args(p)
@@ -141,17 +147,25 @@ def _add_sampling_and_output_args(p: argparse.ArgumentParser) -> None:
 # Checks before anything heavy is loaded, in the order a user meets them
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    """The prompt file's prompts, then every ``--prompt``; placeholders filled."""
-    prompts: list[str] = []
+def _read_templates(args: argparse.Namespace) -> list[PromptTemplate]:
+    """The prompt file's prompts, then every ``--prompt``; placeholders checked, not yet filled."""
+    templates: list[PromptTemplate] = []
     if args.prompts:
-        prompts += read_prompt_file(find_prompt_file(args.prompts), args.token, args.class_name)
-    prompts += [
-        format_prompt(p, args.token, args.class_name, where=f"--prompt {i + 1}") for i, p in enumerate(args.prompt)
-    ]
-    if not prompts:
+        templates += read_prompt_templates(find_prompt_file(args.prompts))
+    templates += [PromptTemplate(p, f"--prompt {i + 1}").check() for i, p in enumerate(args.prompt)]
+    if not templates:
         raise SamplingError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
-    return prompts
+    return templates
+
+
+def _fill_prompts(
+    args: argparse.Namespace, templates: Sequence[PromptTemplate], runs: Sequence[RunSpec]
+) -> tuple[list[str], dict[str, list[str]]]:
+    """The prompts of the base row and of runs without learned tokens (``{token}`` = ``--token``),
+    and each run with learned tokens' own (``{token}`` = its tokens)."""
+    learned = {r.name: r.learned_token() for r in runs if r.emb_path is not None}
+    token_needed = args.include_base or any(r.emb_path is None for r in runs)
+    return fill_prompts(templates, args.token, args.class_name, learned, token_needed=token_needed)
 
 
 def _parse_runs(args: argparse.Namespace) -> list[RunSpec]:
@@ -228,11 +242,17 @@ def _clear_output(output: Path) -> None:
 
 
 def _render(
-    args: argparse.Namespace, runs: Sequence[RunSpec], prompts: list[str], device: str, dtype: torch.dtype, output: Path
+    args: argparse.Namespace,
+    runs: Sequence[RunSpec],
+    prompts: tuple[list[str], dict[str, list[str]]],
+    device: str,
+    dtype: torch.dtype,
+    output: Path,
 ) -> tuple[SampleResult, float]:
     """Load the base model once, check every run's weights against it, then render into ``output``.
 
-    Returns the result and the seconds the base model took to load. The pipeline is freed on return.
+    ``prompts`` is ``(prompts, run_prompts)`` as :func:`_fill_prompts` gives them. Returns the result
+    and the seconds the base model took to load. The pipeline is freed on return.
     """
     t_load = time.perf_counter()
     pipe = load_base_pipeline(
@@ -253,8 +273,9 @@ def _render(
     result = sample_runs(
         pipe,
         runs,
-        prompts,
+        prompts[0],
         args.seeds,
+        run_prompts=prompts[1],
         include_base=args.include_base,
         coeff_scales=args.coeff_scales,
         lora_scale=args.lora_scale,
@@ -302,21 +323,22 @@ def _score(
     """The DreamBooth metrics of every image and per row (also written as CSVs), and the settings they used."""
     clip = M.ClipEmbedder(args.clip_model, device) if args.clip_model else None
     dino = M.DinoEmbedder(args.dino_model, device) if args.dino_model else None
+    learned = {name: w["embeddings"]["token"] for name, w in result.weights.items() if "embeddings" in w}
     metrics = M.compute_metrics(
         [output / rec.file for rec in result.records],
-        [M.metric_text(rec.prompt, args.token) for rec in result.records],
+        [M.metric_text(rec.prompt, learned.get(rec.run, args.token)) for rec in result.records],
         instance_images=instance_images,
         clip=clip,
         dino=dino,
     )
     summary = M.summarize_metrics(result, metrics)
-    M.write_metrics_csv(result, metrics, summary, output, token=args.token)
+    M.write_metrics_csv(result, metrics, summary, output, token=args.token, run_tokens=learned)
     settings = dict(
         clip_model=args.clip_model,
         dino_model=args.dino_model,
         instance_data_dir=args.instance_dir,
         instance_images=len(instance_images or []),
-        clip_t_text="the prompt without the --token word",
+        clip_t_text="the prompt without the --token word (a run's learned tokens in its rows)",
     )
     return metrics, summary, settings
 
@@ -340,8 +362,9 @@ def run(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     # --- everything that needs no model: fail fast -------------------------------------------
-    prompts = _read_prompts(args)
+    templates = _read_templates(args)
     runs = _parse_runs(args)
+    prompts = _fill_prompts(args, templates, runs)
     _check_sampling_flags(args)
     want_metrics, instance_images = _check_metric_flags(args)
     output = Path(args.output)
@@ -391,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dreamcoeff.sample`` and ``dreamcoeff-sample``; returns the exit code."""
     from ..images import DataError
     from ..models import ModelError
+    from ..tokens import TokenError
     from ..weights import CoeffWeightsError
 
     parser = build_parser()
@@ -402,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _loader_progress_bars(not args.no_progress):
             return run(args)
-    except (SamplingError, CoeffWeightsError, ModelError, DataError) as exc:
+    except (SamplingError, CoeffWeightsError, TokenError, ModelError, DataError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -224,8 +224,13 @@ def write_metrics_csv(
     summary: Sequence[Mapping[str, Any]],
     output_dir: str | Path,
     token: str | None = None,
+    run_tokens: Mapping[str, str] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``metrics.csv`` (one line per image) and ``metrics_summary.csv`` (one line per row)."""
+    """Write ``metrics.csv`` (one line per image) and ``metrics_summary.csv`` (one line per row).
+
+    ``clip_t_text`` is the prompt without ``token``, or without a run's learned tokens
+    (``run_tokens``: run name -> its token text) in that run's rows."""
+    run_tokens = run_tokens or {}
     output_dir = Path(output_dir)
     names = [n for n in METRIC_NAMES if any(n in m for m in metrics)]
     per_image = output_dir / "metrics.csv"
@@ -245,7 +250,7 @@ def write_metrics_csv(
                     rec.seed,
                     rec.file or "",
                     rec.prompt,
-                    metric_text(rec.prompt, token),
+                    metric_text(rec.prompt, run_tokens.get(rec.run, token)),
                     *[f"{m[n]:.6f}" if n in m else "" for n in names],
                 ]
             )

@@ -1,5 +1,9 @@
 """Prompt files: finding one (a path or a packaged name), reading it, filling ``{token}`` / ``{class}``.
 
+Prompts are read as templates (:func:`read_prompt_templates`) and filled per row
+(:func:`fill_prompts`): ``{token}`` is ``--token`` for the base model and runs without learned
+tokens, and a run's own learned tokens (``<s0><s1>``) for its rows.
+
 The packaged prompt files (``dreambooth_live``, ``dreambooth_objects``, ``validation``) ship in
 :mod:`dreamcoeff.prompts` and are read with :mod:`importlib.resources`, so they are found from any
 working directory and in any installation.
@@ -8,6 +12,8 @@ working directory and in any installation.
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +30,9 @@ __all__ = [
     "packaged_prompt_files",
     "find_prompt_file",
     "read_prompt_file",
+    "PromptTemplate",
+    "read_prompt_templates",
+    "fill_prompts",
 ]
 
 #: Placeholders a prompt may use: ``{token}`` (the rare identifier, e.g. "sks") and ``{class}``.
@@ -109,6 +118,20 @@ def _read_text(path: Path | Traversable) -> str:
         raise SamplingError(f"cannot read prompt file {path}: {exc.strerror or exc}") from None
 
 
+def _prompt_lines(path: str | Path | Traversable) -> list[tuple[str, str]]:
+    """``(line, "file:lineno")`` of every prompt line (blank lines and ``#`` comments skipped)."""
+    if not hasattr(path, "read_text"):  # a str or another os.PathLike
+        path = Path(path)
+    lines = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            lines.append((line, f"{path}:{lineno}"))
+    if not lines:
+        raise SamplingError(f"prompt file {path} holds no prompts (only blank lines and # comments)")
+    return lines
+
+
 def read_prompt_file(path: str | Path | Traversable, token: str | None, class_name: str | None) -> list[str]:
     """Read one prompt per line, filling ``{token}`` / ``{class}``.
 
@@ -116,13 +139,47 @@ def read_prompt_file(path: str | Path | Traversable, token: str | None, class_na
     lines whose first non-blank character is ``#`` are skipped. Raises :class:`SamplingError` for a
     missing or unreadable file, a file without prompts, or a bad line (the message gives ``file:line``).
     """
-    if not hasattr(path, "read_text"):  # a str or another os.PathLike
-        path = Path(path)
-    prompts = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-        line = line.strip()
-        if line and not line.startswith("#"):
-            prompts.append(format_prompt(line, token, class_name, where=f"{path}:{lineno}"))
-    if not prompts:
-        raise SamplingError(f"prompt file {path} holds no prompts (only blank lines and # comments)")
-    return prompts
+    return [format_prompt(line, token, class_name, where=where) for line, where in _prompt_lines(path)]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """One prompt with its placeholders still open, and where it came from (``file:line``, ``--prompt 1``)."""
+
+    text: str
+    where: str = "prompt"
+
+    def check(self) -> PromptTemplate:
+        """This template, its syntax checked (unknown placeholders, braces, format specs)."""
+        format_prompt(self.text, "token", "class", where=self.where)
+        return self
+
+    def fill(self, token: str | None, class_name: str | None) -> str:
+        """The prompt text with ``{token}`` / ``{class}`` filled (see :func:`format_prompt`)."""
+        return format_prompt(self.text, token, class_name, where=self.where)
+
+
+def read_prompt_templates(path: str | Path | Traversable) -> list[PromptTemplate]:
+    """Like :func:`read_prompt_file`, but the prompts' placeholders are left open (each checked)."""
+    return [PromptTemplate(line, where).check() for line, where in _prompt_lines(path)]
+
+
+def fill_prompts(
+    templates: Sequence[PromptTemplate],
+    token: str | None,
+    class_name: str | None,
+    learned: Mapping[str, str] | None = None,
+    token_needed: bool = True,
+) -> tuple[list[str], dict[str, list[str]]]:
+    """``(prompts, run_prompts)``: the prompts of rows without learned tokens (``{token}`` = `token`),
+    and for each run in `learned` (run name -> its token text, ``<s0><s1>``) its own prompts.
+
+    `token_needed` says whether any row reads `prompts` (the base row, a run without learned tokens):
+    if not and `token` is None, ``{token}`` stays as written in `prompts`, which then only label the
+    grid's columns. A row that needs ``{token}`` without a value is today's error (``--token``).
+    """
+    if token is None and not token_needed:
+        token = "{token}"
+    prompts = [t.fill(token, class_name) for t in templates]
+    run_prompts = {name: [t.fill(text, class_name) for t in templates] for name, text in (learned or {}).items()}
+    return prompts, run_prompts

@@ -7,7 +7,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["quiet_lora_loading", "quiet_diffusers_noise"]
+__all__ = ["quiet_lora_loading", "quiet_diffusers_noise", "quiet_token_loading"]
 
 
 @contextlib.contextmanager
@@ -49,3 +49,17 @@ def quiet_diffusers_noise() -> Iterator[None]:
             yield
     finally:
         target.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def quiet_token_loading() -> Iterator[None]:
+    """Silence transformers' notice on how ``resize_token_embeddings`` initialises the new rows
+    (``load_textual_inversion`` overwrites them with the learned ones at once)."""
+    from transformers.utils import logging as tlogging
+
+    level = tlogging.get_verbosity()
+    tlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlogging.set_verbosity(level)

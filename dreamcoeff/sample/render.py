@@ -3,7 +3,8 @@
 One base pipeline, its adapters switched per row by an :class:`~.adapters.AdapterSwitcher`; the
 initial noise of a seed is drawn on a CPU generator exactly as diffusers draws it, so a row without
 adapters reproduces ``pipe(prompt, generator=torch.Generator().manual_seed(seed))`` and the
-differences between rows come from the weights alone.
+differences between rows come from the weights alone. The rows of a run with learned tokens render
+that run's own prompt texts (``{token}`` filled with its tokens); the other rows share one set.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,9 +122,13 @@ def _progress(total: int, enabled: bool) -> contextlib.AbstractContextManager[tq
 
 @dataclass(frozen=True)
 class _Job:
-    """What every row renders the same way: prompts, (prompt, seed) batches, call settings, output."""
+    """What every row renders the same way: prompts, (prompt, seed) batches, call settings, output.
+
+    ``run_prompts`` holds the prompt texts of the runs whose rows render their own (learned tokens).
+    """
 
     prompts: list[str]
+    run_prompts: dict[str, list[str]]
     batches: list[list[tuple[int, int]]]
     negative_prompt: str | None
     num_inference_steps: int
@@ -137,6 +142,25 @@ class _Job:
     @property
     def images_per_row(self) -> int:
         return sum(len(b) for b in self.batches)
+
+    def prompts_of(self, row: Row) -> list[str]:
+        """The prompt texts ``row`` renders."""
+        return self.run_prompts.get(row.run.name, self.prompts) if row.run is not None else self.prompts
+
+
+def _checked_run_prompts(
+    runs: Sequence[RunSpec], prompts: Sequence[str], run_prompts: Mapping[str, Sequence[str]] | None
+) -> dict[str, list[str]]:
+    """``run_prompts`` as lists: only names of `runs`, as many prompts as `prompts` each."""
+    names = {r.name for r in runs}
+    checked = {}
+    for name, texts in (run_prompts or {}).items():
+        if name not in names:
+            raise SamplingError(f"run_prompts names {name!r}, which is not one of the runs")
+        if len(texts) != len(prompts):
+            raise SamplingError(f"run {name!r} has {len(texts)} prompts, the others {len(prompts)}")
+        checked[name] = [str(t) for t in texts]
+    return checked
 
 
 def _checked_inputs(
@@ -178,7 +202,7 @@ def _save_record(row: Row, prompt_index: int, seed: int, image: Image.Image, job
         coeff_scale=row.coeff_scale,
         lora=row.has_lora,
         prompt_index=prompt_index,
-        prompt=job.prompts[prompt_index],
+        prompt=job.prompts_of(row)[prompt_index],
         seed=seed,
     )
     if job.output_dir is not None:
@@ -196,8 +220,9 @@ def _render_batch(
 ) -> list[ImageRecord]:
     """One pipeline call for a batch of (prompt index, seed), each from its seed's initial latents."""
     drawn = [initial_latents(pipe, seed, job.height, job.width, job.dtype) for _, seed in batch]
+    prompts = job.prompts_of(row)
     out = pipe(
-        prompt=[job.prompts[p] for p, _ in batch],
+        prompt=[prompts[p] for p, _ in batch],
         negative_prompt=[job.negative_prompt] * len(batch) if job.negative_prompt else None,
         num_inference_steps=job.num_inference_steps,
         guidance_scale=job.guidance_scale,
@@ -265,8 +290,8 @@ def _settings(
     lora_scale: float,
     batch_size: int,
 ) -> dict[str, Any]:
-    """How the images were made, for the manifest."""
-    return {
+    """How the images were made, for the manifest (``run_prompts`` only where a run has its own)."""
+    settings = {
         "prompts": job.prompts,
         "seeds": seeds,
         "include_base": include_base,
@@ -284,6 +309,26 @@ def _settings(
         "scheduler_config": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
         "latents": "torch.randn on a CPU torch.Generator seeded with the seed, shared by every row",
     }
+    if job.run_prompts:
+        settings["run_prompts"] = job.run_prompts
+    return settings
+
+
+def _switcher_for(
+    pipe: StableDiffusionXLPipeline, runs: Sequence[RunSpec], switcher: AdapterSwitcher | None
+) -> AdapterSwitcher:
+    """The switcher handed in (checked to be for this pipeline and these runs), else a new one."""
+    if switcher is None:
+        return AdapterSwitcher(pipe, runs)
+    if switcher.pipe is not pipe or set(switcher.runs) != {r.name for r in runs}:
+        raise ValueError("sample_runs: the switcher was built for another pipeline or other runs")
+    return switcher
+
+
+def _batches(prompt_count: int, seeds: Sequence[int], batch_size: int) -> list[list[tuple[int, int]]]:
+    """Every (prompt index, seed), seed by seed, in batches of ``batch_size``."""
+    items = [(p, s) for s in seeds for p in range(prompt_count)]
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
 
 def sample_runs(
@@ -305,6 +350,7 @@ def sample_runs(
     keep_images: bool | None = None,
     progress: bool = True,
     switcher: AdapterSwitcher | None = None,
+    run_prompts: Mapping[str, Sequence[str]] | None = None,
 ) -> SampleResult:
     """Render every prompt for every seed with every run's adapters, from shared initial noise.
 
@@ -313,6 +359,8 @@ def sample_runs(
             frozen). Left as the base model afterwards, with the LoRA adapters loaded here deleted.
         runs: the runs to compare (see :func:`~.runs.parse_run`); rows come from :func:`~.runs.plan_rows`.
         prompts: final prompt texts (placeholders already filled, see :func:`~.prompts.read_prompt_file`).
+        run_prompts: run name -> the prompt texts of that run's rows, in the order of ``prompts``
+            (learned tokens: ``{token}`` is its tokens, see :func:`~.prompts.fill_prompts`).
         seeds: one image per prompt per seed per row; the seed fixes the initial latents and any
             step noise (ancestral schedulers), identically for every row.
         include_base / coeff_scales: a base row first / an alpha strength sweep for alpha runs.
@@ -331,24 +379,21 @@ def sample_runs(
         prompts, seeds, height, width, rows = _checked_inputs(
             pipe, runs, prompts, seeds, include_base, coeff_scales, batch_size, num_inference_steps, height, width
         )
+        run_prompts = _checked_run_prompts(runs, prompts, run_prompts)  # after the rows: names checked there
     except BaseException:
         if switcher is not None:
             switcher.close()
         raise
     output_dir = Path(output_dir) if output_dir is not None else None
     keep_images = output_dir is None if keep_images is None else keep_images
-
-    if switcher is None:
-        switcher = AdapterSwitcher(pipe, runs)
-    elif switcher.pipe is not pipe or set(switcher.runs) != {r.name for r in runs}:
-        raise ValueError("sample_runs: the switcher was built for another pipeline or other runs")
+    switcher = _switcher_for(pipe, runs, switcher)
     started = time.perf_counter()
     if output_dir is not None:
         (output_dir / "images").mkdir(parents=True, exist_ok=True)
-    items = [(p, s) for s in seeds for p in range(len(prompts))]
     job = _Job(
-        prompts=prompts,
-        batches=[items[i : i + batch_size] for i in range(0, len(items), batch_size)],
+        prompts,
+        run_prompts,
+        batches=_batches(len(prompts), seeds, batch_size),
         negative_prompt=negative_prompt,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,

@@ -167,6 +167,10 @@ def _html_prompts(result: SampleResult) -> list[str]:
     out = ["<h2>Prompts</h2><table><tr><th>#</th><th>prompt</th></tr>"]
     out += [f"<tr><td>{prompt_tag(i, n)}</td><td>{_esc(p)}</td></tr>" for i, p in enumerate(result.prompts)]
     out.append("</table>")
+    learned = {name: w["embeddings"].get("token") for name, w in result.weights.items() if "embeddings" in w}
+    if learned:
+        said = ", ".join(f"{_esc(name)}: <code>{_esc(str(token))}</code>" for name, token in learned.items())
+        out.append(f"<p>Runs with learned tokens write their own tokens for {{token}} in their rows ({said}).</p>")
     return out
 
 

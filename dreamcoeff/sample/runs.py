@@ -1,8 +1,9 @@
 """Runs and rows: what to compare (``--run`` specs -> :class:`RunSpec`) and in which rows (:func:`plan_rows`).
 
-A *run* is one training result (an alpha file, a LoRA file, both, or a fully fine-tuned UNet); a
-*row* is the base model or one run at one alpha strength. Which files a training output folder
-holds is the tuning methods' knowledge (:func:`dreamcoeff.methods.artifacts_in`), not this module's.
+A *run* is one training result (an alpha file, a LoRA file, both, or a fully fine-tuned UNet, each
+optionally with learned identifier tokens, ``<name>_emb.safetensors``); a *row* is the base model or
+one run at one alpha strength. Which files a training output folder holds is the tuning methods'
+knowledge (:func:`dreamcoeff.methods.artifacts_in`), not this module's.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from ..lora import FULL_UNET_DIR, LORA_WEIGHTS_NAME
 from ..methods import artifacts_in
+from ..tokens import EMBEDDINGS_SUFFIX, ENCODER_KEYS, TokenError, read_embeddings_file, token_abstractions
 from ..weights import COEFF_WEIGHTS_NAME
 from .errors import SamplingError
 
@@ -27,7 +29,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training result to compare: an alpha file, a LoRA file, both, or a fully fine-tuned UNet.
+    """One training result to compare: an alpha file, a LoRA file, both, or a fully fine-tuned UNet,
+    each with or without learned tokens (or the learned tokens alone).
 
     Attributes:
         name: row name (letters, digits, ``._-``; ``@`` is reserved for strength-sweep rows).
@@ -36,6 +39,8 @@ class RunSpec:
         unet_path: the ``unet/`` folder of a ``--tuning full`` run (a UNet saved with
             ``save_pretrained``) or None; it replaces the base UNet for this run's rows.
         source: the training output directory the files were found in, if one was given.
+        emb_path: the learned identifier tokens (``<name>_emb.safetensors``, ``clip_l`` / ``clip_g``
+            rows for both text encoders) or None; loaded for this run's rows only.
     """
 
     name: str
@@ -43,16 +48,43 @@ class RunSpec:
     lora_path: Path | None = None
     source: Path | None = None
     unet_path: Path | None = None
+    emb_path: Path | None = None
 
     @property
     def kind(self) -> str:
-        """ "alpha", "lora", "alpha+lora" or "unet"."""
-        parts = (("alpha", self.alpha_path), ("lora", self.lora_path), ("unet", self.unet_path))
+        """ "alpha", "lora", "alpha+lora" or "unet", with "+tokens" for learned tokens ("tokens" alone)."""
+        parts = (
+            ("alpha", self.alpha_path),
+            ("lora", self.lora_path),
+            ("unet", self.unet_path),
+            ("tokens", self.emb_path),
+        )
         return "+".join(k for k, p in parts if p is not None)
+
+    def learned_tokens(self) -> tuple[list[str], dict[str, str]]:
+        """``(["<s0>", "<s1>"], {"TOK": "<s0><s1>"})``: the token strings of the run's embeddings file
+        and its abstractions (empty where the file has none); ``([], {})`` without learned tokens.
+        The file is read and checked (both keys, finite); :class:`SamplingError` names the run."""
+        if self.emb_path is None:
+            return [], {}
+        try:
+            _, tokens = read_embeddings_file(self.emb_path)
+        except TokenError as exc:
+            raise SamplingError(f"run {self.name!r}: {exc}") from None
+        return tokens, token_abstractions(self.emb_path)
+
+    def learned_token(self) -> str | None:
+        """What ``{token}`` becomes in this run's prompts: the tokens of its first abstraction
+        (``<s0><s1>``), else all its token strings joined; None without learned tokens."""
+        tokens, abstractions = self.learned_tokens()
+        if abstractions:
+            return next(iter(abstractions.values()))
+        return "".join(tokens) or None
 
     def training_args(self) -> dict[str, Any] | None:
         """The run's ``args.json`` (beside its weights), or None if absent / unreadable."""
-        files = (self.alpha_path, self.lora_path, self.unet_path.parent if self.unet_path else None)
+        unet_folder = self.unet_path.parent if self.unet_path else None
+        files = (self.alpha_path, self.lora_path, unet_folder, self.emb_path)
         folders = [self.source] if self.source else [p.parent for p in files if p]
         for folder in folders:
             try:
@@ -71,7 +103,7 @@ def _check_name(name: str, what: str = "run name") -> str:
 
 
 def _weights_kind(path: Path) -> str:
-    """'alpha' or 'lora' from a safetensors file's header (no tensor data is read)."""
+    """'alpha', 'lora' or 'embeddings' from a safetensors file's header (no tensor data is read)."""
     from safetensors import safe_open
 
     try:
@@ -82,9 +114,14 @@ def _weights_kind(path: Path) -> str:
         raise SamplingError(f"{path} is not a readable safetensors file ({exc})") from None
     if metadata.get("format") == "dreamcoeff":
         return "alpha"
+    if all(k in keys for k in ENCODER_KEYS):
+        return "embeddings"
     if any("lora" in k for k in keys):
         return "lora"
-    raise SamplingError(f"{path} is neither a dreamcoeff alpha file nor a LoRA file (keys such as {keys[:2]})")
+    raise SamplingError(
+        f"{path} is neither a dreamcoeff alpha file nor a LoRA file nor learned token embeddings "
+        f"({'/'.join(ENCODER_KEYS)}) (keys such as {keys[:2]})"
+    )
 
 
 def _split_spec(spec: str) -> tuple[str, list[Path]]:
@@ -113,7 +150,8 @@ def _files_of(name: str, path: Path) -> list[tuple[str, Path]]:
     if not found:
         raise SamplingError(
             f"run {name!r}: {path} holds neither {COEFF_WEIGHTS_NAME} nor {LORA_WEIGHTS_NAME} nor a "
-            f"{FULL_UNET_DIR}/ folder (has the training finished? checkpoints live in checkpoint-* subfolders)"
+            f"{FULL_UNET_DIR}/ folder nor *{EMBEDDINGS_SUFFIX} (has the training finished? checkpoints live in "
+            "checkpoint-* subfolders)"
         )
     return found
 
@@ -122,8 +160,9 @@ def parse_run(spec: str) -> RunSpec:
     """Parse ``name=path[,path2]`` (or a bare ``path``, named after its folder) into a :class:`RunSpec`.
 
     A path may be a training output directory (holding ``coeff_weights.safetensors`` and/or
-    ``pytorch_lora_weights.safetensors``, or the ``unet/`` folder of ``--tuning full``) or a weight
-    file; files are told apart by their header.
+    ``pytorch_lora_weights.safetensors``, or the ``unet/`` folder of ``--tuning full``, and/or learned
+    tokens ``<name>_emb.safetensors``) or a weight file; files are told apart by their header (an
+    embeddings file by its ``clip_l`` / ``clip_g`` keys). Learned tokens compose with any of them.
     Raises :class:`SamplingError` naming the run for missing paths and folders without weights.
     """
     name, paths = _split_spec(spec)
@@ -135,7 +174,7 @@ def parse_run(spec: str) -> RunSpec:
             source = source or path
         for kind, file in found:
             if kind in files and kind != "unet":
-                what = "alpha" if kind == "alpha" else "LoRA"
+                what = {"alpha": "alpha", "lora": "LoRA", "embeddings": "embeddings"}[kind]
                 raise SamplingError(f"run {name!r}: two {what} files ({files[kind]}, {file}); give one per run")
             files[kind] = file
     unet, alpha, lora = files.get("unet"), files.get("alpha"), files.get("lora")
@@ -144,7 +183,9 @@ def parse_run(spec: str) -> RunSpec:
             f"run {name!r}: a fully fine-tuned UNet ({unet}) cannot be combined with alpha or LoRA "
             "files in one run; give them as separate runs"
         )
-    return RunSpec(name=name, alpha_path=alpha, lora_path=lora, source=source, unet_path=unet)
+    return RunSpec(
+        name=name, alpha_path=alpha, lora_path=lora, source=source, unet_path=unet, emb_path=files.get("embeddings")
+    )
 
 
 @dataclass(frozen=True)
@@ -164,6 +205,11 @@ class Row:
         return self.run is not None and self.run.lora_path is not None
 
     @property
+    def has_tokens(self) -> bool:
+        """Whether the row loads its run's learned tokens."""
+        return self.run is not None and self.run.emb_path is not None
+
+    @property
     def slug(self) -> str:
         """File-name form of the name ("coeff@0.5" -> "coeff_c0.5")."""
         return self.name.replace("@", "_c")
@@ -180,6 +226,8 @@ class Row:
             parts.append("LoRA")
         if self.run.unet_path is not None:
             parts.append("full UNet")
+        if self.has_tokens:
+            parts.append("learned tokens")
         return " + ".join(parts)
 
     @property
@@ -196,7 +244,7 @@ def _check_runs(runs: Sequence[RunSpec], include_base: bool) -> None:
         if run.name in seen:
             raise SamplingError(f"run name {run.name!r} is given twice; every --run needs its own name")
         seen.add(run.name)
-        if run.alpha_path is None and run.lora_path is None and run.unet_path is None:
+        if not any(p is not None for p in (run.alpha_path, run.lora_path, run.unet_path, run.emb_path)):
             raise SamplingError(f"run {run.name!r} has no weights")
     if include_base and "base" in seen:
         raise SamplingError("run name 'base' is taken by --include_base's row; rename the run")
