@@ -163,7 +163,8 @@ class LearnedTokens(torch.nn.Module):
                 tokenizer, _input_embeddings(encoder).weight, initializer_concept, len(tokens), generator
             )
             tokenizer.add_tokens(tokens)
-            encoder.resize_token_embeddings(len(tokenizer))
+            # the new rows are set right below: no need for transformers to fit a distribution to the old ones
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             ids = tokenizer.convert_tokens_to_ids(tokens)
             weight = _input_embeddings(encoder).weight
             with torch.no_grad():

@@ -374,7 +374,7 @@ def test_make_grid_wraps_long_labels_instead_of_widening():
     long = S.make_grid(images, ["run"], [long_text, "a cat"])
     assert long.size[0] == short.size[0]
     assert long.size[1] > short.size[1] + 2 * 12  # at least two more lines
-    font = S._font(12)
+    font = S.label_font(12)
     lines = S.wrap_text(long_text, font, 128 - 8)
     assert len(lines) >= 4 and all(font.getlength(line) <= 120 for line in lines)
     assert " ".join(lines) == long_text

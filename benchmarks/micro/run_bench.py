@@ -204,14 +204,18 @@ def score(images: list[np.ndarray], requests: list[dict], n: int, c: mw.Concept)
 
 
 def evaluate_concept(
-    pipe, c: mw.Concept, seed: int, images: int, inference_steps: int, guidance: float
+    pipe, c: mw.Concept, seed: int, images: int, inference_steps: int, guidance: float, prompt_map=None
 ) -> tuple[dict[str, float], list[np.ndarray]]:
     """Sample and score concept ``c``'s evaluation prompts and its instance prompt with ``pipe``:
-    (scores incl. ``subject_train``, the evaluation prompts' images)."""
+    (scores incl. ``subject_train``, the evaluation prompts' images). ``prompt_map`` rewrites each
+    prompt before sampling (a run with learned tokens: the identifier becomes its tokens)."""
     reqs = c.eval_prompts()
+    prompts = [r["prompt"] for r in reqs] + [c.instance_prompt]
+    if prompt_map is not None:
+        prompts = [prompt_map(p) for p in prompts]
     # the instance prompt last (its noise seed is its index, so the other prompts' images are
     # unchanged): subject fidelity on the training prompt tells "not learned" from "not transferred"
-    imgs = generate(pipe, [r["prompt"] for r in reqs] + [c.instance_prompt], images, seed, inference_steps, guidance)
+    imgs = generate(pipe, prompts, images, seed, inference_steps, guidance)
     n = len(reqs) * images
     s = score(imgs[:n], reqs, images, c)
     s["subject_train"] = float(np.mean([mw.subject_match(im, c)["subject"] for im in imgs[n:]]))

@@ -34,8 +34,7 @@ works without knowing the module layout.
 from .adapters import AdapterSwitcher, lora_problems
 from .cli import build_parser, main, run
 from .errors import SamplingError
-from .grid import _font as _font  # private (the redundant alias re-exports it): the tests measure text with it
-from .grid import make_grid, save_grids, wrap_text
+from .grid import label_font, make_grid, save_grids, wrap_text
 from .metrics import METRIC_NAMES
 from .pipeline import SCHEDULERS, load_base_pipeline, resolve_dtype, resolve_scheduler, set_scheduler
 from .prompts import (
@@ -79,6 +78,7 @@ __all__ = [
     "initial_latents",
     "sample_runs",
     "wrap_text",
+    "label_font",
     "make_grid",
     "save_grids",
     "write_manifest",

@@ -25,7 +25,7 @@ __all__ = ["wrap_text", "make_grid", "save_grids"]
 Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
 
 
-def _font(size: int) -> Font:
+def label_font(size: int) -> Font:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # pragma: no cover - Pillow < 10.1 has a fixed-size bitmap font only
@@ -133,7 +133,7 @@ def _layout(
     """Fonts, wrapped labels and margins for an ``nrows`` x ``ncols`` grid of ``tile``-sized tiles."""
     tw, th = tile
     font_size = font_size or max(12, min(28, tw // 12))
-    font = _font(font_size)
+    font = label_font(font_size)
     ascent, descent = font.getmetrics()
     line_h = ascent + descent + max(2, font_size // 6)
     pad = max(3, font_size // 3)

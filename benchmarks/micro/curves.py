@@ -1,0 +1,328 @@
+"""Micro-DreamBench v2: learning curves, from the untrained model to overfitting, for every method.
+
+    python benchmarks/micro/curves.py --model models/microworld-sdxl-v2 --concept_set recombination \\
+        --out benchmarks/micro/v2/recombination --phase select,horizon,curves,report
+
+One point per method is not enough to see the paper's claim (LoRA overfits: it keeps the training
+background or ignores the prompt, Coeff-Tuning keeps following it), so every method is trained long
+enough to overfit and scored along the way:
+
+1. ``select``: each method's learning rate on the set's *validation* concept only (500 steps, the
+   v1 protocol), by the mean of subject fidelity and requested-background fidelity; alpha's grid
+   spans two decades so that its best rate is not at an end of it.
+2. ``horizon``: LoRA (at its chosen rate) on the validation concept, scored every 250 steps up to
+   ``--max_steps``: the horizon is the first point where it copies the training background in at
+   least 30% of the new-background images, or ``--max_steps`` if it never does (stated in the
+   results).
+3. ``curves``: every method x test concept x seed trained to the horizon, checkpoints scored at
+   125, 250, 500, 1000, 2000, ... steps: subject fidelity, prompt fidelity (background, size,
+   position) and background copying. Each (method, concept, seed) is written as soon as it is done,
+   so the phase resumes where a stopped part ended (parts of at most ~2 h: ``--minutes``).
+4. ``report``: RESULTS.md (tables per step) and one figure, subject fidelity against prompt
+   fidelity, a line per method through its checkpoints (``curves.png``).
+
+Methods: untrained (0 steps), alpha, LoRA r4, alpha+LoRA with coefficient dropout 0 / 0.1 / 0.2,
+learned tokens alone (TI), alpha + TI, full fine-tuning; trainable parameters in every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import run_bench as RB
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from dreamcoeff import load_run
+from dreamcoeff.testing import microworld as mw
+
+HERE = Path(__file__).resolve().parent
+
+#: name -> (--tuning, extra flags, which learning-rate flag the selection sweeps)
+METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "coeff": ("coeff", (), "coeff_lr"),
+    "lora": ("lora", (), "learning_rate"),
+    "coeff+lora d0": ("coeff+lora", ("--coeff_dropout", "0"), "both"),
+    "coeff+lora d0.1": ("coeff+lora", ("--coeff_dropout", "0.1"), "both"),
+    "coeff+lora d0.2": ("coeff+lora", ("--coeff_dropout", "0.2"), "both"),
+    "ti": ("none", ("--train_text_encoder_ti",), "text_encoder_lr"),
+    "coeff+ti": ("coeff", ("--train_text_encoder_ti",), "coeff_lr"),
+    "full": ("full", (), "learning_rate"),
+}
+LR_GRIDS = {
+    "coeff_lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+    "learning_rate": [3e-4, 1e-3, 3e-3],
+    "both": [3e-4, 1e-3, 3e-3],
+    "text_encoder_lr": [1e-3, 5e-3, 2e-2],
+    "full": [3e-5, 1e-4, 3e-4],
+}
+POINTS = (125, 250, 500, 1000, 2000, 4000, 8000)
+BG_COPY_OVERFIT = 0.3
+
+
+def lr_grid(method: str) -> list[float]:
+    tuning, _, knob = METHODS[method]
+    return LR_GRIDS["full" if tuning == "full" else knob]
+
+
+def flags(method: str, lr: float, concept: mw.Concept) -> tuple[str, ...]:
+    """The trainer flags of `method` at rate `lr` (beyond run_bench.train's common ones)."""
+    tuning, extra, knob = METHODS[method]
+    out = list(extra)
+    if "--train_text_encoder_ti" in extra:
+        out += ["--token_abstraction", concept.identifier]
+    if knob == "text_encoder_lr":
+        out += ["--text_encoder_lr", str(lr)]
+    return tuple(out)
+
+
+def train_run(args, method: str, lr: float, c: mw.Concept, seed: int, steps: int, every: int, out: Path) -> dict:
+    """Train one run with a checkpoint every `every` steps (all kept); wall time and parameters."""
+    tuning, _, knob = METHODS[method]
+    inst = RB.write_instances(c, out.parent / f"inst-{c.name}")
+    base_lr = lr if knob != "text_encoder_lr" else 1e-3  # the other groups' rate where tokens train alone
+    extra = flags(method, lr, c) + ("--checkpointing_steps", str(every))
+    secs, params = RB.train(args.model, c, tuning, base_lr, seed, steps, out, inst, args.noise_offset, extra)
+    return {"train_s": round(secs, 1), "trainable_parameters": params}
+
+
+def score_folder(args, folder: Path, c: mw.Concept, seed: int) -> dict:
+    """Load a run folder or checkpoint with load_run and score the concept's evaluation prompts."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    loaded = load_run(pipe, folder)
+    s, _ = RB.evaluate_concept(pipe, c, seed, args.images, args.inference_steps, args.guidance, loaded.prompt)
+    s["prompt"] = float(np.mean([s[k] for k in ("background", "size", "position") if k in s]))
+    return s
+
+
+def untrained(args, c: mw.Concept, seed: int) -> dict:
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    s, _ = RB.evaluate_concept(pipe, c, seed, args.images, args.inference_steps, args.guidance)
+    s["prompt"] = float(np.mean([s[k] for k in ("background", "size", "position") if k in s]))
+    return s
+
+
+def load_json(path: Path, default):
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def save_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def phase_select(args, out: Path, work: Path) -> None:
+    path = out / "select.json"
+    sel = load_json(path, {"rows": [], "chosen": {}})
+    val = next(c for c in mw.CONCEPT_SETS[args.concept_set] if c.split == "validation")
+    for m in args.methods:
+        if m in sel["chosen"]:
+            continue
+        best = None
+        for lr in lr_grid(m):
+            run = work / f"sel-{m.replace(' ', '_')}-{lr:g}"
+            info = train_run(args, m, lr, val, 0, args.select_steps, args.select_steps, run)
+            s = score_folder(args, run, val, 0)
+            crit = 0.5 * (s["subject"] + s["background"])
+            sel["rows"].append({"method": m, "lr": lr, "criterion": crit, **info, **s})
+            print(f"[select] {m} lr {lr:g}: {crit:.3f} ({info['train_s']:.0f} s)", flush=True)
+            if best is None or crit > best[0]:  # ties keep the smaller rate
+                best = (crit, lr)
+            shutil.rmtree(run, ignore_errors=True)
+        sel["chosen"][m] = best[1]
+        sel["validation_concept"] = val.name
+        save_json(path, sel)
+
+
+def phase_horizon(args, out: Path, work: Path) -> int:
+    path = out / "horizon.json"
+    hz = load_json(path, None)
+    if hz is not None:
+        return hz["horizon"]
+    lr = load_json(out / "select.json", {"chosen": {}})["chosen"].get("lora", 1e-3)
+    val = next(c for c in mw.CONCEPT_SETS[args.concept_set] if c.split == "validation")
+    run = work / "horizon-lora"
+    every = args.horizon_every
+    train_run(args, "lora", lr, val, 0, args.max_steps, every, run)
+    rows, horizon = [], args.max_steps
+    for step in range(every, args.max_steps + 1, every):
+        s = score_folder(args, run / f"checkpoint-{step}", val, 0)
+        rows.append({"step": step, **s})
+        print(f"[horizon] lora step {step}: bg_copy {s['bg_copy']:.2f} subject {s['subject']:.2f}", flush=True)
+        if s["bg_copy"] >= BG_COPY_OVERFIT:
+            horizon = min([p for p in args.points if p >= step] or [step])
+            break
+    reached = rows[-1]["bg_copy"] >= BG_COPY_OVERFIT
+    save_json(path, {"lr": lr, "rows": rows, "horizon": horizon, "overfit_reached": reached,
+                     "rule": f"first LoRA checkpoint with bg_copy >= {BG_COPY_OVERFIT}, else --max_steps"})  # fmt: skip
+    shutil.rmtree(run, ignore_errors=True)
+    return horizon
+
+
+def phase_curves(args, out: Path, work: Path, horizon: int, deadline: float) -> None:
+    path = out / f"curves_{args.tag or 'all'}.json"
+    res = load_json(path, {"horizon": horizon, "runs": []})
+    done = {(r["method"], r["concept"], r["seed"]) for r in res["runs"]}
+    chosen = load_json(out / "select.json", {"chosen": {}})["chosen"]
+    points = [p for p in args.points if p <= horizon]
+    every = int(np.gcd.reduce(points))
+    concepts = [c for c in mw.CONCEPT_SETS[args.concept_set] if c.split == "test"][: args.concepts]
+    for seed in args.seeds:
+        for c in concepts:
+            for m in ["untrained", *args.methods]:
+                if (m, c.name, seed) in done:
+                    continue
+                if time.time() > deadline:
+                    print("[curves] time budget reached; rerun the same command to continue", flush=True)
+                    return
+                if m == "untrained":
+                    row = {
+                        "method": m,
+                        "concept": c.name,
+                        "seed": seed,
+                        "points": [{"step": 0, **untrained(args, c, seed)}],
+                    }
+                else:
+                    run = work / f"{c.name}-{m.replace(' ', '_')}-{seed}"
+                    info = train_run(args, m, chosen[m], c, seed, max(points), every, run)
+                    pts = [{"step": p, **score_folder(args, run / f"checkpoint-{p}", c, seed)} for p in points]
+                    row = {"method": m, "concept": c.name, "seed": seed, "lr": chosen[m], **info, "points": pts}
+                    shutil.rmtree(run, ignore_errors=True)
+                res["runs"].append(row)
+                save_json(path, res)
+                print(f"[curves] {m} {c.name} seed {seed}: " + ", ".join(
+                    f"{p['step']}: s {p['subject']:.2f} p {p['prompt']:.2f} bg {p['bg_copy']:.2f}" for p in row["points"]), flush=True)  # fmt: skip
+
+
+def mean_curves(runs: list[dict]) -> dict[str, list[dict]]:
+    """Per method, the mean of each metric at each step over concepts and seeds."""
+    by: dict[str, dict[int, list[dict]]] = {}
+    for r in runs:
+        for p in r["points"]:
+            by.setdefault(r["method"], {}).setdefault(p["step"], []).append(p)
+    out = {}
+    for m, steps in by.items():
+        out[m] = [{"step": s, "n": len(v), **{k: float(np.mean([x[k] for x in v])) for k in ("subject", "prompt",
+                  "background", "bg_copy", "subject_train")}} for s, v in sorted(steps.items())]  # fmt: skip
+    return out
+
+
+def phase_report(args, out: Path) -> None:
+    runs = [r for f in sorted(out.glob("curves_*.json")) for r in load_json(f, {"runs": []})["runs"]]
+    if not runs:
+        print("[report] no curves yet")
+        return
+    curves = mean_curves(runs)
+    base = curves.get("untrained", [{}])[0]
+    lines = [f"# Micro-DreamBench v2 curves: {args.concept_set}, model {args.model}", "",
+             "Mean over test concepts and seeds; `prompt` = mean of requested background, size and position.", ""]  # fmt: skip
+    for m, pts in curves.items():
+        params = next((r.get("trainable_parameters") for r in runs if r["method"] == m), None)
+        lines += [f"## {m}" + (f" ({params:,} trainable)" if params else ""), "",
+                  "| step | n | subject | subject_train | prompt | background | bg_copy |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for p in ([] if m == "untrained" else [dict(base, step=0)]) + pts:
+            lines.append(f"| {p['step']} | {p.get('n', '')} | {p['subject']:.2f} | {p['subject_train']:.2f} | "
+                         f"{p['prompt']:.2f} | {p['background']:.2f} | {p['bg_copy']:.2f} |")  # fmt: skip
+        lines.append("")
+    (out / "RESULTS.md").write_text("\n".join(lines))
+    draw_curves(curves, out / "curves.png", f"{args.concept_set}, {Path(args.model).name}")
+    save_json(out / "results.json", {"curves": curves, "runs": runs})
+    print(f"[report] {out / 'RESULTS.md'}, {out / 'curves.png'}")
+
+
+def draw_curves(curves: dict[str, list[dict]], path: Path, title: str, size: int = 640) -> None:
+    """Subject fidelity (x) against prompt fidelity (y), one line per method through its steps."""
+    from PIL import Image, ImageDraw
+
+    from dreamcoeff.sample.grid import label_font
+
+    img = Image.new("RGB", (size + 220, size + 60), "white")
+    d = ImageDraw.Draw(img)
+    f = label_font(13)
+    x0, y0, w, h = 50, 20, size - 60, size - 60
+
+    def xy(s: float, p: float) -> tuple[float, float]:
+        return x0 + s * w, y0 + (1 - p) * h
+
+    d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        d.text((xy(t, 0)[0] - 10, y0 + h + 4), f"{t:.2f}", fill="black", font=f)
+        d.text((x0 - 40, xy(0, t)[1] - 7), f"{t:.2f}", fill="black", font=f)
+    d.text((x0 + w / 2 - 60, y0 + h + 22), "subject fidelity", fill="black", font=f)
+    d.text((x0, 2), f"prompt fidelity vs subject fidelity: {title} (labels: last step)", fill="black", font=f)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#ff7f0e", "#17becf", "#7f7f7f"]
+    start = curves.get("untrained", [None])[0]
+    for k, (m, pts) in enumerate(curves.items()):
+        colour = palette[k % len(palette)]
+        line = ([start] if start and m != "untrained" else []) + pts
+        coords = [xy(p["subject"], p["prompt"]) for p in line]
+        if len(coords) > 1:
+            d.line(coords, fill=colour, width=2)
+        for p, (cx, cy) in zip(line, coords):
+            d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+            if p is line[-1] and p["step"]:
+                d.text((cx + 4, cy - 14), str(p["step"]), fill=colour, font=f)
+        d.line([(size + 10, 38 + 20 * k), (size + 30, 38 + 20 * k)], fill=colour, width=3)
+        d.text((size + 36, 30 + 20 * k), m, fill=colour, font=f)
+    img.save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(HERE.parents[1] / "models" / "microworld-sdxl-v2"))
+    p.add_argument("--concept_set", default="recombination", choices=sorted(mw.CONCEPT_SETS))
+    p.add_argument("--out", required=True)
+    p.add_argument("--phase", default="select,horizon,curves,report")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--concepts", type=int, default=5, help="how many of the set's test concepts")
+    p.add_argument("--select_steps", type=int, default=500)
+    p.add_argument("--max_steps", type=int, default=4000, help="the horizon if LoRA never overfits")
+    p.add_argument("--points", default=",".join(map(str, POINTS)), help="steps scored along each curve")
+    p.add_argument("--horizon_every", type=int, default=250, help="LoRA's validation checkpoints in the horizon phase")
+    p.add_argument("--noise_offset", type=float, default=0.1)
+    p.add_argument("--images", type=int, default=2)
+    p.add_argument("--inference_steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--minutes", type=float, default=110, help="end this part after about this long")
+    p.add_argument("--tag", default=None, help="curves_TAG.json: split methods over processes")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.points = [int(s) for s in args.points.split(",")]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    phases = args.phase.split(",")
+    deadline = time.time() + args.minutes * 60
+    with tempfile.TemporaryDirectory(prefix="curves-") as tmp:
+        work = Path(tmp)
+        if "select" in phases:
+            phase_select(args, out, work)
+        horizon = (
+            phase_horizon(args, out, work)
+            if "horizon" in phases
+            else load_json(out / "horizon.json", {}).get("horizon", args.max_steps)
+        )
+        if "curves" in phases:
+            phase_curves(args, out, work, horizon, deadline)
+    if "report" in phases:
+        phase_report(args, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
