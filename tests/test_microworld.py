@@ -226,6 +226,67 @@ def test_pretraining_script_reproduces_its_weights(tmp_path):
         torch.set_num_threads(threads)
 
 
+MODEL_V2 = MODEL.with_name("microworld-sdxl-v2")
+
+
+def test_micro_v2_has_sdxl_attention_geometry():
+    """v2: 10 heads at the middle level, 20 at the deepest, head size 8, SDXL's layout otherwise."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from dreamcoeff import apply_coeff, coeff_modules, coeff_parameters
+
+    cfg = mw.micro_unet_config("v2")
+    assert cfg["down_block_types"] == mw.micro_unet_config("v1")["down_block_types"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg)
+    apply_coeff(unet)
+    modules = coeff_modules(unet)
+    assert {m.heads for m in modules.values()} == {10, 20}
+    assert {m.inner_dim // m.heads for m in modules.values()} == {8}
+    assert sum(p.numel() for p in coeff_parameters(unet)) == 10_600
+    with pytest.raises(ValueError, match="unknown micro-world model version"):
+        mw.micro_unet_config("v3")
+
+
+@pytest.mark.slow
+def test_pretraining_in_parts_reproduces_an_uninterrupted_run(tmp_path):
+    """v2 with the v1 model's trained VAE: a run stopped after 2 of 4 steps and rerun with the same
+    command (--state) ends with the same weights as one run straight through."""
+    import torch
+
+    threads = torch.get_num_threads()
+    v2 = ("--model_version", "v2", "--vae_from", str(MODEL), "--steps", "4", "--save_every", "2")
+    try:
+        assert _pretrain(tmp_path / "a", *v2) == 0
+        state = ("--state", str(tmp_path / "b.state"))
+        assert _pretrain(tmp_path / "b", *v2, *state, "--stop_after", "2") == 0
+        assert (tmp_path / "b.state").is_file() and not (tmp_path / "b" / "log.json").exists()
+        check = ("--check_against", str(tmp_path / "a" / "log.json"))
+        assert _pretrain(tmp_path / "b", *v2, *state, *check) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not (MODEL_V2 / "model_index.json").is_file(), reason="micro-world v2 pipeline not shipped")
+def test_shipped_micro_v2_pipeline_matches_its_log():
+    import hashlib
+    import json
+
+    from diffusers import StableDiffusionXLPipeline
+
+    size = sum(f.stat().st_size for f in MODEL_V2.rglob("*") if f.is_file())
+    assert size <= 60 * 1024 * 1024, size
+    log = json.loads((MODEL.parents[1] / "benchmarks" / "micro" / "v2" / "pretrain_log.json").read_text())
+    for name, digest in log["weights_sha256"].items():
+        assert hashlib.sha256((MODEL_V2 / name).read_bytes()).hexdigest() == digest, name
+    pipe = StableDiffusionXLPipeline.from_pretrained(MODEL_V2)
+    heads = {m.heads for name, m in pipe.unet.named_modules() if name.endswith(("attn1", "attn2"))}
+    assert heads == {10, 20}
+    v1 = StableDiffusionXLPipeline.from_pretrained(MODEL)
+    assert pipe.vae.config.scaling_factor == v1.vae.config.scaling_factor  # the same VAE, the same latents
+
+
 @pytest.mark.slow
 def test_benchmark_runs_every_method_and_writes_its_tables(tmp_path):
     """The plumbing of `make bench-micro` on an untrained micro pipeline: two jobs, tiny budgets."""
