@@ -18,7 +18,7 @@ import torch
 
 from .methods import artifacts_in
 from .processor import remove_coeff
-from .tokens import load_embeddings_into, token_abstractions, unload_embeddings
+from .tokens import load_embeddings_into, replace_abstractions, token_abstractions, unload_embeddings
 from .weights import load_coeff_weights
 
 if TYPE_CHECKING:
@@ -59,10 +59,9 @@ class LoadedRun:
         return "".join(self.tokens) or None
 
     def prompt(self, text: str) -> str:
-        """`text` with each token abstraction (``TOK``) replaced by the run's learned tokens."""
-        for name, tokens in self.abstractions.items():
-            text = text.replace(name, tokens)
-        return text
+        """`text` with each token abstraction (``TOK``, as a whole word, as in training) replaced by the
+        run's learned tokens."""
+        return replace_abstractions(text, self.abstractions)
 
 
 def _load_full_unet(pipe: StableDiffusionXLPipeline, folder: Path) -> torch.nn.Module:
@@ -108,8 +107,8 @@ def load_run(
             loaded.parts.append("alpha")
         if "lora" in found:
             pipe.load_lora_weights(str(folder), adapter_name=LORA_ADAPTER)
+            loaded.parts.append("lora")  # from here on unload_run takes it out again
             pipe.set_adapters([LORA_ADAPTER], adapter_weights=[lora_scale])
-            loaded.parts.append("lora")
     except BaseException:
         unload_run(pipe, loaded)
         raise

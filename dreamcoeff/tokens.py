@@ -34,6 +34,7 @@ __all__ = [
     "embeddings_file_name",
     "load_embeddings_into",
     "read_embeddings_file",
+    "replace_abstractions",
     "token_abstractions",
     "unload_embeddings",
 ]
@@ -82,9 +83,7 @@ class TokenPlan:
 
     def replace(self, text: str) -> str:
         """`text` with each abstraction (as a whole word) replaced by its tokens, e.g. ``<s0><s1>``."""
-        for name, group in self.tokens.items():
-            text = _word(name).sub("".join(group), text)
-        return text
+        return replace_abstractions(text, {name: "".join(group) for name, group in self.tokens.items()})
 
     def missing_from(self, prompt: str) -> list[str]:
         """The abstractions that `prompt` does not contain as a word."""
@@ -94,6 +93,13 @@ class TokenPlan:
 def _word(name: str) -> re.Pattern:
     """`name` as a whole word (not inside another word or an existing ``<token>``)."""
     return re.compile(rf"(?<![\w<]){re.escape(name)}(?![\w>])")
+
+
+def replace_abstractions(text: str, abstractions: Mapping[str, str]) -> str:
+    """`text` with each abstraction word (``TOK``, whole words only) replaced by its token text."""
+    for name, tokens in abstractions.items():
+        text = _word(name).sub(tokens, text)
+    return text
 
 
 def _input_embeddings(encoder: torch.nn.Module) -> torch.nn.Embedding:
@@ -114,7 +120,7 @@ def _initializer_rows(tokenizer, weight: torch.Tensor, concept: str | None, coun
     """Start rows: the initializer concept's token embeddings (cycled), else random rows with the
     spread of the existing embeddings (diffusers' advanced script does the same)."""
     if concept is None:
-        std = weight.float().std()
+        std = weight.float().std().item()  # a number: the rows are made on the CPU, the weight may be on a GPU
         return torch.randn(count, weight.shape[1], generator=generator) * std
     # a known word is one the tokenizer has as a whole token (not spelled out in sub-word pieces)
     ids, unknown = [], []
@@ -168,7 +174,7 @@ class LearnedTokens(torch.nn.Module):
             ids = tokenizer.convert_tokens_to_ids(tokens)
             weight = _input_embeddings(encoder).weight
             with torch.no_grad():
-                weight[ids] = inits.to(weight.dtype)
+                weight[ids] = inits.to(weight.device, weight.dtype)
             self.token_ids.append(list(ids))
             rows.append(torch.nn.Parameter(inits.clone()))
         self.rows = torch.nn.ParameterList(rows)
@@ -317,11 +323,18 @@ def load_embeddings_into(pipe, path: str | Path) -> list[str]:
         clash = [t for t in tokens if t in vocab]
         if clash:
             raise TokenError(f"{path}: tokens {clash} are already loaded in this pipeline; unload them first")
-    for key, (encoder, tokenizer) in zip(ENCODER_KEYS, pairs):
-        weight = _input_embeddings(encoder).weight
-        pipe.load_textual_inversion(
-            state[key].to(weight.device, weight.dtype), token=tokens, text_encoder=encoder, tokenizer=tokenizer
-        )
+    loaded = []
+    try:
+        for key, (encoder, tokenizer) in zip(ENCODER_KEYS, pairs):
+            weight = _input_embeddings(encoder).weight
+            pipe.load_textual_inversion(
+                state[key].to(weight.device, weight.dtype), token=tokens, text_encoder=encoder, tokenizer=tokenizer
+            )
+            loaded.append((encoder, tokenizer))
+    except BaseException:  # all or nothing: the first encoder's tokens go again if the second fails
+        for encoder, tokenizer in loaded:
+            pipe.unload_textual_inversion(tokens=list(tokens), text_encoder=encoder, tokenizer=tokenizer)
+        raise
     return tokens
 
 

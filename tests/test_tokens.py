@@ -3,6 +3,8 @@ own loader, every mode trains / saves / reloads, load_run and its inverse, resum
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -153,6 +155,7 @@ def test_each_mode_with_tokens_trains_saves_and_reloads(tiny_pipeline_dir, tmp_p
     inst = make_images(tmp_path / "inst", ((64, 64),) * 3, 0)
     out = tmp_path / "run"
     argv = _args(tiny_pipeline_dir, inst, out, "--tuning", tuning, "--max_train_steps", 3, "--coeff_lr", "5e-2",
+                 "--checkpointing_steps", 1,
                  "--learning_rate", "5e-3" if tuning == "full" else "5e-2", "--text_encoder_lr", "5e-2",
                  "--validation_prompt", "a TOK dog on the beach", "--num_validation_images", 1,
                  "--validation_steps", 100, "--validation_inference_steps", 2)  # fmt: skip
@@ -160,11 +163,17 @@ def test_each_mode_with_tokens_trains_saves_and_reloads(tiny_pipeline_dir, tmp_p
     emb = out / "run_emb.safetensors"
     state = load_file(str(emb))
     assert tuple(state["clip_l"].shape) == (2, 32) and tuple(state["clip_g"].shape) == (2, 64)
+    # the rows trained after step 1 (tokens train on steps 1-2 here, on every step with --tuning none)
+    after_1 = load_file(str(out / "checkpoint-1" / "run_emb.safetensors"))
+    assert all(not torch.equal(after_1[k], state[k]) for k in ("clip_l", "clip_g"))
+    if tuning != "none":  # frozen after step 2: step 3 left them alone
+        assert torch.equal(load_file(str(out / "checkpoint-2" / "run_emb.safetensors"))["clip_l"], state["clip_l"])
     card = (out / "README.md").read_text()
     assert (
         "pipe.load_textual_inversion(state[\"clip_l\"], token=['<s0>', '<s1>'], text_encoder=pipe.text_encoder" in card
     )
     assert "<s0><s1>" in card and "learned tokens" in card
+    assert ("every step" in card) == (tuning == "none") and "tokens 0.05" in card
     trained = np.asarray(Image.open(out / "validation" / "step_00003" / "prompt00_seed0.png")).astype(np.int16)
 
     pipe = _pipe(tiny_pipeline_dir)
@@ -239,3 +248,44 @@ def test_load_run_refuses_an_empty_folder_and_leaves_the_pipeline(tiny_pipe, tmp
     from dreamcoeff import coeff_modules
 
     assert not coeff_modules(tiny_pipe.unet)  # nothing was loaded
+
+
+def test_loaded_run_prompt_replaces_whole_words_as_training_does():
+    from dreamcoeff.loading import LoadedRun
+
+    loaded = LoadedRun(Path("run"), tokens=["<s0>", "<s1>"], abstractions={"TOK": "<s0><s1>"})
+    assert loaded.prompt("a TOK dog in TOKYO") == "a <s0><s1> dog in TOKYO"
+    assert loaded.prompt("a TOK dog") == TokenPlan.make("TOK", 2).replace("a TOK dog")
+
+
+@pytest.mark.slow
+def test_caption_without_the_abstraction_is_refused(tiny_pipeline_dir, tmp_path, capsys):
+    inst = make_images(tmp_path / "inst", ((64, 64),) * 2, 0)
+    first = sorted(inst.iterdir())[0]
+    first.with_suffix(".txt").write_text("a photo of a dog on the grass")
+    argv = _args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1, "--caption_ext", ".txt")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert first.name in err and "does not contain the token abstraction 'TOK'" in err
+
+
+@pytest.mark.slow
+def test_overwriting_a_token_run_with_another_method_leaves_no_stale_files(tiny_pipeline_dir, tmp_path, capsys):
+    """A replaced run's trained files go: load_run must never mix two runs' parts. Resuming its
+    checkpoint without the token flags is refused before the model is loaded."""
+    from dreamcoeff.methods import artifacts_in
+
+    inst = make_images(tmp_path / "inst", ((64, 64),) * 2, 0)
+    out = tmp_path / "run"
+    assert main(_args(tiny_pipeline_dir, inst, out, "--tuning", "coeff", "--max_train_steps", 1,
+                      "--checkpointing_steps", 1)) == 0  # fmt: skip
+    assert {k for k, _ in artifacts_in(out)} == {"alpha", "embeddings"}
+    plain = [a for a in _args(tiny_pipeline_dir, inst, out, "--tuning", "coeff", "--max_train_steps", 2)
+             if a != "--train_text_encoder_ti"]  # fmt: skip
+    plain[plain.index(PROMPT)] = "a photo of sks dog"
+    assert main([*plain, "--resume_from_checkpoint", "latest"]) == 2
+    assert "--train_text_encoder_ti True in the checkpoint, False now" in capsys.readouterr().err
+    lora = [*plain[:-2], "--tuning", "lora", "--max_train_steps", "1", "--overwrite_output_dir"]
+    assert main(lora) == 0
+    assert {k for k, _ in artifacts_in(out)} == {"lora"}
+    assert not list(out.glob("*_emb.safetensors")) and not (out / "coeff_weights.safetensors").exists()

@@ -43,9 +43,11 @@ def write_model_card(
         load += method.token_load_lines(out, embeddings_file_name(out), plan.all_tokens)
         prompt = plan.replace(prompt)
         groups = ", ".join(f"{name} -> {''.join(toks)}" for name, toks in plan.tokens.items())
-        tokens_row = (
-            f"{groups} (learning rate {cfg.text_encoder_lr}, first {cfg.train_text_encoder_ti_frac:g} of the steps)"
-        )
+        when = f"first {cfg.train_text_encoder_ti_frac:g} of the steps" if method.trains_unet else "every step"
+        tokens_row = f"{groups} (learning rate {cfg.text_encoder_lr}, {when})"
+    rates = [f"alpha {cfg.coeff_lr}"] if method.coeff else []
+    rates += [f"{method.weights_label} {cfg.learning_rate}"] if method.lora or method.full else []
+    rates += [f"tokens {cfg.text_encoder_lr}"] if method.tokens else []
     images = (
         "\n".join(f"![{p.name}]({p.relative_to(out).as_posix()})" for p in validation[:8])
         or "(no validation prompt given)"
@@ -67,7 +69,7 @@ Trained with [dreamcoeff](https://pypi.org/project/dreamcoeff/) on the images in
 | instance prompt | `{cfg.instance_prompt}` |
 | trainable parameters | {result.trainable_parameters:,} ({share:.4f}% of the UNet's {result.unet_parameters:,}) |
 | steps | {result.global_step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |
-| learning rates | alpha {cfg.coeff_lr}, {method.weights_label} {cfg.learning_rate} ({cfg.lr_scheduler}) |
+| learning rates | {", ".join(rates)} ({cfg.lr_scheduler}) |
 | coeff targets / dropout | {cfg.coeff_targets} / {cfg.coeff_dropout} |
 | learned tokens | {tokens_row} |
 | resolution | {cfg.resolution} ({"square crops" if cfg.square_crop or cfg.with_prior_preservation else "aspect buckets"}) |

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..io import fsync_dir, fsync_tree, remove_aside, replace_path
-from ..methods import ARTIFACTS
-from ..tokens import TokenError
+from ..methods import ARTIFACTS, artifacts_in
+from ..tokens import EMBEDDINGS_SUFFIX, TokenError
 from ..weights import CoeffWeightsError
 from .config import TrainConfig, UsageError
 
@@ -45,7 +45,15 @@ _VOLATILE_ARGS = {
 }
 # Arguments that fix the shape of the trainable weights: a checkpoint cannot be resumed with others.
 # (Another base model only gets a warning: the same model may live under another path now.)
-_STRUCTURAL_ARGS = ("tuning", "coeff_targets", "rank", "lora_alpha")
+_STRUCTURAL_ARGS = (
+    "tuning",
+    "coeff_targets",
+    "rank",
+    "lora_alpha",
+    "train_text_encoder_ti",
+    "token_abstraction",
+    "num_new_tokens_per_abstraction",
+)
 
 
 class TrainingError(RuntimeError):
@@ -246,6 +254,20 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, limit: int |
     return final
 
 
+def remove_stale_weights(out: Path, keep: set[str]) -> None:
+    """Remove trained files of a replaced run (``--overwrite_output_dir`` with another method) that
+    this run did not write, so a loader never mixes the two runs' parts."""
+    stale = [path for _, path in artifacts_in(out)] + sorted(out.glob("*" + EMBEDDINGS_SUFFIX))
+    for path in dict.fromkeys(stale):
+        if path.name in keep or not path.exists():
+            continue
+        logger.info("removing %s of the replaced run", path)
+        if path.is_dir():
+            remove_aside(path, path.with_name(f".{path.name}.old.tmp"))
+        else:
+            path.unlink()
+
+
 def stage_final_files(
     method: TuningMethod,
     unet,
@@ -264,6 +286,7 @@ def stage_final_files(
         for path in method.save(unet, staging, metadata, tokens=tokens, tokens_name=tokens_name):
             replace_path(path, out / path.name)
             files.append(out / path.name)
+        remove_stale_weights(out, {p.name for p in files})
         fsync_dir(out)
     except (OSError, CoeffWeightsError, TokenError) as exc:
         if write_error(exc) is None:

@@ -249,8 +249,15 @@ class Trainer:
         )
         if self.plan is not None:  # instance prompt and captions name the subject by its new tokens
             for ex in self.dataset.examples:
-                if not ex.is_class:
-                    ex.caption = self.plan.replace(ex.caption)
+                if ex.is_class:
+                    continue
+                missing = self.plan.missing_from(ex.caption)
+                if missing:  # the tokens would learn nothing from this image (and --tuning none could not step)
+                    raise UsageError(
+                        f"{ex.image_path}: its caption {ex.caption!r} does not contain the token abstraction "
+                        f"{missing[0]!r}; write it where the subject's name goes in every caption"
+                    )
+                ex.caption = self.plan.replace(ex.caption)
         captions = [ex.caption for ex in self.dataset.examples]
         self.text = TextConditioning(self.components, self.device, self.weight_dtype, captions, self.tokens)
         self.validation_prompts = [self.plan.replace(p) if self.plan else p for p in cfg.validation_prompt or []]
@@ -393,6 +400,10 @@ class Trainer:
         )
         if self.step_bad or not torch.isfinite(torch.as_tensor(norm)):
             self.bad_steps += 1
+            if getattr(accelerator, "scaler", None) is not None and not self.step_bad:
+                # fp16: clipping unscaled the gradients; without a step the scaler must still lower
+                # its scale and reset, or the next step's unscale fails ("unscale_() has already been called")
+                accelerator.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             logger.warning(
                 "step %d: non-finite loss or gradient, step skipped (%d in a row)", self.global_step + 1, self.bad_steps
