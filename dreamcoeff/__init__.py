@@ -19,6 +19,7 @@ from .processor import (
     remove_coeff,
     set_coeff_attention_impl,
     set_coeff_scale,
+    set_coeff_target_scales,
     set_plain_attention_backend,
 )
 from .weights import COEFF_WEIGHTS_NAME, CoeffWeightsError, load_coeff_weights, read_coeff_file, save_coeff_weights
@@ -34,6 +35,7 @@ __all__ = [
     "coeff_state_dict",
     "set_coeff_scale",
     "set_coeff_attention_impl",
+    "set_coeff_target_scales",
     "set_plain_attention_backend",
     "save_coeff_weights",
     "load_coeff_weights",

@@ -11,7 +11,7 @@ The processor computes q, k, v through `attn.to_q` / `to_k` / `to_v` and project
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,6 +35,8 @@ __all__ = [
     "set_coeff_scale",
     "set_plain_attention_backend",
     "set_coeff_attention_impl",
+    "set_coeff_target_scales",
+    "COEFF_TARGETS",
     "unwrap_unet",
     "attention_modules",
 ]
@@ -99,6 +101,9 @@ class CoeffAttnProcessor(nn.Module):
         self.attention_impl = "auto"
         # Strength for the current UNet call, set from cross_attention_kwargs by a UNet hook.
         self.call_scale: float | None = None
+        # Dose by target (set_coeff_target_scales): multiplies the strength; the call's, if given, wins.
+        self.target_scale = 1.0
+        self.call_target_scale: float | None = None
         self.alpha = nn.Parameter(torch.zeros(num_heads, num_heads, dtype=torch.float32))
 
     def extra_repr(self) -> str:
@@ -159,6 +164,7 @@ class CoeffAttnProcessor(nn.Module):
         if coeff_scale is None:
             coeff_scale = self.call_scale
         strength = self.scale if coeff_scale is None else float(coeff_scale)
+        strength *= self.target_scale if self.call_target_scale is None else self.call_target_scale
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -390,6 +396,47 @@ def set_plain_attention_backend(
             module.set_processor(XFormersAttnProcessor() if backend == "xformers" else AttnProcessor2_0())
 
 
+#: What `set_coeff_target_scales` doses: self- / cross-attention, and the UNet's block groups.
+COEFF_TARGETS = ("attn1", "attn2", "down_blocks", "mid_block", "up_blocks")
+
+
+def target_scale_of(module_path: str, target_scales: Mapping[str, float] | None) -> float:
+    """A module's strength factor: the product of every target in `target_scales` that names it
+    (``attn1`` / ``attn2`` by the module's last name, block groups by its first)."""
+    factor = 1.0
+    for target, value in (target_scales or {}).items():
+        kind = module_path.rsplit(".", 1)[-1] if target in ("attn1", "attn2") else module_path.split(".", 1)[0]
+        if kind == target:
+            factor *= float(value)
+    return factor
+
+
+def check_target_scales(target_scales: Mapping[str, float] | None) -> dict[str, float]:
+    """The target scales as floats; unknown target names are a ValueError listing the known ones."""
+    unknown = sorted(set(target_scales or {}) - set(COEFF_TARGETS))
+    if unknown:
+        raise ValueError(f"unknown coeff targets {unknown}: use {', '.join(COEFF_TARGETS)}")
+    return {k: float(v) for k, v in (target_scales or {}).items()}
+
+
+def set_coeff_target_scales(
+    model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module, target_scales: Mapping[str, float] | None
+) -> None:
+    """Dose alpha by target, for every following call: e.g. ``{"attn1": 0.5, "up_blocks": 0.0}``.
+
+    Keys are `COEFF_TARGETS`; a layer's strength is the global (or per-call) strength times the
+    product of the targets that name it, so strength 0 for a target gives that target's base
+    attention exactly. ``None`` or ``{}`` sets every layer back to factor 1. Per call:
+    ``cross_attention_kwargs={"coeff_target_scales": {...}}``.
+    """
+    scales = check_target_scales(target_scales)
+    modules = coeff_modules(model_or_pipe)
+    if not modules:
+        raise ValueError("set_coeff_target_scales: this model has no coeff processors (load or apply alpha first)")
+    for path, module in modules.items():
+        module.processor.target_scale = target_scale_of(path, scales)
+
+
 def set_coeff_attention_impl(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module, impl: str) -> None:
     """Choose the exact implementation this model's coeff layers run where A != I.
 
@@ -431,12 +478,15 @@ def _install_scale_hooks(unet: nn.Module) -> None:
 
     def pre_hook(module, args, kwargs):
         cak = kwargs.get("cross_attention_kwargs")
-        if not cak or "coeff_scale" not in cak:
+        if not cak or ("coeff_scale" not in cak and "coeff_target_scales" not in cak):
             return None
         cak = dict(cak)
-        scale = cak.pop("coeff_scale")
-        for m in coeff_modules(module).values():
+        scale = cak.pop("coeff_scale", None)
+        targets = cak.pop("coeff_target_scales", None)
+        targets = None if targets is None else check_target_scales(targets)
+        for path, m in coeff_modules(module).items():
             m.processor.call_scale = None if scale is None else float(scale)
+            m.processor.call_target_scale = None if targets is None else target_scale_of(path, targets)
             touched.append(m.processor)
         kwargs["cross_attention_kwargs"] = cak or None
         return args, kwargs
@@ -445,7 +495,8 @@ def _install_scale_hooks(unet: nn.Module) -> None:
         # Only the processors this call changed: walking the whole UNet on every call costs
         # a noticeable share of a small model's forward.
         while touched:
-            touched.pop().call_scale = None
+            processor = touched.pop()
+            processor.call_scale = processor.call_target_scale = None
 
     handles = [
         unet.register_forward_pre_hook(pre_hook, with_kwargs=True),

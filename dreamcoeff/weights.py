@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +24,12 @@ import torch
 from .io import atomic_write
 from .processor import (
     attention_modules,
+    check_target_scales,
     coeff_modules,
     coeff_state_dict,
     install_coeff_processors,
     remove_coeff,
+    target_scale_of,
     unwrap_unet,
 )
 
@@ -223,39 +225,68 @@ def read_coeff_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return _load_tensors(path, entries), metadata
 
 
-def load_coeff_weights(
-    pipe_or_unet: DiffusionPipeline | UNet2DConditionModel | torch.nn.Module,
-    path: str | os.PathLike,
-    scale: float = 1.0,
-) -> list[str]:
-    """Load an alpha file into a pipeline or UNet, replacing any alpha it had.
-
-    Every key must name an attention module of the UNet with the same head count; otherwise a
-    `CoeffWeightsError` lists all mismatches and the model is left exactly as it was. Afterwards the
-    file's modules carry `CoeffAttnProcessor`s with the loaded alpha at strength `scale`, and modules
-    not in the file have plain attention. Returns the module paths loaded.
-    """
-    unet = unwrap_unet(pipe_or_unet)
-    path = _resolve(path)
-    entries, _ = _validated_entries(path)
-    modules = attention_modules(unet)
+def _fit_problems(path: Path, entries: Mapping[str, int], modules: Mapping[str, torch.nn.Module]) -> list[str]:
+    """Why a file's entries do not fit the UNet's attention modules (empty when they do)."""
     problems = []
     for key, heads in entries.items():
         module_path = key[len("unet.") : -len(".alpha")]
         module = modules.get(module_path)
         if module is None:
-            problems.append(f"{key}: the UNet has no attention module '{module_path}'")
+            problems.append(f"{path.name}: {key}: the UNet has no attention module '{module_path}'")
         elif heads != module.heads:
-            problems.append(f"{key}: {heads} heads in the file, {module.heads} in the UNet")
+            problems.append(f"{path.name}: {key}: {heads} heads in the file, {module.heads} in the UNet")
+    return problems
+
+
+def _combined(files: Sequence[Path], scales: Sequence[float]) -> dict[str, torch.Tensor]:
+    """sum_k c_k * alpha_k per layer, in float64 then float32 (a layer missing from a file adds 0)."""
+    total: dict[str, torch.Tensor] = {}
+    for path, c in zip(files, scales):
+        for key, tensor in _load_tensors(path, _validated_entries(path)[0]).items():
+            total[key] = total.get(key, torch.zeros_like(tensor, dtype=torch.float64)) + float(c) * tensor.double()
+    return {key: t.float() for key, t in total.items()}
+
+
+def load_coeff_weights(
+    pipe_or_unet: DiffusionPipeline | UNet2DConditionModel | torch.nn.Module,
+    path: str | os.PathLike | Sequence[str | os.PathLike],
+    scale: float | Sequence[float] = 1.0,
+    target_scales: Mapping[str, float] | None = None,
+) -> list[str]:
+    """Load an alpha file (or several, combined) into a pipeline or UNet, replacing any alpha it had.
+
+    Every key must name an attention module of the UNet with the same head count; otherwise a
+    `CoeffWeightsError` lists all mismatches and the model is left exactly as it was. Afterwards the
+    file's modules carry `CoeffAttnProcessor`s with the loaded alpha at strength `scale`, and modules
+    not in the file have plain attention. Returns the module paths loaded.
+
+    Several files combine concepts: ``load_coeff_weights(pipe, [dog, hat], scale=[1.0, 0.7])`` gives
+    A = I + sum_k c_k * alpha_k in every layer any file covers (a layer a file lacks adds 0); all
+    files are checked before anything changes, and the processors then run at strength 1 (the c_k
+    are in alpha, so `set_coeff_scale` scales the combination). `target_scales` doses by target
+    (see `set_coeff_target_scales`).
+    """
+    unet = unwrap_unet(pipe_or_unet)
+    combine = not isinstance(path, (str, os.PathLike))
+    files = [_resolve(p) for p in (path if combine else [path])]
+    scales = [float(c) for c in (scale if isinstance(scale, Sequence) else [scale] * len(files))]
+    if len(scales) != len(files):
+        raise CoeffWeightsError(f"{len(files)} alpha files but {len(scales)} scales: give one scale per file")
+    targets = check_target_scales(target_scales)
+    modules = attention_modules(unet)
+    entries = {f: _validated_entries(f)[0] for f in files}
+    problems = [problem for f in files for problem in _fit_problems(f, entries[f], modules)]
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        where = str(files[0]) if len(files) == 1 else f"{len(files)} alpha files"
         raise CoeffWeightsError(
-            f"{path} does not fit this UNet ({len(problems)} of {len(entries)} entries); "
-            "was it trained on another base model?\n  " + "\n  ".join(shown)
+            f"{where} do{'es' if len(files) == 1 else ''} not fit this UNet ({len(problems)} of "
+            f"{sum(len(e) for e in entries.values())} entries); was it trained on another base model?\n  "
+            + "\n  ".join(shown)
         )
-    tensors = _load_tensors(path, entries)
+    tensors = _combined(files, scales) if combine else _load_tensors(files[0], entries[files[0]])
     wanted = [key[len("unet.") : -len(".alpha")] for key in tensors]
-    # From here on nothing can fail on account of the file: replace the model's alpha with it.
+    # From here on nothing can fail on account of the files: replace the model's alpha with them.
     keep = set(wanted)
     if any(p not in keep for p in coeff_modules(unet)):
         remove_coeff(unet)
@@ -265,5 +296,6 @@ def load_coeff_weights(
         for module_path in wanted:
             processor = installed[module_path].processor
             processor.alpha.copy_(tensors[f"unet.{module_path}.alpha"].to(processor.alpha.device))
-            processor.scale = float(scale)
+            processor.scale = 1.0 if combine else scales[0]
+            processor.target_scale = target_scale_of(module_path, targets)
     return wanted

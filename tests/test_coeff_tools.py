@@ -1,0 +1,119 @@
+"""alpha's own tools: dosing by target (self-/cross-attention, UNet blocks) and combining concepts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreamcoeff import (
+    CoeffWeightsError,
+    apply_coeff,
+    coeff_modules,
+    coeff_parameters,
+    load_coeff_weights,
+    remove_coeff,
+    save_coeff_weights,
+    set_coeff_target_scales,
+)
+from dreamcoeff.processor import target_scale_of
+from tests.reference import reference_attention_module
+
+
+def _random_alpha_file(pipe, path, targets=("attn1", "attn2"), include=None, seed=0, std=0.3):
+    """Train nothing: random alpha on the chosen layers, saved, and the pipeline back to plain attention."""
+    apply_coeff(pipe.unet, targets=targets, include=include)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in coeff_parameters(pipe.unet):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    save_coeff_weights(path, pipe.unet)
+    state = {k: m.processor.alpha.detach().clone() for k, m in coeff_modules(pipe.unet).items()}
+    remove_coeff(pipe)
+    return path, state
+
+
+def _unet_out(pipe, unet_inputs, **kw):
+    with torch.no_grad():
+        return pipe.unet(**unet_inputs, **kw).sample
+
+
+def test_target_scale_is_the_product_of_the_targets_that_name_a_layer():
+    scales = {"attn1": 0.5, "up_blocks": 0.0, "mid_block": 2.0}
+    assert target_scale_of("down_blocks.1.attentions.0.transformer_blocks.0.attn1", scales) == 0.5
+    assert target_scale_of("down_blocks.1.attentions.0.transformer_blocks.0.attn2", scales) == 1.0
+    assert target_scale_of("mid_block.attentions.0.transformer_blocks.0.attn1", scales) == 1.0
+    assert target_scale_of("mid_block.attentions.0.transformer_blocks.0.attn2", scales) == 2.0
+    assert target_scale_of("up_blocks.0.attentions.0.transformer_blocks.0.attn1", scales) == 0.0
+
+
+def test_strength_zero_for_a_target_gives_its_base_attention_exactly(tiny_pipe, unet_inputs, tmp_path):
+    """alpha everywhere with attn2 dosed to 0 computes exactly what alpha on attn1 alone computes;
+    the same through cross_attention_kwargs for one call, and the next call is back to the setting."""
+    path, _ = _random_alpha_file(tiny_pipe, tmp_path / "a.safetensors")
+    base = _unet_out(tiny_pipe, unet_inputs)
+    load_coeff_weights(tiny_pipe, path)
+    full = _unet_out(tiny_pipe, unet_inputs)
+    # attn1 only: the same alpha, cross-attention plain
+    load_coeff_weights(tiny_pipe, path)
+    for name, module in coeff_modules(tiny_pipe.unet).items():
+        if name.endswith("attn2"):
+            with torch.no_grad():
+                module.processor.alpha.zero_()
+    attn1_only = _unet_out(tiny_pipe, unet_inputs)
+    load_coeff_weights(tiny_pipe, path, target_scales={"attn2": 0.0})
+    assert torch.equal(_unet_out(tiny_pipe, unet_inputs), attn1_only)
+    set_coeff_target_scales(tiny_pipe, None)
+    assert torch.equal(_unet_out(tiny_pipe, unet_inputs), full)
+    per_call = _unet_out(tiny_pipe, unet_inputs, cross_attention_kwargs={"coeff_target_scales": {"attn2": 0.0}})
+    assert torch.equal(per_call, attn1_only)
+    assert torch.equal(_unet_out(tiny_pipe, unet_inputs), full)  # one call only
+    # every target at 0: the base model, bit for bit
+    set_coeff_target_scales(tiny_pipe, {"attn1": 0.0, "attn2": 0.0})
+    assert torch.equal(_unet_out(tiny_pipe, unet_inputs), base)
+    assert not torch.equal(full, base) and not torch.equal(attn1_only, full)
+
+
+def test_unknown_targets_are_refused(tiny_pipe, unet_inputs, tmp_path):
+    path, _ = _random_alpha_file(tiny_pipe, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="unknown coeff targets \\['attn3'\\]"):
+        load_coeff_weights(tiny_pipe, path, target_scales={"attn3": 0.5})
+    assert not coeff_modules(tiny_pipe.unet)  # refused before anything changed
+    load_coeff_weights(tiny_pipe, path)
+    with pytest.raises(ValueError, match="unknown coeff targets"):
+        set_coeff_target_scales(tiny_pipe, {"down": 0.5})
+    with pytest.raises(ValueError, match="unknown coeff targets"):
+        _unet_out(tiny_pipe, unet_inputs, cross_attention_kwargs={"coeff_target_scales": {"middle": 1.0}})
+
+
+def test_combined_concepts_match_the_float64_reference(tiny_pipe, tmp_path):
+    """A = I + 1.0 * alpha_dog + 0.7 * alpha_hat, the files covering different layers (a layer missing
+    from a file adds 0): every layer's alpha, and an attention layer's output against float64."""
+    dog, a_dog = _random_alpha_file(tiny_pipe, tmp_path / "dog.safetensors", seed=1)
+    hat, a_hat = _random_alpha_file(tiny_pipe, tmp_path / "hat.safetensors", targets=("attn2",), seed=2)
+    loaded = load_coeff_weights(tiny_pipe, [dog, hat], scale=[1.0, 0.7])
+    assert sorted(loaded) == sorted(a_dog)
+    modules = coeff_modules(tiny_pipe.unet)
+    for name, module in modules.items():
+        expected = a_dog[name].double() + (0.7 * a_hat[name].double() if name in a_hat else 0.0)
+        assert torch.allclose(module.processor.alpha.double(), expected, atol=1e-7, rtol=0), name
+        assert module.processor.scale == 1.0
+    name = next(n for n in modules if n.endswith("attn2"))
+    attn = modules[name]
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, attn.to_q.in_features, generator=g)
+    context = torch.randn(2, 7, attn.to_k.in_features, generator=g)
+    eye = torch.eye(attn.heads, dtype=torch.float64)
+    coeff = eye + a_dog[name].double() + 0.7 * a_hat[name].double()
+    with torch.no_grad():
+        out = attn(hidden, encoder_hidden_states=context)
+    ref = reference_attention_module(attn, hidden, coeff, encoder_hidden=context)
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
+
+
+def test_combining_is_all_or_nothing(tiny_pipe, tmp_path):
+    dog, _ = _random_alpha_file(tiny_pipe, tmp_path / "dog.safetensors", seed=1)
+    with pytest.raises(CoeffWeightsError, match="alpha file not found"):
+        load_coeff_weights(tiny_pipe, [dog, tmp_path / "missing.safetensors"], scale=[1.0, 1.0])
+    with pytest.raises(CoeffWeightsError, match="2 alpha files but 3 scales"):
+        load_coeff_weights(tiny_pipe, [dog, dog], scale=[1.0, 1.0, 1.0])
+    assert not coeff_modules(tiny_pipe.unet)
