@@ -117,3 +117,35 @@ def test_combining_is_all_or_nothing(tiny_pipe, tmp_path):
     with pytest.raises(CoeffWeightsError, match="2 alpha files but 3 scales"):
         load_coeff_weights(tiny_pipe, [dog, dog], scale=[1.0, 1.0, 1.0])
     assert not coeff_modules(tiny_pipe.unet)
+
+
+def test_inspect_writes_a_legible_overview_and_a_summary(tiny_pipe, tmp_path, capsys):
+    from PIL import Image
+
+    from dreamcoeff.inspection import _colour, heatmap, main, summarize
+
+    path, state = _random_alpha_file(tiny_pipe, tmp_path / "run", seed=4)
+    key = next(iter(state))  # one entry that must come out as the largest
+    tensors = {f"unet.{k}.alpha": v for k, v in state.items()}
+    tensors[f"unet.{key}.alpha"][1, 0] = 5.0
+    summary = {s.path: s for s in summarize(tensors)}
+    assert summary[key].largest == 5.0 and summary[key].largest_at == (1, 0)
+    assert {s.kind for s in summary.values()} == {"attn1", "attn2"}
+    assert (
+        _colour(0.0, 1.0) == (255, 255, 255) and _colour(1.0, 1.0) == (255, 0, 0) and _colour(-2.0, 1.0) == (0, 0, 255)
+    )
+    tile = heatmap(torch.tensor([[1.0, -1.0], [0.0, 0.5]]), vmax=1.0, cell=4)
+    assert tile.getpixel((1, 1)) == (255, 0, 0) and tile.getpixel((5, 1)) == (0, 0, 255)
+    assert tile.getpixel((1, 5)) == (255, 255, 255)
+
+    assert main([str(tmp_path / "run"), "--output", str(tmp_path / "inspect")]) == 0
+    text = capsys.readouterr().out
+    assert "self-attention (attn1)" in text and "cross-attention (attn2)" in text and "largest entries" in text
+    overview = Image.open(tmp_path / "inspect" / "overview.png")
+    assert overview.width >= 760 and overview.height > 300
+    page = (tmp_path / "inspect" / "index.html").read_text()
+    assert "overview.png" in page and page.count("<tr>") == len(state) + 1
+
+    (tmp_path / "not_alpha.safetensors").write_bytes(b"garbage")
+    assert main([str(tmp_path / "not_alpha.safetensors"), "--output", str(tmp_path / "x")]) == 2
+    assert "dreamcoeff-inspect: error:" in capsys.readouterr().err
