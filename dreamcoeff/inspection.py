@@ -106,7 +106,7 @@ def _bars(summary: Sequence[LayerSummary], width: int, height: int, font) -> Ima
 def overview_image(tensors: Mapping[str, torch.Tensor], top: int = 12, title: str = "") -> Image.Image:
     """Bars of every layer, then the heatmaps of the `top` layers with the largest mean |alpha|,
     labelled, with one shared diverging scale bar."""
-    from .sample.grid import label_font
+    from .grids import label_font
 
     font = label_font(12)
     summary = summarize(tensors)

@@ -149,3 +149,44 @@ def test_inspect_writes_a_legible_overview_and_a_summary(tiny_pipe, tmp_path, ca
     (tmp_path / "not_alpha.safetensors").write_bytes(b"garbage")
     assert main([str(tmp_path / "not_alpha.safetensors"), "--output", str(tmp_path / "x")]) == 2
     assert "dreamcoeff-inspect: error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_validation_sweeps_alpha_strength_with_the_same_seeds(tiny_pipeline_dir, tmp_path):
+    """--validation_coeff_scales 0 1: one image per strength per prompt and seed, a labelled strip per
+    validation step, and strength 0 is the base model bit for bit."""
+    import numpy as np
+    from accelerate.state import AcceleratorState, PartialState
+    from PIL import Image
+
+    from dreamcoeff.train import main
+    from tests.helpers import make_images
+    from tests.test_tokens import _pipe
+
+    inst = make_images(tmp_path / "inst", ((64, 64),) * 2, 0)
+    out = tmp_path / "run"
+    argv = ["--pretrained_model_name_or_path", tiny_pipeline_dir, "--instance_dir", inst, "--instance_prompt",
+            "a photo of sks dog", "--output_dir", out, "--resolution", 64, "--report_to", "none",
+            "--checkpointing_steps", 0, "--max_train_steps", 2, "--coeff_lr", "5e-2", "--validation_prompt",
+            "a sks dog", "--num_validation_images", 1, "--validation_steps", 2, "--validation_inference_steps", 2,
+            "--validation_coeff_scales", 0, 1]  # fmt: skip
+    try:
+        assert main([str(a) for a in argv]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._reset_state()
+    folder = out / "validation" / "step_00002"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "prompt00_seed0_c0.png",
+        "prompt00_seed0_c1.png",
+        "strengths.png",
+    ]
+    at0, at1 = (np.asarray(Image.open(folder / f"prompt00_seed0_c{c}.png")) for c in (0, 1))
+    pipe = _pipe(tiny_pipeline_dir)
+    base = pipe(
+        "a sks dog", num_inference_steps=2, height=64, width=64, generator=torch.Generator("cpu").manual_seed(0)
+    )
+    assert np.array_equal(at0, np.asarray(base.images[0]))
+    assert not np.array_equal(at0, at1)
+    strip = Image.open(folder / "strengths.png")
+    assert strip.width > 2 * 64 and strip.height > 64

@@ -243,7 +243,7 @@ def draw_curves(curves: dict[str, list[dict]], path: Path, title: str, size: int
     """Subject fidelity (x) against prompt fidelity (y), one line per method through its steps."""
     from PIL import Image, ImageDraw
 
-    from dreamcoeff.sample.grid import label_font
+    from dreamcoeff.grids import label_font
 
     img = Image.new("RGB", (size + 220, size + 60), "white")
     d = ImageDraw.Draw(img)

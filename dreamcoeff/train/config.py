@@ -176,6 +176,13 @@ class TrainConfig:
     num_validation_images: int = _f(4, "images per validation prompt", VALID)
     validation_steps: int = _f(100, "run validation every N optimizer steps (and at the end)", VALID)
     validation_inference_steps: int = _f(25, "inference steps of validation images", VALID)
+    validation_coeff_scales: list[float] | None = _f(
+        None,
+        "also render every validation prompt at each of these alpha strengths (0 = the base model), same seeds, "
+        "into one labelled strip per validation step (strengths.png)",
+        VALID,
+        nargs="+",
+    )
     report_to: str = _f(
         "tensorboard",
         "tracker for logs: tensorboard, wandb, all or none (skipped with a note when not installed)",
@@ -234,12 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["type"] = _scalar_type(f.type)
             if meta["choices"]:
                 kwargs["choices"] = meta["choices"]
+            if meta["nargs"]:
+                kwargs["nargs"] = meta["nargs"]
         group.add_argument(*names, **kwargs)
     return parser
 
 
 def _scalar_type(annotation: str):
-    text = str(annotation)
+    text = str(annotation).removeprefix("list[")  # a list flag (nargs) parses each value as its element type
     if text.startswith("int"):
         return int
     if text.startswith("float"):
@@ -335,6 +344,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.learning_rate <= 0 or cfg.coeff_lr <= 0:
         raise UsageError("--learning_rate and --coeff_lr must be > 0")
     validate_tokens(cfg)
+    if cfg.validation_coeff_scales and not METHODS[cfg.tuning].coeff:
+        raise UsageError("--validation_coeff_scales sweeps alpha's strength: it needs --tuning coeff or coeff+lora")
+    if cfg.validation_coeff_scales and not cfg.validation_prompt:
+        raise UsageError("--validation_coeff_scales needs --validation_prompt (the prompts to render)")
 
 
 def validate_tokens(cfg: TrainConfig) -> None:

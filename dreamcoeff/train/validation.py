@@ -100,27 +100,50 @@ def run_validation(
     was_training = unet.training
     unet.eval()
     paths, logged = [], []
+    # --validation_coeff_scales: each prompt and seed at every alpha strength (None: as trained)
+    strengths = cfg.validation_coeff_scales or [None]
+    strips: list[list] = []
     try:
         for p_idx, prompt in enumerate(prompts):
             for k in range(cfg.num_validation_images):
-                gen = torch.Generator("cpu").manual_seed(cfg.seed + k)
-                with torch.no_grad(), accelerator.autocast():
-                    image = pipe(
-                        prompt=prompt,
-                        generator=gen,
-                        height=cfg.resolution,
-                        width=cfg.resolution,
-                        num_inference_steps=cfg.validation_inference_steps,
-                    ).images[0]
-                path = folder / f"prompt{p_idx:02d}_seed{cfg.seed + k}.png"
-                image.save(path)
-                paths.append(path)
-                logged.append(image)
+                strips.append([])
+                for c in strengths:
+                    gen = torch.Generator("cpu").manual_seed(cfg.seed + k)  # the same noise at every strength
+                    kwargs = {} if c is None else {"cross_attention_kwargs": {"coeff_scale": c}}
+                    with torch.no_grad(), accelerator.autocast():
+                        image = pipe(
+                            prompt=prompt,
+                            generator=gen,
+                            height=cfg.resolution,
+                            width=cfg.resolution,
+                            num_inference_steps=cfg.validation_inference_steps,
+                            **kwargs,
+                        ).images[0]
+                    suffix = "" if c is None else f"_c{c:g}"
+                    path = folder / f"prompt{p_idx:02d}_seed{cfg.seed + k}{suffix}.png"
+                    image.save(path)
+                    paths.append(path)
+                    logged.append(image)
+                    strips[-1].append(image)
     finally:
         unet.train(was_training)
+    if cfg.validation_coeff_scales:
+        paths.append(_strength_strip(cfg, prompts, strips, folder, step))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
 
             tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in logged]), step, dataformats="NHWC")
     return paths
+
+
+def _strength_strip(cfg: TrainConfig, prompts: list[str], strips: list[list], folder: Path, step: int) -> Path:
+    """One labelled grid per validation step: a row per prompt and seed, a column per alpha strength."""
+    from ..grids import make_grid
+
+    rows = [f"{p} (seed {cfg.seed + k})" for p in prompts for k in range(cfg.num_validation_images)]
+    cols = [f"alpha x {c:g}" + (" (base model)" if c == 0 else "") for c in cfg.validation_coeff_scales]
+    grid = make_grid(strips, rows, cols, title=f"step {step}: the same seeds at each alpha strength")
+    path = folder / "strengths.png"
+    grid.save(path)
+    return path
