@@ -190,3 +190,39 @@ def test_validation_sweeps_alpha_strength_with_the_same_seeds(tiny_pipeline_dir,
     assert not np.array_equal(at0, at1)
     strip = Image.open(folder / "strengths.png")
     assert strip.width > 2 * 64 and strip.height > 64
+
+
+def test_alpha_is_logged_per_block_and_as_a_picture(tiny_pipe, tmp_path):
+    """What the trainer sends its trackers at each validation step: mean |alpha| per UNet block and
+    attn1 / attn2 as scalars, and the overview picture (TensorBoard's add_image, HWC uint8)."""
+    import numpy as np
+
+    from dreamcoeff.train.validation import log_alpha
+
+    _random_alpha_file(tiny_pipe, tmp_path / "a.safetensors")
+    apply_coeff(tiny_pipe.unet)
+    with torch.no_grad():
+        for name, module in coeff_modules(tiny_pipe.unet).items():
+            module.processor.alpha.fill_(0.2 if name.startswith("up_blocks") else 0.0)
+    logged, images = [], []
+
+    class Writer:
+        def add_image(self, tag, array, step, dataformats):
+            images.append((tag, array, step, dataformats))
+
+    class Tracker:
+        name, writer = "tensorboard", Writer()
+
+    class Accelerator:
+        trackers = [Tracker()]
+
+        def log(self, values, step):
+            logged.append((values, step))
+
+    scalars = log_alpha(Accelerator(), tiny_pipe.unet, 7)
+    assert logged == [(scalars, 7)]
+    assert scalars["alpha/mean_abs/up_blocks.0/attn2"] == pytest.approx(0.2)
+    assert scalars["alpha/mean_abs/down_blocks.1/attn1"] == 0.0
+    ((tag, array, step, fmt),) = images
+    assert tag == "alpha/overview" and step == 7 and fmt == "HWC"
+    assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3

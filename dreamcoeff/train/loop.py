@@ -46,7 +46,7 @@ from .checkpoints import (
 from .config import TrainConfig, UsageError
 from .step import denoising_loss, encode_latents, with_class_batch
 from .text import TextConditioning
-from .validation import ensure_class_images, run_validation
+from .validation import ensure_class_images, log_alpha, run_validation
 
 logger = logging.getLogger("dreamcoeff")
 
@@ -445,10 +445,13 @@ class Trainer:
                 logger.warning("step %d was skipped: no checkpoint saved, the last good one is kept", step)
             else:
                 save_checkpoint(accelerator, self.out, step, cfg.checkpoints_total_limit)
-        if cfg.validation_prompt and step % cfg.validation_steps == 0 and accelerator.is_main_process:
-            self.validation_paths = run_validation(
-                cfg, self.components, self.bare_unet, accelerator, step, self.out, self.validation_prompts
-            )
+        if step % cfg.validation_steps == 0 and accelerator.is_main_process:
+            if cfg.validation_prompt:
+                self.validation_paths = run_validation(
+                    cfg, self.components, self.bare_unet, accelerator, step, self.out, self.validation_prompts
+                )
+            if self.method.coeff and accelerator.trackers:  # alpha per block, and its picture
+                log_alpha(accelerator, self.bare_unet, step)
         self.text.freeze_if_due(step)
 
     # ---- finalize ---------------------------------------------------------------------------------------

@@ -147,3 +147,34 @@ def _strength_strip(cfg: TrainConfig, prompts: list[str], strips: list[list], fo
     path = folder / "strengths.png"
     grid.save(path)
     return path
+
+
+def log_alpha(accelerator: Accelerator, unet: torch.nn.Module, step: int) -> dict[str, float]:
+    """alpha as people read it, at a validation step: the mean |alpha| of every UNet block's self-
+    and cross-attention as scalars (`accelerator.log`), and the overview picture of
+    `dreamcoeff.inspection` (per-layer bars by block, heatmaps of the layers that moved most, one
+    diverging scale) to TensorBoard and wandb. Returns the scalars."""
+    import numpy as np
+
+    from ..inspection import overview_image, summarize
+    from ..processor import coeff_state_dict
+
+    tensors = {k: v.detach().float().cpu() for k, v in coeff_state_dict(unet).items()}
+    if not tensors:
+        return {}
+    groups: dict[str, list[float]] = {}
+    for s in summarize(tensors):
+        groups.setdefault(f"alpha/mean_abs/{s.block}/{s.kind}", []).append(s.mean_abs)
+    scalars = {k: float(np.mean(v)) for k, v in groups.items()}
+    accelerator.log(scalars, step=step)
+    trackers = [t for t in accelerator.trackers if t.name in ("tensorboard", "wandb")]
+    if trackers:
+        image = overview_image(tensors, title=f"alpha at step {step}")
+        for tracker in trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("alpha/overview", np.asarray(image), step, dataformats="HWC")
+            else:
+                import wandb
+
+                tracker.log({"alpha/overview": wandb.Image(image)}, step=step)
+    return scalars
