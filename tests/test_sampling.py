@@ -17,7 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamcoeff import apply_coeff, coeff_modules, coeff_parameters, load_coeff_weights, save_coeff_weights
+from dreamcoeff import (
+    apply_coeff,
+    coeff_modules,
+    coeff_parameters,
+    load_coeff_weights,
+    remove_coeff,
+    save_coeff_weights,
+)
 from dreamcoeff import sample as S
 from dreamcoeff.sample import main
 from dreamcoeff.sample import metrics as M
@@ -921,3 +928,250 @@ def test_cli_bad_input_is_one_clear_error(case, tiny_pipeline_dir, run_dirs, for
     assert re.search(message, err), err
     assert "dreamcoeff-sample: error: " in err and "Traceback" not in err
     assert not (tmp_path / "out" / "images").exists()  # nothing was generated
+
+
+# ----------------------------------------------------------------------------------------------
+# dosing alpha by target (--coeff_target_scales) and combined concepts (--run both=dog+hat@0.7)
+
+
+@pytest.fixture(scope="module")
+def alpha_files(tmp_path_factory):
+    """Random alpha, no training: dog (self- and cross-attention), dog_attn1 (dog's self-attention
+    layers alone), hat (cross-attention only, another seed), and a run folder holding hat."""
+    root = tmp_path_factory.mktemp("alpha_files")
+    unet = _tiny_unet()
+    g = torch.Generator().manual_seed(7)
+    apply_coeff(unet)
+    with torch.no_grad():
+        for p in coeff_parameters(unet):
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    dog = {k: m.processor.alpha.detach().clone() for k, m in coeff_modules(unet).items()}
+    save_coeff_weights(root / "dog.safetensors", unet)
+    remove_coeff(unet)
+    apply_coeff(unet, targets=("attn1",))
+    with torch.no_grad():
+        for name, module in coeff_modules(unet).items():
+            module.processor.alpha.copy_(dog[name])
+    save_coeff_weights(root / "dog_attn1.safetensors", unet)
+    remove_coeff(unet)
+    apply_coeff(unet, targets=("attn2",))
+    with torch.no_grad():
+        for p in coeff_parameters(unet):
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    save_coeff_weights(root / "hat.safetensors", unet)
+    (root / "hat_run").mkdir()
+    save_coeff_weights(root / "hat_run", unet)
+    return root
+
+
+def test_parse_target_scales():
+    assert S.parse_target_scales("attn1=0.5, attn2=1") == {"attn1": 0.5, "attn2": 1.0}
+    assert S.parse_target_scales("up_blocks=0") == {"up_blocks": 0.0}
+    for text, message in [
+        ("attn3=1", r"unknown target 'attn3' in 'attn3=1'; use attn1, attn2, down_blocks, mid_block, up_blocks"),
+        ("attn1=half", r"'half' in 'attn1=half' is not a number"),
+        ("attn1=0.5,attn2", r"'attn2' is not TARGET=VALUE"),
+        ("attn1=nan", r"'nan' in 'attn1=nan' must be a finite number"),
+        ("attn1=1,attn1=0", r"'attn1' is given twice"),
+        ("", "give TARGET=VALUE pairs"),
+    ]:
+        with pytest.raises(S.SamplingError, match=message):
+            S.parse_target_scales(text)
+
+
+def test_parse_run_combined_alpha(alpha_files, run_dirs, tmp_path):
+    dog, hat = alpha_files / "dog.safetensors", alpha_files / "hat.safetensors"
+    both = S.parse_run(f"both={dog}+{hat}@0.7")
+    assert both.alpha_mix == ((dog, 1.0), (hat, 0.7)) and both.alpha_path is None
+    assert both.kind == "alpha" and both.has_alpha
+    # a run folder gives its alpha; a LoRA file may follow after a comma
+    mixed = S.parse_run(f"m={dog}@1.5+{alpha_files / 'hat_run'}@-0.5,{run_dirs / 'lora'}")
+    assert mixed.alpha_mix == ((dog, 1.5), (alpha_files / "hat_run" / "coeff_weights.safetensors", -0.5))
+    assert mixed.kind == "alpha+lora"
+    rows = S.plan_rows([both], coeff_scales=[0, 1])
+    assert [(r.name, r.coeff_scale, r.description) for r in rows] == [
+        ("both@0", 0.0, "2 alphas c=0"),
+        ("both@1", 1.0, "2 alphas c=1"),
+    ]
+    lora_file = run_dirs / "lora" / "pytorch_lora_weights.safetensors"
+    for spec, message in [
+        (f"b={dog}+{tmp_path / 'nope.safetensors'}", r"run 'b': .*nope\.safetensors does not exist"),
+        (
+            f"b={dog}+{hat}@strong",
+            r"run 'b': .*hat\.safetensors@strong does not exist \(and 'strong' is not a strength",
+        ),
+        (f"b={dog}+{hat}@inf", r"run 'b': strength 'inf' of .*hat\.safetensors must be a finite number"),
+        (f"b={dog}+{lora_file}", r"run 'b': .*pytorch_lora_weights\.safetensors holds no alpha .*only alpha files"),
+        (f"b={run_dirs / 'coeff'},{dog}+{hat}", r"run 'b': alpha is given twice"),
+        (f"b={dog}+{hat},{run_dirs / 'coeff'}", r"run 'b': two alpha files"),
+        (f"b={dog}++{hat}", r"run 'b': .* has an empty part"),
+        (f"{dog}+{hat}", r"combined alpha files need a row name"),
+    ]:
+        with pytest.raises(S.SamplingError, match=message):
+            S.parse_run(spec)
+
+
+def _render_fresh(prompt, seed, alpha=None, scale=1.0, target_scales=None):
+    """The image a fresh frozen pipeline renders with ``load_coeff_weights(alpha, scale, target_scales)``."""
+    ref = _frozen_tiny_pipe()
+    if alpha is not None:
+        load_coeff_weights(ref, alpha, scale=scale, target_scales=target_scales)
+    return _pixels(ref(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed)).images[0])
+
+
+def test_sample_runs_doses_alpha_rows_by_target(alpha_files):
+    """attn1=0,attn2=0 gives the base row bit for bit at every swept strength; attn2=0 gives the
+    file with dog's attn1 layers alone, at each strength of the sweep; the base row is untouched."""
+    pipe = _frozen_tiny_pipe()
+    dog = S.parse_run(f"dog={alpha_files / 'dog.safetensors'}")
+    dog1 = S.parse_run(f"dog1={alpha_files / 'dog_attn1.safetensors'}")
+    prompt, seed = "a sks dog", 4
+
+    def render(runs, targets, scales):
+        result = S.sample_runs(
+            pipe,
+            runs,
+            [prompt],
+            [seed],
+            include_base=True,
+            coeff_scales=scales,
+            coeff_target_scales=targets,
+            num_inference_steps=2,
+            progress=False,
+        )
+        assert result.settings["coeff_target_scales"] == targets
+        return {r.name: _pixels(result.image(result.find(r.name, 0, seed))) for r in result.rows}
+
+    off = render([dog], {"attn1": 0.0, "attn2": 0.0}, [0.5, 1])
+    assert np.array_equal(off["base"], _render_fresh(prompt, seed))
+    assert np.array_equal(off["dog@0.5"], off["base"]) and np.array_equal(off["dog@1"], off["base"])
+
+    self_only = render([dog, dog1], {"attn2": 0}, [0.5, 1])
+    assert np.array_equal(self_only["base"], off["base"])
+    for c in ("0.5", "1"):
+        assert np.array_equal(self_only[f"dog@{c}"], self_only[f"dog1@{c}"]), c
+        assert np.abs(self_only[f"dog@{c}"] - self_only["base"]).max() > 20, c
+    expected = _render_fresh(prompt, seed, alpha_files / "dog.safetensors", 0.5, {"attn2": 0.0})
+    assert np.array_equal(self_only["dog@0.5"], expected)
+    assert not coeff_modules(pipe)
+    with pytest.raises(S.SamplingError, match="unknown coeff targets"):
+        S.sample_runs(pipe, [dog], [prompt], [seed], coeff_target_scales={"attn3": 1.0}, progress=False)
+
+
+def test_sample_runs_combined_concepts(alpha_files):
+    """A row of two alpha files at strengths 1.0 and 0.7 equals load_coeff_weights(pipe, [dog, hat],
+    scale=[1.0, 0.7]) on a fresh pipeline; the record names each file with its hash and strength."""
+    dog, hat = alpha_files / "dog.safetensors", alpha_files / "hat.safetensors"
+    pipe = _frozen_tiny_pipe()
+    both = S.parse_run(f"both={dog}+{hat}@0.7")
+    single = S.parse_run(f"dog={dog}")
+    prompt, seed = "a sks dog wearing a hat", 1
+    result = S.sample_runs(pipe, [single, both], [prompt], [seed], num_inference_steps=2, progress=False)
+    img = {r.name: _pixels(result.image(result.find(r.name, 0, seed))) for r in result.rows}
+    assert np.array_equal(img["both"], _render_fresh(prompt, seed, [dog, hat], [1.0, 0.7]))
+    assert np.array_equal(img["dog"], _render_fresh(prompt, seed, dog))
+    assert np.abs(img["both"] - img["dog"]).max() > 20
+    info = result.weights["both"]["alpha"]
+    assert info["combined"] and info["layers"] == info["files"][0]["layers"] > info["files"][1]["layers"]
+    assert [(Path(f["path"]).name, f["strength"]) for f in info["files"]] == [
+        ("dog.safetensors", 1.0),
+        ("hat.safetensors", 0.7),
+    ]
+    assert [f["sha256"] for f in info["files"]][0] == result.weights["dog"]["alpha"]["sha256"]
+    assert all(len(f["sha256"]) == 64 for f in info["files"])
+    assert not coeff_modules(pipe)
+
+
+def _cli_argv(tiny_pipeline_dir, out, *extra):
+    return [
+        "--pretrained_model_name_or_path",
+        str(tiny_pipeline_dir),
+        "--prompt",
+        "a sks dog",
+        "--num_inference_steps",
+        "2",
+        "--no_progress",
+        "--output",
+        str(out),
+        *extra,
+    ]
+
+
+def test_cli_target_scales_and_combined_row(tiny_pipeline_dir, alpha_files, run_dirs, tmp_path, capsys):
+    dog, hat = alpha_files / "dog.safetensors", alpha_files / "hat.safetensors"
+    out = tmp_path / "out"
+    argv = _cli_argv(
+        tiny_pipeline_dir,
+        out,
+        "--include_base",
+        "--run",
+        f"both={dog}@1.0+{hat}@0.7",
+        "--run",
+        f"lora={run_dirs / 'lora'}",
+        "--coeff_target_scales",
+        "attn1=0,attn2=0",
+        "--coeff_scales",
+        "1",
+        "2",
+    )
+    assert main(argv) == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["coeff_target_scales"] == {"attn1": 0.0, "attn2": 0.0}
+    files = manifest["runs"]["both"]["alpha"]["files"]
+    assert [(Path(f["path"]).name, f["strength"]) for f in files] == [
+        ("dog.safetensors", 1.0),
+        ("hat.safetensors", 0.7),
+    ]
+    assert all(len(f["sha256"]) == 64 for f in files)
+
+    def px(name):
+        return _pixels(Image.open(out / "images" / name))
+
+    for row in ("both_c1", "both_c2"):  # every target dosed to 0: the base model
+        assert np.array_equal(px(f"{row}_p00_s0.png"), px("base_p00_s0.png")), row
+    assert not np.array_equal(px("lora_p00_s0.png"), px("base_p00_s0.png"))  # LoRA rows are not dosed
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--coeff_target_scales", "attn3=1"], r"unknown target 'attn3' in 'attn3=1'"),
+        (["--coeff_target_scales", "attn1=lots"], r"'lots' in 'attn1=lots' is not a number"),
+        (["--coeff_target_scales", "attn1"], r"'attn1' is not TARGET=VALUE"),
+        (["--coeff_target_scales", "attn1=0", "--run", "LORA"], r"no run has an alpha file"),
+        (["--run", "both=DOG+MISSING"], r"run 'both': .*missing\.safetensors does not exist"),
+    ],
+)
+def test_cli_bad_target_scales_and_combinations_fail_before_loading(
+    extra, message, tiny_pipeline_dir, alpha_files, run_dirs, tmp_path, capsys, monkeypatch
+):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("dreamcoeff.sample.cli.load_base_pipeline", no_model)
+    subs = {
+        "LORA": f"lora={run_dirs / 'lora'}",
+        "both=DOG+MISSING": f"both={alpha_files / 'dog.safetensors'}+{tmp_path / 'missing.safetensors'}",
+    }
+    extra = [subs.get(e, e) for e in extra]
+    if "--run" not in extra:
+        extra += ["--run", f"dog={alpha_files / 'dog.safetensors'}"]
+    assert main(_cli_argv(tiny_pipeline_dir, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert err.startswith("dreamcoeff-sample: error: ") and err.count("\n") == 1, err
+
+
+def test_cli_combined_file_that_does_not_fit_is_one_line(
+    tiny_pipeline_dir, alpha_files, foreign_weights, tmp_path, capsys
+):
+    foreign = foreign_weights / "coeff_weights.safetensors"
+    argv = _cli_argv(
+        tiny_pipeline_dir, tmp_path / "out", "--run", f"mix={alpha_files / 'dog.safetensors'}+{foreign}@0.5"
+    )
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"run 'mix': combined alpha: {re.escape(str(foreign))} does not fit this UNet", err), err
+    assert "10 heads in the file, 4 in the UNet" in err or "has no attention module" in err
+    assert err.count("\n") == 1, err
+    assert not (tmp_path / "out" / "images").exists()

@@ -6,7 +6,9 @@ more *rows*; every row renders every prompt for every seed from the same initial
 the differences between rows come from the method alone:
 
     base              the pre-trained model (``include_base``)
-    coeff             alpha at strength 1 (or ``coeff@0.5`` ... with a ``coeff_scales`` sweep)
+    coeff             alpha at strength 1 (or ``coeff@0.5`` ... with a ``coeff_scales`` sweep), optionally
+                      dosed by target (``coeff_target_scales``, e.g. self-attention only)
+    dog+hat           several alpha files combined, A = I + sum_k c_k alpha_k (``--run both=dog+hat@0.7``)
     lora              the LoRA adapter
     both              alpha and LoRA together
     ti                a run with learned tokens: loaded for its rows only, ``{token}`` is its own
@@ -49,7 +51,7 @@ from .prompts import (
 )
 from .render import ImageRecord, SampleResult, initial_latents, sample_runs
 from .report import write_index_html, write_manifest
-from .runs import Row, RunSpec, parse_run, plan_rows
+from .runs import Row, RunSpec, parse_run, parse_target_scales, plan_rows
 
 __all__ = [
     "SamplingError",
@@ -64,6 +66,7 @@ __all__ = [
     "fill_prompts",
     "RunSpec",
     "parse_run",
+    "parse_target_scales",
     "Row",
     "plan_rows",
     "AdapterSwitcher",

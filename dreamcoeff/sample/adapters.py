@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..processor import coeff_modules, remove_coeff, set_coeff_scale, unwrap_unet
+from ..processor import coeff_modules, remove_coeff, set_coeff_scale, set_coeff_target_scales, unwrap_unet
 from ..tokens import ENCODER_KEYS, TokenError, load_embeddings_into, read_embeddings_file, unload_embeddings
 from ..weights import CoeffWeightsError, load_coeff_weights, read_coeff_file
 from .errors import SamplingError
@@ -119,6 +119,8 @@ class AdapterSwitcher:
             self.weights[run.name] = {"kind": run.kind, "source": str(run.source.resolve()) if run.source else None}
             if run.alpha_path is not None:
                 self.weights[run.name]["alpha"] = self._check_alpha(run)
+            elif run.alpha_mix:
+                self.weights[run.name]["alpha"] = self._check_alpha_mix(run)
             if run.unet_path is not None:
                 self.weights[run.name]["unet"] = self._load_full_unet(run)
             if run.emb_path is not None:
@@ -155,24 +157,49 @@ class AdapterSwitcher:
         except (ValueError, AttributeError):  # no PEFT layers yet
             return []
 
-    def _check_alpha(self, run: RunSpec) -> dict[str, Any]:
+    def _alpha_info(self, run: RunSpec, path: Path) -> dict[str, Any]:
+        """One alpha file checked on its own against this UNet (then removed again), and its record."""
         try:
-            tensors, metadata = read_coeff_file(run.alpha_path)
-            layers = load_coeff_weights(self.pipe, run.alpha_path, scale=1.0)
+            tensors, metadata = read_coeff_file(path)
+            layers = load_coeff_weights(self.pipe, path, scale=1.0)
         except CoeffWeightsError as exc:
-            raise SamplingError(f"run {run.name!r}: {exc}") from None
+            if not run.alpha_mix:
+                raise SamplingError(f"run {run.name!r}: {exc}") from None
+            lines = str(exc).splitlines()  # one line, naming the file: the first problem is enough
+            detail = f": {lines[1].strip()}" if len(lines) > 1 else ""
+            raise SamplingError(f"run {run.name!r}: combined alpha: {lines[0]}{detail}") from None
         finally:
             remove_coeff(self.pipe)
         training_args = metadata.get("training_args")
         return {
-            "path": str(run.alpha_path.resolve()),
-            "sha256": _sha256(run.alpha_path),
-            "bytes": run.alpha_path.stat().st_size,
+            "path": str(path.resolve()),
+            "sha256": _sha256(path),
+            "bytes": path.stat().st_size,
             "layers": len(layers),
             "coefficients": int(sum(t.numel() for t in tensors.values())),
             "max_abs_alpha": float(max(t.abs().max() for t in tensors.values())),
             "metadata": {k: v for k, v in metadata.items() if k != "training_args"},
             "has_training_args": training_args is not None,
+        }
+
+    def _check_alpha(self, run: RunSpec) -> dict[str, Any]:
+        return self._alpha_info(run, run.alpha_path)
+
+    def _check_alpha_mix(self, run: RunSpec) -> dict[str, Any]:
+        """Every file of a combination checked on its own (an error names the file), then together."""
+        files = [{**self._alpha_info(run, path), "strength": float(c)} for path, c in run.alpha_mix]
+        try:
+            layers = load_coeff_weights(self.pipe, [p for p, _ in run.alpha_mix], scale=[c for _, c in run.alpha_mix])
+        except CoeffWeightsError as exc:
+            raise SamplingError(f"run {run.name!r}: combined alpha: {str(exc).splitlines()[0]}") from None
+        finally:
+            remove_coeff(self.pipe)
+        return {
+            "combined": True,
+            "formula": "A = I + c * sum_k strength_k * alpha_k (c: the row's coeff_scale)",
+            "path": " + ".join(f"{f['path']}@{f['strength']:g}" for f in files),
+            "layers": len(layers),
+            "files": files,
         }
 
     def _check_embeddings(self, run: RunSpec) -> dict[str, Any]:
@@ -317,25 +344,32 @@ class AdapterSwitcher:
         if self.adapter_names:
             self.pipe.disable_lora()
 
-    def _use_alpha(self, run: RunSpec | None, scale: float | None) -> None:
-        """Alpha of ``run`` at strength ``scale`` in place (loaded only when the run changes), or none."""
+    def _use_alpha(self, run: RunSpec | None, scale: float | None, target_scales: Mapping[str, float] | None) -> None:
+        """Alpha of ``run`` at strength ``scale`` in place (loaded only when the run changes), dosed by
+        ``target_scales`` (None: every layer at factor 1), or none."""
         if run is not None and scale is not None:
             if self._alpha_run == run.name:
                 set_coeff_scale(self.pipe, scale)
             else:
                 try:
-                    load_coeff_weights(self.pipe, run.alpha_path, scale=scale)
+                    if run.alpha_mix:  # processors at strength 1, the c_k in alpha: the row's c scales the sum
+                        files, strengths = [p for p, _ in run.alpha_mix], [c for _, c in run.alpha_mix]
+                        load_coeff_weights(self.pipe, files, scale=strengths)
+                        set_coeff_scale(self.pipe, scale)
+                    else:
+                        load_coeff_weights(self.pipe, run.alpha_path, scale=scale)
                 except CoeffWeightsError as exc:  # the file changed since it was checked
                     raise SamplingError(f"run {run.name!r}: {exc}") from None
                 self._alpha_run = run.name
                 freeze(self.pipe)
+            set_coeff_target_scales(self.pipe, target_scales)
         elif coeff_modules(self.pipe):
             remove_coeff(self.pipe)
             self._alpha_run = None
 
-    def activate(self, row: Row, lora_scale: float = 1.0) -> None:
-        """Put exactly this row's adapters in place (alpha at ``row.coeff_scale``, its LoRA or none,
-        its run's learned tokens or none)."""
+    def activate(self, row: Row, lora_scale: float = 1.0, target_scales: Mapping[str, float] | None = None) -> None:
+        """Put exactly this row's adapters in place (alpha at ``row.coeff_scale``, dosed by
+        ``target_scales``; its LoRA or none; its run's learned tokens or none)."""
         run = row.run
         self._use_tokens(run)
         self._use_unet(self.base_unet)  # adapters are switched on the base UNet, a full UNet swapped in last
@@ -344,7 +378,7 @@ class AdapterSwitcher:
             self.pipe.set_adapters([self.adapter_names[run.name]], adapter_weights=[float(lora_scale)])
         elif self.adapter_names:
             self.pipe.disable_lora()
-        self._use_alpha(run, row.coeff_scale)
+        self._use_alpha(run, row.coeff_scale, target_scales)
         if run is not None and run.unet_path is not None:
             self._use_unet(self.full_unets[run.name])
 

@@ -32,7 +32,7 @@ from .pipeline import load_base_pipeline, resolve_dtype, resolve_scheduler
 from .prompts import PromptTemplate, fill_prompts, find_prompt_file, packaged_prompt_files, read_prompt_templates
 from .render import SampleResult, sample_runs
 from .report import write_index_html, write_manifest
-from .runs import RunSpec, parse_run, plan_rows
+from .runs import RunSpec, check_target_scales_for, parse_run, parse_target_scales, plan_rows
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=PATH[,PATH2]",
         help="a training output folder, or an alpha, LoRA and/or learned-token embeddings file; "
-        "repeatable (one row each)",
+        "repeatable (one row each). Combined concepts: NAME=A+B[,LORA] joins alpha files (or run folders, "
+        "whose alpha alone is used) with '+', each with an optional strength FILE@C (default 1.0), e.g. "
+        "both=dog.safetensors@1.0+hat.safetensors@0.7: one row with A = I + sum_k C_k alpha_k (a --coeff_scales "
+        "sweep scales the sum). The '+' group is the run's only alpha; a LoRA or embeddings file may follow "
+        "after a comma as usual",
     )
     g.add_argument("--include_base", action="store_true", help="add a row for the base model without adapters")
     g.add_argument(
@@ -77,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="C",
         help="alpha strength sweep for runs with alpha: one row per value (0 = base model)",
+    )
+    g.add_argument(
+        "--coeff_target_scales",
+        default=None,
+        metavar="TARGET=VALUE[,...]",
+        help="dose alpha by target in every row with alpha, e.g. attn1=0.5,attn2=1 (targets: attn1, attn2, "
+        "down_blocks, mid_block, up_blocks; a layer gets the product of the targets naming it, times the "
+        "row's strength; 0 = that target's base attention)",
     )
     g.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA adapters")
     g = p.add_argument_group("prompts")
@@ -172,6 +184,8 @@ def _parse_runs(args: argparse.Namespace) -> list[RunSpec]:
     """Every ``--run``, with its row names and sweep checked before loading anything."""
     runs = [parse_run(spec) for spec in args.run]
     plan_rows(runs, args.include_base, args.coeff_scales)
+    given = args.coeff_target_scales
+    args.target_scales = check_target_scales_for(runs, None if given is None else parse_target_scales(given))
     return runs
 
 
@@ -278,6 +292,7 @@ def _render(
         run_prompts=prompts[1],
         include_base=args.include_base,
         coeff_scales=args.coeff_scales,
+        coeff_target_scales=args.target_scales,
         lora_scale=args.lora_scale,
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.num_inference_steps,

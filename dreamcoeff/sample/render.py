@@ -26,7 +26,7 @@ from .adapters import AdapterSwitcher
 from .errors import SamplingError
 from .prompts import prompt_tag
 from .quiet import quiet_diffusers_noise
-from .runs import Row, RunSpec, plan_rows
+from .runs import Row, RunSpec, check_target_scales_for, plan_rows
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -124,7 +124,8 @@ def _progress(total: int, enabled: bool) -> contextlib.AbstractContextManager[tq
 class _Job:
     """What every row renders the same way: prompts, (prompt, seed) batches, call settings, output.
 
-    ``run_prompts`` holds the prompt texts of the runs whose rows render their own (learned tokens).
+    ``run_prompts`` holds the prompt texts of the runs whose rows render their own (learned tokens);
+    ``target_scales`` doses every alpha row by target (None: not dosed).
     """
 
     prompts: list[str]
@@ -138,6 +139,7 @@ class _Job:
     dtype: torch.dtype
     output_dir: Path | None
     keep_images: bool
+    target_scales: dict[str, float] | None = None
 
     @property
     def images_per_row(self) -> int:
@@ -240,7 +242,7 @@ def _render_row(
 ) -> tuple[list[ImageRecord], dict[str, float]]:
     """Every image of one row (its adapters switched in first) and the row's timing."""
     t0 = time.perf_counter()
-    switcher.activate(row, lora_scale)
+    switcher.activate(row, lora_scale, job.target_scales)
     t1 = time.perf_counter()
     if bar is not None:
         bar.set_postfix_str(row.name)
@@ -296,6 +298,7 @@ def _settings(
         "seeds": seeds,
         "include_base": include_base,
         "coeff_scales": None if coeff_scales is None else [float(s) for s in coeff_scales],
+        "coeff_target_scales": job.target_scales,
         "lora_scale": float(lora_scale),
         "negative_prompt": job.negative_prompt,
         "num_inference_steps": int(job.num_inference_steps),
@@ -351,6 +354,7 @@ def sample_runs(
     progress: bool = True,
     switcher: AdapterSwitcher | None = None,
     run_prompts: Mapping[str, Sequence[str]] | None = None,
+    coeff_target_scales: Mapping[str, float] | None = None,
 ) -> SampleResult:
     """Render every prompt for every seed with every run's adapters, from shared initial noise.
 
@@ -364,6 +368,9 @@ def sample_runs(
         seeds: one image per prompt per seed per row; the seed fixes the initial latents and any
             step noise (ancestral schedulers), identically for every row.
         include_base / coeff_scales: a base row first / an alpha strength sweep for alpha runs.
+        coeff_target_scales: dose every alpha row by target, e.g. ``{"attn1": 0.5, "up_blocks": 0}``
+            (see :func:`dreamcoeff.processor.set_coeff_target_scales`; a sweep scales the global
+            strength on top). Rows without alpha are unaffected.
         lora_scale: strength of the LoRA adapters.
         height / width: default to the pipeline's default size (1024 for SDXL base).
         batch_size: images per pipeline call (every row uses the same batches).
@@ -380,6 +387,7 @@ def sample_runs(
             pipe, runs, prompts, seeds, include_base, coeff_scales, batch_size, num_inference_steps, height, width
         )
         run_prompts = _checked_run_prompts(runs, prompts, run_prompts)  # after the rows: names checked there
+        target_scales = check_target_scales_for(runs, coeff_target_scales)
     except BaseException:
         if switcher is not None:
             switcher.close()
@@ -391,18 +399,9 @@ def sample_runs(
     if output_dir is not None:
         (output_dir / "images").mkdir(parents=True, exist_ok=True)
     job = _Job(
-        prompts,
-        run_prompts,
-        batches=_batches(len(prompts), seeds, batch_size),
-        negative_prompt=negative_prompt,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        height=height,
-        width=width,
-        dtype=pipe.unet.dtype,
-        output_dir=output_dir,
-        keep_images=keep_images,
-    )
+        prompts, run_prompts, _batches(len(prompts), seeds, batch_size), negative_prompt, num_inference_steps,
+        guidance_scale, height, width, pipe.unet.dtype, output_dir, keep_images, target_scales,
+    )  # fmt: skip
     records, row_timing = _render_rows(pipe, switcher, rows, job, lora_scale, progress)
     settings = _settings(pipe, job, seeds, include_base, coeff_scales, lora_scale, batch_size)
     timing = {
