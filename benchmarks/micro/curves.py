@@ -120,13 +120,24 @@ def save_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
-def phase_select(args, out: Path, work: Path) -> None:
-    path = out / "select.json"
+def chosen_rates(out: Path) -> dict[str, float]:
+    """Every method's chosen rate from ``select*.json`` (one file per process with --tag)."""
+    chosen: dict[str, float] = {}
+    for f in sorted(out.glob("select*.json")):
+        chosen.update(load_json(f, {"chosen": {}})["chosen"])
+    return chosen
+
+
+def phase_select(args, out: Path, work: Path, deadline: float) -> None:
+    path = out / (f"select_{args.tag}.json" if args.tag else "select.json")
     sel = load_json(path, {"rows": [], "chosen": {}})
     val = next(c for c in mw.CONCEPT_SETS[args.concept_set] if c.split == "validation")
     for m in args.methods:
         if m in sel["chosen"]:
             continue
+        if time.time() > deadline:
+            print("[select] time budget reached; rerun the same command to continue", flush=True)
+            return
         best = None
         for lr in lr_grid(m):
             run = work / f"sel-{m.replace(' ', '_')}-{lr:g}"
@@ -148,7 +159,7 @@ def phase_horizon(args, out: Path, work: Path) -> int:
     hz = load_json(path, None)
     if hz is not None:
         return hz["horizon"]
-    lr = load_json(out / "select.json", {"chosen": {}})["chosen"].get("lora", 1e-3)
+    lr = chosen_rates(out).get("lora", 1e-3)
     val = next(c for c in mw.CONCEPT_SETS[args.concept_set] if c.split == "validation")
     run = work / "horizon-lora"
     every = args.horizon_every
@@ -172,7 +183,7 @@ def phase_curves(args, out: Path, work: Path, horizon: int, deadline: float) -> 
     path = out / f"curves_{args.tag or 'all'}.json"
     res = load_json(path, {"horizon": horizon, "runs": []})
     done = {(r["method"], r["concept"], r["seed"]) for r in res["runs"]}
-    chosen = load_json(out / "select.json", {"chosen": {}})["chosen"]
+    chosen = chosen_rates(out)
     points = [p for p in args.points if p <= horizon]
     every = int(np.gcd.reduce(points))
     concepts = [c for c in mw.CONCEPT_SETS[args.concept_set] if c.split == "test"][: args.concepts]
@@ -295,7 +306,7 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--minutes", type=float, default=110, help="end this part after about this long")
-    p.add_argument("--tag", default=None, help="curves_TAG.json: split methods over processes")
+    p.add_argument("--tag", default=None, help="select_TAG.json / curves_TAG.json: split methods over processes")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -311,7 +322,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="curves-") as tmp:
         work = Path(tmp)
         if "select" in phases:
-            phase_select(args, out, work)
+            phase_select(args, out, work, deadline)
         horizon = (
             phase_horizon(args, out, work)
             if "horizon" in phases
