@@ -114,8 +114,12 @@ def _read_header(path: Path) -> dict:
     """Parse and sanity-check a safetensors header without touching the tensor data."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        start = fh.read(9)
+        fh.seek(8)
+        head = start[:8]
+        # A safetensors header's JSON starts right after its 8-byte length. Only without that "{" do
+        # zip / pickle magic bytes mean torch.save: a length whose low byte is 0x80 is a valid file.
+        if start[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
             raise CoeffWeightsError(
                 f"{path} is a pickle / torch.save file; dreamcoeff only reads safetensors (pickle can run code)"
             )

@@ -11,6 +11,7 @@ from dreamcoeff import (
     coeff_modules,
     coeff_parameters,
     load_coeff_weights,
+    read_coeff_file,
     remove_coeff,
     save_coeff_weights,
     set_coeff_target_scales,
@@ -226,3 +227,26 @@ def test_alpha_is_logged_per_block_and_as_a_picture(tiny_pipe, tmp_path):
     ((tag, array, step, fmt),) = images
     assert tag == "alpha/overview" and step == 7 and fmt == "HWC"
     assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3
+
+
+def test_a_valid_file_whose_header_length_looks_like_pickle_loads(tiny_pipe, tmp_path):
+    """A safetensors header length whose low byte is 0x80 (pickle's first byte) or "PK" (zip's) is a
+    valid file (found when a learned-token run's metadata happened to give one); a real torch.save
+    file is still refused."""
+    import struct
+
+    apply_coeff(tiny_pipe.unet)
+    found = {}
+    for pad in range(600):  # metadata lengths until the header length ends in 0x80
+        path = save_coeff_weights(tmp_path / f"a{pad}.safetensors", tiny_pipe.unet, {"pad": "x" * pad})
+        (length,) = struct.unpack("<Q", path.read_bytes()[:8])
+        if length % 256 == 0x80:
+            found["path"] = path
+            break
+    assert found, "no metadata length gave a 0x80 header length"
+    assert found["path"].read_bytes()[:1] == b"\x80"
+    tensors, _ = read_coeff_file(found["path"])
+    assert len(tensors) == len(coeff_modules(tiny_pipe.unet))
+    torch.save({"unet.x.alpha": torch.zeros(2, 2)}, tmp_path / "pickled.safetensors")
+    with pytest.raises(CoeffWeightsError, match="pickle"):
+        read_coeff_file(tmp_path / "pickled.safetensors")
