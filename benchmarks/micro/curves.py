@@ -143,7 +143,8 @@ def phase_select(args, out: Path, work: Path, deadline: float) -> None:
             run = work / f"sel-{m.replace(' ', '_')}-{lr:g}"
             info = train_run(args, m, lr, val, 0, args.select_steps, args.select_steps, run)
             s = score_folder(args, run, val, 0)
-            crit = 0.5 * (s["subject"] + s["background"])
+            # rounded: 0.5 * (0.4 + 0.8) is 0.6000000000000001, which would break the tie rule below
+            crit = round(0.5 * (s["subject"] + s["background"]), 9)
             sel["rows"].append({"method": m, "lr": lr, "criterion": crit, **info, **s})
             print(f"[select] {m} lr {lr:g}: {crit:.3f} ({info['train_s']:.0f} s)", flush=True)
             if best is None or crit > best[0]:  # ties keep the smaller rate
