@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .lora import unet_architecture_differences
 from .methods import artifacts_in
 from .processor import remove_coeff
 from .tokens import load_embeddings_into, replace_abstractions, token_abstractions, unload_embeddings
@@ -65,13 +66,12 @@ class LoadedRun:
 
 
 def _load_full_unet(pipe: StableDiffusionXLPipeline, folder: Path) -> torch.nn.Module:
+    """The run's UNet, refused if its (loaded, defaults filled) config is another architecture."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=pipe.unet.dtype)
-    base_cfg = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
-    run_cfg = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-    if base_cfg != run_cfg:
-        differ = sorted(k for k in base_cfg if base_cfg.get(k) != run_cfg.get(k))
+    differ = unet_architecture_differences(pipe.unet.config, unet.config)
+    if differ:
         raise RunLoadError(f"{folder}: this UNet was trained from another base model ({', '.join(differ[:4])} differ)")
     return unet.to(pipe.unet.device)
 

@@ -7,7 +7,9 @@ saved in the layout `pipe.load_lora_weights` reads; a `--tuning full` run saves 
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ __all__ = [
     "load_lora_into_unet",
     "lora_state_dict",
     "save_lora",
+    "unet_architecture_differences",
 ]
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -90,6 +93,25 @@ def load_lora_into_unet(unet: torch.nn.Module, path: str | os.PathLike) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"{path}: LoRA keys that do not fit the UNet: {unexpected[:5]}")
+
+
+#: Config entries of a saved UNet that say where and by which version it was written, not what it is.
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "_diffusers_version", "_use_default_values")
+
+
+def unet_architecture_differences(base_config: Mapping, config: Mapping) -> list[str]:
+    """The keys in which a saved full UNet's `config` (its config.json) describes another architecture
+    than the base UNet's config; keys the file lacks, paths and versions do not count. Values are
+    compared as JSON holds them, so a tuple in a config built in code equals the list in a file."""
+
+    def plain(value):
+        return json.loads(json.dumps(value, default=str))
+
+    return sorted(
+        k
+        for k in base_config
+        if k not in _VOLATILE_CONFIG_KEYS and k in config and plain(config[k]) != plain(base_config[k])
+    )
 
 
 def load_full_unet_weights(unet: torch.nn.Module, folder: str | os.PathLike) -> None:

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..lora import unet_architecture_differences
 from ..processor import coeff_modules, remove_coeff, set_coeff_scale, set_coeff_target_scales, unwrap_unet
 from ..tokens import ENCODER_KEYS, TokenError, load_embeddings_into, read_embeddings_file, unload_embeddings
 from ..weights import CoeffWeightsError, load_coeff_weights, read_coeff_file
 from .errors import SamplingError
 from .pipeline import freeze
 from .quiet import quiet_diffusers_noise, quiet_lora_loading, quiet_token_loading
-from .report import jsonable
 from .runs import Row, RunSpec
 
 if TYPE_CHECKING:
@@ -251,13 +251,11 @@ class AdapterSwitcher:
     def _check_unet_config(self, run: RunSpec) -> None:
         """The full UNet's config.json must describe the base UNet's architecture."""
         path = run.unet_path
-        volatile = ("_name_or_path", "_diffusers_version", "_use_default_values")
         try:
             config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise SamplingError(f"run {run.name!r}: {path / 'config.json'} is unreadable: {exc}") from None
-        base = {k: v for k, v in unwrap_unet(self.base_unet).config.items() if k not in volatile}
-        differ = sorted(k for k in base if k in config and jsonable(config[k]) != jsonable(base[k]))
+        differ = unet_architecture_differences(unwrap_unet(self.base_unet).config, config)
         if differ:
             raise SamplingError(
                 f"run {run.name!r}: the UNet in {path} has another architecture than the base model's "

@@ -113,6 +113,11 @@ class Trainer:
         self.step_times: list[float] = []
         self.last_loss: float | None = None
 
+    @property
+    def token_rows(self) -> list[torch.nn.Parameter]:
+        """The learned tokens' rows (both encoders), or none."""
+        return list(self.tokens.rows) if self.tokens is not None else []
+
     # ---- preflight: cheap checks before loading gigabytes of model ---------------------------------
 
     def preflight(self) -> TrainResult | None:
@@ -214,8 +219,7 @@ class Trainer:
             c = components
             self.tokens = LearnedTokens(self.plan, [c.tokenizer, c.tokenizer_2], [c.text_encoder, c.text_encoder_2],
                                         cfg.initializer_concept, seed=cfg.seed).to(self.device)  # fmt: skip
-        token_params = list(self.tokens.rows) if self.tokens is not None else []
-        self.trainable = sum(p.numel() for p in self.coeff_params + self.weight_params + token_params)
+        self.trainable = sum(p.numel() for p in self.coeff_params + self.weight_params + self.token_rows)
         self.unet_total = sum(p.numel() for p in unet.parameters())
 
     def build_data(self) -> None:
@@ -460,8 +464,7 @@ class Trainer:
         """Final weight files (all or none), last validation, model card, completion record, summary."""
         cfg, accelerator, out = self.cfg, self.accelerator, self.out
         accelerator.wait_for_everyone()
-        token_params = list(self.tokens.rows) if self.tokens is not None else []
-        check_ranks_agree(accelerator, self.coeff_params + self.weight_params + token_params)
+        check_ranks_agree(accelerator, self.coeff_params + self.weight_params + self.token_rows)
         files: list[Path] = []
         if accelerator.is_main_process:
             meta = {"base_model": cfg.pretrained_model_name_or_path, "training_args": asdict(cfg)}
