@@ -104,10 +104,8 @@ def save_coeff_weights(
     meta.update(_metadata_strings(metadata))
     try:
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    except OSError as exc:
-        raise CoeffWeightsError(
-            f"could not write {path}: {exc.strerror or exc}; the previous file (if any) is intact"
-        ) from exc
+    except OSError as exc:  # a WriteError: names the file and the reason
+        raise CoeffWeightsError(f"{exc}; the previous file (if any) is intact") from exc
 
 
 def _read_header(path: Path) -> dict:

@@ -428,6 +428,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dreamcoeff.sample`` and ``dreamcoeff-sample``; returns the exit code."""
     from ..images import DataError
+    from ..io import WriteError
     from ..models import ModelError
     from ..tokens import TokenError
     from ..weights import CoeffWeightsError
@@ -443,6 +444,13 @@ def main(argv: list[str] | None = None) -> int:
             return run(args)
     except (SamplingError, CoeffWeightsError, TokenError, ModelError, DataError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except WriteError as exc:  # every output file is written under a temporary name, then renamed
+        print(
+            f"{PROG}: error: {exc}. The files written before it are complete, no partial file is left; "
+            "free some space and run the same command again with --overwrite",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

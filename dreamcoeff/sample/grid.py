@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..grids import label_font, make_grid, wrap_text
+from ..io import atomic_write
 from .prompts import prompt_tag
 
 if TYPE_CHECKING:
@@ -30,6 +31,6 @@ def save_grids(result: SampleResult, output_dir: str | Path, *, max_tile_size: i
         images = [[result.image(rec) for rec in row] for row in result.grid_rows(seed)]
         grid = make_grid(images, row_labels, col_labels, title=f"seed {seed}", max_tile_size=max_tile_size)
         name = f"grid_s{seed}.png"
-        grid.save(output_dir / name)
+        atomic_write(output_dir / name, lambda tmp, grid=grid: grid.save(tmp, format="PNG"))
         grids[seed] = name
     return grids

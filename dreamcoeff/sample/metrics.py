@@ -8,6 +8,7 @@ with transformers; nothing here downloads on its own.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from ..io import atomic_write
 from .errors import SamplingError
 
 if TYPE_CHECKING:
@@ -218,6 +220,11 @@ def summarize_metrics(result: SampleResult, metrics: Sequence[Mapping[str, float
     return summary
 
 
+def _write_csv(path: Path, text: str) -> None:
+    """A CSV file written under a temporary name, then renamed (a full disk never leaves half of one)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))
+
+
 def write_metrics_csv(
     result: SampleResult,
     metrics: Sequence[Mapping[str, float]],
@@ -234,39 +241,41 @@ def write_metrics_csv(
     output_dir = Path(output_dir)
     names = [n for n in METRIC_NAMES if any(n in m for m in metrics)]
     per_image = output_dir / "metrics.csv"
-    with open(per_image, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(
+        ["row", "run", "coeff_scale", "lora", "prompt_index", "seed", "file", "prompt", "clip_t_text", *names]
+    )
+    for rec, m in zip(result.records, metrics, strict=True):
         writer.writerow(
-            ["row", "run", "coeff_scale", "lora", "prompt_index", "seed", "file", "prompt", "clip_t_text", *names]
+            [
+                rec.row,
+                rec.run or "",
+                "" if rec.coeff_scale is None else rec.coeff_scale,
+                int(rec.lora),
+                rec.prompt_index,
+                rec.seed,
+                rec.file or "",
+                rec.prompt,
+                metric_text(rec.prompt, run_tokens.get(rec.run, token)),
+                *[f"{m[n]:.6f}" if n in m else "" for n in names],
+            ]
         )
-        for rec, m in zip(result.records, metrics, strict=True):
-            writer.writerow(
-                [
-                    rec.row,
-                    rec.run or "",
-                    "" if rec.coeff_scale is None else rec.coeff_scale,
-                    int(rec.lora),
-                    rec.prompt_index,
-                    rec.seed,
-                    rec.file or "",
-                    rec.prompt,
-                    metric_text(rec.prompt, run_tokens.get(rec.run, token)),
-                    *[f"{m[n]:.6f}" if n in m else "" for n in names],
-                ]
-            )
+    _write_csv(per_image, text.getvalue())
     per_row = output_dir / "metrics_summary.csv"
-    with open(per_row, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["row", "run", "coeff_scale", "lora", "images", *names])
-        for s in summary:
-            writer.writerow(
-                [
-                    s["row"],
-                    s["run"] or "",
-                    "" if s["coeff_scale"] is None else s["coeff_scale"],
-                    int(s["lora"]),
-                    s["images"],
-                    *[f"{s[n]:.6f}" if n in s else "" for n in names],
-                ]
-            )
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["row", "run", "coeff_scale", "lora", "images", *names])
+    for s in summary:
+        writer.writerow(
+            [
+                s["row"],
+                s["run"] or "",
+                "" if s["coeff_scale"] is None else s["coeff_scale"],
+                int(s["lora"]),
+                s["images"],
+                *[f"{s[n]:.6f}" if n in s else "" for n in names],
+            ]
+        )
+    _write_csv(per_row, text.getvalue())
     return per_image, per_row

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ..io import atomic_write
 from .adapters import AdapterSwitcher
 from .errors import SamplingError
 from .prompts import prompt_tag
@@ -211,7 +212,8 @@ def _save_record(row: Row, prompt_index: int, seed: int, image: Image.Image, job
         record.file = f"images/{row.slug}_{prompt_tag(prompt_index, len(job.prompts))}_s{seed}.png"
         info = PngInfo()
         info.add_text("dreamcoeff", json.dumps(record.to_json()))
-        image.save(job.output_dir / record.file, pnginfo=info)
+        # temporary name, then renamed: a full disk never leaves half an image under its name
+        atomic_write(job.output_dir / record.file, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
     if job.keep_images:
         record.image = image
     return record

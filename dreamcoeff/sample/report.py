@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..io import atomic_write
 from .metrics import METRIC_NAMES
 from .prompts import prompt_tag
 
@@ -96,7 +97,8 @@ def write_manifest(
         manifest["metrics"] = list(metrics_summary)
     manifest.update(extra or {})
     path = Path(output_dir) / "manifest.json"
-    path.write_text(json.dumps(jsonable(manifest), indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(jsonable(manifest), indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
 
@@ -236,5 +238,5 @@ def write_index_html(
         out += _html_seed(result, seed, grids)
     out.append("</body></html>")
     path = Path(output_dir) / "index.html"
-    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(out) + "\n", encoding="utf-8"))
     return path

@@ -15,10 +15,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..io import fsync_dir, fsync_tree, remove_aside, replace_path
+from ..io import WriteError, fsync_dir, fsync_tree, remove_aside, replace_path, write_failure
 from ..methods import ARTIFACTS, artifacts_in
-from ..tokens import EMBEDDINGS_SUFFIX, TokenError
-from ..weights import CoeffWeightsError
+from ..tokens import EMBEDDINGS_SUFFIX
 from .config import TrainConfig, UsageError
 
 if TYPE_CHECKING:
@@ -179,18 +178,24 @@ def completed_run(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
     return record
 
 
-def write_error(exc: BaseException) -> OSError | None:
-    """The OSError behind a failed write (save_coeff_weights wraps it in a CoeffWeightsError)."""
-    return exc if isinstance(exc, OSError) else exc.__cause__ if isinstance(exc.__cause__, OSError) else None
-
-
-def write_failed_message(out: Path, exc: OSError) -> str:
-    """What to tell the user when the final files could not be written."""
+def write_failed_message(out: Path, exc: BaseException) -> str:
+    """What to tell the user when the final files could not be written (`exc` a failed write)."""
+    failure = write_failure(exc, out) or WriteError(out, getattr(exc, "errno", None) or 5, str(exc))
+    name = Path(failure.filename).name if failure.filename and Path(failure.filename) != out else None
     return (
-        f"could not write the final files in {out}: {exc.strerror or exc}. Files already there are intact "
-        "(each is written under a temporary name, then renamed); free some space and rerun with "
-        "--resume_from_checkpoint latest"
+        f"could not write the final files in {out}{f' ({name})' if name else ''}: {failure.reason}. Files "
+        "already there are intact (each is written under a temporary name, then renamed); free some space "
+        "and rerun with --resume_from_checkpoint latest"
     )
+
+
+def _newest_file(folder: Path) -> Path | None:
+    """The file last written in `folder` (the one a write without a file name of its own was making)."""
+    try:
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        return max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
+    except OSError:
+        return None
 
 
 def register_hooks(
@@ -240,14 +245,16 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, limit: int |
             replace_path(tmp, final, aside=final.with_name(final.name + ".old"))
             fsync_dir(out)
             prune_checkpoints(out, limit, keep=final)
-    except (OSError, CoeffWeightsError) as exc:
-        cause = write_error(exc)
-        if cause is None:
+    except Exception as exc:  # noqa: BLE001 - accelerate's writers (torch.save, pickle) raise their own types
+        # judged before the partial folder goes: the file being written, the free space
+        failure = write_failure(exc, _newest_file(tmp) or tmp)
+        if failure is None:
             raise
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        name = Path(failure.filename).name if failure.filename else "?"
         raise TrainingError(
-            f"could not write checkpoint {final}: {cause.strerror or cause}. The earlier checkpoints are intact; "
+            f"could not write checkpoint {final} ({name}): {failure.reason}. The earlier checkpoints are intact; "
             "free some space and rerun with --resume_from_checkpoint latest"
         ) from exc
     accelerator.wait_for_everyone()
@@ -288,10 +295,11 @@ def stage_final_files(
             files.append(out / path.name)
         remove_stale_weights(out, {p.name for p in files})
         fsync_dir(out)
-    except (OSError, CoeffWeightsError, TokenError) as exc:
-        if write_error(exc) is None:
+    except Exception as exc:  # noqa: BLE001 - a full UNet's save_pretrained raises safetensors' own type
+        failure = write_failure(exc, staging)
+        if failure is None:
             raise
-        raise TrainingError(write_failed_message(out, write_error(exc))) from exc
+        raise TrainingError(write_failed_message(out, failure)) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return files
