@@ -2,14 +2,17 @@
 
 A run folder holds whatever its method trained: alpha (`coeff_weights.safetensors`), LoRA
 (`pytorch_lora_weights.safetensors`), a full UNet (`unet/`), learned tokens (`<name>_emb.safetensors`).
-`load_run` loads each with the library's own loaders (alpha validated all-or-nothing; LoRA and the
-tokens through diffusers' `load_lora_weights` / `load_textual_inversion`, as a user would) and
-returns what it loaded and the prompt text of the learned tokens; `unload_run` gives the base model
-back exactly.
+`load_run` loads each with the library's own loaders (alpha validated all-or-nothing; the tokens
+through diffusers' `load_textual_inversion`, as a user would; LoRA through diffusers' loader after
+`check_lora_file` has read and checked it, since a hostile file could otherwise leave half an adapter
+in the UNet) and returns what it loaded and the prompt text of the learned tokens; `unload_run` gives
+the base model back exactly.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +28,7 @@ from .weights import load_coeff_weights
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
 
-__all__ = ["LoadedRun", "RunLoadError", "load_run", "unload_run"]
+__all__ = ["LoadedRun", "RunLoadError", "check_lora_file", "load_run", "unload_run"]
 
 #: The adapter name `load_run` gives a run's LoRA in the pipeline.
 LORA_ADAPTER = "dreamcoeff_run"
@@ -76,14 +79,120 @@ def _load_full_unet(pipe: StableDiffusionXLPipeline, folder: Path) -> torch.nn.M
     return unet.to(pipe.unet.device)
 
 
+_LORA_PARAM = re.compile(
+    r"^unet\.(?P<module>.+?)\.(?P<kind>lora[._](?:down|up|A|B)\.weight|lora_magnitude_vector(?:\.weight)?)$"
+)
+
+
+def _number(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def check_lora_file(pipe: StableDiffusionXLPipeline, path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A run's LoRA file, read with diffusers' reader (safetensors only) and checked against the UNet
+    before anything is loaded: UNet LoRA keys only, a down and an up matrix per module whose sizes fit
+    the module and each other, finite float values, and diffusers' adapter metadata of plain values.
+    Returns (state dict, the adapter metadata rebuilt from what was checked, or None when the file has
+    none); raises `RunLoadError` naming the file."""
+    from .sample.adapters import lora_problems  # lazy: the sampler package is heavier than this module
+
+    try:
+        state, alphas, metadata = pipe.lora_state_dict(
+            str(path.parent), weight_name=path.name, use_safetensors=True, return_lora_metadata=True
+        )
+    except Exception as exc:  # noqa: BLE001 - safetensors, json and diffusers' converters raise many types
+        raise RunLoadError(f"{path} is not a LoRA file diffusers can read ({type(exc).__name__}: {exc})") from None
+    if not state:
+        raise RunLoadError(f"{path} holds no LoRA weights")
+    if alphas:  # kohya's per-module alphas: not what dreamcoeff writes
+        raise RunLoadError(f"{path} is a kohya-style LoRA (network alphas); load it with pipe.load_lora_weights")
+    problems = [f"{k}: not a UNet LoRA weight of diffusers' format" for k in state if not _LORA_PARAM.match(k)]
+    problems += [
+        f"{k}: {v.dtype} values"
+        if not (isinstance(v, torch.Tensor) and v.is_floating_point())
+        else f"{k}: non-finite values"
+        for k, v in state.items()
+        if not (isinstance(v, torch.Tensor) and v.is_floating_point() and torch.isfinite(v).all())
+    ]
+    if not problems:
+        problems = lora_problems(pipe.unet, state)
+    ranks: dict[str, int] = {}
+    if not problems:
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            m = _LORA_PARAM.match(key)
+            kind = "magnitude" if "magnitude" in m["kind"] else "down" if m["kind"][5] in "dA" else "up"
+            modules.setdefault(m["module"], {})[kind] = value
+        for name, parts in modules.items():
+            down, up = parts.get("down"), parts.get("up")
+            if down is None or up is None or down.ndim != up.ndim or down.ndim not in (2, 4):
+                problems.append(f"{name}: needs one down and one up matrix of the same kind")
+            elif down.shape[0] != up.shape[1] or down.shape[0] < 1:
+                problems.append(f"{name}: down matrix of rank {down.shape[0]}, up matrix of rank {up.shape[1]}")
+            elif "magnitude" in parts and tuple(parts["magnitude"].shape) != (up.shape[0],):
+                problems.append(f"{name}: DoRA magnitudes of shape {tuple(parts['magnitude'].shape)}")
+            else:
+                ranks[name] = int(down.shape[0])
+        doras = {name for name, parts in modules.items() if "magnitude" in parts}
+        if doras and doras != set(modules):
+            problems.append(f"DoRA magnitudes for {len(doras)} of {len(modules)} modules")
+    if problems:
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise RunLoadError(f"{path} does not fit this UNet ({len(problems)} problem(s)):\n  " + "\n  ".join(shown))
+    if metadata is None:
+        return state, None
+    # diffusers builds PEFT's LoraConfig from this metadata as it stands (any rank, init method, modules
+    # to save, target patterns); only the plain settings are taken, the rest follows from the tensors.
+    meta = (
+        {k[len("unet.") :]: v for k, v in metadata.items() if k.startswith("unet.")}
+        if isinstance(metadata, dict)
+        else None
+    )
+    alpha = meta.get("lora_alpha", None) if meta is not None else None
+    pattern = meta.get("alpha_pattern") or {} if meta is not None else None
+    if not (
+        meta is not None
+        and _number(alpha)
+        and isinstance(pattern, dict)
+        and all(isinstance(k, str) and k and _number(v) for k, v in pattern.items())
+        and type(meta.get("use_dora", False)) is bool
+        and meta.get("use_dora", False) == bool(doras)
+        and type(meta.get("use_rslora", False)) is bool
+    ):
+        raise RunLoadError(
+            f"{path}: its LoRA adapter metadata is not a valid LoRA config (lora_alpha, alpha_pattern, use_dora)"
+        )
+    for key in pattern:
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error:
+            raise RunLoadError(f"{path}: alpha_pattern key {key!r} is not a valid pattern") from None
+    common = max(set(ranks.values()), key=list(ranks.values()).count)
+    clean = {
+        "r": common,
+        "rank_pattern": {f"^{name}": r for name, r in ranks.items() if r != common},
+        "lora_alpha": alpha,
+        "alpha_pattern": pattern,
+        "use_dora": bool(doras),
+        "use_rslora": meta.get("use_rslora", False),
+        "target_modules": sorted(ranks),
+        "lora_dropout": 0.0,
+    }
+    return state, {f"unet.{k}": v for k, v in clean.items()}
+
+
 def load_run(
     pipe: StableDiffusionXLPipeline, run: str | Path, coeff_scale: float = 1.0, lora_scale: float = 1.0
 ) -> LoadedRun:
     """Load everything a dreamcoeff run folder holds into `pipe`; returns a :class:`LoadedRun`.
 
     `coeff_scale` is alpha's strength (0 = base), `lora_scale` the LoRA adapter's weight. Files are
-    checked before anything changes where the library can (alpha, embeddings' dimensions, the
-    UNet's config); if a later part fails, the parts already loaded are taken out again.
+    checked before anything changes where the library can (alpha, the LoRA file, embeddings'
+    dimensions, the UNet's config); if a later part fails, the parts already loaded are taken out again.
+
+    Raises `RunLoadError` (a folder with nothing to load, a LoRA file or UNet that does not fit),
+    `CoeffWeightsError` (the alpha file) or `TokenError` (the embeddings file), all ValueErrors whose
+    message names the file; the pipeline is then as it was.
     """
     folder = Path(run)
     found = dict(artifacts_in(folder)) if folder.is_dir() else {}
@@ -92,6 +201,8 @@ def load_run(
             f"{folder} holds no trained files (coeff_weights.safetensors, pytorch_lora_weights.safetensors, "
             "unet/, *_emb.safetensors): has the training finished? checkpoints are in checkpoint-* subfolders"
         )
+    if "lora" in found:  # checked before anything changes
+        lora_state, lora_meta = check_lora_file(pipe, found["lora"])
     loaded = LoadedRun(folder)
     try:
         if "embeddings" in found:
@@ -106,7 +217,13 @@ def load_run(
             load_coeff_weights(pipe, found["alpha"], scale=coeff_scale)
             loaded.parts.append("alpha")
         if "lora" in found:
-            pipe.load_lora_weights(str(folder), adapter_name=LORA_ADAPTER)
+            try:
+                pipe.load_lora_into_unet(lora_state, None, pipe.unet, adapter_name=LORA_ADAPTER, metadata=lora_meta,
+                                         _pipeline=pipe)  # fmt: skip
+            except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+                if LORA_ADAPTER in (pipe.get_list_adapters().get("unet") or []):
+                    pipe.delete_adapters(LORA_ADAPTER)
+                raise RunLoadError(f"{found['lora']} could not be loaded: {exc}") from exc
             loaded.parts.append("lora")  # from here on unload_run takes it out again
             pipe.set_adapters([LORA_ADAPTER], adapter_weights=[lora_scale])
     except BaseException:

@@ -284,13 +284,33 @@ def read_embeddings_file(path: str | Path) -> tuple[dict[str, torch.Tensor], lis
     if not all(torch.isfinite(v).all() for v in state.values()):
         raise TokenError(f"{path}: non-finite values")
     count = rows["clip_l"]
-    try:
-        tokens = json.loads(meta["tokens"]) if "tokens" in meta else [f"<s{i}>" for i in range(count)]
-    except ValueError:
-        tokens = [f"<s{i}>" for i in range(count)]
+    if count == 0:
+        raise TokenError(f"{path}: holds no token rows (clip_l and clip_g are 0 x dim)")
+    tokens = _token_names(path, meta, count)
     if len(tokens) != count:
         raise TokenError(f"{path}: {count} rows but {len(tokens)} token names in its metadata")
     return state, tokens
+
+
+def _token_names(path: Path, meta: Mapping[str, str], count: int) -> list[str]:
+    """The token strings of a file's metadata, checked: a JSON list of distinct, non-empty strings
+    without spaces (what a tokenizer can add); ``<s0>``, ``<s1>``, ... for a file without them."""
+    if "tokens" not in meta:
+        return [f"<s{i}>" for i in range(count)]
+    try:
+        tokens = json.loads(meta["tokens"])
+    except (ValueError, RecursionError):
+        tokens = None
+    if not (
+        isinstance(tokens, list)
+        and all(isinstance(t, str) and t and not any(c.isspace() for c in t) for t in tokens)
+        and len(set(tokens)) == len(tokens)
+    ):
+        raise TokenError(
+            f"{path}: the token names in its metadata are not a list of distinct token strings "
+            f"(tokens={meta['tokens'][:80]!r})"
+        )
+    return tokens
 
 
 def token_abstractions(path: str | Path) -> dict[str, str]:

@@ -130,7 +130,7 @@ def _read_header(path: Path) -> dict:
             )
         try:
             header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # also a number of over 4300 digits
             raise CoeffWeightsError(f"{path} is not a valid safetensors file (unreadable header: {exc})") from exc
     if not isinstance(header, dict):
         raise CoeffWeightsError(f"{path} is not a valid safetensors file (header is not a mapping)")
@@ -151,6 +151,14 @@ def _read_header(path: Path) -> dict:
             and 0 <= offsets[0] <= offsets[1] <= data_len
         ):
             raise CoeffWeightsError(f"{path} is corrupt or truncated (tensor {key!r} lies outside the file)")
+    # As safetensors requires: the tensors' data lie end to end and fill the rest of the file exactly.
+    spans = sorted(info["data_offsets"] for key, info in header.items() if key != "__metadata__")
+    ends = [0] + [end for _, end in spans]
+    if any(begin != ends[i] for i, (begin, _) in enumerate(spans)) or ends[-1] != data_len:
+        raise CoeffWeightsError(
+            f"{path} is corrupt or truncated (its tensors' data do not fill the {data_len} bytes after the header "
+            "end to end)"
+        )
     return header
 
 
@@ -180,8 +188,8 @@ def _validated_entries(path: Path) -> tuple[dict[str, int], dict[str, str]]:
         shape, dtype = info.get("shape"), info.get("dtype")
         if not (key.startswith("unet.") and key.endswith(".alpha")):
             problems.append(f"{key}: not a 'unet.<attention module>.alpha' key")
-        elif dtype not in _FLOAT_DTYPES:
-            problems.append(f"{key}: dtype {dtype}, expected a float type")
+        elif not isinstance(dtype, str) or dtype not in _FLOAT_DTYPES:  # a list is unhashable
+            problems.append(f"{key}: dtype {dtype!r}, expected a float type")
         elif not (
             isinstance(shape, list)
             and len(shape) == 2
@@ -207,8 +215,11 @@ def _validated_entries(path: Path) -> tuple[dict[str, int], dict[str, str]]:
 def _load_tensors(path: Path, keys) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
-        tensors = {key: fh.get_tensor(key).to(torch.float32) for key in keys}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tensors = {key: fh.get_tensor(key).to(torch.float32) for key in keys}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own type for a header it refuses
+        raise CoeffWeightsError(f"{path} is not a valid safetensors file ({exc})") from None
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise CoeffWeightsError(
