@@ -9,13 +9,16 @@ from .checkpoints import COMPLETE_NAME, STATE_NAME, TrainingError, list_checkpoi
 from .cli import main
 from .config import TrainConfig, UsageError, parse_args
 from .loop import train
+from .stopping import STOP_EXIT_CODE, TrainingStopped
 
 __all__ = [
     "COMPLETE_NAME",
     "STATE_NAME",
+    "STOP_EXIT_CODE",
     "TrainConfig",
     "TrainResult",
     "TrainingError",
+    "TrainingStopped",
     "UsageError",
     "list_checkpoints",
     "main",

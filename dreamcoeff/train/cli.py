@@ -1,4 +1,5 @@
-"""The trainer's command line: parse flags, run, and turn bad input into one-line errors (exit 2)."""
+"""The trainer's command line: parse flags, run, and turn bad input into one-line errors (exit 2); a run
+stopped by SIGTERM prints how to resume and exits with `stopping.STOP_EXIT_CODE` (143)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from .checkpoints import TrainingError
 from .config import UsageError, parse_args
 from .data import DataError
 from .loop import train
+from .stopping import STOP_EXIT_CODE, TrainingStopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         train(cfg)
+    except TrainingStopped as exc:
+        if exc.announce:
+            print(f"dreamcoeff: {exc}", file=sys.stderr, flush=True)
+        return STOP_EXIT_CODE
     except (UsageError, DataError, ModelError, CoeffWeightsError, TokenError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
