@@ -34,7 +34,7 @@ from dreamcoeff import load_coeff_weights, read_coeff_file
 from dreamcoeff.train import COMPLETE_NAME, list_checkpoints, main
 from dreamcoeff.weights import MAX_HEADER_BYTES, CoeffWeightsError
 from tests.helpers import make_images
-from tests.pausing_entry import TEST_PAUSE_ENV
+from tests.pausing_entry import TEST_PAUSE_ENV, TEST_STEP_PAUSE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "train_dreambooth_coeff.py"
@@ -117,8 +117,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(argv, log: Path, processes: int = 1, pause: float | None = None) -> subprocess.Popen:
-    entry = PAUSING_ENTRY if pause else ENTRY
+def _spawn(
+    argv, log: Path, processes: int = 1, pause: float | None = None, step_pause: float | None = None
+) -> subprocess.Popen:
+    """Start the trainer (`processes` > 1: under `accelerate launch`), output to `log`; `pause` / `step_pause`:
+    seconds of sleep in its checkpoint writes / after every optimizer step (tests/pausing_entry.py)."""
+    entry = PAUSING_ENTRY if pause or step_pause else ENTRY
     if processes == 1:
         cmd = [sys.executable, str(entry), *argv]
     else:  # --multi_gpu picks torchrun; without CUDA the trainer runs its ranks on the CPU with gloo
@@ -142,8 +146,11 @@ def _spawn(argv, log: Path, processes: int = 1, pause: float | None = None) -> s
         ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop(TEST_PAUSE_ENV, None)
+    env.pop(TEST_STEP_PAUSE_ENV, None)
     if pause:
         env[TEST_PAUSE_ENV] = str(pause)
+    if step_pause:
+        env[TEST_STEP_PAUSE_ENV] = str(step_pause)
     # A session of its own, so that a kill reaches the launcher and all its ranks at once.
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -360,6 +367,40 @@ def test_sigkill_and_resume_with_two_processes(tiny_pipeline_dir, tmp_path):
     assert "weights identical on all 2 processes" in (tmp_path / "logs" / "final.log").read_text()
     worst = _assert_same_weights(_final_weights(out), reference)
     print(f"kills survived (2 processes): {len(landed)} ({', '.join(landed)}); max |weight difference| {worst:.2g}")
+
+
+@pytest.mark.slow
+def test_sigkill_with_learned_tokens_then_resume_matches_uninterrupted(tiny_pipeline_dir, tmp_path, capsys):
+    """--train_text_encoder_ti (the tokens train for the first half, then freeze): killed at random moments
+    and mid-checkpoint, then resumed: the same alpha, LoRA and embeddings file as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    inst = _make_images(tmp_path / "inst")
+    steps = 10
+
+    def argv_for(out: Path) -> list[str]:
+        argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", steps, *KILL_COMMON)
+        argv[argv.index("a photo of sks dog")] = "a photo of TOK dog"
+        return argv + ["--train_text_encoder_ti", "--text_encoder_lr", "1e-2"]
+
+    def weights(out: Path) -> dict[str, torch.Tensor]:
+        found = _final_weights(out)
+        found.update({f"emb.{k}": v for k, v in load_file(str(out / f"{out.name}_emb.safetensors")).items()})
+        return found
+
+    ref = tmp_path / "ref"
+    assert main(argv_for(ref)) == 0
+    reference = weights(ref)
+    assert {"emb.clip_l", "emb.clip_g"} <= reference.keys()
+    out = tmp_path / "run"
+    moments = ["random", "mid-checkpoint", "random"]
+    seed = int(os.environ.get("DREAMCOEFF_KILL_SEED", "7"))
+    landed = _kill_and_resume(argv_for(out), out, tmp_path / "logs", moments, random.Random(seed))
+    assert landed == moments
+    assert (out / f"checkpoint-{steps}" / "run_emb.safetensors").is_file()  # the tokens are in every checkpoint
+    worst = _assert_same_weights(weights(out), reference)
+    with capsys.disabled():
+        print(f"kills survived (learned tokens): {len(landed)} ({', '.join(landed)}); max |difference| {worst:.2g}")
 
 
 @pytest.mark.slow
