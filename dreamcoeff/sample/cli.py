@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..locking import LOCK_NAME, FolderBusyError, FolderLock
 from . import metrics as M
 from .adapters import AdapterSwitcher
 from .errors import SamplingError
@@ -221,7 +222,7 @@ def _check_metric_flags(args: argparse.Namespace) -> tuple[bool, list[Image.Imag
 def _check_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise SamplingError(f"--output {output} is a file")
-    if output.is_dir() and any(output.iterdir()):
+    if output.is_dir() and any(p.name != LOCK_NAME for p in output.iterdir()):  # our own lock is no sample
         if not overwrite:
             raise SamplingError(f"--output {output} is not empty; pass --overwrite to replace earlier samples there")
         if not (output / "manifest.json").is_file() and not (output / "images").is_dir():
@@ -371,8 +372,36 @@ def _print_summary(
             print(f"{s['row']:<{width}}  " + "  ".join(f"{s[n]:7.4f}" if n in s else f"{'':>7}" for n in names))
 
 
+@contextlib.contextmanager
+def _output_lock(output: Path) -> Iterator[None]:
+    """Hold ``--output``'s lock (:mod:`dreamcoeff.locking`) for the body: a second sampler (or a trainer)
+    on the same folder stops with a :class:`SamplingError` naming the run that holds it, before anything
+    there is read or cleared. A file named like the folder is left to :func:`_check_output` to refuse."""
+    if output.exists() and not output.is_dir():
+        yield
+        return
+    lock = FolderLock(output, flag="--output", warn=lambda text: print(f"{PROG}: warning: {text}", file=sys.stderr))
+    try:
+        lock.acquire()
+    except FolderBusyError as exc:
+        raise SamplingError(str(exc)) from None
+    except OSError as exc:
+        raise SamplingError(f"--output {output}: cannot take its lock ({exc.strerror or exc})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run(args: argparse.Namespace) -> int:
-    """Check every flag, render, then write grids, metrics, ``manifest.json`` and ``index.html``; returns 0."""
+    """Check every flag, render, then write grids, metrics, ``manifest.json`` and ``index.html``; returns 0.
+    ``--output`` is locked for the whole call (one sampler or trainer per folder)."""
+    with _output_lock(Path(args.output)):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The body of :func:`run`, under the output folder's lock."""
     import torch
 
     t_start = time.perf_counter()
