@@ -107,6 +107,12 @@ def write_failure(exc: BaseException, path: str | os.PathLike) -> WriteError | N
     return None
 
 
+def _umask() -> int:
+    mask = os.umask(0o22)  # read it by setting it: there is no other portable way
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], object]) -> Path:
     """Call `write_fn(tmp_path)` on a temporary file beside `path`, then rename it over `path`.
 
@@ -119,6 +125,10 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], object]) -> 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:  # mkstemp makes it 0600: give the file the mode open() would have given it
+            os.fchmod(fd, 0o666 & ~_umask())
+        except (AttributeError, OSError):  # no fchmod (Windows) or a file system without modes
+            pass
         os.close(fd)
         write_fn(tmp)
         with open(tmp, "rb+") as fh:
