@@ -9,12 +9,14 @@ weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from ..io import atomic_write
+from ..locking import FolderBusyError, FolderLock
 from ..methods import get_method
 from ..models import load_components
 from ..processor import set_coeff_attention_impl, set_plain_attention_backend
@@ -45,6 +48,7 @@ from .checkpoints import (
 )
 from .config import TrainConfig, UsageError
 from .step import denoising_loss, encode_latents, with_class_batch
+from .stopping import StopRequest, TrainingStopped
 from .text import TextConditioning
 from .validation import ensure_class_images, log_alpha, run_validation
 
@@ -112,11 +116,42 @@ class Trainer:
         self.validation_paths: list[Path] = []
         self.step_times: list[float] = []
         self.last_loss: float | None = None
+        self.stop_signal: StopRequest | None = None  # set by train(): SIGTERM asks for a stop
 
     @property
     def token_rows(self) -> list[torch.nn.Parameter]:
         """The learned tokens' rows (both encoders), or none."""
         return list(self.tokens.rows) if self.tokens is not None else []
+
+    # ---- the output folder: one run at a time --------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock_output(self) -> Iterator[None]:
+        """Hold the exclusive lock on --output_dir (`dreamcoeff.locking`) for the body's duration. The
+        main process takes it, before anything reads the folder for a decision or cleans it; the others
+        wait for its verdict, so a run on a folder in use stops on every rank with the same UsageError."""
+        accelerator, out = self.accelerator, self.out
+        lock, verdict = None, None
+        if accelerator.is_main_process:
+            try:
+                lock = FolderLock(out, flag="--output_dir").acquire()
+            except FolderBusyError as exc:
+                verdict = str(exc)
+            except OSError as exc:
+                verdict = f"--output_dir {out}: cannot take its lock ({exc.strerror or exc})"
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            verdict = broadcast_object_list([verdict], from_process=0)[0]
+        if verdict is not None:
+            if lock is not None:
+                lock.release()
+            raise UsageError(verdict)
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
 
     # ---- preflight: cheap checks before loading gigabytes of model ---------------------------------
 
@@ -160,7 +195,8 @@ class Trainer:
     # ---- build: processes, models, trainable parts --------------------------------------------------
 
     def build_accelerator(self) -> None:
-        """accelerate's Accelerator (gloo on CPU-only multi-process launches); clean the output folder."""
+        """accelerate's Accelerator (gloo on CPU-only multi-process launches). It touches no file: it
+        comes first so that the processes can agree on the output folder's lock."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -175,12 +211,17 @@ class Trainer:
             log_with=usable_trackers(cfg.report_to),
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         )
-        if self.accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            clean_output_dir(out, drop_checkpoints=cfg.overwrite_output_dir and self.resume_path is None)
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(cfg.seed)
+
+    def prepare_output_dir(self) -> None:
+        """Create the output folder; clean what interrupted runs left (and, with --overwrite_output_dir
+        without resuming, the replaced run's checkpoints). Runs under the folder's lock, after preflight."""
+        cfg, out = self.cfg, self.out
+        if self.accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            clean_output_dir(out, drop_checkpoints=cfg.overwrite_output_dir and self.resume_path is None)
 
     def build_models(self) -> None:
         """Load SDXL, freeze it in the mixed-precision dtype, install the method's trainable parts."""
@@ -344,6 +385,8 @@ class Trainer:
             disable=not accelerator.is_local_main_process,
             dynamic_ncols=True,
         )
+        if self.global_step < self.max_steps and self.stop_requested():  # SIGTERM while loading
+            self.stop_now(None)
         for epoch in range(first_epoch, self.num_epochs):
             if self.global_step >= self.max_steps:
                 break
@@ -444,11 +487,15 @@ class Trainer:
         self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{logs['lr']:.2e}")
         self.bar.update(1)
         accelerator.log(logs, step=step)
-        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+        stopping = self.stop_requested()  # SIGTERM: a checkpoint of this step, then stop
+        written = None
+        if stopping or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0):
             if self.bad_steps:  # the same on every rank: the loss check is reduced, the gradients synced
                 logger.warning("step %d was skipped: no checkpoint saved, the last good one is kept", step)
             else:
-                save_checkpoint(accelerator, self.out, step, cfg.checkpoints_total_limit)
+                written = save_checkpoint(accelerator, self.out, step, cfg.checkpoints_total_limit)
+        if stopping:
+            self.stop_now(written)
         if step % cfg.validation_steps == 0 and accelerator.is_main_process:
             if cfg.validation_prompt:
                 self.validation_paths = run_validation(
@@ -457,6 +504,32 @@ class Trainer:
             if self.method.coeff and accelerator.trackers:  # alpha per block, and its picture
                 log_alpha(accelerator, self.bare_unet, step)
         self.text.freeze_if_due(step)
+
+    def stop_requested(self) -> bool:
+        """Whether any process got SIGTERM (`stopping.StopRequest`). A collective (a sum over the
+        ranks) that every rank makes at the same points, so all of them stop after the same step."""
+        local = self.stop_signal is not None and self.stop_signal.requested
+        if self.accelerator.num_processes == 1:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=self.accelerator.device)
+        return self.accelerator.reduce(flag, reduction="sum").item() > 0
+
+    def stop_now(self, checkpoint: Path | None) -> None:
+        """End the run early on SIGTERM: raise `TrainingStopped` naming `checkpoint` (just written) or
+        else the newest complete one; the command line prints how to resume."""
+        self.bar.close()
+        if checkpoint is None:
+            kept = list_checkpoints(self.out)
+            checkpoint = kept[-1][1] if kept else None
+        logger.info(
+            "process %d: stopping on SIGTERM at step %d; newest checkpoint: %s",
+            self.accelerator.process_index,
+            self.global_step,
+            checkpoint,
+        )
+        raise TrainingStopped(
+            self.global_step, self.max_steps, self.out, checkpoint, announce=self.accelerator.is_main_process
+        )
 
     # ---- finalize ---------------------------------------------------------------------------------------
 
@@ -522,15 +595,25 @@ def check_ranks_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run one DreamBooth training described by `cfg`; returns where everything went."""
+    """Run one DreamBooth training described by `cfg`; returns where everything went.
+
+    The output folder is locked for the whole run: on a folder another live run holds, this raises a
+    `UsageError` naming it before anything there is touched. While it runs, SIGTERM stops it after the
+    current optimizer step with a checkpoint and raises `TrainingStopped` (`stopping`); the signal
+    handlers are installed for this call only and the previous ones put back on return.
+    """
     trainer = Trainer(cfg)
-    done = trainer.preflight()
-    if done is not None:
-        return done
-    trainer.build_accelerator()
-    trainer.build_models()
-    trainer.build_data()
-    trainer.build_optimizer()
-    trainer.prepare()
-    trainer.run()
-    return trainer.finalize()
+    with StopRequest() as stop:
+        trainer.stop_signal = stop
+        trainer.build_accelerator()
+        with trainer.lock_output():
+            done = trainer.preflight()
+            if done is not None:
+                return done
+            trainer.prepare_output_dir()
+            trainer.build_models()
+            trainer.build_data()
+            trainer.build_optimizer()
+            trainer.prepare()
+            trainer.run()
+            return trainer.finalize()
