@@ -21,8 +21,10 @@ __all__ = [
     "LORA_TARGET_MODULES",
     "LORA_WEIGHTS_NAME",
     "add_lora",
+    "init_lora_from",
     "load_full_unet_weights",
     "load_lora_into_unet",
+    "lora_file_of",
     "lora_state_dict",
     "save_lora",
     "unet_architecture_differences",
@@ -34,8 +36,11 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 FULL_UNET_DIR = "unet"
 
 
-def add_lora(unet: torch.nn.Module, rank: int, lora_alpha: int | None = None, dropout: float = 0.0) -> None:
-    """PEFT LoRA on the attention projections (to_q/k/v/out.0), as diffusers' SDXL LoRA script does."""
+def add_lora(
+    unet: torch.nn.Module, rank: int, lora_alpha: int | None = None, dropout: float = 0.0, use_dora: bool = False
+) -> None:
+    """PEFT LoRA on the attention projections (to_q/k/v/out.0), as diffusers' SDXL LoRA script does;
+    DoRA (`use_dora`) adds PEFT's per-output magnitude vectors, which diffusers saves and loads too."""
     from peft import LoraConfig
 
     unet.add_adapter(
@@ -45,6 +50,7 @@ def add_lora(unet: torch.nn.Module, rank: int, lora_alpha: int | None = None, dr
             lora_dropout=dropout,
             init_lora_weights="gaussian",
             target_modules=LORA_TARGET_MODULES,
+            use_dora=use_dora,
         )
     )
 
@@ -63,6 +69,7 @@ def save_lora(directory: str | os.PathLike, unet: torch.nn.Module) -> Path:
 
     directory = Path(directory)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    adapter_config = unet.peft_config["default"].to_dict()
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"refusing to save non-finite LoRA weights (e.g. {bad[0]}): the run diverged")
@@ -71,7 +78,11 @@ def save_lora(directory: str | os.PathLike, unet: torch.nn.Module) -> Path:
         tmp_dir = Path(tmp + ".d")
         tmp_dir.mkdir()
         try:
-            StableDiffusionXLPipeline.save_lora_weights(tmp_dir, unet_lora_layers=state, safe_serialization=True)
+            # The adapter's config goes into the header as diffusers' own script writes it, so that
+            # load_lora_weights knows lora_alpha (scale alpha / rank) and DoRA instead of assuming rank / no.
+            StableDiffusionXLPipeline.save_lora_weights(
+                tmp_dir, unet_lora_layers=state, safe_serialization=True, unet_lora_adapter_metadata=adapter_config
+            )
             os.replace(tmp_dir / LORA_WEIGHTS_NAME, tmp)
         finally:
             for p in tmp_dir.glob("*"):
@@ -93,6 +104,51 @@ def load_lora_into_unet(unet: torch.nn.Module, path: str | os.PathLike) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"{path}: LoRA keys that do not fit the UNet: {unexpected[:5]}")
+
+
+def lora_file_of(path: str | os.PathLike) -> Path:
+    """A LoRA file given as itself or as the run folder (or checkpoint) that holds it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHTS_NAME
+    if not path.is_file():
+        raise ValueError(f"{path}: no such LoRA file (give a run folder with {LORA_WEIGHTS_NAME}, or the file)")
+    return path
+
+
+def init_lora_from(unet: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Start an installed LoRA from an earlier run's weights (``--init_lora_weights``), after checking
+    that the file holds exactly this UNet's LoRA layers with the same shapes (rank, DoRA): a file of
+    another model or rank is refused with what differs, and the UNet is left untouched."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = lora_file_of(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors LoRA file ({exc})") from None
+    state = {k.removeprefix("unet."): v for k, v in state.items() if not k.startswith(("text_encoder", "te_"))}
+    want = {k: tuple(v.shape) for k, v in lora_state_dict(unet).items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    shapes = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or extra or shapes:
+        detail = "; ".join(
+            part
+            for part in (
+                f"{len(missing)} layers missing (e.g. {missing[0]})" if missing else "",
+                f"{len(extra)} keys this UNet has no LoRA for (e.g. {extra[0]})" if extra else "",
+                f"{len(shapes)} shapes differ (e.g. {shapes[0]}: {have[shapes[0]]} in the file, {want[shapes[0]]} here;"
+                " another --rank or --use_dora?)"
+                if shapes
+                else "",
+            )
+            if part
+        )
+        raise ValueError(f"{path}: this LoRA does not fit the model being trained: {detail}")
+    load_lora_into_unet(unet, path)
+    return path
 
 
 #: Config entries of a saved UNet that say where and by which version it was written, not what it is.

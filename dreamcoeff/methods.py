@@ -18,10 +18,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .lora import FULL_UNET_DIR, LORA_WEIGHTS_NAME, add_lora, load_full_unet_weights, load_lora_into_unet, save_lora
+from .lora import (
+    FULL_UNET_DIR,
+    LORA_WEIGHTS_NAME,
+    add_lora,
+    init_lora_from,
+    load_full_unet_weights,
+    load_lora_into_unet,
+    lora_state_dict,
+    save_lora,
+)
 from .processor import apply_coeff, coeff_parameters
 from .tokens import EMBEDDINGS_SUFFIX
-from .weights import COEFF_WEIGHTS_NAME, load_coeff_weights, save_coeff_weights
+from .weights import COEFF_WEIGHTS_NAME, init_coeff_from, load_coeff_weights, save_coeff_weights
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -138,7 +147,7 @@ class TuningMethod:
     def install(self, unet: UNet2DConditionModel, cfg: TrainConfig) -> None:
         """Add this method's trainable parts to a frozen UNet (adapters in float32)."""
         if self.lora:
-            add_lora(unet, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
+            add_lora(unet, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, use_dora=cfg.use_dora)
             for p in unet.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -147,6 +156,19 @@ class TuningMethod:
             apply_coeff(unet, targets=targets, dropout=cfg.coeff_dropout, chunk_size=cfg.coeff_chunk_size)
         if self.full:
             unet.requires_grad_(True)
+
+    def initialize(
+        self, unet: UNet2DConditionModel, coeff_file: str | Path | None, lora_file: str | Path | None
+    ) -> list[Path]:
+        """Start the installed parts from an earlier run's files (``--init_coeff_weights``,
+        ``--init_lora_weights``), each checked against this run's model and parts first; a new run
+        (step 0, fresh optimizer), not a resume. Returns the files read."""
+        read = []
+        if coeff_file is not None and self.coeff:
+            read.append(init_coeff_from(unet, coeff_file))
+        if lora_file is not None and self.lora:
+            read.append(init_lora_from(unet, lora_file))
+        return read
 
     def trainable_parameters(self, unet: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
         """``(alpha parameters, weight parameters)``: the weights are LoRA's A/B matrices, or every
@@ -182,11 +204,13 @@ class TuningMethod:
         metadata: Mapping[str, Any] | None = None,
         tokens: LearnedTokens | None = None,
         tokens_name: str | None = None,
+        kohya_name: str | None = None,
     ) -> list[Path]:
         """Write every trained part into `folder` (each file atomically); returns their paths.
 
         `metadata` goes into the alpha file's header (the final files carry the training arguments);
-        the learned tokens go to `tokens_name` (``<run name>_emb.safetensors``).
+        the learned tokens go to `tokens_name` (``<run name>_emb.safetensors``); with `kohya_name`
+        the LoRA also goes there in kohya's key layout (``--output_kohya_format``).
         """
         folder = Path(folder)
         written = []
@@ -196,6 +220,11 @@ class TuningMethod:
             written.append(save_coeff_weights(folder / COEFF_WEIGHTS_NAME, unet, metadata))
         if self.lora:
             written.append(save_lora(folder, unet))
+            if kohya_name:
+                from .kohya import save_kohya_lora
+
+                lora_alpha = unet.peft_config["default"].lora_alpha
+                written.append(save_kohya_lora(folder / kohya_name, lora_state_dict(unet), unet.config, lora_alpha))
         if self.full:
             unet.save_pretrained(folder / FULL_UNET_DIR, safe_serialization=True)
             written.append(folder / FULL_UNET_DIR)

@@ -33,6 +33,7 @@ __all__ = [
     "coeff_state_dict",
     "coeff_modules",
     "set_coeff_scale",
+    "zero_row_sums_",
     "set_plain_attention_backend",
     "set_coeff_attention_impl",
     "set_coeff_target_scales",
@@ -358,6 +359,18 @@ def coeff_state_dict(
 ) -> dict[str, torch.Tensor]:
     """`{"unet.<module path>.alpha": residual alpha}` (detached), the layout of the weight files."""
     return {f"unet.{path}.alpha": m.processor.alpha.detach() for path, m in coeff_modules(model_or_pipe).items()}
+
+
+@torch.no_grad()
+def zero_row_sums_(alphas: Iterable[torch.Tensor]) -> None:
+    """Subtract each row's mean from every alpha in place, so each row of A = I + c * alpha sums to 1.
+
+    Every attention map sums to 1 over its keys, so a row sum of A is its head's output gain; with
+    zero row sums alpha can only redistribute between the heads' maps, not scale a head
+    (``--coeff_zero_row_sum``, an option beside the paper's unconstrained alpha: see
+    benchmarks/micro/puzzle/README.md for why)."""
+    for alpha in alphas:
+        alpha.sub_(alpha.mean(dim=-1, keepdim=True))
 
 
 def set_coeff_scale(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module, scale: float) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "save_coeff_weights",
     "load_coeff_weights",
     "read_coeff_file",
+    "init_coeff_from",
 ]
 
 COEFF_WEIGHTS_NAME = "coeff_weights.safetensors"
@@ -312,3 +313,32 @@ def load_coeff_weights(
             processor.scale = 1.0 if combine else scales[0]
             processor.target_scale = target_scale_of(module_path, targets)
     return wanted
+
+
+def init_coeff_from(unet: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Start the alpha a training run installed from an earlier run's file (``--init_coeff_weights``).
+
+    Unlike `load_coeff_weights` the processors stay the run's own (its targets, coefficient dropout,
+    chunking): the file must cover exactly the modules that train alpha, with the same head counts,
+    else a `CoeffWeightsError` says what differs and nothing changes. Returns the file read."""
+    file = _resolve(path)
+    entries, _ = _validated_entries(file)
+    installed = coeff_modules(unwrap_unet(unet))
+    problems = _fit_problems(file, entries, attention_modules(unwrap_unet(unet)))
+    in_file = {key[len("unet.") : -len(".alpha")] for key in entries}
+    missing, extra = sorted(set(installed) - in_file), sorted(in_file - set(installed))
+    if missing:
+        problems.append(f"{len(missing)} layers that train alpha are not in the file (e.g. {missing[0]})")
+    if extra:
+        problems.append(f"{len(extra)} layers in the file do not train alpha in this run (e.g. {extra[0]})")
+    if problems:
+        raise CoeffWeightsError(
+            f"{file} does not fit this run ({'; '.join(problems[:3])}): another base model, or other "
+            "--coeff_targets than the run that wrote it?"
+        )
+    tensors = _load_tensors(file, entries)
+    with torch.no_grad():
+        for module_path, module in installed.items():
+            alpha = module.processor.alpha
+            alpha.copy_(tensors[f"unet.{module_path}.alpha"].to(alpha.device, alpha.dtype))
+    return file

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import atomic_write
-from ..methods import get_method
+from ..methods import TuningMethod, get_method
 from ..tokens import TokenPlan, embeddings_file_name
 from .config import TrainConfig
 
@@ -27,6 +27,39 @@ class TrainResult:
     peak_memory_bytes: int
     files: list[Path] = field(default_factory=list)
     final_loss: float | None = None
+
+
+def other_tools(cfg: TrainConfig, out: Path, method: TuningMethod) -> str:
+    """The model card's section on using the run's files in ComfyUI and AUTOMATIC1111."""
+    from ..kohya import kohya_file_name
+
+    lines = ["## ComfyUI and AUTOMATIC1111", ""]
+    if method.lora:
+        if cfg.output_kohya_format:
+            name = kohya_file_name(out)
+            lines += [
+                f"`{name}` is the LoRA in kohya's key layout. ComfyUI: copy it into `models/loras/` and load it",
+                "with a *LoraLoaderModelOnly* (or *Load LoRA*) node. A1111 / Forge: copy it into `models/Lora/` and",
+                f"write `<lora:{Path(name).stem}:1>` in the prompt.",
+            ]
+        else:
+            lines += ["Train with `--output_kohya_format` for a LoRA file in the layout ComfyUI and A1111 read."]
+    if method.coeff:
+        lines += [
+            "",
+            "alpha (`coeff_weights.safetensors`) has no such form: it mixes the heads' attention maps inside",
+            "every attention, which no weight of the UNet can express, so it cannot be merged into the model or a",
+            "LoRA file, and it needs dreamcoeff's processor (`load_coeff_weights` above, in diffusers). In ComfyUI",
+            "and A1111 only the LoRA part of a run is used.",
+        ]
+    if method.tokens:
+        lines += [
+            "",
+            "The learned tokens' file holds `clip_l` and `clip_g` embeddings (the layout of SDXL embeddings).",
+        ]
+    if not method.lora and not method.coeff and not method.tokens:
+        lines += ["The full UNet folder loads in diffusers; convert it to a single checkpoint for other tools."]
+    return "\n".join(lines) + "\n"
 
 
 def write_model_card(
@@ -92,6 +125,7 @@ image = pipe({json.dumps(prompt)}, cross_attention_kwargs={{"coeff_scale": 1.0}}
 Or all of it in one call: `dreamcoeff.load_run(pipe, "{out}")` (and `dreamcoeff.unload_run(pipe, loaded)` to go back
 to the base model).
 
+{other_tools(cfg, out, method)}
 ## Validation images
 
 {images}

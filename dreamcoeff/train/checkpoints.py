@@ -282,6 +282,7 @@ def stage_final_files(
     metadata: dict[str, Any],
     tokens: LearnedTokens | None = None,
     tokens_name: str | None = None,
+    kohya_name: str | None = None,
 ) -> list[Path]:
     """Write every final weight file in full beside the output first, then rename all into place:
     a failed write (full disk) leaves the previous run's files intact and matching."""
@@ -290,7 +291,7 @@ def stage_final_files(
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        for path in method.save(unet, staging, metadata, tokens=tokens, tokens_name=tokens_name):
+        for path in method.save(unet, staging, metadata, tokens=tokens, tokens_name=tokens_name, kohya_name=kohya_name):
             replace_path(path, out / path.name)
             files.append(out / path.name)
         remove_stale_weights(out, {p.name for p in files})

@@ -3,7 +3,8 @@
 Each field of `TrainConfig` carries its flag's help text, group and choices in its metadata, so the
 argparse parser, `--config FILE` (YAML or TOML) and `args.json` all come from one definition.
 Flag names follow diffusers' `examples/dreambooth/train_dreambooth_lora_sdxl.py` where it has one.
-Booleans are `store_true` switches (never `type=bool`, where "False" would parse as True).
+Booleans are `store_true` switches, or `--x / --no-x` where on by default (never `type=bool`, where
+"False" would parse as True).
 """
 
 from __future__ import annotations
@@ -94,9 +95,26 @@ class TrainConfig:
         0.1, "coefficient dropout on alpha's elements (the paper's ablation found 0.1-0.2 best)", METHOD
     )
     coeff_lr: float = _f(1e-3, "learning rate of alpha (its own param group)", METHOD)
+    coeff_zero_row_sum: bool = _f(
+        False,
+        "after every step, make each row of alpha sum to zero, so A only redistributes between the heads' maps and "
+        "never scales a head's output (not in the paper; see benchmarks/micro/puzzle)",
+        METHOD,
+    )
     rank: int = _f(4, "LoRA rank", METHOD)
     lora_alpha: int | None = _f(None, "LoRA scaling numerator (default: = rank)", METHOD)
     lora_dropout: float = _f(0.0, "dropout in the LoRA layers", METHOD)
+    use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA, PEFT's use_dora) for the LoRA modes", METHOD)
+    init_coeff_weights: str | None = _f(
+        None,
+        "start alpha from this coeff_weights.safetensors (or a run folder holding one): a new run, not a resume",
+        METHOD,
+    )
+    init_lora_weights: str | None = _f(
+        None,
+        "start LoRA from this run folder's (or file's) pytorch_lora_weights.safetensors: a new run, not a resume",
+        METHOD,
+    )
 
     # learned tokens (pivotal tuning), named as in diffusers' train_dreambooth_lora_sdxl_advanced.py
     train_text_encoder_ti: bool = _f(
@@ -145,7 +163,21 @@ class TrainConfig:
         choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
     )
     lr_warmup_steps: int = _f(0, "warm-up steps of the schedule", OPTIM)
+    optimizer: str = _f(
+        "adamw",
+        "AdamW, or Prodigy (pip install prodigyopt; learning rates are then multipliers of the rate it finds: use 1.0)",
+        OPTIM,
+        choices=("adamw", "prodigy"),
+    )
     use_8bit_adam: bool = _f(False, "bitsandbytes' 8-bit AdamW (pip install bitsandbytes)", OPTIM)
+    prodigy_beta3: float | None = _f(
+        None, "Prodigy's beta3 for its step-size estimate (default: the square root of beta2)", OPTIM
+    )
+    prodigy_decouple: bool = _f(True, "Prodigy: AdamW-style decoupled weight decay", OPTIM)
+    prodigy_use_bias_correction: bool = _f(True, "Prodigy: Adam's bias correction", OPTIM)
+    prodigy_safeguard_warmup: bool = _f(
+        True, "Prodigy: remove the learning rate from the denominator during warm-up", OPTIM
+    )
     adam_beta1: float = _f(0.9, "AdamW beta1", OPTIM)
     adam_beta2: float = _f(0.999, "AdamW beta2", OPTIM)
     adam_weight_decay: float = _f(
@@ -170,6 +202,12 @@ class TrainConfig:
     checkpointing_steps: int = _f(500, "save a resumable checkpoint every N optimizer steps (0: never)", CKPT)
     checkpoints_total_limit: int | None = _f(None, "keep at most this many checkpoints", CKPT)
     resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder to continue from", CKPT)
+    output_kohya_format: bool = _f(
+        False,
+        "also write the LoRA as <output_dir>/<run name>.safetensors in kohya's key layout (A1111, ComfyUI); "
+        "alpha has no such form",
+        CKPT,
+    )
 
     # validation and logging
     validation_prompt: list[str] | None = _f(None, "prompt for validation images (repeatable)", VALID, action="append")
@@ -234,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         names = [f"--{f.name}", *meta["aliases"]]
         kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"], "default": f.default}
         if f.type in ("bool", bool):
-            kwargs["action"] = "store_true"
+            # a switch that is on by default gets its --no-<name> form (never type=bool: "False" is truthy)
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
         elif meta["action"]:
             kwargs["action"] = meta["action"]
         else:
@@ -344,10 +383,39 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.learning_rate <= 0 or cfg.coeff_lr <= 0:
         raise UsageError("--learning_rate and --coeff_lr must be > 0")
     validate_tokens(cfg)
+    validate_method_options(cfg)
     if cfg.validation_coeff_scales and not METHODS[cfg.tuning].coeff:
         raise UsageError("--validation_coeff_scales sweeps alpha's strength: it needs --tuning coeff or coeff+lora")
     if cfg.validation_coeff_scales and not cfg.validation_prompt:
         raise UsageError("--validation_coeff_scales needs --validation_prompt (the prompts to render)")
+
+
+def validate_method_options(cfg: TrainConfig) -> None:
+    """DoRA, the kohya file, the init weights and the optimizer must fit the chosen --tuning."""
+    method = METHODS[cfg.tuning]
+    for flag, wanted in (("use_dora", "LoRA"), ("output_kohya_format", "LoRA"), ("init_lora_weights", "LoRA")):
+        if getattr(cfg, flag) and not method.lora:
+            raise UsageError(f"--{flag} needs a {wanted} mode (--tuning lora or coeff+lora), not --tuning {cfg.tuning}")
+    if cfg.coeff_zero_row_sum and not method.coeff:
+        raise UsageError(
+            f"--coeff_zero_row_sum constrains alpha: it needs --tuning coeff or coeff+lora, not {cfg.tuning}"
+        )
+    if cfg.init_coeff_weights and not method.coeff:
+        raise UsageError(f"--init_coeff_weights needs --tuning coeff or coeff+lora, not --tuning {cfg.tuning}")
+    if cfg.output_kohya_format and cfg.use_dora:
+        raise UsageError(
+            "--output_kohya_format does not write DoRA (A1111 and ComfyUI read DoRA magnitudes differently); "
+            "drop one of the two flags: the diffusers-format file holds the DoRA weights"
+        )
+    if (cfg.init_coeff_weights or cfg.init_lora_weights) and cfg.resume_from_checkpoint:
+        raise UsageError(
+            "--init_coeff_weights / --init_lora_weights start a new run; --resume_from_checkpoint continues one: "
+            "use one of them"
+        )
+    if cfg.optimizer == "prodigy" and cfg.use_8bit_adam:
+        raise UsageError("--use_8bit_adam is AdamW's; with --optimizer prodigy drop it")
+    if cfg.prodigy_beta3 is not None and not 0.0 < cfg.prodigy_beta3 < 1.0:
+        raise UsageError(f"--prodigy_beta3 must be in (0, 1), got {cfg.prodigy_beta3}")
 
 
 def validate_tokens(cfg: TrainConfig) -> None:

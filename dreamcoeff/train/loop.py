@@ -24,10 +24,11 @@ from typing import Any
 import torch
 
 from ..io import atomic_write
+from ..kohya import kohya_file_name
 from ..locking import FolderBusyError, FolderLock
 from ..methods import get_method
 from ..models import load_components
-from ..processor import set_coeff_attention_impl, set_plain_attention_backend
+from ..processor import set_coeff_attention_impl, set_plain_attention_backend, zero_row_sums_
 from ..tokens import LearnedTokens, TokenPlan, embeddings_file_name
 from . import data
 from .card import TrainResult, print_summary, write_model_card
@@ -248,6 +249,15 @@ class Trainer:
             self.class_paths = ensure_class_images(cfg, components, accelerator)
 
         self.method.install(unet, cfg)
+        for flag, coeff_file, lora_file in (
+            ("--init_coeff_weights", cfg.init_coeff_weights, None),
+            ("--init_lora_weights", None, cfg.init_lora_weights),
+        ):
+            try:
+                for path in self.method.initialize(unet, coeff_file, lora_file):
+                    logger.info("%s: starting from %s (a new run: step 0, fresh optimizer)", flag, path)
+            except ValueError as exc:  # CoeffWeightsError, or a LoRA file that does not fit the model
+                raise UsageError(f"{flag}: {exc}") from None
         if cfg.enable_xformers_memory_efficient_attention:
             set_plain_attention_backend(unet, "xformers")
         select_attention_impl(cfg.coeff_attention_impl, accelerator.device, unet)
@@ -308,22 +318,23 @@ class Trainer:
         self.validation_prompts = [self.plan.replace(p) if self.plan else p for p in cfg.validation_prompt or []]
 
     def build_optimizer(self) -> None:
-        """AdamW (or bitsandbytes' 8-bit AdamW) over the method's parameter groups; the schedule."""
+        """AdamW (bitsandbytes' 8-bit AdamW, or Prodigy) over the method's parameter groups; the schedule."""
         from diffusers.optimization import get_scheduler
 
         cfg, accelerator = self.cfg, self.accelerator
         groups = self.method.parameter_groups(self.unet, cfg, self.tokens)
-        if cfg.use_8bit_adam:
+        if cfg.optimizer == "prodigy":
+            self.optimizer = prodigy_optimizer(groups, cfg)
+        elif cfg.use_8bit_adam:
             try:
                 import bitsandbytes as bnb
             except ImportError as exc:
                 raise UsageError(
                     "--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`, or drop the flag"
                 ) from exc
-            optimizer_cls = bnb.optim.AdamW8bit
+            self.optimizer = bnb.optim.AdamW8bit(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
         else:
-            optimizer_cls = torch.optim.AdamW
-        self.optimizer = optimizer_cls(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+            self.optimizer = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
         self.batches_per_epoch = math.ceil(len(self.sampler) / accelerator.num_processes)
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
         self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * self.updates_per_epoch
@@ -472,6 +483,8 @@ class Trainer:
         else:
             self.bad_steps = 0
             self.optimizer.step()
+            if cfg.coeff_zero_row_sum:  # projected step: alpha stays in the gain-free subspace
+                zero_row_sums_(self.coeff_params)
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step_bad = False
@@ -541,7 +554,10 @@ class Trainer:
         files: list[Path] = []
         if accelerator.is_main_process:
             meta = {"base_model": cfg.pretrained_model_name_or_path, "training_args": asdict(cfg)}
-            files += stage_final_files(self.method, self.bare_unet, out, meta, self.tokens, self.tokens_name)
+            kohya_name = kohya_file_name(out) if cfg.output_kohya_format else None
+            files += stage_final_files(
+                self.method, self.bare_unet, out, meta, self.tokens, self.tokens_name, kohya_name
+            )
             if cfg.validation_prompt and (self.global_step % cfg.validation_steps or not self.validation_paths):
                 self.validation_paths = run_validation(
                     cfg, self.components, self.bare_unet, accelerator, self.global_step, out, self.validation_prompts
@@ -578,6 +594,33 @@ class Trainer:
                 raise TrainingError(write_failed_message(out, exc)) from exc
             print_summary(result, self.step_times)
         return result
+
+
+def prodigy_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Prodigy (prodigyopt) over the same parameter groups as AdamW. prodigyopt estimates one step size
+    d for all groups together; each group's rate multiplies it (1.0 is Prodigy's intended value), so
+    alpha, the weights and the tokens keep their own groups and `--coeff_lr` can damp alpha against
+    the LoRA weights."""
+    try:
+        from prodigyopt import Prodigy
+    except ImportError as exc:
+        raise UsageError("--optimizer prodigy needs prodigyopt: `pip install prodigyopt`, or use adamw") from exc
+    low = sorted({g["lr"] for g in groups if g["lr"] < 0.1})
+    if low:
+        logger.warning(
+            "Prodigy finds the step size itself; a group's rate multiplies it and is usually 1.0 (got %s): "
+            "pass --learning_rate 1.0 --coeff_lr 1.0 (and --text_encoder_lr 1.0) unless you mean to damp it",
+            ", ".join(f"{lr:g}" for lr in low),
+        )
+    return Prodigy(
+        groups,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        beta3=cfg.prodigy_beta3,
+        eps=cfg.adam_epsilon,
+        decouple=cfg.prodigy_decouple,
+        use_bias_correction=cfg.prodigy_use_bias_correction,
+        safeguard_warmup=cfg.prodigy_safeguard_warmup,
+    )
 
 
 def check_ranks_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
