@@ -300,6 +300,7 @@ def main(argv=None) -> int:
     p.add_argument("--coeff_lr", type=float, default=1e-3)
     p.add_argument("--lora_lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--coeff_flags", default="", help="extra trainer flags for alpha's run, e.g. --coeff_zero_row_sum")
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -309,14 +310,15 @@ def main(argv=None) -> int:
     c = mw.concept(CONCEPT)
     t0 = time.time()
     res = {"model": args.model, "concept": CONCEPT, "steps": args.steps, "coeff_lr": args.coeff_lr,
-           "lora_lr": args.lora_lr, "loss": {}}  # fmt: skip
+           "coeff_flags": args.coeff_flags, "lora_lr": args.lora_lr, "loss": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="puzzle-") as tmp:
         work = Path(tmp)
         inst = RB.write_instances(c, work / "inst")
         runs = {}
         for method, lr in (("coeff", args.coeff_lr), ("lora", args.lora_lr)):
             runs[method] = work / method
-            RB.train(args.model, c, method, lr, 0, args.steps, runs[method], inst, 0.1)
+            extra = tuple(args.coeff_flags.split()) if method == "coeff" else ()
+            RB.train(args.model, c, method, lr, 0, args.steps, runs[method], inst, 0.1, extra)
             print(f"[train] {method} done at {time.time() - t0:.0f} s", flush=True)
         probes = probe_set(c)
         for method in ("base", "coeff", "lora"):
