@@ -62,6 +62,9 @@ LR_GRIDS = {
     "text_encoder_lr": [1e-3, 5e-3, 2e-2],
     "full": [3e-5, 1e-4, 3e-4],
 }
+#: Methods whose rate is not selected on their own: the dropout ablation holds alpha+LoRA's rate (chosen at
+#: the paper's middle setting, dropout 0.1) fixed and varies only the dropout, as the paper's table does.
+RATE_FROM = {"coeff+lora d0": "coeff+lora d0.1", "coeff+lora d0.2": "coeff+lora d0.1"}
 POINTS = (125, 250, 500, 1000, 2000, 4000, 8000)
 BG_COPY_OVERFIT = 0.3
 
@@ -125,6 +128,9 @@ def chosen_rates(out: Path) -> dict[str, float]:
     chosen: dict[str, float] = {}
     for f in sorted(out.glob("select*.json")):
         chosen.update(load_json(f, {"chosen": {}})["chosen"])
+    for m, source in RATE_FROM.items():
+        if m not in chosen and source in chosen:
+            chosen[m] = chosen[source]
     return chosen
 
 
@@ -229,7 +235,13 @@ def mean_curves(runs: list[dict]) -> dict[str, list[dict]]:
 
 
 def phase_report(args, out: Path) -> None:
-    runs = [r for f in sorted(out.glob("curves_*.json")) for r in load_json(f, {"runs": []})["runs"]]
+    runs, seen = [], set()
+    for f in sorted(out.glob("curves_*.json")):
+        for r in load_json(f, {"runs": []})["runs"]:
+            key = (r["method"], r["concept"], r["seed"])  # the untrained row is in every tag's file
+            if key not in seen:
+                seen.add(key)
+                runs.append(r)
     if not runs:
         print("[report] no curves yet")
         return
