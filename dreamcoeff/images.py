@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MASK_SUFFIX",
     "MAX_IMAGE_PIXELS",
     "BadImageError",
     "DataError",
@@ -35,6 +36,8 @@ __all__ = [
     "list_images",
     "load_image",
     "load_images",
+    "load_loss_mask",
+    "mask_path_of",
     "read_caption",
 ]
 
@@ -75,8 +78,53 @@ def default_warn(message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+#: A loss mask beside its image: ``photo.jpg`` -> ``photo.mask.png`` (``--masked_loss``; white = learn).
+MASK_SUFFIX = ".mask.png"
+
+
 def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    # a mask sidecar is never a training image, with or without --masked_loss
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.lower().endswith(MASK_SUFFIX)
+
+
+def mask_path_of(image_path: str | os.PathLike[str]) -> Path:
+    """Where the loss mask of an image would be: the image's name with ``.mask.png`` for its extension."""
+    path = Path(image_path)
+    return path.with_name(path.stem + MASK_SUFFIX)
+
+
+def load_loss_mask(image_path: str | os.PathLike[str], size: tuple[int, int]) -> np.ndarray | None:
+    """The loss mask of an image as uint8 H x W (255 = learn, 0 = ignore), or None if it has none.
+
+    The ``name.mask.png`` sidecar wins; else the image's own alpha channel (transparent = ignore).
+    Both go through the image's EXIF orientation, and must match the image's ``size`` ((h, w) as
+    decoded): a mask of another size, or one with nothing to learn (all black), is a `DataError`
+    naming both files.
+    """
+    image_path = Path(image_path)
+    sidecar = mask_path_of(image_path)
+    if sidecar.is_file():
+        mask = np.asarray(load_image(sidecar).convert("L"), dtype=np.uint8)
+        source = f"mask {sidecar}"
+    else:
+        with Image.open(image_path) as img:
+            img.load()
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # noqa: BLE001  (malformed EXIF: as load_image, keep the stored pixels)
+                pass
+            if not (img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info):
+                return None
+            mask = np.asarray(img.convert("RGBA").getchannel("A"), dtype=np.uint8)
+        source = f"alpha channel of {image_path}"
+    if mask.shape != tuple(size):
+        raise DataError(
+            f"{source} is {mask.shape[1]}x{mask.shape[0]} (WxH) but {image_path} is {size[1]}x{size[0]}: "
+            "a loss mask must have its image's size"
+        )
+    if not mask.any():
+        raise DataError(f"{source} is all black: nothing of {image_path} would be learned (white = learn)")
+    return mask.copy()
 
 
 def list_images(directory: str | os.PathLike[str], what: str = "instance", *, allow_empty: bool = False) -> list[Path]:

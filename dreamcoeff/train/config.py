@@ -75,6 +75,12 @@ class TrainConfig:
     random_flip: bool = _f(False, "random horizontal flips", DATA)
     repeats: int = _f(1, "repeat the instance images this many times per epoch", DATA)
     skip_bad_images: bool = _f(False, "skip unreadable images with a warning instead of stopping", DATA)
+    masked_loss: bool = _f(
+        False,
+        "weight the loss by a per-image mask: name.mask.png beside the image, else its alpha channel (white / opaque "
+        "= learn, black / transparent = ignore), cropped, flipped and resized with its image",
+        DATA,
+    )
     dataloader_num_workers: int = _f(0, "data loading worker processes", DATA)
 
     # method
@@ -211,6 +217,22 @@ class TrainConfig:
 
     # validation and logging
     validation_prompt: list[str] | None = _f(None, "prompt for validation images (repeatable)", VALID, action="append")
+    validation_prompts: str | None = _f(
+        None,
+        "text file of validation prompts, one per line (blank lines and # comments skipped), with kohya's inline "
+        "options: --n negative prompt, --w width, --h height, --d seed, --l guidance scale, --s steps; "
+        "rendered after the --validation_prompt ones",
+        VALID,
+    )
+    validation_negative_prompt: str | None = _f(None, "negative prompt of the validation images", VALID)
+    validation_guidance_scale: float = _f(
+        5.0, "classifier-free guidance scale of the validation images (SDXL pipeline's default)", VALID
+    )
+    validation_height: int | None = _f(None, "height of the validation images (default: --resolution)", VALID)
+    validation_width: int | None = _f(None, "width of the validation images (default: --resolution)", VALID)
+    validation_at_start: bool = _f(
+        False, "also render the validation images at step 0, before training (not again on a resume)", VALID
+    )
     num_validation_images: int = _f(4, "images per validation prompt", VALID)
     validation_steps: int = _f(100, "run validation every N optimizer steps (and at the end)", VALID)
     validation_inference_steps: int = _f(25, "inference steps of validation images", VALID)
@@ -386,8 +408,25 @@ def validate(cfg: TrainConfig) -> None:
     validate_method_options(cfg)
     if cfg.validation_coeff_scales and not METHODS[cfg.tuning].coeff:
         raise UsageError("--validation_coeff_scales sweeps alpha's strength: it needs --tuning coeff or coeff+lora")
-    if cfg.validation_coeff_scales and not cfg.validation_prompt:
-        raise UsageError("--validation_coeff_scales needs --validation_prompt (the prompts to render)")
+    validate_validation(cfg)
+
+
+def validate_validation(cfg: TrainConfig) -> None:
+    """The validation flags: sizes the VAE can decode, a prompt file that parses, something to render."""
+    from .validation_prompts import read_prompt_file
+
+    for name in ("validation_height", "validation_width"):
+        value = getattr(cfg, name)
+        if value is not None and (value < 8 or value % 8):
+            raise UsageError(f"--{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
+    if cfg.validation_guidance_scale < 0:
+        raise UsageError(f"--validation_guidance_scale must be >= 0, got {cfg.validation_guidance_scale}")
+    if cfg.validation_prompts:
+        read_prompt_file(cfg.validation_prompts)  # a bad line stops the run here, not at the first validation
+    if cfg.validation_coeff_scales and not (cfg.validation_prompt or cfg.validation_prompts):
+        raise UsageError(
+            "--validation_coeff_scales needs --validation_prompt or --validation_prompts (the prompts to render)"
+        )
 
 
 def validate_method_options(cfg: TrainConfig) -> None:

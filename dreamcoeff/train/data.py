@@ -39,6 +39,7 @@ from ..images import (
     list_images,
     load_image,
     load_images,
+    load_loss_mask,
     read_caption,
 )
 
@@ -184,6 +185,7 @@ class Augmentation(NamedTuple):
 class _Prepared:
     pixels: np.ndarray  # uint8 HxWx3, already resized to cover the bucket
     original_size: tuple[int, int]  # (h, w) before resizing
+    mask: np.ndarray | None = None  # uint8 HxW loss mask resized like the pixels (--masked_loss), None: all learned
 
 
 class DreamBoothDataset(Dataset):
@@ -201,6 +203,9 @@ class DreamBoothDataset(Dataset):
       flip as diffusers' ``train_dreambooth_lora_sdxl.py`` does (resize, flip, then crop)
     * ``target_size``: ``(h, w)`` of the bucket
     * ``caption`` (str), ``is_class`` (bool), ``flipped`` (bool), ``index`` (int), ``image_path`` (str)
+    * with ``masked_loss``: ``loss_mask``, float32 ``1 x H x W`` in ``[0, 1]`` (1 = learn), the image's
+      mask (``name.mask.png`` or its alpha channel) resized, flipped and cropped exactly as its pixels;
+      all ones for class images and for images without a mask
 
     Augmentation is drawn anew for every ``(epoch, index)`` from a seed derived from
     ``(seed, epoch, index)``; call :meth:`set_epoch` at the start of each epoch. The same seed,
@@ -231,6 +236,7 @@ class DreamBoothDataset(Dataset):
         skip_bad_images: bool = False,
         warn: Callable[[str], None] | None = None,
         max_pixels: int = MAX_IMAGE_PIXELS,
+        masked_loss: bool = False,
     ):
         _check_resolution(resolution)
         if repeats < 1:
@@ -246,6 +252,7 @@ class DreamBoothDataset(Dataset):
         self.random_flip = random_flip
         self.use_buckets = use_buckets
         self.repeats = repeats
+        self.masked_loss = masked_loss
         self.seed = seed
         self.epoch = 0
         self._warn = warn or default_warn
@@ -286,8 +293,17 @@ class DreamBoothDataset(Dataset):
         examples = []
         # dict.fromkeys: de-duplicate (keeping order) so a path listed twice is decoded once.
         todo = [p for p in dict.fromkeys(Path(p) for p in paths) if p not in self._prepared]
+        unmasked = []
         for path, img in iter_loaded(todo, skip_bad=skip_bad, what=what, warn=self._warn, max_pixels=max_pixels):
-            self._prepared[path] = self._prepare(path, img)
+            mask = load_loss_mask(path, (img.height, img.width)) if self.masked_loss and what == "instance" else None
+            if self.masked_loss and what == "instance" and mask is None:
+                unmasked.append(path.name)
+            self._prepared[path] = self._prepare(path, img, mask)
+        if unmasked:
+            self._warn(
+                f"--masked_loss: {len(unmasked)} image(s) have no mask (no name.mask.png, no alpha channel) and are "
+                f"learned whole: {', '.join(unmasked[:5])}{', ...' if len(unmasked) > 5 else ''}"
+            )
         for p in paths:
             p = Path(p)
             if p in self._prepared:  # skipped bad images are absent
@@ -299,7 +315,7 @@ class DreamBoothDataset(Dataset):
     def _bucket_for(self, height: int, width: int) -> tuple[int, int]:
         return assign_bucket(height, width, self.buckets) if self.use_buckets else (self.resolution, self.resolution)
 
-    def _prepare(self, path: Path, img: Image.Image) -> _Prepared:
+    def _prepare(self, path: Path, img: Image.Image, mask: np.ndarray | None = None) -> _Prepared:
         h, w = img.height, img.width
         bh, bw = self._bucket_for(h, w)
         # Scale so the image covers the bucket; max(...) guards against rounding a side to 1 px short.
@@ -312,7 +328,9 @@ class DreamBoothDataset(Dataset):
             )
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
-        return _Prepared(np.asarray(img, dtype=np.uint8).copy(), (h, w))
+            if mask is not None:  # the same resize as the pixels (PIL filters every channel alike)
+                mask = np.asarray(Image.fromarray(mask).resize((new_w, new_h), Image.Resampling.LANCZOS))
+        return _Prepared(np.asarray(img, dtype=np.uint8).copy(), (h, w), None if mask is None else mask.copy())
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -378,7 +396,7 @@ class DreamBoothDataset(Dataset):
         pixels = prep.pixels[:, ::-1] if flipped else prep.pixels  # flip first, then crop (diffusers order)
         crop = np.ascontiguousarray(pixels[top : top + bh, left : left + bw])
         pixel_values = torch.from_numpy(crop).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-        return {
+        out = {
             "pixel_values": pixel_values,
             "original_size": prep.original_size,
             "crop_top_left": (top, left),
@@ -389,6 +407,14 @@ class DreamBoothDataset(Dataset):
             "index": index,
             "image_path": str(ex.image_path),
         }
+        if self.masked_loss:
+            if prep.mask is None:
+                out["loss_mask"] = torch.ones(1, bh, bw)
+            else:
+                mask = prep.mask[:, ::-1] if flipped else prep.mask
+                crop_mask = np.ascontiguousarray(mask[top : top + bh, left : left + bw])
+                out["loss_mask"] = torch.from_numpy(crop_mask).float().div_(255.0).unsqueeze(0)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,7 +490,8 @@ def collate_examples(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Returns ``pixel_values`` (B x 3 x H x W float), ``add_time_ids`` (B x 6 long:
     ``original_size + crop_top_left + target_size``, SDXL's micro-conditioning; cast it to the
     model dtype), ``captions`` (list of str), ``is_class`` (B bool), ``flipped`` (B bool) and
-    ``indices`` (list of int). For prior preservation pass instance items followed by class items.
+    ``indices`` (list of int), and ``loss_mask`` (B x 1 x H x W) where the items carry one.
+    For prior preservation pass instance items followed by class items.
     """
     if not batch:
         raise ValueError("collate_examples: empty batch")
@@ -474,7 +501,7 @@ def collate_examples(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
             f"collate_examples: items have different sizes {sorted(shapes)}; with aspect-ratio buckets "
             "use BucketBatchSampler so that every batch comes from one bucket"
         )
-    return {
+    out = {
         "pixel_values": torch.stack([item["pixel_values"] for item in batch]).contiguous(),
         "add_time_ids": torch.tensor(
             [list(item["original_size"]) + list(item["crop_top_left"]) + list(item["target_size"]) for item in batch],
@@ -485,3 +512,6 @@ def collate_examples(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "flipped": torch.tensor([bool(item["flipped"]) for item in batch], dtype=torch.bool),
         "indices": [int(item["index"]) for item in batch],
     }
+    if "loss_mask" in batch[0]:
+        out["loss_mask"] = torch.stack([item["loss_mask"] for item in batch]).contiguous()
+    return out

@@ -52,6 +52,7 @@ from .step import denoising_loss, encode_latents, with_class_batch
 from .stopping import StopRequest, TrainingStopped
 from .text import TextConditioning
 from .validation import ensure_class_images, log_alpha, run_validation
+from .validation_prompts import validation_prompts
 
 logger = logging.getLogger("dreamcoeff")
 
@@ -292,6 +293,7 @@ class Trainer:
             seed=cfg.seed,
             skip_bad_images=cfg.skip_bad_images,
             warn=logger.warning,
+            masked_loss=cfg.masked_loss,
         )
         self.sampler = data.BucketBatchSampler(
             self.dataset, cfg.train_batch_size, seed=cfg.seed, indices=self.dataset.instance_indices
@@ -315,7 +317,8 @@ class Trainer:
                 ex.caption = self.plan.replace(ex.caption)
         captions = [ex.caption for ex in self.dataset.examples]
         self.text = TextConditioning(self.components, self.device, self.weight_dtype, captions, self.tokens)
-        self.validation_prompts = [self.plan.replace(p) if self.plan else p for p in cfg.validation_prompt or []]
+        # --validation_prompt and --validation_prompts FILE, as the model reads them (learned tokens in place)
+        self.validation_prompts = validation_prompts(cfg, self.plan.replace if self.plan else None)
 
     def build_optimizer(self) -> None:
         """AdamW (bitsandbytes' 8-bit AdamW, or Prodigy) over the method's parameter groups; the schedule."""
@@ -398,6 +401,12 @@ class Trainer:
         )
         if self.global_step < self.max_steps and self.stop_requested():  # SIGTERM while loading
             self.stop_now(None)
+        # --validation_at_start: the model before any step (a resume starts later and does not redo it)
+        if cfg.validation_at_start and self.global_step == 0 and accelerator.is_main_process:
+            if self.validation_prompts:
+                self.validation_paths = run_validation(
+                    cfg, self.components, self.bare_unet, accelerator, 0, self.out, self.validation_prompts
+                )
         for epoch in range(first_epoch, self.num_epochs):
             if self.global_step >= self.max_steps:
                 break
@@ -510,7 +519,7 @@ class Trainer:
         if stopping:
             self.stop_now(written)
         if step % cfg.validation_steps == 0 and accelerator.is_main_process:
-            if cfg.validation_prompt:
+            if self.validation_prompts:
                 self.validation_paths = run_validation(
                     cfg, self.components, self.bare_unet, accelerator, step, self.out, self.validation_prompts
                 )
@@ -558,7 +567,7 @@ class Trainer:
             files += stage_final_files(
                 self.method, self.bare_unet, out, meta, self.tokens, self.tokens_name, kohya_name
             )
-            if cfg.validation_prompt and (self.global_step % cfg.validation_steps or not self.validation_paths):
+            if self.validation_prompts and (self.global_step % cfg.validation_steps or not self.validation_paths):
                 self.validation_paths = run_validation(
                     cfg, self.components, self.bare_unet, accelerator, self.global_step, out, self.validation_prompts
                 )

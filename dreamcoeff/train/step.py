@@ -34,13 +34,16 @@ def with_class_batch(
     picks = [order[(pos + j) % len(order)] for j in range(bs)]
     items = [dataset[i] for i in picks]
     extra = data.collate_examples(items)
-    return {
+    merged = {
         "pixel_values": torch.cat([batch["pixel_values"], extra["pixel_values"].to(batch["pixel_values"].device)]),
         "add_time_ids": torch.cat([batch["add_time_ids"], extra["add_time_ids"].to(batch["add_time_ids"].device)]),
         "captions": list(batch["captions"]) + extra["captions"],
         "is_class": torch.cat([batch["is_class"], extra["is_class"].to(batch["is_class"].device)]),
         "indices": list(batch["indices"]) + extra["indices"],
     }
+    if "loss_mask" in batch:
+        merged["loss_mask"] = torch.cat([batch["loss_mask"], extra["loss_mask"].to(batch["loss_mask"].device)])
+    return merged
 
 
 @torch.no_grad()
@@ -81,8 +84,9 @@ def denoising_loss(
     weight_dtype: torch.dtype,
 ) -> torch.Tensor:
     """SDXL's training loss on scaled latents: noise (with --noise_offset), a random timestep per
-    example, the epsilon or v target, Min-SNR weights (--snr_gamma), and the prior-preservation
-    term on the batch's class images (--prior_loss_weight). `text` is the batch's prompt
+    example, the epsilon or v target, Min-SNR weights (--snr_gamma), the loss mask (--masked_loss:
+    a weighted mean over the latent pixels), and the prior-preservation term on the batch's class
+    images (--prior_loss_weight). `text` is the batch's prompt
     conditioning, ``(embeds B x 77 x D, pooled B x P)``."""
     device = latents.device
     noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
@@ -107,7 +111,12 @@ def denoising_loss(
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ModelError(f"unsupported prediction_type {prediction_type!r} in the model's scheduler")
-    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    per_element = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if "loss_mask" in batch:  # --masked_loss: the mask at latent resolution weights each latent pixel
+        weight = F.interpolate(batch["loss_mask"].to(device, torch.float32), size=pred.shape[-2:], mode="area")
+        per_example = (per_element * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * pred.shape[1])
+    else:
+        per_example = per_element.mean(dim=(1, 2, 3))
     if cfg.snr_gamma is not None:
         from diffusers.training_utils import compute_snr
 
