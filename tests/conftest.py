@@ -16,6 +16,22 @@ torch.set_num_threads(1)
 SHARED_DREAMBOOTH = Path(__file__).resolve().parents[1].parent / "shared" / "dreambooth"
 
 
+@pytest.fixture
+def one_thread_fresh_accelerate():
+    """One intra-op thread for the test (on a shared 2-core machine two OpenMP threads per training
+    step spin against each other and the test's subprocesses), and accelerate's process-wide state
+    reset afterwards (every trainer call builds an Accelerator). Modules that train in-process ask for
+    it with ``pytestmark = pytest.mark.usefixtures("one_thread_fresh_accelerate")``."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny SDXL pipeline saved as a diffusers folder, the way a real model is loaded."""

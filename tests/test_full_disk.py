@@ -38,16 +38,8 @@ PAGE = 4096
 LOCK_ALLOWANCE = PAGE
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, PartialState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
+# one thread, accelerate's state reset after each test (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_accelerate")
 
 
 # ------------------------------------------------------------------------------------------------

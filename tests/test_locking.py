@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from dreamcoeff import locking
 from dreamcoeff.locking import LOCK_NAME, FolderBusyError, FolderLock, LockOwner, read_owner
@@ -45,16 +44,8 @@ HOLDER = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, PartialState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
+# one thread, accelerate's state reset after each test (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_accelerate")
 
 
 @pytest.fixture

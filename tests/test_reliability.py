@@ -43,18 +43,8 @@ COEFF = "coeff_weights.safetensors"
 LORA = "pytorch_lora_weights.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, PartialState
-
-    # One intra-op thread: on a shared 2-core machine two OpenMP threads per training step spin against
-    # each other and the other processes (10-100x slower steps); the subprocesses get OMP_NUM_THREADS=1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
+# one thread, accelerate's state reset after each test (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_accelerate")
 
 
 def _make_images(folder: Path, sizes=((64, 64),) * 3, seed=0) -> Path:

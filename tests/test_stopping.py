@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from dreamcoeff.locking import LOCK_NAME, read_owner
 from dreamcoeff.train import COMPLETE_NAME, STOP_EXIT_CODE, list_checkpoints, main
@@ -43,16 +42,8 @@ from tests.test_reliability import (
 STOPPED_RE = re.compile(r"dreamcoeff: stopped by SIGTERM at step (\d+) of (\d+); (.*)")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, PartialState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
+# one thread, accelerate's state reset after each test (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_accelerate")
 
 
 # ------------------------------------------------------------------------------------------------ units
