@@ -155,6 +155,15 @@ class TrainConfig:
     noise_offset: float = _f(0.0, "noise offset (0.0357 is common for SDXL)", TRAIN)
     seed: int = _f(0, "seed for data order, augmentation, noise and validation", TRAIN)
     max_bad_steps: int = _f(10, "stop after this many consecutive steps with a non-finite loss or gradient", TRAIN)
+    use_ema: bool = _f(
+        False,
+        "keep an exponential moving average of the trainable UNet weights (alpha, LoRA, or the UNet) and save it "
+        "as the final weights (diffusers' EMAModel; part of checkpoints; learned tokens are not averaged)",
+        TRAIN,
+    )
+    ema_decay: float = _f(
+        0.999, "EMA decay, reached after a warm-up of (1 + n) / (10 + n) (diffusers' EMAModel)", TRAIN
+    )
 
     # optimizer
     learning_rate: float = _f(
@@ -435,6 +444,10 @@ def validate_method_options(cfg: TrainConfig) -> None:
     for flag, wanted in (("use_dora", "LoRA"), ("output_kohya_format", "LoRA"), ("init_lora_weights", "LoRA")):
         if getattr(cfg, flag) and not method.lora:
             raise UsageError(f"--{flag} needs a {wanted} mode (--tuning lora or coeff+lora), not --tuning {cfg.tuning}")
+    if not 0.0 < cfg.ema_decay < 1.0:
+        raise UsageError(f"--ema_decay must be in (0, 1), got {cfg.ema_decay}")
+    if cfg.use_ema and not method.trains_unet:
+        raise UsageError("--use_ema averages the UNet's trainable weights; --tuning none has none")
     if cfg.coeff_zero_row_sum and not method.coeff:
         raise UsageError(
             f"--coeff_zero_row_sum constrains alpha: it needs --tuning coeff or coeff+lora, not {cfg.tuning}"

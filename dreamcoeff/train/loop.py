@@ -344,6 +344,11 @@ class Trainer:
         self.num_epochs = math.ceil(self.max_steps / self.updates_per_epoch)
         # with --tuning none the tokens are all there is to train: they train on every step
         self.text.set_schedule(self.max_steps, cfg.train_text_encoder_ti_frac if self.method.trains_unet else 1.0)
+        self.ema = None
+        if cfg.use_ema:  # the average of what the optimizer steps (tokens excluded)
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.coeff_params + self.weight_params, decay=cfg.ema_decay)
         self.lr_scheduler = get_scheduler(
             cfg.lr_scheduler,
             optimizer=self.optimizer,
@@ -355,6 +360,8 @@ class Trainer:
         """Hand everything to accelerate, write args.json, start trackers, resume a checkpoint."""
         cfg, accelerator, out = self.cfg, self.accelerator, self.out
         register_hooks(accelerator, self.method, cfg, self.unet, self.tokens, self.tokens_name)
+        if self.ema is not None:  # saved and restored with every checkpoint (exact resume)
+            accelerator.register_for_checkpointing(self.ema)
         if self.method.trains_unet:
             self.unet, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
                 self.unet, self.optimizer, self.dataloader, self.lr_scheduler
@@ -494,6 +501,8 @@ class Trainer:
             self.optimizer.step()
             if cfg.coeff_zero_row_sum:  # projected step: alpha stays in the gain-free subspace
                 zero_row_sums_(self.coeff_params)
+            if self.ema is not None:
+                self.ema.step(self.coeff_params + self.weight_params)
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step_bad = False
@@ -560,6 +569,8 @@ class Trainer:
         cfg, accelerator, out = self.cfg, self.accelerator, self.out
         accelerator.wait_for_everyone()
         check_ranks_agree(accelerator, self.coeff_params + self.weight_params + self.token_rows)
+        if self.ema is not None:  # the final files (and the last validation) hold the average
+            self.ema.copy_to(self.coeff_params + self.weight_params)
         files: list[Path] = []
         if accelerator.is_main_process:
             meta = {"base_model": cfg.pretrained_model_name_or_path, "training_args": asdict(cfg)}
