@@ -373,7 +373,7 @@ class Trainer:
         self.bare_unet = accelerator.unwrap_model(self.unet)
         if accelerator.is_main_process:
             atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(cfg.to_json(), encoding="utf-8"))
-            if accelerator.trackers:
+            if accelerator.log_with:  # (accelerator.trackers stays empty until init_trackers)
                 accelerator.init_trackers(
                     "dreamcoeff",
                     config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))},

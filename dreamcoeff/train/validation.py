@@ -14,6 +14,7 @@ import torch
 from ..io import atomic_write
 from .config import TrainConfig
 from .data import list_images, seed_of
+from .validation_prompts import ValidationPrompt, validation_prompts
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -86,12 +87,14 @@ def run_validation(
     accelerator: Accelerator,
     step: int,
     out: Path,
-    prompts: list[str] | None = None,
+    prompts: list[ValidationPrompt | str] | None = None,
 ) -> list[Path]:
-    """Render every validation prompt with fixed seeds into `validation/step_NNNNN/` (and TensorBoard).
-    `prompts` are the validation prompts as the model reads them (learned tokens in place of the
-    abstraction); default ``--validation_prompt``."""
-    prompts = (cfg.validation_prompt or []) if prompts is None else prompts
+    """Render every validation prompt with fixed seeds into `validation/step_NNNNN/` (and TensorBoard,
+    wandb). `prompts` are the validation prompts as the model reads them (learned tokens in place of
+    the abstraction); default ``--validation_prompt`` and ``--validation_prompts``. A prompt's own
+    options (a prompt file's ``--n --w --h --d --l --s``) win over the ``--validation_*`` flags."""
+    prompts = validation_prompts(cfg) if prompts is None else prompts
+    prompts = [ValidationPrompt(p) if isinstance(p, str) else p for p in prompts]
     if not prompts:
         return []
     pipe = sampling_pipeline(components, unet)
@@ -99,54 +102,91 @@ def run_validation(
     folder.mkdir(parents=True, exist_ok=True)
     was_training = unet.training
     unet.eval()
-    paths, logged = [], []
+    paths: list[Path] = []
+    logged: list[tuple[int, str, object]] = []  # (prompt index, caption, image)
     # --validation_coeff_scales: each prompt and seed at every alpha strength (None: as trained)
     strengths = cfg.validation_coeff_scales or [None]
     strips: list[list] = []
+    row_labels: list[str] = []
     try:
-        for p_idx, prompt in enumerate(prompts):
+        for p_idx, vp in enumerate(prompts):
+            settings = _render_settings(cfg, vp)
+            base_seed = cfg.seed if vp.seed is None else vp.seed
             for k in range(cfg.num_validation_images):
+                seed = base_seed + k
                 strips.append([])
+                row_labels.append(f"{vp.prompt} (seed {seed})")
                 for c in strengths:
-                    gen = torch.Generator("cpu").manual_seed(cfg.seed + k)  # the same noise at every strength
+                    gen = torch.Generator("cpu").manual_seed(seed)  # the same noise at every strength
                     kwargs = {} if c is None else {"cross_attention_kwargs": {"coeff_scale": c}}
                     with torch.no_grad(), accelerator.autocast():
-                        image = pipe(
-                            prompt=prompt,
-                            generator=gen,
-                            height=cfg.resolution,
-                            width=cfg.resolution,
-                            num_inference_steps=cfg.validation_inference_steps,
-                            **kwargs,
-                        ).images[0]
+                        image = pipe(prompt=vp.prompt, generator=gen, **settings, **kwargs).images[0]
                     suffix = "" if c is None else f"_c{c:g}"
-                    path = folder / f"prompt{p_idx:02d}_seed{cfg.seed + k}{suffix}.png"
+                    path = folder / f"prompt{p_idx:02d}_seed{seed}{suffix}.png"
                     image.save(path)
                     paths.append(path)
-                    logged.append(image)
+                    caption = vp.prompt + ("" if c is None else f" (alpha x {c:g})") + f", seed {seed}"
+                    logged.append((p_idx, caption, image))
                     strips[-1].append(image)
     finally:
         unet.train(was_training)
+    strip = None
     if cfg.validation_coeff_scales:
-        paths.append(_strength_strip(cfg, prompts, strips, folder, step))
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            import numpy as np
-
-            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in logged]), step, dataformats="NHWC")
+        strip = _strength_strip(cfg, row_labels, strips, folder, step)
+        paths.append(folder / "strengths.png")
+    _log_images(accelerator, step, logged, strip)
     return paths
 
 
-def _strength_strip(cfg: TrainConfig, prompts: list[str], strips: list[list], folder: Path, step: int) -> Path:
-    """One labelled grid per validation step: a row per prompt and seed, a column per alpha strength."""
+def _render_settings(cfg: TrainConfig, vp: ValidationPrompt) -> dict:
+    """The pipeline arguments of one validation prompt: its own options, else the flags."""
+    settings = {
+        "height": vp.height or cfg.validation_height or cfg.resolution,
+        "width": vp.width or cfg.validation_width or cfg.resolution,
+        "num_inference_steps": vp.steps or cfg.validation_inference_steps,
+        "guidance_scale": cfg.validation_guidance_scale if vp.guidance_scale is None else vp.guidance_scale,
+    }
+    negative = cfg.validation_negative_prompt if vp.negative_prompt is None else vp.negative_prompt
+    if negative is not None:  # none given: the pipeline's own default (zeros for SDXL base), as before
+        settings["negative_prompt"] = negative
+    return settings
+
+
+def _log_images(accelerator: Accelerator, step: int, logged: list[tuple[int, str, object]], strip) -> None:
+    """The validation images (and the strength strip) to TensorBoard and wandb. TensorBoard gets one
+    ``validation`` batch where all images have one size, else one batch per prompt."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            sizes = {image.size for _, _, image in logged}
+            groups: dict[str, list] = {}
+            for p_idx, _, image in logged:
+                groups.setdefault("validation" if len(sizes) == 1 else f"validation/prompt{p_idx:02d}", []).append(
+                    np.asarray(image)
+                )
+            for tag, images in groups.items():
+                tracker.writer.add_images(tag, np.stack(images), step, dataformats="NHWC")
+            if strip is not None:
+                tracker.writer.add_image("validation/strengths", np.asarray(strip), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            values = {"validation": [wandb.Image(image, caption=caption) for _, caption, image in logged]}
+            if strip is not None:
+                values["validation/strengths"] = wandb.Image(strip, caption=f"step {step}: alpha strengths")
+            tracker.log(values, step=step)
+
+
+def _strength_strip(cfg: TrainConfig, rows: list[str], strips: list[list], folder: Path, step: int):
+    """One labelled grid per validation step, saved as ``strengths.png`` and returned: a row per prompt
+    and seed, a column per alpha strength."""
     from ..grids import make_grid
 
-    rows = [f"{p} (seed {cfg.seed + k})" for p in prompts for k in range(cfg.num_validation_images)]
     cols = [f"alpha x {c:g}" + (" (base model)" if c == 0 else "") for c in cfg.validation_coeff_scales]
     grid = make_grid(strips, rows, cols, title=f"step {step}: the same seeds at each alpha strength")
-    path = folder / "strengths.png"
-    grid.save(path)
-    return path
+    grid.save(folder / "strengths.png")
+    return grid
 
 
 def log_alpha(accelerator: Accelerator, unet: torch.nn.Module, step: int) -> dict[str, float]:
