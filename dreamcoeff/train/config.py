@@ -69,6 +69,20 @@ class TrainConfig:
     caption_ext: str | None = _f(
         None, "read per-image captions from sidecar files with this extension, e.g. .txt (name.jpg -> name.txt)", DATA
     )
+    dataset_name: str | None = _f(
+        None,
+        "instead of --instance_data_dir: a local image folder with metadata.jsonl (Hugging Face's imagefolder "
+        "layout), one row per image with its caption",
+        DATA,
+    )
+    image_column: str = _f("image", "--dataset_name: the column naming each image (else 'file_name')", DATA)
+    caption_column: str = _f("text", "--dataset_name: the column holding each caption", DATA)
+    caption_dropout: float = _f(
+        0.0, "probability of training an instance image with the empty prompt (kohya's caption_dropout_rate)", DATA
+    )
+    trigger_word: str | None = _f(
+        None, "replaces [trigger] in captions, the instance prompt and validation prompts (e.g. sks)", DATA
+    )
     resolution: int = _f(1024, "training resolution (pixels of the square, or the area of each aspect bucket)", DATA)
     square_crop: bool = _f(False, "square crops like diffusers' script instead of aspect-ratio buckets", DATA)
     center_crop: bool = _f(False, "center crops instead of random crops", DATA)
@@ -372,9 +386,16 @@ def validate(cfg: TrainConfig) -> None:
     """Refuse missing or contradicting settings with a message that says what to do."""
     if not cfg.pretrained_model_name_or_path:
         raise UsageError("--pretrained_model_name_or_path is required (e.g. stabilityai/stable-diffusion-xl-base-1.0)")
-    if not cfg.instance_data_dir:
-        raise UsageError("--instance_data_dir (or --instance_dir) is required: the folder with photos of your subject")
-    if not cfg.instance_prompt and not cfg.caption_ext:
+    if not cfg.instance_data_dir and not cfg.dataset_name:
+        raise UsageError(
+            "--instance_data_dir (or --instance_dir) is required: the folder with photos of your subject "
+            "(or --dataset_name: an image folder with metadata.jsonl captions)"
+        )
+    if cfg.instance_data_dir and cfg.dataset_name:
+        raise UsageError("give --instance_data_dir or --dataset_name, not both")
+    if not 0.0 <= cfg.caption_dropout < 1.0:
+        raise UsageError(f"--caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
+    if not cfg.instance_prompt and not cfg.caption_ext and not cfg.dataset_name:
         raise UsageError(
             "--instance_prompt is required (e.g. 'a photo of sks dog'), unless --caption_ext gives per-image captions"
         )

@@ -16,7 +16,7 @@ import hashlib
 import math
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -213,8 +213,9 @@ class DreamBoothDataset(Dataset):
     data. (With ``DataLoader(num_workers>0)`` do not use ``persistent_workers=True``: persistent
     workers keep the dataset copy, hence the epoch, they were started with.)
 
-    Captions: an instance image gets ``read_caption(path, caption_ext)`` when ``caption_ext`` is
-    given and its caption file exists, else ``instance_prompt``; class images get ``class_prompt``.
+    Captions: an instance image gets its entry in ``captions`` (a dataset's caption column), else
+    ``read_caption(path, caption_ext)`` when ``caption_ext`` is given and its caption file exists,
+    else ``instance_prompt``; class images get ``class_prompt``.
     """
 
     def __init__(
@@ -237,6 +238,7 @@ class DreamBoothDataset(Dataset):
         warn: Callable[[str], None] | None = None,
         max_pixels: int = MAX_IMAGE_PIXELS,
         masked_loss: bool = False,
+        captions: Mapping[Path, str] | None = None,
     ):
         _check_resolution(resolution)
         if repeats < 1:
@@ -263,7 +265,9 @@ class DreamBoothDataset(Dataset):
         self._prepared: dict[Path, _Prepared] = {}
         instance_examples = self._prepare_all(instance_images, "instance", skip_bad_images, max_pixels)
         for ex in instance_examples:
-            caption = read_caption(ex.image_path, caption_ext, default=None) if caption_ext else None
+            caption = (captions or {}).get(ex.image_path) or None  # a dataset's caption column first
+            if caption is None and caption_ext:
+                caption = read_caption(ex.image_path, caption_ext, default=None)
             if caption is None:
                 if not instance_prompt:
                     raise DataError(

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import random
 import resource
 import time
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ from .checkpoints import (
     write_failed_message,
 )
 from .config import TrainConfig, UsageError
+from .dataset_source import read_dataset_folder, substitute_trigger
 from .step import denoising_loss, encode_latents, with_class_batch
 from .stopping import StopRequest, TrainingStopped
 from .text import TextConditioning
@@ -188,7 +190,13 @@ class Trainer:
                     [out / name for name in record.get("files", [])],
                     record.get("final_loss"),
                 )
-        self.instance_paths = data.list_images(cfg.instance_data_dir, what="instance")
+        self.dataset_captions: dict[Path, str] = {}
+        if cfg.dataset_name:  # an image folder with metadata.jsonl: images and their captions
+            rows = read_dataset_folder(cfg.dataset_name, cfg.image_column, cfg.caption_column)
+            self.instance_paths = [path for path, _ in rows]
+            self.dataset_captions = dict(rows)
+        else:
+            self.instance_paths = data.list_images(cfg.instance_data_dir, what="instance")
         self.resume_path = resolve_resume(cfg, out)
         if self.resume_path is not None:
             check_resume_args(cfg, self.resume_path)
@@ -294,6 +302,7 @@ class Trainer:
             skip_bad_images=cfg.skip_bad_images,
             warn=logger.warning,
             masked_loss=cfg.masked_loss,
+            captions=self.dataset_captions,
         )
         self.sampler = data.BucketBatchSampler(
             self.dataset, cfg.train_batch_size, seed=cfg.seed, indices=self.dataset.instance_indices
@@ -304,6 +313,9 @@ class Trainer:
             collate_fn=data.collate_examples,
             num_workers=cfg.dataloader_num_workers,
         )
+        for ex in self.dataset.examples:  # [trigger] -> --trigger_word, before the learned tokens see it
+            if not ex.is_class:
+                ex.caption = substitute_trigger(ex.caption, cfg.trigger_word, f"{ex.image_path}: its caption")
         if self.plan is not None:  # instance prompt and captions name the subject by its new tokens
             for ex in self.dataset.examples:
                 if ex.is_class:
@@ -315,10 +327,16 @@ class Trainer:
                         f"{missing[0]!r}; write it where the subject's name goes in every caption"
                     )
                 ex.caption = self.plan.replace(ex.caption)
-        captions = [ex.caption for ex in self.dataset.examples]
+        captions = [ex.caption for ex in self.dataset.examples] + ([""] if cfg.caption_dropout else [])
         self.text = TextConditioning(self.components, self.device, self.weight_dtype, captions, self.tokens)
         # --validation_prompt and --validation_prompts FILE, as the model reads them (learned tokens in place)
-        self.validation_prompts = validation_prompts(cfg, self.plan.replace if self.plan else None)
+        plan = self.plan
+
+        def rename(text: str) -> str:  # [trigger] first, then the learned tokens, as for the captions
+            text = substitute_trigger(text, cfg.trigger_word, "a validation prompt")
+            return plan.replace(text) if plan else text
+
+        self.validation_prompts = validation_prompts(cfg, rename)
 
     def build_optimizer(self) -> None:
         """AdamW (bitsandbytes' 8-bit AdamW, or Prodigy) over the method's parameter groups; the schedule."""
@@ -436,6 +454,19 @@ class Trainer:
                     break
         self.bar.close()
 
+    def dropped_captions(self, batch: dict[str, Any], micro: int) -> list[str]:
+        """The batch's captions, each instance one replaced by the empty prompt with probability
+        --caption_dropout, drawn from (seed, micro-step, rank, position) so a resume draws the same."""
+        cfg, captions = self.cfg, list(batch["captions"])
+        if not cfg.caption_dropout:
+            return captions
+        rank = self.accelerator.process_index
+        for j, is_class in enumerate(batch["is_class"].tolist()):
+            draw = random.Random(data.seed_of("caption-dropout", cfg.seed, micro, rank, j)).random()
+            if not is_class and draw < cfg.caption_dropout:
+                captions[j] = ""
+        return captions
+
     def micro_step(self, batch: dict[str, Any], micro: int) -> bool:
         """Forward and backward of one micro-batch; at the end of an accumulation, the optimizer step
         (skipped, and counted, where the loss or a gradient is not finite). True after an update."""
@@ -450,7 +481,7 @@ class Trainer:
             scaling = self.vae.config.scaling_factor
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             latents = ((latents - shift) * scaling).to(self.weight_dtype)
-            text = self.text(batch["captions"])
+            text = self.text(self.dropped_captions(batch, micro))
             loss = denoising_loss(
                 self.unet, self.components.noise_scheduler, latents, batch, text, cfg, gen, self.weight_dtype
             )
