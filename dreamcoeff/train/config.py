@@ -286,6 +286,15 @@ class TrainConfig:
         False, "xformers for plain attention (layers without alpha; alpha layers keep exact mixing)", SYSTEM
     )
     cache_latents: bool = _f(False, "encode each augmentation variant with the VAE once and reuse it", SYSTEM)
+    cache_latents_to_disk: bool = _f(
+        False,
+        "keep the VAE latents of every augmentation variant on disk and reuse them across runs (keyed by the image's "
+        "bytes, its bucket, crop and flip, and the VAE's weights: never a stale entry)",
+        SYSTEM,
+    )
+    latent_cache_dir: str | None = _f(
+        None, "where --cache_latents_to_disk keeps them (default: ~/.cache/dreamcoeff/latents)", SYSTEM
+    )
     coeff_chunk_size: int | None = _f(
         None, "query rows per chunk in the exact mixed attention (default: from a memory budget)", SYSTEM
     )

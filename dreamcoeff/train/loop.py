@@ -50,6 +50,7 @@ from .checkpoints import (
 )
 from .config import TrainConfig, UsageError
 from .dataset_source import read_dataset_folder, substitute_trigger
+from .latent_cache import DiskLatentCache, default_cache_dir, vae_fingerprint
 from .step import denoising_loss, encode_latents, with_class_batch
 from .stopping import StopRequest, TrainingStopped
 from .text import TextConditioning
@@ -415,7 +416,9 @@ class Trainer:
         cfg, accelerator = self.cfg, self.accelerator
         first_epoch = self.global_step // self.updates_per_epoch
         skip_batches = (self.global_step % self.updates_per_epoch) * cfg.gradient_accumulation_steps
-        self.latent_cache: dict = {}
+        self.latent_cache: dict | DiskLatentCache = {}
+        if cfg.cache_latents_to_disk:
+            self.latent_cache = DiskLatentCache(cfg.latent_cache_dir or default_cache_dir(), vae_fingerprint(self.vae))
         self.bad_steps, self.step_bad = 0, False
         self.bar = tqdm(
             total=self.max_steps,

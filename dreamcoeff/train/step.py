@@ -57,10 +57,22 @@ def encode_latents(
     device: torch.device,
 ) -> torch.Tensor:
     """VAE latents of the batch, sampled from the posterior; with --cache_latents the posterior of
-    each augmentation variant (image, crop, flip) is computed once."""
+    each augmentation variant (image, crop, flip) is computed once per run, with
+    --cache_latents_to_disk once across runs (`cache` is then a `DiskLatentCache`)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     pixels = batch["pixel_values"].to(device, vae.dtype)
+    if getattr(cache, "key_of", None) is not None:  # --cache_latents_to_disk: DiskLatentCache
+        keys = [cache.key_of(dataset, i) for i in batch["indices"]]
+        found = [cache.get(k) for k in keys]
+        todo = [j for j, f in enumerate(found) if f is None]
+        if todo:
+            params = vae.encode(pixels[todo]).latent_dist.parameters
+            for j, p in zip(todo, params):
+                cache.put(keys[j], p)
+                found[j] = p.detach().to("cpu", torch.float32)
+        params = torch.stack(found).to(device, vae.dtype)
+        return DiagonalGaussianDistribution(params).sample(generator=gen)
     if not cfg.cache_latents:
         return vae.encode(pixels).latent_dist.sample(generator=gen)
     keys = [dataset.augmentation_key(i) for i in batch["indices"]]

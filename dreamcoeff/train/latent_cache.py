@@ -1,0 +1,100 @@
+"""VAE latents cached on disk across runs (``--cache_latents_to_disk``).
+
+An entry is the VAE posterior (mean and log-variance, float32) of one augmentation variant of one
+image, stored as ``<dir>/<key[:2]>/<key>.safetensors``. Its key is a SHA-256 of everything the pixels
+and the encoding depend on: the image file's bytes, its decoded size, the bucket it was resized to
+cover and that size, the crop offsets, the flip, and a fingerprint of the VAE (its config, dtype and
+every weight). Change any of them and the key changes, so an entry is never stale; entries are
+written atomically, and an unreadable one is recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_write
+
+__all__ = ["DiskLatentCache", "default_cache_dir", "vae_fingerprint"]
+
+logger = logging.getLogger("dreamcoeff")
+
+#: Bumped when the preprocessing (resize, crop, flip) or the stored format changes.
+FORMAT = "dreamcoeff-latents-1"
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/dreamcoeff/latents`` (``~/.cache/dreamcoeff/latents``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dreamcoeff" / "latents"
+
+
+@torch.no_grad()
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """SHA-256 of the VAE's config, dtype and weights (a different or fine-tuned VAE gives another)."""
+    h = hashlib.sha256()
+    config = getattr(vae, "config", {})
+    h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class DiskLatentCache:
+    """A mapping from an augmentation variant's content key to its VAE posterior parameters."""
+
+    def __init__(self, directory: str | os.PathLike, vae_id: str):
+        self.directory = Path(directory)
+        self.vae_id = vae_id
+        self._file_hashes: dict[Path, str] = {}
+        self.hits = self.misses = 0
+
+    def _file_hash(self, path: Path) -> str:
+        if path not in self._file_hashes:
+            self._file_hashes[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return self._file_hashes[path]
+
+    def key_of(self, dataset, index: int) -> str:
+        """The content key of ``dataset[index]``'s pixels as this epoch's augmentation draws them."""
+        ex = dataset.examples[index]
+        top, left, flipped = dataset.augmentation(index)
+        resized = dataset._prepared[ex.image_path].pixels.shape[:2]
+        parts = [FORMAT, self._file_hash(Path(ex.image_path)), list(ex.original_size), list(resized),
+                 list(ex.bucket), top, left, bool(flipped), self.vae_id]  # fmt: skip
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The stored posterior, or None (absent, or unreadable: then it is recomputed and rewritten)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self._path(key)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            params = load_file(str(path))["params"]
+        except (SafetensorError, OSError, KeyError) as exc:
+            logger.warning("latent cache entry %s is unreadable (%s): encoding it again", path, exc)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return params
+
+    def put(self, key: str, params: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensor = params.detach().to("cpu", torch.float32).contiguous()
+        atomic_write(path, lambda tmp: save_file({"params": tensor}, tmp, metadata={"format": FORMAT}))
