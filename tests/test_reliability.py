@@ -360,6 +360,33 @@ def test_sigkill_and_resume_with_two_processes(tiny_pipeline_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigkill_with_ema_and_prodigy_then_resume_matches_uninterrupted(tiny_pipeline_dir, tmp_path, capsys):
+    """The training state later issues added (issue 20, item 5): the EMA's shadow weights and Prodigy's
+    step-size estimate are in every checkpoint, so SIGKILLs at random moments and mid-checkpoint, then
+    resuming, end with the same averaged weights as an uninterrupted run."""
+    pytest.importorskip("prodigyopt")
+    inst = _make_images(tmp_path / "inst")
+    steps = 10
+    extra = ["--use_ema", "--ema_decay", "0.8", "--optimizer", "prodigy", "--coeff_lr", "1.0", "--learning_rate", "1.0"]
+
+    def argv_for(out: Path) -> list[str]:
+        argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", steps, *KILL_COMMON)
+        return argv + extra  # later flags win: Prodigy's rates instead of KILL_COMMON's
+
+    ref = tmp_path / "ref"
+    assert main(argv_for(ref)) == 0
+    reference = _final_weights(ref)
+    out = tmp_path / "run"
+    moments = ["random", "mid-checkpoint", "random"]
+    seed = int(os.environ.get("DREAMCOEFF_KILL_SEED", "7"))
+    landed = _kill_and_resume(argv_for(out), out, tmp_path / "logs", moments, random.Random(seed))
+    assert landed == moments
+    worst = _assert_same_weights(_final_weights(out), reference)
+    with capsys.disabled():
+        print(f"kills survived (EMA + Prodigy): {len(landed)} ({', '.join(landed)}); max |difference| {worst:.2g}")
+
+
+@pytest.mark.slow
 def test_sigkill_with_learned_tokens_then_resume_matches_uninterrupted(tiny_pipeline_dir, tmp_path, capsys):
     """--train_text_encoder_ti (the tokens train for the first half, then freeze): killed at random moments
     and mid-checkpoint, then resumed: the same alpha, LoRA and embeddings file as an uninterrupted run."""
