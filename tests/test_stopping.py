@@ -50,10 +50,13 @@ pytestmark = pytest.mark.usefixtures("one_thread_fresh_accelerate")
 
 
 def test_importing_installs_no_signal_handler():
+    # compared with the handlers the interpreter started with (a background job starts with SIGINT ignored)
     code = (
         "import signal\n"
+        "before = [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)]\n"
         "import dreamcoeff, dreamcoeff.train, dreamcoeff.sample, dreamcoeff.train.stopping\n"
-        "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+        "after = [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)]\n"
+        "print(after[0] is before[0], after[1] is before[1])\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
@@ -61,7 +64,15 @@ def test_importing_installs_no_signal_handler():
     assert res.stdout.split() == ["True", "True"]
 
 
-def test_stop_request_sets_a_flag_and_puts_the_handlers_back(capfd):
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test (a background job starts with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_stop_request_sets_a_flag_and_puts_the_handlers_back(capfd, python_sigint):
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     with StopRequest() as stop:
         assert not stop.requested
