@@ -245,10 +245,20 @@ def phase_report(args, out: Path) -> None:
     if not runs:
         print("[report] no curves yet")
         return
+    # like with like: only the (concept, seed) pairs every method has reached (a part may end mid-concept)
+    methods = {r["method"] for r in runs}
+    pairs = {(r["concept"], r["seed"]) for r in runs}
+    complete = {pair for pair in pairs if all(any((r["concept"], r["seed"]) == pair and r["method"] == m
+                                                  for r in runs) for m in methods)}  # fmt: skip
+    left_out = sorted(pairs - complete)
+    runs = [r for r in runs if (r["concept"], r["seed"]) in complete]
     curves = mean_curves(runs)
     base = curves.get("untrained", [{}])[0]
     lines = [f"# Micro-DreamBench v2 curves: {args.concept_set}, model {args.model}", "",
-             "Mean over test concepts and seeds; `prompt` = mean of requested background, size and position.", ""]  # fmt: skip
+             "Mean over test concepts and seeds; `prompt` = mean of requested background, size and position.",
+             f"Concepts (seed): {', '.join(f'{c} ({sd})' for c, sd in sorted(complete))}"
+             + (f"; left out until every method has them: {', '.join(f'{c} ({sd})' for c, sd in left_out)}" if left_out else ""),
+             ""]  # fmt: skip
     for m, pts in curves.items():
         params = next((r.get("trainable_parameters") for r in runs if r["method"] == m), None)
         lines += [f"## {m}" + (f" ({params:,} trainable)" if params else ""), "",
