@@ -36,7 +36,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python -m dreamcoeff.demo --output_dir demo_out --model models/microworld-sdxl --instance_dir samples/instance
+	$(BIN)/python -m dreamcoeff.demo --output_dir demo_out --model models/microworld-sdxl-v2 --instance_dir samples/instance
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attention.py

@@ -356,9 +356,9 @@ def test_benchmark_runs_every_method_and_writes_its_tables(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason="micro-world pipeline not shipped")
+@pytest.mark.skipif(not (MODEL_V2 / "model_index.json").is_file(), reason="micro-world v2 pipeline not shipped")
 def test_demo_runs_on_the_shipped_model(tmp_path):
-    """`make demo` end to end with 2 training steps: both runs trained, one grid per seed."""
+    """`make demo` end to end with 2 training steps: all three runs trained, one grid per seed, the caption."""
     from accelerate.state import AcceleratorState, PartialState
 
     from dreamcoeff.demo import main
@@ -372,7 +372,7 @@ def test_demo_runs_on_the_shipped_model(tmp_path):
                     "--steps",
                     "2",
                     "--model",
-                    str(MODEL),
+                    str(MODEL_V2),
                     "--instance_dir",
                     str(MODEL.parents[1] / "samples" / "instance"),
                 ]
@@ -384,6 +384,8 @@ def test_demo_runs_on_the_shipped_model(tmp_path):
         PartialState._reset_state()
     assert (tmp_path / "runs" / "alpha" / "coeff_weights.safetensors").is_file()
     assert (tmp_path / "runs" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "runs" / "alpha_lora" / "coeff_weights.safetensors").is_file()
+    assert "alpha alone" in (tmp_path / "grid" / "CAPTION.txt").read_text()
     assert sorted(p.name for p in (tmp_path / "grid").glob("grid_*.png")) == ["grid_s0.png", "grid_s1.png"]
 
 
