@@ -383,6 +383,11 @@ class DreamBoothDataset(Dataset):
             top, left = int(r_top * (height - bh + 1)), int(r_left * (width - bw + 1))
         return Augmentation(top, left, flipped)
 
+    def resized_size(self, index: int) -> tuple[int, int]:
+        """``(h, w)`` of ``index``'s image as resized to cover its bucket (before the crop)."""
+        ex = self.examples[self._check_index(index)]
+        return tuple(self._prepared[ex.image_path].pixels.shape[:2])
+
     def augmentation_key(self, index: int, epoch: int | None = None) -> tuple[str, int, int, bool]:
         """Hashable ``(image_path, top, left, flipped)`` identifying the exact pixels an access
         yields, for caching VAE latents per augmentation variant. With ``center_crop`` and no

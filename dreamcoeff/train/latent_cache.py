@@ -1,6 +1,9 @@
-"""VAE latents cached on disk across runs (``--cache_latents_to_disk``).
+"""VAE latents cached per augmentation variant: in memory for a run (``--cache_latents``), or on
+disk across runs (``--cache_latents_to_disk``). Both caches answer `key_of(dataset, index)`,
+`get(key)` (None when absent) and `put(key, params)` (returns the tensor to use), so
+`step.encode_latents` has one path for both.
 
-An entry is the VAE posterior (mean and log-variance, float32) of one augmentation variant of one
+On disk, an entry is the VAE posterior (mean and log-variance, float32) of one augmentation variant of one
 image, stored as ``<dir>/<key[:2]>/<key>.safetensors``. Its key is a SHA-256 of everything the pixels
 and the encoding depend on: the image file's bytes, its decoded size, the bucket it was resized to
 cover and that size, the crop offsets, the flip, and a fingerprint of the VAE (its config, dtype and
@@ -20,7 +23,7 @@ import torch
 
 from ..io import atomic_write
 
-__all__ = ["DiskLatentCache", "default_cache_dir", "vae_fingerprint"]
+__all__ = ["DiskLatentCache", "LatentCache", "MemoryLatentCache", "default_cache_dir", "vae_fingerprint"]
 
 logger = logging.getLogger("dreamcoeff")
 
@@ -47,6 +50,24 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+class MemoryLatentCache:
+    """``--cache_latents``: posteriors in memory for one run, keyed by `dataset.augmentation_key`
+    (within a run an image's pixels, bucket and VAE do not change)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, torch.Tensor] = {}
+
+    def key_of(self, dataset, index: int) -> tuple:
+        return dataset.augmentation_key(index)
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        return self._entries.get(key)
+
+    def put(self, key: tuple, params: torch.Tensor) -> torch.Tensor:
+        self._entries[key] = params.cpu()
+        return self._entries[key]
+
+
 class DiskLatentCache:
     """A mapping from an augmentation variant's content key to its VAE posterior parameters."""
 
@@ -65,7 +86,7 @@ class DiskLatentCache:
         """The content key of ``dataset[index]``'s pixels as this epoch's augmentation draws them."""
         ex = dataset.examples[index]
         top, left, flipped = dataset.augmentation(index)
-        resized = dataset._prepared[ex.image_path].pixels.shape[:2]
+        resized = dataset.resized_size(index)
         parts = [FORMAT, self._file_hash(Path(ex.image_path)), list(ex.original_size), list(resized),
                  list(ex.bucket), top, left, bool(flipped), self.vae_id]  # fmt: skip
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
@@ -91,10 +112,16 @@ class DiskLatentCache:
         self.hits += 1
         return params
 
-    def put(self, key: str, params: torch.Tensor) -> None:
+    def put(self, key: str, params: torch.Tensor) -> torch.Tensor:
+        """Store the posterior (float32, atomically) and return it as stored."""
         from safetensors.torch import save_file
 
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensor = params.detach().to("cpu", torch.float32).contiguous()
         atomic_write(path, lambda tmp: save_file({"params": tensor}, tmp, metadata={"format": FORMAT}))
+        return tensor
+
+
+#: What `step.encode_latents` takes.
+LatentCache = MemoryLatentCache | DiskLatentCache

@@ -50,7 +50,7 @@ from .checkpoints import (
 )
 from .config import TrainConfig, UsageError
 from .dataset_source import read_dataset_folder, substitute_trigger
-from .latent_cache import DiskLatentCache, default_cache_dir, vae_fingerprint
+from .latent_cache import DiskLatentCache, LatentCache, MemoryLatentCache, default_cache_dir, vae_fingerprint
 from .step import denoising_loss, encode_latents, with_class_batch
 from .stopping import StopRequest, TrainingStopped
 from .text import TextConditioning
@@ -416,9 +416,11 @@ class Trainer:
         cfg, accelerator = self.cfg, self.accelerator
         first_epoch = self.global_step // self.updates_per_epoch
         skip_batches = (self.global_step % self.updates_per_epoch) * cfg.gradient_accumulation_steps
-        self.latent_cache: dict | DiskLatentCache = {}
+        self.latent_cache: LatentCache | None = None
         if cfg.cache_latents_to_disk:
             self.latent_cache = DiskLatentCache(cfg.latent_cache_dir or default_cache_dir(), vae_fingerprint(self.vae))
+        elif cfg.cache_latents:
+            self.latent_cache = MemoryLatentCache()
         self.bad_steps, self.step_bad = 0, False
         self.bar = tqdm(
             total=self.max_steps,
@@ -480,7 +482,7 @@ class Trainer:
         if cfg.with_prior_preservation:
             batch = with_class_batch(batch, self.dataset, cfg, micro, accelerator)
         with accelerator.accumulate(self.unet):
-            latents = encode_latents(self.vae, batch, self.dataset, cfg, self.latent_cache, gen, self.device)
+            latents = encode_latents(self.vae, batch, self.dataset, self.latent_cache, gen, self.device)
             scaling = self.vae.config.scaling_factor
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             latents = ((latents - shift) * scaling).to(self.weight_dtype)

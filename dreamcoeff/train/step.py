@@ -19,6 +19,8 @@ from .config import TrainConfig
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from .latent_cache import LatentCache
+
 
 def with_class_batch(
     batch: dict[str, Any], dataset: data.DreamBoothDataset, cfg: TrainConfig, micro: int, accelerator: Accelerator
@@ -51,37 +53,26 @@ def encode_latents(
     vae: torch.nn.Module,
     batch: dict[str, Any],
     dataset: data.DreamBoothDataset,
-    cfg: TrainConfig,
-    cache: dict,
+    cache: LatentCache | None,
     gen: torch.Generator,
     device: torch.device,
 ) -> torch.Tensor:
-    """VAE latents of the batch, sampled from the posterior; with --cache_latents the posterior of
-    each augmentation variant (image, crop, flip) is computed once per run, with
-    --cache_latents_to_disk once across runs (`cache` is then a `DiskLatentCache`)."""
+    """VAE latents of the batch, sampled from the posterior. With a `cache` (--cache_latents: in
+    memory, per run; --cache_latents_to_disk: on disk, across runs) the posterior of each
+    augmentation variant (image, crop, flip) is encoded once and reused."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     pixels = batch["pixel_values"].to(device, vae.dtype)
-    if getattr(cache, "key_of", None) is not None:  # --cache_latents_to_disk: DiskLatentCache
-        keys = [cache.key_of(dataset, i) for i in batch["indices"]]
-        found = [cache.get(k) for k in keys]
-        todo = [j for j, f in enumerate(found) if f is None]
-        if todo:
-            params = vae.encode(pixels[todo]).latent_dist.parameters
-            for j, p in zip(todo, params):
-                cache.put(keys[j], p)
-                found[j] = p.detach().to("cpu", torch.float32)
-        params = torch.stack(found).to(device, vae.dtype)
-        return DiagonalGaussianDistribution(params).sample(generator=gen)
-    if not cfg.cache_latents:
+    if cache is None:
         return vae.encode(pixels).latent_dist.sample(generator=gen)
-    keys = [dataset.augmentation_key(i) for i in batch["indices"]]
-    todo = [j for j, k in enumerate(keys) if k not in cache]
+    keys = [cache.key_of(dataset, i) for i in batch["indices"]]
+    found = [cache.get(k) for k in keys]
+    todo = [j for j, f in enumerate(found) if f is None]
     if todo:
         params = vae.encode(pixels[todo]).latent_dist.parameters
         for j, p in zip(todo, params):
-            cache[keys[j]] = p.cpu()
-    params = torch.stack([cache[k] for k in keys]).to(device)
+            found[j] = cache.put(keys[j], p)
+    params = torch.stack(found).to(device, vae.dtype)
     return DiagonalGaussianDistribution(params).sample(generator=gen)
 
 
