@@ -1,6 +1,7 @@
 """Validation that users can steer: negative prompt, guidance, size, a kohya-style prompt file, step 0, wandb."""
 
 import inspect
+from pathlib import Path
 
 import pytest
 from diffusers import StableDiffusionXLPipeline
@@ -332,3 +333,37 @@ def test_wandb_gets_the_validation_images(tiny_pipeline_dir, tmp_path, monkeypat
     assert len(images) == 4  # two prompts of different sizes: one file each
     record = next(runs[0].glob("run-*.wandb")).read_bytes()  # the logged history, captions included
     assert b"a sks dog on the beach, seed 0" in record and b"a sks dog, seed 0" in record
+
+
+def test_full_disk_while_writing_a_validation_image_is_one_line_and_keeps_the_checkpoint(
+    tiny_pipeline_dir, tmp_path, monkeypatch, capsys
+):
+    """A validation picture that cannot be written (ENOSPC half-way through) ends the run with one line and
+    exit 2, leaves no partial or temporary picture, and the checkpoint written at that step stays loadable."""
+    import errno
+
+    from dreamcoeff import read_coeff_file
+
+    real_save = Image.Image.save
+
+    def save_half_then_fail(self, fp, *args, **kwargs):
+        if "validation" in str(fp):
+            Path(fp).write_bytes(b"\x89PNG half a picture")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_half_then_fail)
+    out = tmp_path / "out"
+    argv = _args(tiny_pipeline_dir, make_images(tmp_path / "inst"), out, "--max_train_steps", 2)
+    argv[argv.index("--checkpointing_steps") + 1] = "1"
+    argv += ["--validation_steps", "1", "--validation_prompt", "a sks dog", "--num_validation_images", "1",
+             "--validation_inference_steps", "1"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("error: could not write ") and "No space left on device" in err[-1]
+    assert "prompt00_seed" in err[-1] and "--resume_from_checkpoint latest" in err[-1]
+    left = [p.name for p in (out / "validation").rglob("*") if p.is_file()]
+    assert left == [], left
+    (step, ckpt), *_ = list_checkpoints(out)
+    assert step == 1 and read_coeff_file(ckpt / "coeff_weights.safetensors")

@@ -429,6 +429,14 @@ class Trainer:
             disable=not accelerator.is_local_main_process,
             dynamic_ncols=True,
         )
+        try:  # closed on every way out, so an error message starts on a line of its own
+            self.run_epochs(first_epoch, skip_batches)
+        finally:
+            self.bar.close()
+
+    def run_epochs(self, first_epoch: int, skip_batches: int) -> None:
+        """`run`'s loop over epochs and batches, from where a resumed run stands."""
+        cfg, accelerator = self.cfg, self.accelerator
         if self.global_step < self.max_steps and self.stop_requested():  # SIGTERM while loading
             self.stop_now(None)
         # --validation_at_start: the model before any step (a resume starts later and does not redo it)
@@ -457,7 +465,6 @@ class Trainer:
                 self.after_update(t0)
                 if self.global_step >= self.max_steps:
                     break
-        self.bar.close()
 
     def dropped_captions(self, batch: dict[str, Any], micro: int) -> list[str]:
         """The batch's captions, each instance one replaced by the empty prompt with probability

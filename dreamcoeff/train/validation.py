@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..io import atomic_write
+from ..io import WriteError, atomic_write
+from .checkpoints import TrainingError
 from .config import TrainConfig
 from .data import list_images, seed_of
 from .validation_prompts import ValidationPrompt, validation_prompts
@@ -123,7 +124,7 @@ def run_validation(
                         image = pipe(prompt=vp.prompt, generator=gen, **settings, **kwargs).images[0]
                     suffix = "" if c is None else f"_c{c:g}"
                     path = folder / f"prompt{p_idx:02d}_seed{seed}{suffix}.png"
-                    image.save(path)
+                    _write_png(image, path)
                     paths.append(path)
                     caption = vp.prompt + ("" if c is None else f" (alpha x {c:g})") + f", seed {seed}"
                     logged.append((p_idx, caption, image))
@@ -185,8 +186,22 @@ def _strength_strip(cfg: TrainConfig, rows: list[str], strips: list[list], folde
 
     cols = [f"alpha x {c:g}" + (" (base model)" if c == 0 else "") for c in cfg.validation_coeff_scales]
     grid = make_grid(strips, rows, cols, title=f"step {step}: the same seeds at each alpha strength")
-    grid.save(folder / "strengths.png")
+    _write_png(grid, folder / "strengths.png")
     return grid
+
+
+def _write_png(image, path: Path) -> None:
+    """A validation picture, written atomically; a failed write (full disk) ends the run with one line.
+
+    Checkpoints written before are whole (each is staged, then renamed), so the run resumes from the last.
+    """
+    try:
+        atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    except WriteError as exc:
+        raise TrainingError(
+            f"{exc}. Checkpoints already written are intact; free some space and rerun with "
+            "--resume_from_checkpoint latest (or lower --validation_steps / --num_validation_images)"
+        ) from exc
 
 
 def log_alpha(accelerator: Accelerator, unet: torch.nn.Module, step: int) -> dict[str, float]:
