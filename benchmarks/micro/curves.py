@@ -59,12 +59,15 @@ LR_GRIDS = {
     "coeff_lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
     "learning_rate": [3e-4, 1e-3, 3e-3],
     "both": [3e-4, 1e-3, 3e-3],
-    "text_encoder_lr": [1e-3, 5e-3, 2e-2],
+    "text_encoder_lr": [1e-3, 5e-3, 2e-2, 5e-2, 1e-1],
     "full": [3e-5, 1e-4, 3e-4],
 }
 #: Methods whose rate is not selected on their own: the dropout ablation holds alpha+LoRA's rate (chosen at
 #: the paper's middle setting, dropout 0.1) fixed and varies only the dropout, as the paper's table does.
 RATE_FROM = {"coeff+lora d0": "coeff+lora d0.1", "coeff+lora d0.2": "coeff+lora d0.1"}
+#: Methods that train the learned tokens beside something else take the tokens' rate chosen for tokens
+#: alone, so that the only difference between "ti" and "coeff+ti" is alpha (its own rate is swept).
+TOKEN_RATE_FROM = {"coeff+ti": "ti"}
 POINTS = (125, 250, 500, 1000, 2000, 4000, 8000)
 BG_COPY_OVERFIT = 0.3
 
@@ -74,14 +77,27 @@ def lr_grid(method: str) -> list[float]:
     return LR_GRIDS["full" if tuning == "full" else knob]
 
 
-def flags(method: str, lr: float, concept: mw.Concept) -> tuple[str, ...]:
+def token_rate(method: str, lr: float, chosen: dict[str, float]) -> float | None:
+    """The learned tokens' rate in `method`'s runs (None: no tokens)."""
+    if METHODS[method][2] == "text_encoder_lr":
+        return lr
+    if method in TOKEN_RATE_FROM:
+        source = TOKEN_RATE_FROM[method]
+        if source not in chosen:
+            raise SystemExit(f"{method} takes the tokens' rate chosen for {source}: select {source} first")
+        return chosen[source]
+    return None
+
+
+def flags(method: str, lr: float, concept: mw.Concept, chosen: dict[str, float]) -> tuple[str, ...]:
     """The trainer flags of `method` at rate `lr` (beyond run_bench.train's common ones)."""
-    tuning, extra, knob = METHODS[method]
+    _, extra, _ = METHODS[method]
     out = list(extra)
     if "--train_text_encoder_ti" in extra:
         out += ["--token_abstraction", concept.identifier]
-    if knob == "text_encoder_lr":
-        out += ["--text_encoder_lr", str(lr)]
+    tokens = token_rate(method, lr, chosen)
+    if tokens is not None:
+        out += ["--text_encoder_lr", str(tokens)]
     return tuple(out)
 
 
@@ -90,9 +106,12 @@ def train_run(args, method: str, lr: float, c: mw.Concept, seed: int, steps: int
     tuning, _, knob = METHODS[method]
     inst = RB.write_instances(c, out.parent / f"inst-{c.name}")
     base_lr = lr if knob != "text_encoder_lr" else 1e-3  # the other groups' rate where tokens train alone
-    extra = flags(method, lr, c) + ("--checkpointing_steps", str(every))
+    chosen = chosen_rates(Path(args.out))
+    extra = flags(method, lr, c, chosen) + ("--checkpointing_steps", str(every))
     secs, params = RB.train(args.model, c, tuning, base_lr, seed, steps, out, inst, args.noise_offset, extra)
-    return {"train_s": round(secs, 1), "trainable_parameters": params}
+    info = {"train_s": round(secs, 1), "trainable_parameters": params}
+    tokens = token_rate(method, lr, chosen)
+    return info if tokens is None else {**info, "token_lr": tokens}
 
 
 def score_folder(args, folder: Path, c: mw.Concept, seed: int) -> dict:
@@ -139,13 +158,13 @@ def phase_select(args, out: Path, work: Path, deadline: float) -> None:
     sel = load_json(path, {"rows": [], "chosen": {}})
     val = next(c for c in mw.CONCEPT_SETS[args.concept_set] if c.split == "validation")
     for m in args.methods:
-        if m in sel["chosen"]:
-            continue
-        if time.time() > deadline:
-            print("[select] time budget reached; rerun the same command to continue", flush=True)
-            return
-        best = None
+        # every rate of the grid is trained once: a rerun after the grid grew trains only the new rates
         for lr in lr_grid(m):
+            if any(r["method"] == m and r["lr"] == lr for r in sel["rows"]):
+                continue
+            if time.time() > deadline:
+                print("[select] time budget reached; rerun the same command to continue", flush=True)
+                return
             run = work / f"sel-{m.replace(' ', '_')}-{lr:g}"
             info = train_run(args, m, lr, val, 0, args.select_steps, args.select_steps, run)
             s = score_folder(args, run, val, 0)
@@ -153,10 +172,11 @@ def phase_select(args, out: Path, work: Path, deadline: float) -> None:
             crit = round(0.5 * (s["subject"] + s["background"]), 9)
             sel["rows"].append({"method": m, "lr": lr, "criterion": crit, **info, **s})
             print(f"[select] {m} lr {lr:g}: {crit:.3f} ({info['train_s']:.0f} s)", flush=True)
-            if best is None or crit > best[0]:  # ties keep the smaller rate
-                best = (crit, lr)
             shutil.rmtree(run, ignore_errors=True)
-        sel["chosen"][m] = best[1]
+            save_json(path, sel)
+        rows = sorted((r["lr"], r["criterion"]) for r in sel["rows"] if r["method"] == m and r["lr"] in lr_grid(m))
+        best = max(rows, key=lambda r: (r[1], -r[0]))  # ties keep the smaller rate
+        sel["chosen"][m] = best[0]
         sel["validation_concept"] = val.name
         save_json(path, sel)
 
@@ -189,15 +209,20 @@ def phase_horizon(args, out: Path, work: Path) -> int:
 def phase_curves(args, out: Path, work: Path, horizon: int, deadline: float) -> None:
     path = out / f"curves_{args.tag or 'all'}.json"
     res = load_json(path, {"horizon": horizon, "runs": []})
-    done = {(r["method"], r["concept"], r["seed"]) for r in res["runs"]}
     chosen = chosen_rates(out)
+
+    def done() -> set[tuple[str, str, int]]:
+        """Done by any process (every tag's file, read afresh), so parts can split the work differently."""
+        return {(r["method"], r["concept"], r["seed"]) for f in out.glob("curves_*.json")
+                for r in load_json(f, {"runs": []})["runs"]}  # fmt: skip
+
     points = [p for p in args.points if p <= horizon]
     every = int(np.gcd.reduce(points))
     concepts = [c for c in mw.CONCEPT_SETS[args.concept_set] if c.split == "test"][: args.concepts]
     for seed in args.seeds:
         for c in concepts:
             for m in ["untrained", *args.methods]:
-                if (m, c.name, seed) in done:
+                if (m, c.name, seed) in done():
                     continue
                 if time.time() > deadline:
                     print("[curves] time budget reached; rerun the same command to continue", flush=True)
@@ -245,6 +270,11 @@ def phase_report(args, out: Path) -> None:
     if not runs:
         print("[report] no curves yet")
         return
+    for m in {r["method"] for r in runs}:
+        rates = {(r.get("lr"), r.get("token_lr")) for r in runs if r["method"] == m}
+        if len(rates) > 1:
+            raise SystemExit(f"[report] {m} was trained at different rates {sorted(rates, key=str)}: move the "
+                             "runs of a superseded rate out of the curves_*.json files")  # fmt: skip
     # like with like: only the (concept, seed) pairs every method has reached (a part may end mid-concept)
     methods = {r["method"] for r in runs}
     pairs = {(r["concept"], r["seed"]) for r in runs}
@@ -329,6 +359,9 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--minutes", type=float, default=110, help="end this part after about this long")
+    p.add_argument("--grid", action="append", default=[], metavar="KNOB=R1,R2,...",
+                   help=f"replace a rate grid (knobs: {', '.join(LR_GRIDS)}), e.g. to check beyond a grid's end "
+                   "in another --out folder")  # fmt: skip
     p.add_argument("--tag", default=None, help="select_TAG.json / curves_TAG.json: split methods over processes")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -337,6 +370,11 @@ def main(argv=None) -> int:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    for spec in args.grid:
+        knob, _, rates = spec.partition("=")
+        if knob not in LR_GRIDS or not rates:
+            p.error(f"--grid {spec!r}: expected KNOB=R1,R2,... with KNOB one of {list(LR_GRIDS)}")
+        LR_GRIDS[knob] = [float(r) for r in rates.split(",")]
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
