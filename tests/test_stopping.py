@@ -89,6 +89,32 @@ def test_stop_request_sets_a_flag_and_puts_the_handlers_back(capfd, python_sigin
     assert err.count("SIGTERM received") == 1 and "stopping after the current step with a checkpoint" in err
 
 
+def test_a_copy_of_sigterm_delivered_inside_the_handler_is_the_same_request(monkeypatch):
+    """Python runs a handler again, for a signal that arrives meanwhile, at any call inside it: torchrun's
+    forwarded SIGTERM and SLURM's own reach a rank at once. The nested run must see the request already
+    made: one announcement, no exit (the two-process SIGTERM test once found three announcements for two
+    ranks, this race's signature)."""
+    from dreamcoeff.train import stopping
+
+    said: list[str] = []
+    monkeypatch.setattr(stopping, "_say", said.append)
+    monkeypatch.setattr(stopping.os, "_exit", lambda code: pytest.fail(f"exited with {code}"))
+    stop = StopRequest()  # not entered: the handler is called directly, as Python would
+    real_monotonic = time.monotonic
+    nested: list[bool] = []
+
+    def monotonic_with_a_signal_arriving() -> float:
+        if not nested:  # the first call made inside the outer run of the handler
+            nested.append(True)
+            stop._handle(signal.SIGTERM, None)
+        return real_monotonic()
+
+    monkeypatch.setattr(stopping.time, "monotonic", monotonic_with_a_signal_arriving)
+    stop._handle(signal.SIGTERM, None)
+    assert nested and stop.requested
+    assert len(said) == 1 and "SIGTERM received" in said[0], said
+
+
 def test_stop_request_outside_the_main_thread_installs_nothing():
     import threading
 

@@ -90,13 +90,18 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if signum == signal.SIGTERM and not self.requested:
-            self.requested, self.first_at = True, time.monotonic()
+            # Set before any call: Python may run this handler again, for a copy of the signal arriving
+            # now, at any call (time.monotonic, _say). That run must see the request already made.
+            self.requested = True
+            self.first_at = time.monotonic()
             _say(
                 f"dreamcoeff: {name} received (pid {os.getpid()}): stopping after the current step with a "
                 f"checkpoint; {name} again or Ctrl-C stops at once\n"
             )
             return
-        if signum == signal.SIGTERM and time.monotonic() - (self.first_at or 0.0) < DUPLICATE_WINDOW_S:
+        if signum == signal.SIGTERM and (
+            self.first_at is None or time.monotonic() - self.first_at < DUPLICATE_WINDOW_S
+        ):
             return  # the same request again (torchrun's forwarded copy, or SLURM's to every process)
         if not self.requested:  # SIGINT with no stop pending: what it did before
             self._call_previous(signum, frame)
