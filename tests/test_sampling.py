@@ -10,6 +10,7 @@ import html
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -878,6 +879,7 @@ def test_cli_end_to_end(tiny_pipeline_dir, run_dirs, metric_models, instance_dir
         "no_prompts",
         "foreign_alpha",
         "foreign_lora",
+        "nan_lora",
     ],
 )
 def test_cli_bad_input_is_one_clear_error(case, tiny_pipeline_dir, run_dirs, foreign_weights, tmp_path, capsys):
@@ -900,7 +902,21 @@ def test_cli_bad_input_is_one_clear_error(case, tiny_pipeline_dir, run_dirs, for
             r"run 'old': .*does not fit this UNet",
         ),
         "foreign_lora": (["--run", f"old={foreign_weights / 'lora'}"], r"run 'old': LoRA .*does not fit this UNet"),
+        "nan_lora": (["--run", f"bad={tmp_path / 'nan_lora'}"], r"run 'bad': LoRA .*\n  unet\..*: non-finite values"),
     }
+    if case == "nan_lora":  # the trained run's LoRA with one NaN
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        shutil.copytree(run_dirs / "lora", tmp_path / "nan_lora")
+        lora_file = tmp_path / "nan_lora" / "pytorch_lora_weights.safetensors"
+        state = load_file(lora_file)
+        first = sorted(state)[0]
+        state[first] = state[first].clone()
+        state[first].view(-1)[0] = float("nan")
+        with safe_open(str(lora_file), "pt") as fh:
+            metadata = fh.metadata()
+        save_file(state, lora_file, metadata=metadata)
     extra, message = args[case]
     if "EMPTY" in extra:
         (tmp_path / "empty.txt").write_text("# nothing\n")
