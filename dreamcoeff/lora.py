@@ -147,6 +147,9 @@ def init_lora_from(unet: torch.nn.Module, path: str | os.PathLike) -> Path:
             if part
         )
         raise ValueError(f"{path}: this LoRA does not fit the model being trained: {detail}")
+    bad = sorted(k for k, v in state.items() if not (v.is_floating_point() and torch.isfinite(v).all()))
+    if bad:  # a diverged run's file: starting from it would only diverge again
+        raise ValueError(f"{path}: {len(bad)} LoRA tensors hold non-finite or non-float values (e.g. {bad[0]})")
     load_lora_into_unet(unet, path)
     return path
 

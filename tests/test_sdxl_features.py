@@ -232,6 +232,19 @@ def test_init_weights_start_a_new_run_from_earlier_files(tiny_pipeline_dir, tmp_
     rc = main(_args(tiny_pipeline_dir, inst, tmp_path / "nf", "--tuning", "lora", "--max_train_steps", 1,
                     "--init_lora_weights", tmp_path / "nowhere"))  # fmt: skip
     assert rc == 2 and "no such LoRA file" in capsys.readouterr().err
+    from safetensors.torch import load_file, save_file
+
+    nan_file = tmp_path / "nan" / "pytorch_lora_weights.safetensors"
+    nan_file.parent.mkdir()
+    state = load_file(first / "pytorch_lora_weights.safetensors")
+    key = sorted(state)[-1]
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, nan_file)
+    rc = main(_args(tiny_pipeline_dir, inst, tmp_path / "fromnan", "--tuning", "lora", "--max_train_steps", 1,
+                    "--init_lora_weights", nan_file))  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--init_lora_weights" in err and "non-finite" in err and key.removeprefix("unet.") in err
+    assert not (tmp_path / "fromnan" / "pytorch_lora_weights.safetensors").exists()
 
 
 # ---- alpha without head gains ----------------------------------------------------------------------
