@@ -289,6 +289,7 @@ def phase_report(args, out: Path) -> None:
              f"Concepts (seed): {', '.join(f'{c} ({sd})' for c, sd in sorted(complete))}"
              + (f"; left out until every method has them: {', '.join(f'{c} ({sd})' for c, sd in left_out)}" if left_out else ""),
              ""]  # fmt: skip
+    lines += summary_tables(curves, runs) + paired_tables(runs)
     for m, pts in curves.items():
         params = next((r.get("trainable_parameters") for r in runs if r["method"] == m), None)
         lines += [f"## {m}" + (f" ({params:,} trainable)" if params else ""), "",
@@ -301,6 +302,73 @@ def phase_report(args, out: Path) -> None:
     draw_curves(curves, out / "curves.png", f"{args.concept_set}, {Path(args.model).name}")
     save_json(out / "results.json", {"curves": curves, "runs": runs})
     print(f"[report] {out / 'RESULTS.md'}, {out / 'curves.png'}")
+
+
+def summary_tables(curves: dict[str, list[dict]], runs: list[dict]) -> list[str]:
+    """Markdown: each method at a few steps (means), then every concept at the last step, with the rates."""
+    last = max(p["step"] for pts in curves.values() for p in pts)
+    shown = [s for s in (125, 500, 2000, last) if s <= last]
+    params = {r["method"]: r.get("trainable_parameters") for r in runs}
+    rates = {r["method"]: (r.get("lr"), r.get("token_lr")) for r in runs}
+    lines = ["## Summary", "",
+             f"| method (trainable) | rate | subject at {' / '.join(map(str, shown))} | prompt at {last} | "
+             f"bg_copy at {last} |", "|---|---|---|---|---|"]  # fmt: skip
+    for m, pts in curves.items():
+        at = {p["step"]: p for p in pts}
+        lr, tok = rates.get(m, (None, None))
+        rate = "-" if lr is None else f"{lr:g}" + ("" if tok is None or tok == lr else f", tokens {tok:g}")
+        name = m + (f" ({params[m]:,})" if params.get(m) else "")
+        subj = " / ".join(f"{at[s]['subject']:.2f}" if s in at else "-" for s in shown) if m != "untrained" \
+            else f"{pts[0]['subject']:.2f}"  # fmt: skip
+        end = at.get(last, pts[-1])
+        lines.append(f"| {name} | {rate} | {subj} | {end['prompt']:.2f} | {end['bg_copy']:.2f} |")
+    concepts = sorted({r["concept"] for r in runs})
+    lines += ["", f"Per concept at step {last} (mean over seeds): subject / prompt / bg_copy", "",
+              "| method | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]  # fmt: skip
+    for m in curves:
+        cells = []
+        for c in concepts:
+            pts = [p for r in runs if r["method"] == m and r["concept"] == c for p in r["points"]]
+            end = [p for p in pts if p["step"] == max(q["step"] for q in pts)]
+            cells.append(" / ".join(f"{np.mean([p[k] for p in end]):.2f}" for k in ("subject", "prompt", "bg_copy")))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+#: (with alpha, without): the comparisons the paper's claims are about, made concept by concept
+PAIRS = (("coeff", "untrained"), ("coeff+lora d0", "lora"), ("coeff+lora d0.1", "lora"),
+         ("coeff+lora d0.2", "lora"), ("coeff+ti", "ti"))  # fmt: skip
+
+
+def paired_tables(runs: list[dict]) -> list[str]:
+    """Markdown: each (with alpha, without) pair's differences at every step, paired by (concept, seed):
+    the mean difference and how many pairs went up / stayed / went down, for subject, prompt and copying."""
+    point = {(r["method"], r["concept"], r["seed"], p["step"]): p for r in runs for p in r["points"]}
+    lines = ["## With alpha minus without, paired by concept and seed", "",
+             "Each cell: mean difference (pairs higher / equal / lower). For bg_copy, lower is better.", ""]  # fmt: skip
+    for with_alpha, without in PAIRS:
+        keys = sorted({(c, sd, st) for m, c, sd, st in point if m == with_alpha})
+        if not keys or not any(m == without for m, *_ in point):
+            continue
+        lines += [f"**{with_alpha}** against **{without}**", "",
+                  "| step | pairs | subject | prompt | bg_copy |", "|---|---|---|---|---|"]  # fmt: skip
+        for step in sorted({st for _, _, st in keys}):
+            diffs = {k: [] for k in ("subject", "prompt", "bg_copy")}
+            for c, sd, st in keys:
+                if st != step:
+                    continue
+                other = point.get((without, c, sd, st)) or point.get((without, c, sd, 0))  # untrained: step 0
+                if other is None:
+                    continue
+                for k in diffs:
+                    diffs[k].append(point[(with_alpha, c, sd, st)][k] - other[k])
+            if not diffs["subject"]:
+                continue
+            cells = [f"{round(float(np.mean(d)), 2) + 0.0:+.2f} ({sum(x > 1e-9 for x in d)}/{sum(abs(x) <= 1e-9 for x in d)}/"
+                     f"{sum(x < -1e-9 for x in d)})" for d in diffs.values()]  # fmt: skip
+            lines.append(f"| {step} | {len(diffs['subject'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def draw_curves(curves: dict[str, list[dict]], path: Path, title: str, size: int = 640) -> None:
