@@ -281,7 +281,7 @@ def phase_report(args, out: Path) -> None:
     complete = {pair for pair in pairs if all(any((r["concept"], r["seed"]) == pair and r["method"] == m
                                                   for r in runs) for m in methods)}  # fmt: skip
     left_out = sorted(pairs - complete)
-    runs = [r for r in runs if (r["concept"], r["seed"]) in complete]
+    every_run, runs = runs, [r for r in runs if (r["concept"], r["seed"]) in complete]
     curves = mean_curves(runs)
     base = curves.get("untrained", [{}])[0]
     lines = [f"# Micro-DreamBench v2 curves: {args.concept_set}, model {args.model}", "",
@@ -289,7 +289,8 @@ def phase_report(args, out: Path) -> None:
              f"Concepts (seed): {', '.join(f'{c} ({sd})' for c, sd in sorted(complete))}"
              + (f"; left out until every method has them: {', '.join(f'{c} ({sd})' for c, sd in left_out)}" if left_out else ""),
              ""]  # fmt: skip
-    lines += summary_tables(curves, runs) + paired_tables(runs)
+    # a paired comparison needs only its two methods: every (concept, seed) both have reached
+    lines += summary_tables(curves, runs) + paired_tables(every_run)
     for m, pts in curves.items():
         params = next((r.get("trainable_parameters") for r in runs if r["method"] == m), None)
         lines += [f"## {m}" + (f" ({params:,} trainable)" if params else ""), "",
@@ -345,7 +346,9 @@ def paired_tables(runs: list[dict]) -> list[str]:
     the mean difference and how many pairs went up / stayed / went down, for subject, prompt and copying."""
     point = {(r["method"], r["concept"], r["seed"], p["step"]): p for r in runs for p in r["points"]}
     lines = ["## With alpha minus without, paired by concept and seed", "",
-             "Each cell: mean difference (pairs higher / equal / lower). For bg_copy, lower is better.", ""]  # fmt: skip
+             "Each cell: mean difference (pairs higher / equal / lower). For bg_copy, lower is better. Every "
+             "(concept, seed) that both methods of a pair have reached counts, also those left out of the means.",
+             ""]  # fmt: skip
     for with_alpha, without in PAIRS:
         keys = sorted({(c, sd, st) for m, c, sd, st in point if m == with_alpha})
         if not keys or not any(m == without for m, *_ in point):
