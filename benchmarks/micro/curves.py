@@ -374,40 +374,74 @@ def paired_tables(runs: list[dict]) -> list[str]:
     return lines
 
 
-def draw_curves(curves: dict[str, list[dict]], path: Path, title: str, size: int = 640) -> None:
-    """Subject fidelity (x) against prompt fidelity (y), one line per method through its steps."""
+#: The figure's panels: each comparison on its own axes, so that lines that agree do not hide each other.
+PANELS = (
+    ("alpha, LoRA, alpha+LoRA (three coefficient dropouts)",
+     ("untrained", "coeff", "lora", "coeff+lora d0", "coeff+lora d0.1", "coeff+lora d0.2")),
+    ("learned tokens with and without alpha; full fine-tuning", ("untrained", "coeff", "ti", "coeff+ti", "full")),
+)  # fmt: skip
+COLOURS = {"untrained": "#000000", "coeff": "#d62728", "lora": "#1f77b4", "coeff+lora d0": "#9ecae1",
+           "coeff+lora d0.1": "#6a3d9a", "coeff+lora d0.2": "#17becf", "ti": "#ff7f0e", "coeff+ti": "#2ca02c",
+           "full": "#7f7f7f"}  # fmt: skip
+
+
+def draw_curves(curves: dict[str, list[dict]], path: Path, title: str, size: int = 520) -> None:
+    """Subject fidelity (x) against prompt fidelity (y), one line per method through its checkpoints
+    (small dots, the last one large and labelled with its step), a panel per comparison (`PANELS`); the
+    untrained model is the black square every line starts from. Axes span the data, in steps of 0.1."""
     from PIL import Image, ImageDraw
 
     from dreamcoeff.grids import label_font
 
-    img = Image.new("RGB", (size + 220, size + 60), "white")
+    points = [p for pts in curves.values() for p in pts]
+    lo_x, hi_x = (
+        np.floor(min(p["subject"] for p in points) * 10) / 10,
+        np.ceil(max(p["subject"] for p in points) * 10) / 10,
+    )
+    lo_y, hi_y = (
+        np.floor(min(p["prompt"] for p in points) * 10) / 10,
+        np.ceil(max(p["prompt"] for p in points) * 10) / 10,
+    )
+    hi_x, hi_y = max(hi_x, lo_x + 0.1), max(hi_y, lo_y + 0.1)
+    panel_w, legend_h, top = size + 70, 90, 36
+    img = Image.new("RGB", (panel_w * len(PANELS) + 20, size + legend_h + top + 40), "white")
     d = ImageDraw.Draw(img)
-    f = label_font(13)
-    x0, y0, w, h = 50, 20, size - 60, size - 60
-
-    def xy(s: float, p: float) -> tuple[float, float]:
-        return x0 + s * w, y0 + (1 - p) * h
-
-    d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
-    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
-        d.text((xy(t, 0)[0] - 10, y0 + h + 4), f"{t:.2f}", fill="black", font=f)
-        d.text((x0 - 40, xy(0, t)[1] - 7), f"{t:.2f}", fill="black", font=f)
-    d.text((x0 + w / 2 - 60, y0 + h + 22), "subject fidelity", fill="black", font=f)
-    d.text((x0, 2), f"prompt fidelity vs subject fidelity: {title} (labels: last step)", fill="black", font=f)
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#ff7f0e", "#17becf", "#7f7f7f"]
+    f, small = label_font(14), label_font(11)
+    d.text((10, 6), f"prompt fidelity against subject fidelity along training: {title}", fill="black", font=f)
     start = curves.get("untrained", [None])[0]
-    for k, (m, pts) in enumerate(curves.items()):
-        colour = palette[k % len(palette)]
-        line = ([start] if start and m != "untrained" else []) + pts
-        coords = [xy(p["subject"], p["prompt"]) for p in line]
-        if len(coords) > 1:
-            d.line(coords, fill=colour, width=2)
-        for p, (cx, cy) in zip(line, coords):
-            d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-            if p is line[-1] and p["step"]:
-                d.text((cx + 4, cy - 14), str(p["step"]), fill=colour, font=f)
-        d.line([(size + 10, 38 + 20 * k), (size + 30, 38 + 20 * k)], fill=colour, width=3)
-        d.text((size + 36, 30 + 20 * k), m, fill=colour, font=f)
+    for k, (heading, methods) in enumerate(PANELS):
+        x0, y0, w, h = 60 + k * panel_w, top + 42, size - 20, size - 40
+
+        def xy(sx: float, py: float, x0=x0, y0=y0, w=w, h=h) -> tuple[float, float]:
+            return x0 + (sx - lo_x) / (hi_x - lo_x) * w, y0 + (1 - (py - lo_y) / (hi_y - lo_y)) * h
+
+        d.text((x0, top), heading, fill="black", font=f)
+        d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
+        for t in np.arange(lo_x, hi_x + 1e-9, 0.1):
+            d.text((xy(t, lo_y)[0] - 10, y0 + h + 4), f"{t:.1f}", fill="black", font=small)
+        for t in np.arange(lo_y, hi_y + 1e-9, 0.1):
+            d.text((x0 - 30, xy(lo_x, t)[1] - 7), f"{t:.1f}", fill="black", font=small)
+        d.text((x0 + w / 2 - 50, y0 + h + 20), "subject fidelity", fill="black", font=f)
+        d.text((x0 - 55, y0 - 18), "prompt fidelity", fill="black", font=small)
+        shown = [m for m in methods if m in curves]
+        for m in shown:
+            colour, pts = COLOURS.get(m, "#bcbd22"), curves[m]
+            line = ([start] if start and m != "untrained" else []) + pts
+            coords = [xy(p["subject"], p["prompt"]) for p in line]
+            if len(coords) > 1:
+                d.line(coords, fill=colour, width=3)
+            for p, (cx, cy) in zip(line[1:] if m != "untrained" else [], coords[1:]):
+                r = 6 if p is line[-1] else 3
+                d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+                if p is line[-1]:
+                    d.text((cx + 7, cy - 7), str(p["step"]), fill=colour, font=small)
+        if start:
+            cx, cy = xy(start["subject"], start["prompt"])
+            d.rectangle([cx - 6, cy - 6, cx + 6, cy + 6], fill="black")
+        for j, m in enumerate(shown):
+            lx, ly = x0 + (j % 2) * (w // 2), y0 + h + 48 + (j // 2) * 22
+            d.line([(lx, ly + 8), (lx + 24, ly + 8)], fill=COLOURS.get(m, "#bcbd22"), width=4)
+            d.text((lx + 30, ly), m + (" (black square)" if m == "untrained" else ""), fill="black", font=f)
     img.save(path)
 
 
