@@ -271,7 +271,9 @@ def phase_report(args, out: Path) -> None:
         print("[report] no curves yet")
         return
     for m in {r["method"] for r in runs}:
-        rates = {(r.get("lr"), r.get("token_lr")) for r in runs if r["method"] == m}
+        # tokens alone record their one rate twice (lr and token_lr), part 1's runs once: the same rate
+        rates = {(r.get("lr"), r.get("token_lr", r.get("lr")) if METHODS.get(m, ("", (), ""))[2] == "text_encoder_lr"
+                  else r.get("token_lr")) for r in runs if r["method"] == m}  # fmt: skip
         if len(rates) > 1:
             raise SystemExit(f"[report] {m} was trained at different rates {sorted(rates, key=str)}: move the "
                              "runs of a superseded rate out of the curves_*.json files")  # fmt: skip
