@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .lora import unet_architecture_differences
+from .lora import tensor_value_problems, unet_architecture_differences
 from .methods import artifacts_in
 from .processor import remove_coeff
 from .tokens import load_embeddings_into, replace_abstractions, token_abstractions, unload_embeddings
@@ -107,13 +107,7 @@ def check_lora_file(pipe: StableDiffusionXLPipeline, path: Path) -> tuple[dict[s
     if alphas:  # kohya's per-module alphas: not what dreamcoeff writes
         raise RunLoadError(f"{path} is a kohya-style LoRA (network alphas); load it with pipe.load_lora_weights")
     problems = [f"{k}: not a UNet LoRA weight of diffusers' format" for k in state if not _LORA_PARAM.match(k)]
-    problems += [
-        f"{k}: {v.dtype} values"
-        if not (isinstance(v, torch.Tensor) and v.is_floating_point())
-        else f"{k}: non-finite values"
-        for k, v in state.items()
-        if not (isinstance(v, torch.Tensor) and v.is_floating_point() and torch.isfinite(v).all())
-    ]
+    problems += tensor_value_problems(state)
     if not problems:
         problems = lora_problems(pipe.unet, state)
     ranks: dict[str, int] = {}

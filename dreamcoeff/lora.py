@@ -27,6 +27,7 @@ __all__ = [
     "lora_file_of",
     "lora_state_dict",
     "save_lora",
+    "tensor_value_problems",
     "unet_architecture_differences",
 ]
 
@@ -147,7 +148,7 @@ def init_lora_from(unet: torch.nn.Module, path: str | os.PathLike) -> Path:
             if part
         )
         raise ValueError(f"{path}: this LoRA does not fit the model being trained: {detail}")
-    bad = sorted(k for k, v in state.items() if not (v.is_floating_point() and torch.isfinite(v).all()))
+    bad = tensor_value_problems(state)
     if bad:  # a diverged run's file: starting from it would only diverge again
         raise ValueError(f"{path}: {len(bad)} LoRA tensors hold non-finite or non-float values (e.g. {bad[0]})")
     load_lora_into_unet(unet, path)
@@ -156,6 +157,19 @@ def init_lora_from(unet: torch.nn.Module, path: str | os.PathLike) -> Path:
 
 #: Config entries of a saved UNet that say where and by which version it was written, not what it is.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "_diffusers_version", "_use_default_values")
+
+
+def tensor_value_problems(state: Mapping[str, object]) -> list[str]:
+    """``"<key>: non-finite values"`` or ``"<key>: <dtype> values"`` for every entry of a LoRA state dict
+    that is not a float tensor of finite values (a diverged run's file, or a hostile one): such a file
+    would load quietly and draw black images, or fail half-way through loading."""
+    return [
+        f"{k}: non-finite values"
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+        else f"{k}: {getattr(v, 'dtype', type(v).__name__)} values"
+        for k, v in state.items()
+        if not (isinstance(v, torch.Tensor) and v.is_floating_point() and torch.isfinite(v).all())
+    ]
 
 
 def unet_architecture_differences(base_config: Mapping, config: Mapping) -> list[str]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..lora import unet_architecture_differences
+from ..lora import tensor_value_problems, unet_architecture_differences
 from ..processor import coeff_modules, remove_coeff, set_coeff_scale, set_coeff_target_scales, unwrap_unet
 from ..tokens import ENCODER_KEYS, TokenError, load_embeddings_into, read_embeddings_file, unload_embeddings
 from ..weights import CoeffWeightsError, load_coeff_weights, read_coeff_file
@@ -313,13 +313,7 @@ class AdapterSwitcher:
             raise SamplingError(f"run {run.name!r}: {path} is not a LoRA file diffusers can read: {exc}") from None
         if not any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in state):
             raise SamplingError(f"run {run.name!r}: {path} holds no LoRA weights for the UNet or text encoders")
-        # a NaN or an integer tensor would load quietly and turn every image black (or fail mid-load)
-        problems = [
-            f"{k}: {'non-finite values' if v.is_floating_point() else f'{v.dtype} values'}"
-            for k, v in state.items()
-            if not (v.is_floating_point() and torch.isfinite(v).all())
-        ]
-        problems = problems or lora_problems(self.pipe.unet, state)
+        problems = tensor_value_problems(state) or lora_problems(self.pipe.unet, state)
         if problems:
             shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
             raise SamplingError(
