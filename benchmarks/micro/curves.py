@@ -89,13 +89,13 @@ def token_rate(method: str, lr: float, chosen: dict[str, float]) -> float | None
     return None
 
 
-def flags(method: str, lr: float, concept: mw.Concept, chosen: dict[str, float]) -> tuple[str, ...]:
-    """The trainer flags of `method` at rate `lr` (beyond run_bench.train's common ones)."""
+def flags(method: str, concept: mw.Concept, tokens: float | None) -> tuple[str, ...]:
+    """The trainer flags of `method` whose learned tokens (if any) train at rate `tokens` (beyond
+    run_bench.train's common ones)."""
     _, extra, _ = METHODS[method]
     out = list(extra)
     if "--train_text_encoder_ti" in extra:
         out += ["--token_abstraction", concept.identifier]
-    tokens = token_rate(method, lr, chosen)
     if tokens is not None:
         out += ["--text_encoder_lr", str(tokens)]
     return tuple(out)
@@ -106,12 +106,12 @@ def train_run(args, method: str, lr: float, c: mw.Concept, seed: int, steps: int
     tuning, _, knob = METHODS[method]
     inst = RB.write_instances(c, out.parent / f"inst-{c.name}")
     base_lr = lr if knob != "text_encoder_lr" else 1e-3  # the other groups' rate where tokens train alone
-    chosen = chosen_rates(Path(args.out))
-    extra = flags(method, lr, c, chosen) + ("--checkpointing_steps", str(every))
+    tokens = token_rate(method, lr, chosen_rates(Path(args.out)))
+    extra = flags(method, c, tokens) + ("--checkpointing_steps", str(every))
     secs, params = RB.train(args.model, c, tuning, base_lr, seed, steps, out, inst, args.noise_offset, extra)
     info = {"train_s": round(secs, 1), "trainable_parameters": params}
-    tokens = token_rate(method, lr, chosen)
-    return info if tokens is None else {**info, "token_lr": tokens}
+    # recorded where the tokens' rate is not the run's own `lr` (taken from another method's choice)
+    return {**info, "token_lr": tokens} if method in TOKEN_RATE_FROM else info
 
 
 def score_folder(args, folder: Path, c: mw.Concept, seed: int) -> dict:
@@ -271,9 +271,7 @@ def phase_report(args, out: Path) -> None:
         print("[report] no curves yet")
         return
     for m in {r["method"] for r in runs}:
-        # tokens alone record their one rate twice (lr and token_lr), part 1's runs once: the same rate
-        rates = {(r.get("lr"), r.get("token_lr", r.get("lr")) if METHODS.get(m, ("", (), ""))[2] == "text_encoder_lr"
-                  else r.get("token_lr")) for r in runs if r["method"] == m}  # fmt: skip
+        rates = {(r.get("lr"), r.get("token_lr")) for r in runs if r["method"] == m}
         if len(rates) > 1:
             raise SystemExit(f"[report] {m} was trained at different rates {sorted(rates, key=str)}: move the "
                              "runs of a superseded rate out of the curves_*.json files")  # fmt: skip
@@ -319,7 +317,7 @@ def summary_tables(curves: dict[str, list[dict]], runs: list[dict]) -> list[str]
     for m, pts in curves.items():
         at = {p["step"]: p for p in pts}
         lr, tok = rates.get(m, (None, None))
-        rate = "-" if lr is None else f"{lr:g}" + ("" if tok is None or tok == lr else f", tokens {tok:g}")
+        rate = "-" if lr is None else f"{lr:g}" + ("" if tok is None else f", tokens {tok:g}")
         name = m + (f" ({params[m]:,})" if params.get(m) else "")
         subj = " / ".join(f"{at[s]['subject']:.2f}" if s in at else "-" for s in shown) if m != "untrained" \
             else f"{pts[0]['subject']:.2f}"  # fmt: skip
@@ -332,7 +330,8 @@ def summary_tables(curves: dict[str, list[dict]], runs: list[dict]) -> list[str]
         cells = []
         for c in concepts:
             pts = [p for r in runs if r["method"] == m and r["concept"] == c for p in r["points"]]
-            end = [p for p in pts if p["step"] == max(q["step"] for q in pts)]
+            final = max(p["step"] for p in pts)
+            end = [p for p in pts if p["step"] == final]
             cells.append(" / ".join(f"{np.mean([p[k] for p in end]):.2f}" for k in ("subject", "prompt", "bg_copy")))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines + [""]
