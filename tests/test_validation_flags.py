@@ -367,3 +367,48 @@ def test_full_disk_while_writing_a_validation_image_is_one_line_and_keeps_the_ch
     assert left == [], left
     (step, ckpt), *_ = list_checkpoints(out)
     assert step == 1 and read_coeff_file(ckpt / "coeff_weights.safetensors")
+
+
+def test_a_validation_folder_that_cannot_be_made_is_one_line(tiny_pipeline_dir, tmp_path, capsys):
+    """`validation/` taken by a file (or unwritable): one line naming the folder and what to do, exit 2."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "validation").write_text("not a folder")
+    argv = _args(tiny_pipeline_dir, make_images(tmp_path / "inst"), out, "--max_train_steps", 1)
+    argv += ["--validation_steps", "1", "--validation_prompt", "a sks dog", "--num_validation_images", "1",
+             "--validation_inference_steps", "1"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith(f"error: cannot create the validation folder {out / 'validation' / 'step_00001'}: ")
+    assert "fix that path and rerun with --resume_from_checkpoint latest" in err[-1], err[-1]
+
+
+@pytest.mark.slow
+def test_a_validation_failure_on_the_main_process_stops_every_rank_at_once(tiny_pipeline_dir, tmp_path):
+    """Validation runs on the main process alone. When it fails there, the other rank must stop at the same
+    step with a line saying why, not run on into its next collective and hang there until torchrun kills it
+    (or the process group's timeout ends)."""
+    from tests.test_reliability import _args as spawn_args
+    from tests.test_reliability import _kill, _make_images, _spawn
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "validation").write_text("not a folder")  # the main process cannot make validation/step_00002
+    argv = spawn_args(
+        tiny_pipeline_dir, _make_images(tmp_path / "inst", sizes=((64, 64),) * 4), out, "--max_train_steps", 6
+    )
+    argv += ["--validation_steps", "2", "--validation_prompt", "a sks dog", "--num_validation_images", "1",
+             "--validation_inference_steps", "1"]  # fmt: skip
+    proc = _spawn(argv, tmp_path / "two.log", processes=2)
+    try:
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            _kill(proc)
+    log = (tmp_path / "two.log").read_text()
+    assert rc != 0, log[-3000:]
+    assert log.count("error: cannot create the validation folder") == 1, log[-3000:]  # the main process's error
+    assert "error: process 1: stopping because the main process failed in validation at step 2" in log, log[-3000:]
+    assert "SIGTERM" not in log and "Signals.SIGKILL" not in log, log[-3000:]  # nobody was killed: both chose to stop
+    assert "exitcode  : 2" in log, log[-3000:]

@@ -17,7 +17,7 @@ import os
 import random
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,8 @@ class Trainer:
         self.tokens_name = embeddings_file_name(self.out)
         self.started = time.time()
         self.global_step = 0
-        self.validation_paths: list[Path] = []
+        self.validation_paths: list[Path] = []  # the newest validation's images (main process)
+        self.validated_step: int | None = None  # the step of this process's newest validation (every rank)
         self.step_times: list[float] = []
         self.last_loss: float | None = None
         self.stop_signal: StopRequest | None = None  # set by train(): SIGTERM asks for a stop
@@ -440,11 +441,8 @@ class Trainer:
         if self.global_step < self.max_steps and self.stop_requested():  # SIGTERM while loading
             self.stop_now(None)
         # --validation_at_start: the model before any step (a resume starts later and does not redo it)
-        if cfg.validation_at_start and self.global_step == 0 and accelerator.is_main_process:
-            if self.validation_prompts:
-                self.validation_paths = run_validation(
-                    cfg, self.components, self.bare_unet, accelerator, 0, self.out, self.validation_prompts
-                )
+        if cfg.validation_at_start and self.global_step == 0 and self.validation_prompts:
+            self.validate(0)
         for epoch in range(first_epoch, self.num_epochs):
             if self.global_step >= self.max_steps:
                 break
@@ -570,14 +568,47 @@ class Trainer:
                 written = save_checkpoint(accelerator, self.out, step, cfg.checkpoints_total_limit)
         if stopping:
             self.stop_now(written)
-        if step % cfg.validation_steps == 0 and accelerator.is_main_process:
+        if step % cfg.validation_steps == 0:
+            self.validate(step, with_alpha=True)
+        self.text.freeze_if_due(step)
+
+    def validate(self, step: int, with_alpha: bool = False) -> None:
+        """Validation images (and with `with_alpha`, alpha's scalars and picture), on the main process;
+        every rank calls this at the same steps (`on_main_process`)."""
+        cfg, accelerator = self.cfg, self.accelerator
+        self.validated_step = step
+
+        def work() -> None:
             if self.validation_prompts:
                 self.validation_paths = run_validation(
                     cfg, self.components, self.bare_unet, accelerator, step, self.out, self.validation_prompts
                 )
-            if self.method.coeff and accelerator.trackers:  # alpha per block, and its picture
+            if with_alpha and self.method.coeff and accelerator.trackers:  # alpha per block, and its picture
                 log_alpha(accelerator, self.bare_unet, step)
-        self.text.freeze_if_due(step)
+
+        self.on_main_process(f"validation at step {step}", work)
+
+    def on_main_process(self, what: str, work: Callable[[], None]) -> None:
+        """Run `work` on the main process alone, at a point every rank reaches: the main process then
+        tells the others whether it failed (a full disk, an out-of-memory while sampling), and all of
+        them stop here. Otherwise the others would only find out at their next collective, hanging
+        there until torchrun kills them or the process group's timeout (30 minutes by default) ends."""
+        accelerator = self.accelerator
+        failure: Exception | None = None
+        if accelerator.is_main_process:
+            try:
+                work()
+            except Exception as exc:  # noqa: BLE001  (re-raised below, once the other ranks know)
+                failure = exc
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([0.0 if failure is None else 1.0], device=accelerator.device)
+            if accelerator.reduce(flag, reduction="sum").item() > 0 and failure is None:
+                raise TrainingError(
+                    f"process {accelerator.process_index}: stopping because the main process failed in {what} "
+                    "(its error is above)"
+                )
+        if failure is not None:
+            raise failure
 
     def stop_requested(self) -> bool:
         """Whether any process got SIGTERM (`stopping.StopRequest`). A collective (a sum over the
@@ -615,16 +646,17 @@ class Trainer:
         if self.ema is not None:  # the final files (and the last validation) hold the average
             self.ema.copy_to(self.coeff_params + self.weight_params)
         files: list[Path] = []
-        if accelerator.is_main_process:
+
+        def write_final_files() -> None:
             meta = {"base_model": cfg.pretrained_model_name_or_path, "training_args": asdict(cfg)}
             kohya_name = kohya_file_name(out) if cfg.output_kohya_format else None
-            files += stage_final_files(
-                self.method, self.bare_unet, out, meta, self.tokens, self.tokens_name, kohya_name
+            files.extend(
+                stage_final_files(self.method, self.bare_unet, out, meta, self.tokens, self.tokens_name, kohya_name)
             )
-            if self.validation_prompts and (self.global_step % cfg.validation_steps or not self.validation_paths):
-                self.validation_paths = run_validation(
-                    cfg, self.components, self.bare_unet, accelerator, self.global_step, out, self.validation_prompts
-                )
+
+        self.on_main_process("writing the final weights", write_final_files)
+        if self.validation_prompts and self.validated_step != self.global_step:  # unless the last step made it
+            self.validate(self.global_step)
         accelerator.end_training()
         result = TrainResult(
             out,

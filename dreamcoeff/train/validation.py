@@ -100,7 +100,12 @@ def run_validation(
         return []
     pipe = sampling_pipeline(components, unet)
     folder = out / "validation" / f"step_{step:05d}"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainingError(
+            f"cannot create the validation folder {folder}: {exc.strerror or exc}{_resume_hint('fix that path')}"
+        ) from exc
     was_training = unet.training
     unet.eval()
     paths: list[Path] = []
@@ -198,10 +203,15 @@ def _write_png(image, path: Path) -> None:
     try:
         atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     except WriteError as exc:
-        raise TrainingError(
-            f"{exc}. Checkpoints already written are intact; free some space and rerun with "
-            "--resume_from_checkpoint latest (or lower --validation_steps / --num_validation_images)"
-        ) from exc
+        raise TrainingError(f"{exc}{_resume_hint('free some space')}") from exc
+
+
+def _resume_hint(fix: str) -> str:
+    """What to do after a validation write failed: the checkpoints are whole (each is staged, then renamed)."""
+    return (
+        f". Checkpoints already written are intact; {fix} and rerun with --resume_from_checkpoint latest "
+        "(or lower --validation_steps / --num_validation_images)"
+    )
 
 
 def log_alpha(accelerator: Accelerator, unet: torch.nn.Module, step: int) -> dict[str, float]:
