@@ -284,7 +284,7 @@ def phase_report(args, out: Path) -> None:
     every_run, runs = runs, [r for r in runs if (r["concept"], r["seed"]) in complete]
     curves = mean_curves(runs)
     base = curves.get("untrained", [{}])[0]
-    lines = [f"# Micro-DreamBench v2 curves: {args.concept_set}, model {args.model}", "",
+    lines = [f"# Learning curves: {args.concept_set} set, model {Path(args.model).name}", "",
              "Mean over test concepts and seeds; `prompt` = mean of requested background, size and position.",
              f"Concepts (seed): {', '.join(f'{c} ({sd})' for c, sd in sorted(complete))}"
              + (f"; left out until every method has them: {', '.join(f'{c} ({sd})' for c, sd in left_out)}" if left_out else ""),
