@@ -106,7 +106,7 @@ def train_run(args, method: str, lr: float, c: mw.Concept, seed: int, steps: int
     tuning, _, knob = METHODS[method]
     inst = RB.write_instances(c, out.parent / f"inst-{c.name}")
     base_lr = lr if knob != "text_encoder_lr" else 1e-3  # the other groups' rate where tokens train alone
-    tokens = token_rate(method, lr, chosen_rates(Path(args.out)))
+    tokens = token_rate(method, lr, chosen_rates(Path(args.out), args.rate))
     extra = flags(method, c, tokens) + ("--checkpointing_steps", str(every))
     secs, params = RB.train(args.model, c, tuning, base_lr, seed, steps, out, inst, args.noise_offset, extra)
     info = {"train_s": round(secs, 1), "trainable_parameters": params}
@@ -142,11 +142,13 @@ def save_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
-def chosen_rates(out: Path) -> dict[str, float]:
-    """Every method's chosen rate from ``select*.json`` (one file per process with --tag)."""
+def chosen_rates(out: Path, fixed: dict[str, float] | None = None) -> dict[str, float]:
+    """Every method's chosen rate from ``select*.json`` (one file per process with --tag), where `fixed`
+    (``--rate METHOD=LR``, a stress test's set rates) does not give one."""
     chosen: dict[str, float] = {}
     for f in sorted(out.glob("select*.json")):
         chosen.update(load_json(f, {"chosen": {}})["chosen"])
+    chosen.update(fixed or {})
     for m, source in RATE_FROM.items():
         if m not in chosen and source in chosen:
             chosen[m] = chosen[source]
@@ -186,7 +188,7 @@ def phase_horizon(args, out: Path, work: Path) -> int:
     hz = load_json(path, None)
     if hz is not None:
         return hz["horizon"]
-    lr = chosen_rates(out).get("lora", 1e-3)
+    lr = chosen_rates(out, args.rate).get("lora", 1e-3)
     val = next(c for c in mw.CONCEPT_SETS[args.concept_set] if c.split == "validation")
     run = work / "horizon-lora"
     every = args.horizon_every
@@ -209,7 +211,7 @@ def phase_horizon(args, out: Path, work: Path) -> int:
 def phase_curves(args, out: Path, work: Path, horizon: int, deadline: float) -> None:
     path = out / f"curves_{args.tag or 'all'}.json"
     res = load_json(path, {"horizon": horizon, "runs": []})
-    chosen = chosen_rates(out)
+    chosen = chosen_rates(out, args.rate)
 
     def done() -> set[tuple[str, str, int]]:
         """Done by any process (every tag's file, read afresh), so parts can split the work differently."""
@@ -468,6 +470,9 @@ def main(argv=None) -> int:
     p.add_argument("--grid", action="append", default=[], metavar="KNOB=R1,R2,...",
                    help=f"replace a rate grid (knobs: {', '.join(LR_GRIDS)}), e.g. to check beyond a grid's end "
                    "in another --out folder")  # fmt: skip
+    p.add_argument("--rate", action="append", default=[], metavar="METHOD=LR",
+                   help="set a method's rate instead of selecting it (a stress test in its own --out folder, e.g. "
+                   "LoRA at a rate where it overfits); alpha+LoRA d0 / d0.2 follow d0.1's unless set")  # fmt: skip
     p.add_argument("--tag", default=None, help="select_TAG.json / curves_TAG.json: split methods over processes")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -476,6 +481,16 @@ def main(argv=None) -> int:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    rates = {}
+    for spec in args.rate:
+        method, _, lr = spec.rpartition("=")
+        try:
+            rates[method] = float(lr)
+        except ValueError:
+            rates[method] = None
+        if method not in METHODS or rates[method] is None:
+            p.error(f"--rate {spec!r}: expected METHOD=LR (a number) with METHOD one of {list(METHODS)}")
+    args.rate = rates
     for spec in args.grid:
         knob, _, rates = spec.partition("=")
         if knob not in LR_GRIDS or not rates:
