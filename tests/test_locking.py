@@ -30,6 +30,7 @@ from tests.test_reliability import (
     _args,
     _kill,
     _make_images,
+    _run_to_end,
     _spawn,
     _steps,
     _wait_until,
@@ -257,17 +258,8 @@ def test_second_trainer_refused_on_every_rank_of_a_two_process_launch(tiny_pipel
     (out / "args.json").write_text("{}")
     holder(out)
     before = _snapshot(out)
-    proc = _spawn(
-        _args(tiny_pipeline_dir, inst, out, "--max_train_steps", 2, "--overwrite_output_dir"),
-        tmp_path / "two.log",
-        processes=2,
-    )
-    try:
-        rc = proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            _kill(proc)
-    log = (tmp_path / "two.log").read_text()
+    argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", 2, "--overwrite_output_dir")
+    rc, log = _run_to_end(argv, tmp_path / "two.log", processes=2)
     assert rc != 0, log[-3000:]
     assert log.count(f"error: {_busy_message(out, '--output_dir')}") == 2, log[-3000:]  # one line per rank
     assert "exitcode  : 2" in log  # torchrun's report: the ranks exited 2 (the launcher itself reports 1)

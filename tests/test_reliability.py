@@ -168,6 +168,17 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _run_to_end(argv, log: Path, processes: int = 1, timeout: float = 600) -> tuple[int, str]:
+    """Run the trainer to its end (`_spawn`; killed if it outlives `timeout`): its exit code and output."""
+    proc = _spawn(argv, log, processes=processes)
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            _kill(proc)
+    return rc, log.read_text()
+
+
 def _kill(proc: subprocess.Popen) -> None:
     """SIGKILL the run: the process and everything it started. torchrun puts each rank in a session of
     its own, so killing the launcher's process group alone would leave the ranks running."""
@@ -275,13 +286,8 @@ def _kill_and_resume(argv, out: Path, logs: Path, moments: list[str], rng: rando
             assert (out / COEFF).exists() and not (out / COMPLETE_NAME).exists()
         if (out / "args.json").exists():
             _assert_checkpoints_complete(out, processes, limit)
-    proc = _spawn(argv + ["--resume_from_checkpoint", "latest"], logs / "final.log", processes)
-    try:
-        rc = proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            _kill(proc)
-    assert rc == 0, (logs / "final.log").read_text()[-3000:]
+    rc, log = _run_to_end(argv + ["--resume_from_checkpoint", "latest"], logs / "final.log", processes)
+    assert rc == 0, log[-3000:]
     assert (out / COMPLETE_NAME).is_file() and (out / "README.md").is_file()
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp*")), sorted(p.name for p in out.iterdir())
     return landed

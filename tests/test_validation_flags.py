@@ -390,7 +390,7 @@ def test_a_validation_failure_on_the_main_process_stops_every_rank_at_once(tiny_
     step with a line saying why, not run on into its next collective and hang there until torchrun kills it
     (or the process group's timeout ends)."""
     from tests.test_reliability import _args as spawn_args
-    from tests.test_reliability import _kill, _make_images, _spawn
+    from tests.test_reliability import _make_images, _run_to_end
 
     out = tmp_path / "out"
     out.mkdir()
@@ -400,13 +400,7 @@ def test_a_validation_failure_on_the_main_process_stops_every_rank_at_once(tiny_
     )
     argv += ["--validation_steps", "2", "--validation_prompt", "a sks dog", "--num_validation_images", "1",
              "--validation_inference_steps", "1"]  # fmt: skip
-    proc = _spawn(argv, tmp_path / "two.log", processes=2)
-    try:
-        rc = proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            _kill(proc)
-    log = (tmp_path / "two.log").read_text()
+    rc, log = _run_to_end(argv, tmp_path / "two.log", processes=2)
     assert rc != 0, log[-3000:]
     assert log.count("error: cannot create the validation folder") == 1, log[-3000:]  # the main process's error
     assert "error: process 1: stopping because the main process failed in validation at step 2" in log, log[-3000:]
