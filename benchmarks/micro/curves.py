@@ -261,14 +261,25 @@ def mean_curves(runs: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def phase_report(args, out: Path) -> None:
+def load_runs(folder: Path) -> list[dict]:
+    """Every (method, concept, seed) run of `folder`'s ``curves_*.json`` once (the untrained row is in
+    every tag's file)."""
     runs, seen = [], set()
-    for f in sorted(out.glob("curves_*.json")):
+    for f in sorted(folder.glob("curves_*.json")):
         for r in load_json(f, {"runs": []})["runs"]:
-            key = (r["method"], r["concept"], r["seed"])  # the untrained row is in every tag's file
+            key = (r["method"], r["concept"], r["seed"])
             if key not in seen:
                 seen.add(key)
                 runs.append(r)
+    return runs
+
+
+def phase_report(args, out: Path) -> None:
+    runs = load_runs(out)
+    if args.pair_with:  # a control run at another rate, reported beside the main folder's other arm
+        own = {r["method"] for r in runs}
+        runs += [r for r in load_runs(Path(args.pair_with))
+                 if r["method"] not in own and (r["method"] in args.methods or r["method"] == "untrained")]  # fmt: skip
     if not runs:
         print("[report] no curves yet")
         return
@@ -473,6 +484,9 @@ def main(argv=None) -> int:
     p.add_argument("--rate", action="append", default=[], metavar="METHOD=LR",
                    help="set a method's rate instead of selecting it (a stress test in its own --out folder, e.g. "
                    "LoRA at a rate where it overfits); alpha+LoRA d0 / d0.2 follow d0.1's unless set")  # fmt: skip
+    p.add_argument("--pair_with", default=None, metavar="DIR",
+                   help="report: add DIR's runs of the --methods this folder lacks (and the untrained row), e.g. "
+                   "the main benchmark's LoRA beside alpha+LoRA trained here at LoRA's rate")  # fmt: skip
     p.add_argument("--tag", default=None, help="select_TAG.json / curves_TAG.json: split methods over processes")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
