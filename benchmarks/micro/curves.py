@@ -108,8 +108,13 @@ def train_run(args, method: str, lr: float, c: mw.Concept, seed: int, steps: int
     base_lr = lr if knob != "text_encoder_lr" else 1e-3  # the other groups' rate where tokens train alone
     tokens = token_rate(method, lr, chosen_rates(Path(args.out), args.rate))
     extra = flags(method, c, tokens) + ("--checkpointing_steps", str(every))
+    alpha = args.alpha_rate if knob == "both" else None  # alpha+LoRA: alpha at its own rate (a stress test)
+    if alpha is not None:
+        extra += ("--coeff_lr", str(alpha))  # after run_bench's shared --coeff_lr, so it wins
     secs, params = RB.train(args.model, c, tuning, base_lr, seed, steps, out, inst, args.noise_offset, extra)
     info = {"train_s": round(secs, 1), "trainable_parameters": params}
+    if alpha is not None:
+        info["alpha_lr"] = alpha
     # recorded where the tokens' rate is not the run's own `lr` (taken from another method's choice)
     return {**info, "token_lr": tokens} if method in TOKEN_RATE_FROM else info
 
@@ -284,7 +289,7 @@ def phase_report(args, out: Path) -> None:
         print("[report] no curves yet")
         return
     for m in {r["method"] for r in runs}:
-        rates = {(r.get("lr"), r.get("token_lr")) for r in runs if r["method"] == m}
+        rates = {(r.get("lr"), r.get("token_lr"), r.get("alpha_lr")) for r in runs if r["method"] == m}
         if len(rates) > 1:
             raise SystemExit(f"[report] {m} was trained at different rates {sorted(rates, key=str)}: move the "
                              "runs of a superseded rate out of the curves_*.json files")  # fmt: skip
@@ -323,14 +328,15 @@ def summary_tables(curves: dict[str, list[dict]], runs: list[dict]) -> list[str]
     last = max(p["step"] for pts in curves.values() for p in pts)
     shown = [s for s in (125, 500, 2000, last) if s <= last]
     params = {r["method"]: r.get("trainable_parameters") for r in runs}
-    rates = {r["method"]: (r.get("lr"), r.get("token_lr")) for r in runs}
+    rates = {r["method"]: (r.get("lr"), r.get("token_lr"), r.get("alpha_lr")) for r in runs}
     lines = ["## Summary", "",
              f"| method (trainable) | rate | subject at {' / '.join(map(str, shown))} | prompt at {last} | "
              f"bg_copy at {last} |", "|---|---|---|---|---|"]  # fmt: skip
     for m, pts in curves.items():
         at = {p["step"]: p for p in pts}
-        lr, tok = rates.get(m, (None, None))
+        lr, tok, alpha = rates.get(m, (None, None, None))
         rate = "-" if lr is None else f"{lr:g}" + ("" if tok is None else f", tokens {tok:g}")
+        rate += "" if alpha is None else f", alpha {alpha:g}"
         name = m + (f" ({params[m]:,})" if params.get(m) else "")
         subj = " / ".join(f"{at[s]['subject']:.2f}" if s in at else "-" for s in shown) if m != "untrained" \
             else f"{pts[0]['subject']:.2f}"  # fmt: skip
@@ -484,6 +490,9 @@ def main(argv=None) -> int:
     p.add_argument("--rate", action="append", default=[], metavar="METHOD=LR",
                    help="set a method's rate instead of selecting it (a stress test in its own --out folder, e.g. "
                    "LoRA at a rate where it overfits); alpha+LoRA d0 / d0.2 follow d0.1's unless set")  # fmt: skip
+    p.add_argument("--alpha_rate", type=float, default=None,
+                   help="alpha+LoRA runs: alpha's rate (--coeff_lr) instead of the shared one, e.g. LoRA stressed "
+                   "at a high --rate with alpha at the rate it had in the main benchmark")  # fmt: skip
     p.add_argument("--pair_with", default=None, metavar="DIR",
                    help="report: add DIR's runs of the --methods this folder lacks (and the untrained row), e.g. "
                    "the main benchmark's LoRA beside alpha+LoRA trained here at LoRA's rate")  # fmt: skip
