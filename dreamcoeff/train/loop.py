@@ -600,20 +600,22 @@ class Trainer:
                 work()
             except Exception as exc:  # noqa: BLE001  (re-raised below, once the other ranks know)
                 failure = exc
-        if accelerator.num_processes > 1:
-            flag = torch.tensor([0.0 if failure is None else 1.0], device=accelerator.device)
-            if accelerator.reduce(flag, reduction="sum").item() > 0 and failure is None:
-                raise TrainingError(
-                    f"process {accelerator.process_index}: stopping because the main process failed in {what} "
-                    "(its error is above)"
-                )
+        if self.any_rank(failure is not None) and failure is None:
+            raise TrainingError(
+                f"process {accelerator.process_index}: stopping because the main process failed in {what} "
+                "(its error is above)"
+            )
         if failure is not None:
             raise failure
 
     def stop_requested(self) -> bool:
         """Whether any process got SIGTERM (`stopping.StopRequest`). A collective (a sum over the
         ranks) that every rank makes at the same points, so all of them stop after the same step."""
-        local = self.stop_signal is not None and self.stop_signal.requested
+        return self.any_rank(self.stop_signal is not None and self.stop_signal.requested)
+
+    def any_rank(self, local: bool) -> bool:
+        """Whether `local` holds on any process: a sum over the ranks, so every rank must call it at the
+        same point (one process: `local` itself, no collective)."""
         if self.accelerator.num_processes == 1:
             return local
         flag = torch.tensor([1.0 if local else 0.0], device=self.accelerator.device)
