@@ -279,6 +279,11 @@ def load_runs(folder: Path) -> list[dict]:
     return runs
 
 
+def rates_of(run: dict) -> tuple[float | None, float | None, float | None]:
+    """A run's (rate, tokens' rate from another method, alpha's own rate): what one method must share."""
+    return run.get("lr"), run.get("token_lr"), run.get("alpha_lr")
+
+
 def phase_report(args, out: Path) -> None:
     runs = load_runs(out)
     if args.pair_with:  # a control run at another rate, reported beside the main folder's other arm
@@ -289,7 +294,7 @@ def phase_report(args, out: Path) -> None:
         print("[report] no curves yet")
         return
     for m in {r["method"] for r in runs}:
-        rates = {(r.get("lr"), r.get("token_lr"), r.get("alpha_lr")) for r in runs if r["method"] == m}
+        rates = {rates_of(r) for r in runs if r["method"] == m}
         if len(rates) > 1:
             raise SystemExit(f"[report] {m} was trained at different rates {sorted(rates, key=str)}: move the "
                              "runs of a superseded rate out of the curves_*.json files")  # fmt: skip
@@ -326,9 +331,9 @@ def phase_report(args, out: Path) -> None:
 def summary_tables(curves: dict[str, list[dict]], runs: list[dict]) -> list[str]:
     """Markdown: each method at a few steps (means), then every concept at the last step, with the rates."""
     last = max(p["step"] for pts in curves.values() for p in pts)
-    shown = [s for s in (125, 500, 2000, last) if s <= last]
+    shown = sorted({s for s in (125, 500, 2000, last) if s <= last})  # a 500-step horizon: 125 / 500
     params = {r["method"]: r.get("trainable_parameters") for r in runs}
-    rates = {r["method"]: (r.get("lr"), r.get("token_lr"), r.get("alpha_lr")) for r in runs}
+    rates = {r["method"]: rates_of(r) for r in runs}
     lines = ["## Summary", "",
              f"| method (trainable) | rate | subject at {' / '.join(map(str, shown))} | prompt at {last} | "
              f"bg_copy at {last} |", "|---|---|---|---|---|"]  # fmt: skip
@@ -504,16 +509,17 @@ def main(argv=None) -> int:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    rates = {}
+    fixed_rates = {}
     for spec in args.rate:
         method, _, lr = spec.rpartition("=")
         try:
-            rates[method] = float(lr)
+            value = float(lr)
         except ValueError:
-            rates[method] = None
-        if method not in METHODS or rates[method] is None:
+            value = None
+        if method not in METHODS or value is None:
             p.error(f"--rate {spec!r}: expected METHOD=LR (a number) with METHOD one of {list(METHODS)}")
-    args.rate = rates
+        fixed_rates[method] = value
+    args.rate = fixed_rates
     for spec in args.grid:
         knob, _, rates = spec.partition("=")
         if knob not in LR_GRIDS or not rates:
