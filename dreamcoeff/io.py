@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,9 +26,14 @@ __all__ = [
     "fsync_dir",
     "fsync_tree",
     "remove_aside",
+    "remove_stale_temps",
     "replace_path",
     "write_failure",
 ]
+
+#: Temporary files a killed write leaves beside its target: `atomic_write`'s ``.<name>.XXXX.tmp`` and
+#: safetensors' own ``.tmpXXXXXX`` (its writer stages each file under such a name, then renames it).
+TEMP_FILE_RE = re.compile(r"^(\..+\.tmp|\.tmp[A-Za-z0-9]{6})$")
 
 # Under this much free space, a writer's failure without an errno (torch.save) is taken for a full disk.
 _NEARLY_FULL_BYTES = 1 << 20
@@ -143,6 +149,24 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], object]) -> 
             raise
         raise failure from exc
     return path
+
+
+def remove_stale_temps(folder: str | os.PathLike, older_than_s: float, recursive: bool = False) -> list[Path]:
+    """Delete the temporary files of interrupted writes (`TEMP_FILE_RE`) in `folder` not modified for
+    `older_than_s` seconds, and return them. The age keeps a folder that several runs share (the latent
+    cache) safe: a temp file another process is writing right now is seconds old, never stale."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now, removed = time.time(), []
+    for path in folder.rglob("*") if recursive else folder.iterdir():
+        try:
+            if TEMP_FILE_RE.match(path.name) and path.is_file() and now - path.stat().st_mtime >= older_than_s:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # renamed or removed by its writer in the meantime
+            continue
+    return removed
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -93,3 +93,69 @@ def test_disk_cache_is_reused_across_runs_and_never_stale(tiny_pipeline_dir, tmp
     assert main(_args(tiny_pipeline_dir, inst, tmp_path / "plain2", *common)) == 0
     for key, value in _final_weights(tmp_path / "plain2").items():
         torch.testing.assert_close(_final_weights(tmp_path / "third")[key], value, rtol=0, atol=1e-5)
+
+
+# A child that writes cache entries without end, each big enough that a write takes a while.
+_WRITER = """
+import sys, torch
+from dreamcoeff.train.latent_cache import DiskLatentCache
+cache = DiskLatentCache(sys.argv[1], "vae")
+big = torch.ones(8, 1024, 1024)
+for i in range(10**6):
+    cache.put(f"ab{i:062d}", big)
+"""
+
+
+def _safetensors_temps(folder):
+    import re
+
+    return [p for p in folder.rglob(".tmp*") if re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", p.name)]
+
+
+def _temps(folder):
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".safetensors"))
+
+
+def test_temp_files_of_killed_writes_are_removed_when_stale_and_kept_while_young(tmp_path):
+    """SIGKILL a process mid-write, for real: what it leaves (our atomic_write temp, safetensors' own
+    `.tmpXXXXXX`) is deleted by the next cache opened on the folder once it is an hour old, never while
+    it could still be another run's write in progress; complete entries stay readable."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dreamcoeff.io import TEMP_FILE_RE
+
+    folder = tmp_path / "cache"
+    for _attempt in range(5):  # the kill can land between two writes: then nothing is left, try again
+        child = subprocess.Popen([sys.executable, "-c", _WRITER, str(folder)])
+        try:
+            deadline = time.time() + 60
+            # kill once one entry is complete and safetensors is writing the next under its own temp name
+            while time.time() < deadline and not (any(folder.rglob("*.safetensors")) and _safetensors_temps(folder)):
+                time.sleep(0.001)
+            assert child.poll() is None, "the writer died on its own"
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait()
+        if _safetensors_temps(folder):
+            break
+    left = _temps(folder)
+    assert _safetensors_temps(folder), f"no kill landed in safetensors' write in 5 attempts: {left}"
+    assert all(TEMP_FILE_RE.match(p.name) for p in left), left  # every leftover is one the sweep knows
+
+    DiskLatentCache(folder, "vae")  # young: possibly a concurrent run's write, kept
+    assert _temps(folder) == left
+    old = time.time() - 2 * 3600
+    for p in left:
+        os.utime(p, (old, old))
+    cache = DiskLatentCache(folder, "vae")
+    assert _temps(folder) == []
+    entries = sorted(folder.rglob("*.safetensors"))
+    assert entries
+    for path in entries:
+        key = path.name.removesuffix(".safetensors")
+        torch.testing.assert_close(cache.get(key), torch.ones(8, 1024, 1024))

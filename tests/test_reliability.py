@@ -438,6 +438,7 @@ def test_leftovers_of_a_killed_run_are_never_resumed_and_are_cleaned(tiny_pipeli
         (out / name / "dreamcoeff_state.json").write_text(json.dumps({"global_step": 7}))
     (out / "checkpoint-9").mkdir()
     (out / ".coeff_weights.safetensors.x1y2.tmp").write_bytes(b"partial")
+    (out / ".tmpA1b2C3").write_bytes(b"partial")  # safetensors' own temp file, staged under our temp name
     (out / ".final.tmp.d").mkdir()
     assert _steps(out) == [1, 2]
     with caplog.at_level("INFO", logger="dreamcoeff"):
@@ -465,6 +466,7 @@ def test_leftovers_of_a_killed_run_are_never_resumed_and_are_cleaned(tiny_pipeli
         "checkpoint-3.tmp",
         "checkpoint-1.old",
         ".coeff_weights.safetensors.x1y2.tmp",
+        ".tmpA1b2C3",
         ".final.tmp.d",
     }
     assert "checkpoint-9" in names  # not ours to delete, and never taken for a checkpoint

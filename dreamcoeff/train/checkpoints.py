@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dreamcoeff")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# Leftovers of an interrupted write: a checkpoint being written or deleted, an atomic_write temp file.
-_LEFTOVER_RE = re.compile(r"^(checkpoint-\d+\.(tmp|old)|\..+\.tmp(\.d)?)$")
+# Leftovers of an interrupted write: a checkpoint being written or deleted, an atomic_write temp file
+# or folder, safetensors' own temp file (io.TEMP_FILE_RE).
+_LEFTOVER_RE = re.compile(r"^(checkpoint-\d+\.(tmp|old)|\..+\.tmp(\.d)?|\.tmp[A-Za-z0-9]{6})$")
 STATE_NAME = "dreamcoeff_state.json"
 COMPLETE_NAME = "dreamcoeff_complete.json"
 # Arguments that may change between a run and its resumption without changing what is trained.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write
+from ..io import atomic_write, remove_stale_temps
 
 __all__ = ["DiskLatentCache", "LatentCache", "MemoryLatentCache", "default_cache_dir", "vae_fingerprint"]
 
@@ -29,6 +29,9 @@ logger = logging.getLogger("dreamcoeff")
 
 #: Bumped when the preprocessing (resize, crop, flip) or the stored format changes.
 FORMAT = "dreamcoeff-latents-1"
+#: A temp file in the cache this old is a killed write's, never one a concurrent run is still writing
+#: (an entry takes milliseconds to write).
+STALE_TEMP_S = 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -69,13 +72,19 @@ class MemoryLatentCache:
 
 
 class DiskLatentCache:
-    """A mapping from an augmentation variant's content key to its VAE posterior parameters."""
+    """A mapping from an augmentation variant's content key to its VAE posterior parameters.
+
+    Opening it deletes the temp files that killed writes left in the folder over an hour ago (the
+    folder is shared by runs, so a younger one may be another run's write in progress)."""
 
     def __init__(self, directory: str | os.PathLike, vae_id: str):
         self.directory = Path(directory)
         self.vae_id = vae_id
         self._file_hashes: dict[Path, str] = {}
         self.hits = self.misses = 0
+        removed = remove_stale_temps(self.directory, STALE_TEMP_S, recursive=True)
+        if removed:
+            logger.info("latent cache: removed %d temp file(s) left by interrupted writes", len(removed))
 
     def _file_hash(self, path: Path) -> str:
         if path not in self._file_hashes:
