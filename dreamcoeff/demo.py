@@ -27,6 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .io import atomic_write
+
 #: The repository's folders, relative to its root (where `make demo` runs).
 SAMPLES = Path("samples") / "instance"
 MICRO_MODEL = Path("models") / "microworld-sdxl-v2"
@@ -140,7 +142,8 @@ def run_demo(output_dir: Path, steps: int = 500, model: Path = MICRO_MODEL, samp
     if not (model / "model_index.json").is_file():
         raise SystemExit(
             f"demo: no model at {model}; it ships with the repository (run from the repository's "
-            "root, pass --model DIR, or re-create it with `make pretrain-micro`)"
+            "root, or pass --model DIR: `make pretrain-micro-v2` re-creates the default in "
+            "build/microworld-sdxl-v2)"
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     instance_dir = samples if any(samples.glob("*.png")) else None
@@ -156,7 +159,7 @@ def run_demo(output_dir: Path, steps: int = 500, model: Path = MICRO_MODEL, samp
         print(f"  {g}")
     print(f"  overview: {grid_dir / 'index.html'}")
     print(f"[demo] {CAPTION}")
-    (grid_dir / "CAPTION.txt").write_text(CAPTION + "\n", encoding="utf-8")
+    atomic_write(grid_dir / "CAPTION.txt", lambda tmp: Path(tmp).write_text(CAPTION + "\n", encoding="utf-8"))
     return grids[0] if grids else grid_dir
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .io import atomic_write
 from .weights import CoeffWeightsError, read_coeff_file
 
 __all__ = ["LayerSummary", "heatmap", "main", "overview_image", "summarize"]
@@ -196,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(tensors)
     text = summary_text(summary)
-    overview_image(tensors, args.top, title=f"alpha of {args.run}").save(out / "overview.png")
-    (out / "index.html").write_text(_html(summary, Path(args.run), text), encoding="utf-8")
+    image = overview_image(tensors, args.top, title=f"alpha of {args.run}")
+    atomic_write(out / "overview.png", lambda tmp: image.save(tmp, format="PNG"))
+    page = _html(summary, Path(args.run), text)
+    atomic_write(out / "index.html", lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     print(text)
     print(f"wrote {out / 'overview.png'} and {out / 'index.html'}")
     return 0

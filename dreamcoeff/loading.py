@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .lora import tensor_value_problems, unet_architecture_differences
+from .lora import lora_problems, tensor_value_problems, unet_architecture_differences
 from .methods import artifacts_in
 from .processor import remove_coeff
 from .tokens import load_embeddings_into, replace_abstractions, token_abstractions, unload_embeddings
@@ -94,8 +94,6 @@ def check_lora_file(pipe: StableDiffusionXLPipeline, path: Path) -> tuple[dict[s
     the module and each other, finite float values, and diffusers' adapter metadata of plain values.
     Returns (state dict, the adapter metadata rebuilt from what was checked, or None when the file has
     none); raises `RunLoadError` naming the file."""
-    from .sample.adapters import lora_problems  # lazy: the sampler package is heavier than this module
-
     try:
         state, alphas, metadata = pipe.lora_state_dict(
             str(path.parent), weight_name=path.name, use_safetensors=True, return_lora_metadata=True

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from .io import atomic_write
+from .processor import unwrap_unet
 
 __all__ = [
     "FULL_UNET_DIR",
@@ -25,6 +27,7 @@ __all__ = [
     "load_full_unet_weights",
     "load_lora_into_unet",
     "lora_file_of",
+    "lora_problems",
     "lora_state_dict",
     "save_lora",
     "tensor_value_problems",
@@ -199,3 +202,46 @@ def load_full_unet_weights(unet: torch.nn.Module, folder: str | os.PathLike) -> 
     missing, unexpected = unet.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit the UNet (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?:lora[._](?:down|up|A|B)|lora_linear_layer\.(?:down|up)|lora_magnitude_vector)"
+)
+
+
+def _lora_key_problem(key: str, tensor: torch.Tensor, modules: Mapping[str, torch.nn.Module]) -> str | None:
+    """What is wrong with one ``unet.`` LoRA key for this UNet's modules, or None."""
+    match = _LORA_KEY.match(key[len("unet.") :])
+    if not match:
+        return f"{key}: not a LoRA key diffusers understands"
+    path = match.group("module")
+    module = modules.get(path)
+    if module is None:
+        return f"{key}: the UNet has no module '{path}'"
+    base = getattr(module, "base_layer", module)  # an already-injected PEFT layer wraps the original
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim not in (2, 4):
+        return f"{key}: '{path}' is a {type(base).__name__}, not a Linear or Conv2d layer"
+    out_features, in_features = weight.shape[:2]
+    rest = key[len("unet.") + match.end("module") :]
+    is_down = any(t in rest for t in ("down", "lora_A", "lora.A"))
+    is_up = any(t in rest for t in ("up", "lora_B", "lora.B"))
+    if tensor.ndim >= 2 and is_down and tensor.shape[1] != in_features:
+        return f"{key}: input size {tensor.shape[1]}, but '{path}' takes {in_features}"
+    if tensor.ndim >= 2 and is_up and tensor.shape[0] != out_features:
+        return f"{key}: output size {tensor.shape[0]}, but '{path}' gives {out_features}"
+    return None
+
+
+def lora_problems(unet: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Mismatches between a LoRA state dict (diffusers format, ``unet.`` prefix) and a UNet.
+
+    Every ``unet.`` key must name a Linear or Conv2d module of the UNet, with a down (A) matrix whose
+    input size and an up (B) matrix whose output size fit that module. Returns readable problems
+    (empty list: it fits). Text-encoder keys are left to diffusers.
+    """
+    modules = dict(unwrap_unet(unet).named_modules())
+    problems = (
+        _lora_key_problem(key, tensor, modules) for key, tensor in state_dict.items() if key.startswith("unet.")
+    )
+    return [p for p in problems if p is not None]

@@ -166,7 +166,7 @@ def test_auto_uses_it_on_the_cpu_and_falls_back_where_it_cannot_build(monkeypatc
         torch.testing.assert_close(dc.mixed_attention(q, k, v, a, prefer="cpu_fused"), expected, rtol=1e-12, atol=1e-12)
 
     from dreamcoeff.train.config import UsageError
-    from dreamcoeff.train.loop import select_attention_impl
+    from dreamcoeff.train.runtime import select_attention_impl
 
     with pytest.raises(UsageError, match="--coeff_attention_impl cpu_fused: .*no compiler"):
         select_attention_impl("cpu_fused", torch.device("cpu"), torch.nn.Module())

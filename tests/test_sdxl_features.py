@@ -162,17 +162,17 @@ def test_dora_trains_saves_in_diffusers_format_and_resumes_exactly(tiny_pipeline
 @pytest.mark.slow
 def test_prodigy_trains_alpha_and_lora_in_own_groups_and_resumes_exactly(tiny_pipeline_dir, tmp_path, monkeypatch):
     pytest.importorskip("prodigyopt")
-    import dreamcoeff.train.loop as loop
+    import dreamcoeff.train.optim as optim
 
     groups_seen = []
-    real = loop.prodigy_optimizer
+    real = optim.prodigy_optimizer
 
     def spy(groups, cfg):
         opt = real(groups, cfg)
         groups_seen.append([len(g["params"]) for g in opt.param_groups])
         return opt
 
-    monkeypatch.setattr(loop, "prodigy_optimizer", spy)
+    monkeypatch.setattr(optim, "prodigy_optimizer", spy)
     inst = make_images(tmp_path / "inst")
     common = ("--tuning", "coeff+lora", "--optimizer", "prodigy", "--coeff_lr", "1.0", "--learning_rate", "1.0",
               "--max_train_steps", 4, "--checkpointing_steps", 2)  # fmt: skip

@@ -313,7 +313,7 @@ def test_trainer_flag_sets_the_choice_on_the_unet_or_refuses_clearly(monkeypatch
     reason, before any training."""
     from dreamcoeff.processor import apply_coeff
     from dreamcoeff.train.config import UsageError
-    from dreamcoeff.train.loop import select_attention_impl
+    from dreamcoeff.train.runtime import select_attention_impl
 
     monkeypatch.setenv("DREAMCOEFF_ATTENTION_IMPL", "unset")  # so that teardown restores the original
     monkeypatch.delenv("DREAMCOEFF_ATTENTION_IMPL")

@@ -15,9 +15,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..io import WriteError, fsync_dir, fsync_tree, remove_aside, replace_path, write_failure
+from ..io import WriteError, atomic_write, fsync_dir, fsync_tree, remove_aside, replace_path, write_failure
 from ..methods import ARTIFACTS, artifacts_in
 from ..tokens import EMBEDDINGS_SUFFIX
+from .card import TrainResult
 from .config import TrainConfig, UsageError
 
 if TYPE_CHECKING:
@@ -177,6 +178,35 @@ def completed_run(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
     if not all((out / name).is_file() for name in record.get("files", [])):
         return None
     return record
+
+
+def write_completion_record(cfg: TrainConfig, result: TrainResult) -> None:
+    """`COMPLETE_NAME` in the output folder: call it last, since a run is complete only once every file
+    is in place (`completed_run` reads it back)."""
+    record = {
+        "global_step": result.global_step,
+        "trainable_parameters": result.trainable_parameters,
+        "unet_parameters": result.unet_parameters,
+        "final_loss": result.final_loss,
+        "files": [p.name for p in result.files],
+        "args": json.loads(cfg.to_json()),
+    }
+    text = json.dumps(record, indent=2)
+    atomic_write(result.output_dir / COMPLETE_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def recorded_result(out: Path, record: dict[str, Any], wall_time_s: float) -> TrainResult:
+    """The `TrainResult` of a completed run, from its completion record (nothing trained this time)."""
+    return TrainResult(
+        out,
+        int(record["global_step"]),
+        int(record.get("trainable_parameters", 0)),
+        int(record.get("unet_parameters", 0)),
+        wall_time_s,
+        0,
+        [out / name for name in record.get("files", [])],
+        record.get("final_loss"),
+    )
 
 
 def write_failed_message(out: Path, exc: BaseException) -> str:

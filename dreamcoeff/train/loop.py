@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import random
-import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -29,12 +28,11 @@ from ..kohya import kohya_file_name
 from ..locking import FolderBusyError, FolderLock
 from ..methods import get_method
 from ..models import load_components
-from ..processor import set_coeff_attention_impl, set_plain_attention_backend, zero_row_sums_
+from ..processor import set_plain_attention_backend, zero_row_sums_
 from ..tokens import LearnedTokens, TokenPlan, embeddings_file_name
-from . import data
+from . import data, optim
 from .card import TrainResult, print_summary, write_model_card
 from .checkpoints import (
-    COMPLETE_NAME,
     STATE_NAME,
     TrainingError,
     check_resume_args,
@@ -42,15 +40,18 @@ from .checkpoints import (
     completed_run,
     has_previous_run,
     list_checkpoints,
+    recorded_result,
     register_hooks,
     resolve_resume,
     save_checkpoint,
     stage_final_files,
+    write_completion_record,
     write_failed_message,
 )
 from .config import TrainConfig, UsageError
 from .dataset_source import read_dataset_folder, substitute_trigger
 from .latent_cache import DiskLatentCache, LatentCache, MemoryLatentCache, default_cache_dir, vae_fingerprint
+from .runtime import check_ranks_agree, peak_memory, select_attention_impl, usable_trackers
 from .step import denoising_loss, encode_latents, with_class_batch
 from .stopping import StopRequest, TrainingStopped
 from .text import TextConditioning
@@ -58,50 +59,6 @@ from .validation import ensure_class_images, log_alpha, run_validation
 from .validation_prompts import validation_prompts
 
 logger = logging.getLogger("dreamcoeff")
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes: allocated CUDA memory on a GPU, the process's max RSS elsewhere."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def usable_trackers(report_to: str) -> list[str] | None:
-    """The --report_to trackers that are installed (a missing one is noted, not fatal)."""
-    if report_to in (None, "", "none"):
-        return None
-    wanted = ["tensorboard", "wandb"] if report_to == "all" else [report_to]
-    usable = []
-    for name in wanted:
-        try:
-            __import__(name)
-            usable.append(name)
-        except ImportError:
-            logger.info("--report_to %s: %s is not installed, logging to the console only", report_to, name)
-    return usable or None
-
-
-def select_attention_impl(impl: str, device: torch.device, unet: torch.nn.Module) -> None:
-    """--coeff_attention_impl: refused up front where the kernel cannot run on `device`, else set on
-    this UNet (`set_coeff_attention_impl`) as what its coeff layers run where A != I, so validation
-    pipelines built on the same UNet use it too. Call after the method's `install` (later processors
-    get it from the UNet as well)."""
-    if impl == "triton":
-        from ..attention.triton_kernels import triton_unavailable_reason  # lazy: triton is optional
-
-        reason = triton_unavailable_reason(torch.device(device))
-        if reason is not None:
-            raise UsageError(
-                f"--coeff_attention_impl triton: {reason}; or drop the flag (chunked PyTorch runs everywhere)"
-            )
-    if impl == "cpu_fused":
-        from ..attention.cpu_kernel import unavailable_reason
-
-        reason = unavailable_reason(torch.device(device))
-        if reason is not None:
-            raise UsageError(f"--coeff_attention_impl cpu_fused: {reason}; or drop the flag")
-    set_coeff_attention_impl(unet, impl)
 
 
 class Trainer:
@@ -182,16 +139,7 @@ class Trainer:
                 print(
                     f"dreamcoeff: {out} is already complete ({record['global_step']} steps); nothing to do", flush=True
                 )
-                return TrainResult(
-                    out,
-                    int(record["global_step"]),
-                    int(record.get("trainable_parameters", 0)),
-                    int(record.get("unet_parameters", 0)),
-                    time.time() - self.started,
-                    0,
-                    [out / name for name in record.get("files", [])],
-                    record.get("final_loss"),
-                )
+                return recorded_result(out, record, time.time() - self.started)
         self.dataset_captions: dict[Path, str] = {}
         if cfg.dataset_name:  # an image folder with metadata.jsonl: images and their captions
             rows = read_dataset_folder(cfg.dataset_name, cfg.image_column, cfg.caption_column)
@@ -345,19 +293,7 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         cfg, accelerator = self.cfg, self.accelerator
-        groups = self.method.parameter_groups(self.unet, cfg, self.tokens)
-        if cfg.optimizer == "prodigy":
-            self.optimizer = prodigy_optimizer(groups, cfg)
-        elif cfg.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError as exc:
-                raise UsageError(
-                    "--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`, or drop the flag"
-                ) from exc
-            self.optimizer = bnb.optim.AdamW8bit(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        self.optimizer = optim.build_optimizer(self.method.parameter_groups(self.unet, cfg, self.tokens), cfg)
         self.batches_per_epoch = math.ceil(len(self.sampler) / accelerator.num_processes)
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
         self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * self.updates_per_epoch
@@ -674,64 +610,11 @@ class Trainer:
             try:
                 files.append(write_model_card(cfg, out, result, self.validation_paths, self.plan))
                 files.append(out / "args.json")
-                # Written last: a run is complete only once every file is in place.
-                record = {
-                    "global_step": self.global_step,
-                    "trainable_parameters": self.trainable,
-                    "unet_parameters": self.unet_total,
-                    "final_loss": self.last_loss,
-                    "files": [p.name for p in files],
-                    "args": json.loads(cfg.to_json()),
-                }
-                atomic_write(
-                    out / COMPLETE_NAME,
-                    lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2), encoding="utf-8"),
-                )
+                write_completion_record(cfg, result)  # last: the run is complete once every file is in place
             except OSError as exc:
                 raise TrainingError(write_failed_message(out, exc)) from exc
             print_summary(result, self.step_times)
         return result
-
-
-def prodigy_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Prodigy (prodigyopt) over the same parameter groups as AdamW. prodigyopt estimates one step size
-    d for all groups together; each group's rate multiplies it (1.0 is Prodigy's intended value), so
-    alpha, the weights and the tokens keep their own groups and `--coeff_lr` can damp alpha against
-    the LoRA weights."""
-    try:
-        from prodigyopt import Prodigy
-    except ImportError as exc:
-        raise UsageError("--optimizer prodigy needs prodigyopt: `pip install prodigyopt`, or use adamw") from exc
-    low = sorted({g["lr"] for g in groups if g["lr"] < 0.1})
-    if low:
-        logger.warning(
-            "Prodigy finds the step size itself; a group's rate multiplies it and is usually 1.0 (got %s): "
-            "pass --learning_rate 1.0 --coeff_lr 1.0 (and --text_encoder_lr 1.0) unless you mean to damp it",
-            ", ".join(f"{lr:g}" for lr in low),
-        )
-    return Prodigy(
-        groups,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        beta3=cfg.prodigy_beta3,
-        eps=cfg.adam_epsilon,
-        decouple=cfg.prodigy_decouple,
-        use_bias_correction=cfg.prodigy_use_bias_correction,
-        safeguard_warmup=cfg.prodigy_safeguard_warmup,
-    )
-
-
-def check_ranks_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
-    """Every process must end with the same weights (DDP keeps them in step); say so, or fail."""
-    if accelerator.num_processes == 1 or not params:
-        return
-    flat = torch.cat([p.detach().float().reshape(-1) for p in params])
-    gathered = accelerator.gather(flat.unsqueeze(0))
-    spread = (gathered - gathered[0:1]).abs().max().item()
-    if spread > 0:
-        raise TrainingError(
-            f"trainable weights differ across {accelerator.num_processes} processes (max diff {spread:g})"
-        )
-    logger.info("weights identical on all %d processes", accelerator.num_processes)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
