@@ -46,19 +46,17 @@ def _imported(path: Path, root: Path = PACKAGE) -> set[str]:
     return {n for n in names if n == "dreamcoeff" or n.startswith("dreamcoeff.")}
 
 
-def _area(path: Path, root: Path = PACKAGE) -> str:
-    """'train', 'sample', 'testing', 'demo' or 'library' (everything below them)."""
-    parts = path.relative_to(root).parts
-    if parts[0] in ("train", "sample", "testing"):
-        return parts[0]
-    return "demo" if parts[0] == "demo.py" else "library"
-
-
 def _area_of_module(name: str) -> str | None:
+    """'train', 'sample', 'testing', 'demo' or 'library' (everything below them) for a dotted name."""
     parts = name.split(".")
     if len(parts) < 2:
         return None
     return parts[1] if parts[1] in ("train", "sample", "testing", "demo") else "library"
+
+
+def _area(path: Path, root: Path = PACKAGE) -> str:
+    """The area of the module in file `path`."""
+    return _area_of_module(".".join(("dreamcoeff", *path.relative_to(root).with_suffix("").parts)))
 
 
 # What each area may import from the others (its own area is always allowed).

@@ -15,7 +15,16 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..io import WriteError, atomic_write, fsync_dir, fsync_tree, remove_aside, replace_path, write_failure
+from ..io import (
+    TEMP_FILE_RE,
+    WriteError,
+    atomic_write,
+    fsync_dir,
+    fsync_tree,
+    remove_aside,
+    replace_path,
+    write_failure,
+)
 from ..methods import ARTIFACTS, artifacts_in
 from ..tokens import EMBEDDINGS_SUFFIX
 from .card import TrainResult
@@ -31,9 +40,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dreamcoeff")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# Leftovers of an interrupted write: a checkpoint being written or deleted, an atomic_write temp file
-# or folder, safetensors' own temp file (io.TEMP_FILE_RE).
-_LEFTOVER_RE = re.compile(r"^(checkpoint-\d+\.(tmp|old)|\..+\.tmp(\.d)?|\.tmp[A-Za-z0-9]{6})$")
+# Leftovers of an interrupted write besides the temp files io.TEMP_FILE_RE names (atomic_write's and
+# safetensors'): a checkpoint being written or deleted, the final files' staging folder.
+_LEFTOVER_RE = re.compile(r"^(checkpoint-\d+\.(tmp|old)|\..+\.tmp\.d)$")
 STATE_NAME = "dreamcoeff_state.json"
 COMPLETE_NAME = "dreamcoeff_complete.json"
 # Arguments that may change between a run and its resumption without changing what is trained.
@@ -122,7 +131,7 @@ def clean_output_dir(out: Path, drop_checkpoints: bool) -> None:
     if not out.is_dir():
         return
     for p in out.iterdir():
-        if _LEFTOVER_RE.match(p.name):
+        if _LEFTOVER_RE.match(p.name) or TEMP_FILE_RE.match(p.name):
             logger.info("removing %s, left by an interrupted run", p)
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if drop_checkpoints:
