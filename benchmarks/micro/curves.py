@@ -323,9 +323,12 @@ def phase_report(args, out: Path) -> None:
                          f"{p['prompt']:.2f} | {p['background']:.2f} | {p['bg_copy']:.2f} |")  # fmt: skip
         lines.append("")
     (out / "RESULTS.md").write_text("\n".join(lines))
-    draw_curves(curves, out / "curves.png", f"{args.concept_set}, {Path(args.model).name}")
+    title = f"{args.concept_set}, {Path(args.model).name}"
+    draw_curves(curves, out / "curves.png", title)
+    # the same lines with the subject scored on the training prompt: learned, or learned only where trained?
+    draw_curves(curves, out / "curves_training_prompt.png", title, x="subject_train")
     save_json(out / "results.json", {"curves": curves, "runs": runs})
-    print(f"[report] {out / 'RESULTS.md'}, {out / 'curves.png'}")
+    print(f"[report] {out / 'RESULTS.md'}, {out / 'curves.png'}, {out / 'curves_training_prompt.png'}")
 
 
 def summary_tables(curves: dict[str, list[dict]], runs: list[dict]) -> list[str]:
@@ -335,8 +338,8 @@ def summary_tables(curves: dict[str, list[dict]], runs: list[dict]) -> list[str]
     params = {r["method"]: r.get("trainable_parameters") for r in runs}
     rates = {r["method"]: rates_of(r) for r in runs}
     lines = ["## Summary", "",
-             f"| method (trainable) | rate | subject at {' / '.join(map(str, shown))} | prompt at {last} | "
-             f"bg_copy at {last} |", "|---|---|---|---|---|"]  # fmt: skip
+             f"| method (trainable) | rate | subject at {' / '.join(map(str, shown))} | subject on the training "
+             f"prompt at {last} | prompt at {last} | bg_copy at {last} |", "|---|---|---|---|---|---|"]  # fmt: skip
     for m, pts in curves.items():
         at = {p["step"]: p for p in pts}
         lr, tok, alpha = rates.get(m, (None, None, None))
@@ -346,7 +349,9 @@ def summary_tables(curves: dict[str, list[dict]], runs: list[dict]) -> list[str]
         subj = " / ".join(f"{at[s]['subject']:.2f}" if s in at else "-" for s in shown) if m != "untrained" \
             else f"{pts[0]['subject']:.2f}"  # fmt: skip
         end = at.get(last, pts[-1])
-        lines.append(f"| {name} | {rate} | {subj} | {end['prompt']:.2f} | {end['bg_copy']:.2f} |")
+        lines.append(
+            f"| {name} | {rate} | {subj} | {end['subject_train']:.2f} | {end['prompt']:.2f} | {end['bg_copy']:.2f} |"
+        )
     concepts = sorted({r["concept"] for r in runs})
     lines += ["", f"Per concept at step {last} (mean over seeds): subject / prompt / bg_copy", "",
               "| method | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]  # fmt: skip
@@ -410,8 +415,8 @@ COLOURS = {"untrained": "#000000", "coeff": "#d62728", "lora": "#1f77b4", "coeff
            "full": "#7f7f7f"}  # fmt: skip
 
 
-def draw_curves(curves: dict[str, list[dict]], path: Path, title: str, size: int = 520) -> None:
-    """Subject fidelity (x) against prompt fidelity (y), one line per method through its checkpoints
+def draw_curves(curves: dict[str, list[dict]], path: Path, title: str, size: int = 520, x: str = "subject") -> None:
+    """Subject fidelity (x; `x="subject_train"`: on the training prompt) against prompt fidelity (y), one line per method through its checkpoints
     (small dots, the last one large and labelled with its step), a panel per comparison (`PANELS`); the
     untrained model is the black square every line starts from. Axes span the data, in steps of 0.1."""
     from PIL import Image, ImageDraw
@@ -420,8 +425,8 @@ def draw_curves(curves: dict[str, list[dict]], path: Path, title: str, size: int
 
     points = [p for pts in curves.values() for p in pts]
     lo_x, hi_x = (
-        np.floor(min(p["subject"] for p in points) * 10) / 10,
-        np.ceil(max(p["subject"] for p in points) * 10) / 10,
+        np.floor(min(p[x] for p in points) * 10) / 10,
+        np.ceil(max(p[x] for p in points) * 10) / 10,
     )
     lo_y, hi_y = (
         np.floor(min(p["prompt"] for p in points) * 10) / 10,
@@ -432,7 +437,8 @@ def draw_curves(curves: dict[str, list[dict]], path: Path, title: str, size: int
     img = Image.new("RGB", (panel_w * len(PANELS) + 20, size + legend_h + top + 40), "white")
     d = ImageDraw.Draw(img)
     f, small = label_font(14), label_font(11)
-    d.text((10, 6), f"prompt fidelity against subject fidelity along training: {title}", fill="black", font=f)
+    x_label = "subject fidelity" + (" on the training prompt" if x == "subject_train" else "")
+    d.text((10, 6), f"prompt fidelity against {x_label} along training: {title}", fill="black", font=f)
     start = curves.get("untrained", [None])[0]
     for k, (heading, methods) in enumerate(PANELS):
         x0, y0, w, h = 60 + k * panel_w, top + 42, size - 20, size - 40
@@ -446,13 +452,13 @@ def draw_curves(curves: dict[str, list[dict]], path: Path, title: str, size: int
             d.text((xy(t, lo_y)[0] - 10, y0 + h + 4), f"{t:.1f}", fill="black", font=small)
         for t in np.arange(lo_y, hi_y + 1e-9, 0.1):
             d.text((x0 - 30, xy(lo_x, t)[1] - 7), f"{t:.1f}", fill="black", font=small)
-        d.text((x0 + w / 2 - 50, y0 + h + 20), "subject fidelity", fill="black", font=f)
+        d.text((x0 + w / 2 - 4 * len(x_label), y0 + h + 20), x_label, fill="black", font=f)
         d.text((x0 - 55, y0 - 18), "prompt fidelity", fill="black", font=small)
         shown = [m for m in methods if m in curves]
         for m in shown:
             colour, pts = COLOURS.get(m, "#bcbd22"), curves[m]
             line = ([start] if start and m != "untrained" else []) + pts
-            coords = [xy(p["subject"], p["prompt"]) for p in line]
+            coords = [xy(p[x], p["prompt"]) for p in line]
             if len(coords) > 1:
                 d.line(coords, fill=colour, width=3)
             for p, (cx, cy) in zip(line[1:] if m != "untrained" else [], coords[1:]):
@@ -461,7 +467,7 @@ def draw_curves(curves: dict[str, list[dict]], path: Path, title: str, size: int
                 if p is line[-1]:
                     d.text((cx + 7, cy - 7), str(p["step"]), fill=colour, font=small)
         if start:
-            cx, cy = xy(start["subject"], start["prompt"])
+            cx, cy = xy(start[x], start["prompt"])
             d.rectangle([cx - 6, cy - 6, cx + 6, cy + 6], fill="black")
         for j, m in enumerate(shown):
             lx, ly = x0 + (j % 2) * (w // 2), y0 + h + 48 + (j // 2) * 22
