@@ -214,7 +214,7 @@ def load_run(
                                          _pipeline=pipe)  # fmt: skip
             except (ValueError, TypeError, RuntimeError, KeyError) as exc:
                 if LORA_ADAPTER in (pipe.get_list_adapters().get("unet") or []):
-                    pipe.delete_adapters(LORA_ADAPTER)
+                    _remove_run_lora(pipe)
                 raise RunLoadError(f"{found['lora']} could not be loaded: {exc}") from exc
             loaded.parts.append("lora")  # from here on unload_run takes it out again
             pipe.set_adapters([LORA_ADAPTER], adapter_weights=[lora_scale])
@@ -225,10 +225,22 @@ def load_run(
     return loaded
 
 
+def _remove_run_lora(pipe: StableDiffusionXLPipeline) -> None:
+    """Delete the run's adapter, and PEFT's wrapper layers with it when no other adapter is left."""
+    pipe.delete_adapters(LORA_ADAPTER)
+    if not pipe.get_list_adapters().get("unet"):
+        pipe.unet.unload_lora()
+
+
 def unload_run(pipe: StableDiffusionXLPipeline, loaded: LoadedRun) -> None:
-    """Take out what `load_run` loaded: the pipeline computes the base model's images again, bit for bit."""
+    """Take out what `load_run` loaded: the pipeline holds the base model's modules and tensors again.
+
+    Adapters the caller loaded under other names stay; when the run's LoRA was the UNet's last adapter,
+    PEFT's wrapper layers go too (deleting an adapter leaves them in place, around no adapter), so the
+    UNet's module tree is the base model's, not just its output.
+    """
     if "lora" in loaded.parts:
-        pipe.delete_adapters(LORA_ADAPTER)
+        _remove_run_lora(pipe)
     if "alpha" in loaded.parts:
         remove_coeff(pipe)
     if "unet" in loaded.parts and loaded.base_unet is not None:

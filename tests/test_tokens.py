@@ -151,7 +151,7 @@ def test_missing_abstraction_and_none_without_tokens_are_usage_errors(tiny_pipel
 def test_each_mode_with_tokens_trains_saves_and_reloads(tiny_pipeline_dir, tmp_path, tuning):
     """3 steps, tokens trained for the first 2 (frozen after step 2, then cached). The final validation
     image is the in-memory model's; load_run into a fresh pipeline and diffusers' own loaders give the
-    same image; unload_run gives the base model back bit for bit."""
+    same image; unload_run gives the base model back (every UNet tensor, exactly)."""
     inst = make_images(tmp_path / "inst", ((64, 64),) * 3, 0)
     out = tmp_path / "run"
     argv = _args(tiny_pipeline_dir, inst, out, "--tuning", tuning, "--max_train_steps", 3, "--coeff_lr", "5e-2",
@@ -178,6 +178,7 @@ def test_each_mode_with_tokens_trains_saves_and_reloads(tiny_pipeline_dir, tmp_p
 
     pipe = _pipe(tiny_pipeline_dir)
     base = _image(pipe, "a <s0><s1> dog on the beach")  # the base model reads the new tokens' letters
+    base_unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     loaded = load_run(pipe, out)
     assert loaded.tokens == ["<s0>", "<s1>"] and loaded.token == "<s0><s1>"
     expected = {"none": [], "coeff": ["alpha"], "lora": ["lora"], "coeff+lora": ["alpha", "lora"], "full": ["unet"]}
@@ -186,7 +187,13 @@ def test_each_mode_with_tokens_trains_saves_and_reloads(tiny_pipeline_dir, tmp_p
     via_load_run = _image(pipe, prompt)
     assert np.abs(via_load_run - trained).max() <= 1  # the in-memory model's image (8-bit PNG)
     unload_run(pipe, loaded)
-    assert np.array_equal(_image(pipe, "a <s0><s1> dog on the beach"), base)
+    # the base UNet again: the same module tree (PEFT's wrappers gone with the LoRA) and every tensor
+    unet_now = pipe.unet.state_dict()
+    assert unet_now.keys() == base_unet.keys() and all(torch.equal(unet_now[k], v) for k, v in base_unet.items())
+    again = _image(pipe, "a <s0><s1> dog on the beach")
+    # equal here; 1 level of 8 bits allowed because one CI machine's CPU kernels once differed in
+    # the last float bit after a LoRA was loaded and taken out
+    assert np.abs(again - base).max() <= 1
 
     # the same with diffusers' own loaders, as the model card says
     pipe = _pipe(tiny_pipeline_dir)
