@@ -97,6 +97,18 @@ def test_report_means_pairs_and_left_out_concepts(curves, tmp_path):
         assert (out / figure).stat().st_size > 1000
 
 
+def test_summary_lists_methods_in_one_order_whoever_wrote_them(curves, tmp_path):
+    """Untrained first, then the benchmark's method order, not the order of the processes' files."""
+    out = tmp_path / "bench"
+    write(
+        out, "a", [run("full", "A", [point(125, 0.1, 0.7)], lr=3e-5), run("lora", "A", [point(125, 0.4, 0.6)], lr=3e-4)]
+    )
+    write(out, "b", [run("untrained", "A", [point(0, 0.2, 0.8)]), run("coeff", "A", [point(125, 0.3, 0.8)], lr=1e-4)])
+    summary = section(report(curves, out), "## Summary")
+    firsts = [line.split("|")[1].strip().split(" (")[0] for line in summary.splitlines()[4:]]
+    assert firsts == ["untrained", "coeff", "lora", "full"]
+
+
 def test_report_refuses_a_method_trained_at_two_rates(curves, tmp_path):
     out = tmp_path / "bench"
     write(out, "a", [

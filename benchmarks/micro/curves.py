@@ -293,6 +293,9 @@ def phase_report(args, out: Path) -> None:
     if not runs:
         print("[report] no curves yet")
         return
+    # tables and legends in one order whatever process wrote which file (stable: concepts keep theirs)
+    order = ["untrained", *METHODS]
+    runs.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
     for m in {r["method"] for r in runs}:
         rates = {rates_of(r) for r in runs if r["method"] == m}
         if len(rates) > 1:
