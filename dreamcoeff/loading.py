@@ -54,6 +54,10 @@ class LoadedRun:
     tokens: list[str] = field(default_factory=list)
     abstractions: dict[str, str] = field(default_factory=dict)
     base_unet: torch.nn.Module | None = None
+    # the UNet parameters' requires_grad flags before the LoRA: PEFT freezes the base layers when it
+    # injects an adapter and never unfreezes them, and the flag is not cosmetic (PyTorch's matmul folds
+    # batched inputs differently when a weight requires grad, so even no_grad images move in the last bit)
+    unet_requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
 
     @property
     def token(self) -> str | None:
@@ -209,12 +213,13 @@ def load_run(
             load_coeff_weights(pipe, found["alpha"], scale=coeff_scale)
             loaded.parts.append("alpha")
         if "lora" in found:
+            loaded.unet_requires_grad = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
             try:
                 pipe.load_lora_into_unet(lora_state, None, pipe.unet, adapter_name=LORA_ADAPTER, metadata=lora_meta,
                                          _pipeline=pipe)  # fmt: skip
             except (ValueError, TypeError, RuntimeError, KeyError) as exc:
                 if LORA_ADAPTER in (pipe.get_list_adapters().get("unet") or []):
-                    _remove_run_lora(pipe)
+                    _remove_run_lora(pipe, loaded.unet_requires_grad)
                 raise RunLoadError(f"{found['lora']} could not be loaded: {exc}") from exc
             loaded.parts.append("lora")  # from here on unload_run takes it out again
             pipe.set_adapters([LORA_ADAPTER], adapter_weights=[lora_scale])
@@ -225,11 +230,15 @@ def load_run(
     return loaded
 
 
-def _remove_run_lora(pipe: StableDiffusionXLPipeline) -> None:
-    """Delete the run's adapter, and PEFT's wrapper layers with it when no other adapter is left."""
+def _remove_run_lora(pipe: StableDiffusionXLPipeline, requires_grad: dict[str, bool]) -> None:
+    """Delete the run's adapter, and PEFT's wrapper layers with it when no other adapter is left; then
+    give every UNet parameter back the requires_grad flag it had before the adapter came in."""
     pipe.delete_adapters(LORA_ADAPTER)
     if not pipe.get_list_adapters().get("unet"):
         pipe.unet.unload_lora()
+    for name, param in pipe.unet.named_parameters():
+        if name in requires_grad:
+            param.requires_grad_(requires_grad[name])
 
 
 def unload_run(pipe: StableDiffusionXLPipeline, loaded: LoadedRun) -> None:
@@ -237,10 +246,11 @@ def unload_run(pipe: StableDiffusionXLPipeline, loaded: LoadedRun) -> None:
 
     Adapters the caller loaded under other names stay; when the run's LoRA was the UNet's last adapter,
     PEFT's wrapper layers go too (deleting an adapter leaves them in place, around no adapter), so the
-    UNet's module tree is the base model's, not just its output.
+    UNet's module tree is the base model's, not just its output, and its parameters' requires_grad
+    flags are what they were before the load.
     """
     if "lora" in loaded.parts:
-        _remove_run_lora(pipe)
+        _remove_run_lora(pipe, loaded.unet_requires_grad)
     if "alpha" in loaded.parts:
         remove_coeff(pipe)
     if "unet" in loaded.parts and loaded.base_unet is not None:

@@ -1,8 +1,10 @@
 """Small helpers shared by the trainer tests."""
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -16,3 +18,28 @@ def make_images(folder: Path, sizes=((64, 64), (80, 64), (64, 80)), seed=0) -> P
         arr[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = rng.integers(0, 255, 3)
         Image.fromarray(arr).save(folder / f"img{i}.png")
     return folder
+
+
+def snapshot_tensors(source: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached copies of a module's state dict (or of a mapping of tensors), to compare with later."""
+    state = source.state_dict() if isinstance(source, torch.nn.Module) else source
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def assert_same_tensors(now: torch.nn.Module | Mapping[str, torch.Tensor], before: Mapping[str, torch.Tensor]) -> None:
+    """The same keys and every tensor bit-identical (`torch.equal`); names the keys that differ."""
+    state = now.state_dict() if isinstance(now, torch.nn.Module) else now
+    assert state.keys() == before.keys(), sorted(set(state) ^ set(before))[:5]
+    changed = [k for k in before if not torch.equal(state[k], before[k])]
+    assert not changed, changed[:5]
+
+
+def snapshot_unet(pipe) -> tuple[dict[str, torch.Tensor], dict[str, type]]:
+    """Every UNet tensor and each attention processor's type: what a refused load must leave as it was."""
+    return snapshot_tensors(pipe.unet), {k: type(v) for k, v in pipe.unet.attn_processors.items()}
+
+
+def assert_unet_untouched(pipe, snapshot: tuple[dict[str, torch.Tensor], dict[str, type]]) -> None:
+    tensors, processors = snapshot
+    assert_same_tensors(pipe.unet, tensors)
+    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == processors

@@ -33,7 +33,7 @@ from PIL import Image
 from dreamcoeff import load_coeff_weights, read_coeff_file
 from dreamcoeff.train import COMPLETE_NAME, list_checkpoints, main
 from dreamcoeff.weights import MAX_HEADER_BYTES, CoeffWeightsError
-from tests.helpers import make_images
+from tests.helpers import assert_unet_untouched, make_images, snapshot_unet
 from tests.pausing_entry import TEST_PAUSE_ENV, TEST_STEP_PAUSE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -792,8 +792,7 @@ def test_keys_outside_the_unet_refused_before_loading(tiny_pipe, tmp_path, monke
     from dreamcoeff.processor import apply_coeff
 
     apply_coeff(tiny_pipe.unet)
-    before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
-    processors = {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()}
+    before = snapshot_unet(tiny_pipe)
     outside = [
         "unet.conv_in.alpha",  # a real module, but not attention
         "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.alpha",  # inside an attention
@@ -809,9 +808,7 @@ def test_keys_outside_the_unet_refused_before_loading(tiny_pipe, tmp_path, monke
             m.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("tensor data was read"))
             with pytest.raises(CoeffWeightsError, match="does not fit this UNet"):
                 load_coeff_weights(tiny_pipe, path)
-        now = tiny_pipe.unet.state_dict()
-        assert all(torch.equal(now[k], before[k]) for k in before)
-        assert {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()} == processors
+        assert_unet_untouched(tiny_pipe, before)
 
 
 def test_alpha_is_never_read_with_pickle():

@@ -1,7 +1,6 @@
 """CoeffAttnProcessor on the tiny SDXL UNet and pipeline: exactness at alpha = 0, LoRA composition,
 save / load, refusals, strength, and the real SDXL layout on the meta device."""
 
-import copy
 import json
 
 import pytest
@@ -23,6 +22,7 @@ from dreamcoeff import (
 )
 from dreamcoeff.testing.sdxl import SDXL_BASE_UNET_CONFIG
 from dreamcoeff.testing.tiny import build_tiny_pipeline
+from tests.helpers import assert_same_tensors, assert_unet_untouched, snapshot_tensors, snapshot_unet
 
 
 def _unet_out(unet, inputs, **extra):
@@ -85,10 +85,9 @@ def test_apply_selection_and_reapply_keeps_alpha(tiny_pipe):
     untouched = [m for p, m in unet.attn_processors.items() if "up_blocks" in p]
     assert untouched and not any(isinstance(m, CoeffAttnProcessor) for m in untouched)
     _randomize(unet)
-    before = {k: v.clone() for k, v in coeff_state_dict(unet).items()}
+    before = snapshot_tensors(coeff_state_dict(unet))
     apply_coeff(unet, targets="attn2", include=["down_blocks.*"], exclude=["transformer_blocks.1"], dropout=0.1)
-    after = coeff_state_dict(unet)
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_tensors(coeff_state_dict(unet), before)
     assert all(m.processor.dropout == 0.1 for m in coeff_modules(unet).values())
     # alpha are real parameters of the UNet
     names = {n for n, _ in unet.named_parameters()}
@@ -204,17 +203,6 @@ def test_save_load_roundtrip(tiny_pipe, tmp_path):
     assert torch.allclose(_images(fresh), base_images, atol=1e-6)
 
 
-def _snapshot(pipe):
-    return copy.deepcopy({k: v.clone() for k, v in pipe.unet.state_dict().items()}), dict(pipe.unet.attn_processors)
-
-
-def _assert_untouched(pipe, snap):
-    state, procs = snap
-    now = pipe.unet.state_dict()
-    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
-    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == {k: type(v) for k, v in procs.items()}
-
-
 def _saved(tmp_path, name, tensors, metadata):
     from safetensors.torch import save_file
 
@@ -273,11 +261,11 @@ def test_load_refusals_leave_pipeline_untouched(tiny_pipe, tmp_path):
 
     apply_coeff(tiny_pipe.unet, targets="attn2")
     _randomize(tiny_pipe.unet)
-    snap = _snapshot(tiny_pipe)
+    snap = snapshot_unet(tiny_pipe)
     for path, message in cases.values():
         with pytest.raises(CoeffWeightsError, match=message):
             load_coeff_weights(tiny_pipe, path)
-        _assert_untouched(tiny_pipe, snap)
+        assert_unet_untouched(tiny_pipe, snap)
 
 
 def test_save_refuses_nan_and_keeps_previous_file(tiny_pipe, tmp_path):
