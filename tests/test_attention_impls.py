@@ -14,58 +14,7 @@ import torch.nn.functional as F
 from dreamcoeff import attention as dc
 from dreamcoeff.attention.chunked import ChunkedMixedAttention
 from dreamcoeff.processor import CoeffAttnProcessor
-
-
-def ref_mixed(q, k, v, coeff, scale, mask=None):
-    """O^h = sum_i coeff[h, i] softmax(Q^i K^i^T scale + M) V^h in float64 (boolean mask: True = keep)."""
-    q, k, v, coeff = (t.detach().double() for t in (q, k, v, coeff))
-    s = torch.einsum("bind,bild->binl", q, k) * scale
-    if mask is not None:
-        s = s + (torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask).double()
-    p = torch.softmax(s, dim=-1)
-    return torch.einsum("hi,binl,bhld->bhnd", coeff.double(), p, v)
-
-
-def ref_grads(q, k, v, coeff, scale, mask, grad_out):
-    """Reference output and the float64 autograd gradients of q, k, v and coeff."""
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, coeff)]
-    with torch.enable_grad():
-        s = torch.einsum("bind,bild->binl", leaves[0], leaves[1]) * scale
-        if mask is not None:
-            s = s + (torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask).double()
-        out = torch.einsum("hi,binl,bhld->bhnd", leaves[3], torch.softmax(s, dim=-1), leaves[2])
-    out.backward(grad_out.double())
-    return out.detach(), [t.grad for t in leaves]
-
-
-def make(b, h, n, l, d, dtype=torch.float64, seed=0, identity=False):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
-    k = torch.randn(b, h, l, d, generator=g, dtype=torch.float64)
-    v = torch.randn(b, h, l, d, generator=g, dtype=torch.float64)
-    a = torch.eye(h, dtype=torch.float64)
-    if not identity:
-        a = a + 0.3 * torch.randn(h, h, generator=g, dtype=torch.float64)  # negative entries too
-    gout = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
-    return [t.to(dtype) for t in (q, k, v)] + [a.to(torch.float64 if dtype == torch.float64 else torch.float32), gout]
-
-
-def masks(kind, b, h, n, l, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    if kind is None:
-        return None
-    if kind == "additive":  # per query row and head, finite
-        return torch.randn(b, h, n, l, generator=g, dtype=torch.float64) * 2
-    if kind == "additive_keys":  # key padding as diffusers builds it: (B, 1, 1, L), -10000 on padded keys
-        m = torch.zeros(b, 1, 1, l, dtype=torch.float64)
-        m[..., l // 2 + 1 :] = -10000.0
-        return m
-    if kind == "bool":  # keep-mask per row; every row keeps its first key so no row is all -inf
-        keep = torch.rand(b, 1, n, l, generator=g) > 0.4
-        keep[..., 0] = True
-        return keep
-    raise ValueError(kind)
-
+from tests.attention_cases import attention_mask, random_attention_inputs, ref_grads, ref_mixed, two_attention_modules
 
 # "sdpa" only for A == I: tested separately below. For "cpu_fused" the chunk is its block of query
 # rows; tests/test_cpu_kernel.py shrinks its key tiles too.
@@ -86,8 +35,8 @@ DISPATCHABLE = ("chunked", "materialized", "cpu_fused")
 )
 @pytest.mark.parametrize("mask_kind", [None, "additive", "additive_keys", "bool"])
 def test_float64_values_and_grads_match_reference(impl, b, h, n, l, chunk, mask_kind):
-    q, k, v, a, gout = make(b, h, n, l, 8)
-    mask = masks(mask_kind, b, h, n, l)
+    q, k, v, a, gout = random_attention_inputs(b, h, n, l, 8)
+    mask = attention_mask(mask_kind, b, h, n, l)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]
     out = dc.mixed_attention(*leaves, scale=0.37, mask=mask, chunk_size=chunk, impl=impl)
     out.backward(gout)
@@ -102,8 +51,8 @@ def test_float64_values_and_grads_match_reference(impl, b, h, n, l, chunk, mask_
 @pytest.mark.parametrize("chunk", [2, 5])
 @pytest.mark.parametrize("mask_kind", [None, "additive", "bool"])
 def test_gradcheck_chunked(impl, chunk, mask_kind):
-    q, k, v, a, _ = make(2, 3, 5, 4, 3, seed=3)
-    mask = masks(mask_kind, 2, 3, 5, 4, seed=4)
+    q, k, v, a, _ = random_attention_inputs(2, 3, 5, 4, 3, seed=3)
+    mask = attention_mask(mask_kind, 2, 3, 5, 4, seed=4)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]
     fn = lambda q, k, v, a: dc.mixed_attention(q, k, v, a, scale=0.6, mask=mask, chunk_size=chunk, impl=impl)  # noqa: E731
     # fast_mode checks random directions (v^T J u) instead of every column of the Jacobian: the same
@@ -113,7 +62,7 @@ def test_gradcheck_chunked(impl, chunk, mask_kind):
 
 @pytest.mark.parametrize("impl", ["chunked", "cpu_fused"])
 def test_gradcheck_chunked_full_jacobian(impl):
-    q, k, v, a, _ = make(1, 2, 3, 4, 2, seed=10)
+    q, k, v, a, _ = random_attention_inputs(1, 2, 3, 4, 2, seed=10)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]
     fn = lambda q, k, v, a: dc.mixed_attention(q, k, v, a, scale=0.6, chunk_size=2, impl=impl)  # noqa: E731
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
@@ -123,7 +72,7 @@ def test_gradcheck_chunked_full_jacobian(impl):
 @pytest.mark.parametrize("needs", ["a", "v", "qk", "qa", "kv", "q", "k"])
 def test_partial_gradients(impl, needs):
     """Only some inputs require grad (e.g. alpha-only training of a frozen projection): same grads."""
-    q, k, v, a, gout = make(1, 3, 9, 7, 4, seed=5)
+    q, k, v, a, gout = random_attention_inputs(1, 3, 9, 7, 4, seed=5)
     leaves = [t.clone().requires_grad_(name in needs) for name, t in zip("qkva", (q, k, v, a))]
     dc.mixed_attention(*leaves, scale=0.5, chunk_size=4, impl=impl).backward(gout)
     _, ref_g = ref_grads(q, k, v, a, 0.5, None, gout)
@@ -157,7 +106,7 @@ def test_non_contiguous_inputs_like_the_processor():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_inputs_against_float64(dtype):
     """fp32/bf16/fp16 activations: output in the input dtype, computed in float32 inside."""
-    q, k, v, a, gout = make(2, 4, 33, 20, 8, dtype=dtype, seed=7)
+    q, k, v, a, gout = random_attention_inputs(2, 4, 33, 20, 8, dtype=dtype, seed=7)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]
     out = dc.mixed_attention(*leaves, chunk_size=10)
     assert out.dtype == dtype
@@ -172,7 +121,7 @@ def test_low_precision_inputs_against_float64(dtype):
 
 def test_float32_large_rows_accuracy():
     """A realistic row length (L = 300) in float32: relative error at float32 level."""
-    q, k, v, a, gout = make(1, 5, 64, 300, 16, dtype=torch.float32, seed=8)
+    q, k, v, a, gout = random_attention_inputs(1, 5, 64, 300, 16, dtype=torch.float32, seed=8)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]
     out = dc.mixed_attention(*leaves)
     out.backward(gout.float())
@@ -202,8 +151,8 @@ def test_auto_picks_sdpa_only_for_exact_identity_without_grad(monkeypatch):
 
 @pytest.mark.parametrize("mask_kind", [None, "additive_keys", "bool"])
 def test_identity_fast_path_is_sdpa_and_exact(mask_kind, monkeypatch):
-    q, k, v, a, _ = make(2, 3, 9, 6, 4, dtype=torch.float32, identity=True)
-    mask = masks(mask_kind, 2, 3, 9, 6)
+    q, k, v, a, _ = random_attention_inputs(2, 3, 9, 6, 4, dtype=torch.float32, identity=True)
+    mask = attention_mask(mask_kind, 2, 3, 9, 6)
     mask = mask if mask is None or mask.dtype == torch.bool else mask.float()
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.45)
     calls = []
@@ -221,7 +170,7 @@ def test_identity_fast_path_is_sdpa_and_exact(mask_kind, monkeypatch):
 
 
 def test_sdpa_impl_refuses_a_non_identity_matrix():
-    q, k, v, a, _ = make(1, 2, 4, 4, 4, dtype=torch.float32)
+    q, k, v, a, _ = random_attention_inputs(1, 2, 4, 4, 4, dtype=torch.float32)
     with pytest.raises(ValueError, match="exactly I"):
         dc.mixed_attention(q, k, v, a, impl="sdpa")
 
@@ -271,20 +220,10 @@ def test_precedence_explicit_impl_then_preference_then_environment_then_default(
         dc.select_impl(a, prefer="sdpa")  # only exact implementations can be preferred
 
 
-def attention_model(heads=3, dim_head=4):
-    """The smallest 'model' the processor functions take: two attention modules named like a UNet's."""
-    from diffusers.models.attention_processor import Attention
-
-    width = heads * dim_head
-    return torch.nn.ModuleDict(
-        {name: Attention(query_dim=width, heads=heads, dim_head=dim_head) for name in ("attn1", "attn2")}
-    )
-
-
 def test_set_coeff_attention_impl_rejects_an_unknown_name():
     from dreamcoeff.processor import apply_coeff, set_coeff_attention_impl
 
-    model = attention_model()
+    model = two_attention_modules()
     apply_coeff(model, targets="attn1")
     with pytest.raises(ValueError, match="unknown coeff attention impl 'fastest': use one of 'auto', 'chunked'"):
         set_coeff_attention_impl(model, "fastest")
@@ -301,7 +240,7 @@ def test_the_setting_is_per_model_and_reaches_later_processors(monkeypatch):
 
     monkeypatch.delenv("DREAMCOEFF_ATTENTION_IMPL", raising=False)
     torch.manual_seed(0)
-    chunked_model, auto_model = attention_model(), attention_model()
+    chunked_model, auto_model = two_attention_modules(), two_attention_modules()
     for model in (chunked_model, auto_model):
         apply_coeff(model, targets="attn1")
         with torch.no_grad():
@@ -344,7 +283,7 @@ def test_choose_chunk_size_within_budget_balanced_and_covering(b, h, n, l, budge
 
 
 def test_chunk_budget_does_not_change_results():
-    q, k, v, a, gout = make(2, 3, 50, 40, 8, dtype=torch.float64, seed=9)
+    q, k, v, a, gout = random_attention_inputs(2, 3, 50, 40, 8, dtype=torch.float64, seed=9)
     outs = []
     for chunk in (None, 7, 16, 50):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]

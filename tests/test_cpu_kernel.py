@@ -13,8 +13,7 @@ import torch
 
 from dreamcoeff import attention as dc
 from dreamcoeff.attention import cpu_kernel, dispatch
-
-from .test_attention_impls import make, masks, ref_grads
+from tests.attention_cases import attention_mask, random_attention_inputs, ref_grads
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,12 +58,12 @@ def _mask(kind, b, h, n, l):
     if kind == "broadcast_keys":
         g = torch.Generator().manual_seed(2)
         return torch.randn(b, h, n, 1, generator=g, dtype=torch.float64)
-    return masks(kind, b, h, n, l)
+    return attention_mask(kind, b, h, n, l)
 
 
 @pytest.mark.parametrize("b,h,n,l,d,dv,block_rows,mask_kind", CASES)
 def test_float64_values_and_every_gradient(b, h, n, l, d, dv, block_rows, mask_kind, small_tiles, threads):
-    q, k, v, a, _ = make(b, h, n, l, d, seed=h + n)
+    q, k, v, a, _ = random_attention_inputs(b, h, n, l, d, seed=h + n)
     v = torch.randn(b, h, l, dv, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     gout = torch.randn(b, h, n, dv, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     mask = _mask(mask_kind, b, h, n, l)
@@ -80,7 +79,7 @@ def test_float64_values_and_every_gradient(b, h, n, l, d, dv, block_rows, mask_k
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_float32_compute_at_realistic_row_length(dtype, threads):
     """L = 300 keys, 10 heads of 64, several blocks: float32-level error (bf16 inputs computed in float32)."""
-    q, k, v, a, gout = make(2, 10, 70, 300, 64, dtype=dtype, seed=11)
+    q, k, v, a, gout = random_attention_inputs(2, 10, 70, 300, 64, dtype=dtype, seed=11)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]
     out = dc.mixed_attention(*leaves, chunk_size=16, impl="cpu_fused")
     assert out.dtype == dtype
@@ -97,7 +96,7 @@ def test_repeatable_bit_for_bit_with_two_threads():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        q, k, v, a, gout = make(2, 6, 90, 50, 16, dtype=torch.float32, seed=12)
+        q, k, v, a, gout = random_attention_inputs(2, 6, 90, 50, 16, dtype=torch.float32, seed=12)
         runs = []
         for _ in range(3):
             leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]
@@ -121,7 +120,7 @@ def test_big_maps_take_the_chunked_backward(monkeypatch):
     calls = []
     real = dispatch.chunked_backward
     monkeypatch.setattr(dispatch, "chunked_backward", lambda *args: calls.append(1) or real(*args))
-    q, k, v, a, gout = make(1, 3, 12, 10, 8, seed=13)
+    q, k, v, a, gout = random_attention_inputs(1, 3, 12, 10, 8, seed=13)
     ref_out, ref_g = ref_grads(q, k, v, a, 0.3, None, gout)
     for limit, chunked in ((1 << 30, False), (0, True)):
         monkeypatch.setattr(cpu_kernel, "FUSED_BACKWARD_MAX_BYTES", limit)
@@ -145,7 +144,7 @@ def test_saves_only_inputs_and_the_row_log_sum_exp():
 
 def test_auto_uses_it_on_the_cpu_and_falls_back_where_it_cannot_build(monkeypatch):
     monkeypatch.delenv("DREAMCOEFF_ATTENTION_IMPL", raising=False)
-    q, k, v, a, _ = make(1, 3, 10, 12, 8, seed=14)
+    q, k, v, a, _ = random_attention_inputs(1, 3, 10, 12, 8, seed=14)
     a = a.requires_grad_()
     assert dc.select_impl(a) == "cpu_fused"
     expected = dc.mixed_attention(q, k, v, a, impl="chunked")
@@ -175,7 +174,7 @@ def test_auto_uses_it_on_the_cpu_and_falls_back_where_it_cannot_build(monkeypatc
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("DREAMCOEFF_CPU_KERNEL", "0")
     assert "DREAMCOEFF_CPU_KERNEL=0" in cpu_kernel.unavailable_reason("cpu")
-    q, k, v, a, _ = make(1, 2, 5, 6, 4, seed=15)
+    q, k, v, a, _ = random_attention_inputs(1, 2, 5, 6, 4, seed=15)
     import warnings
 
     with warnings.catch_warnings():

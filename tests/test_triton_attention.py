@@ -23,8 +23,13 @@ pytest.importorskip("triton")
 from dreamcoeff import attention as dc  # noqa: E402
 from dreamcoeff.attention import triton_kernels as ta  # noqa: E402
 from dreamcoeff.attention.core import as_additive_mask  # noqa: E402
-
-from .test_attention_impls import attention_model, make, masks, ref_grads, ref_mixed  # noqa: E402
+from tests.attention_cases import (  # noqa: E402
+    attention_mask,
+    random_attention_inputs,
+    ref_grads,
+    ref_mixed,
+    two_attention_modules,
+)
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="the kernel is tested in Triton's interpreter mode"
@@ -53,7 +58,7 @@ def test_float32_forward_and_backward_match_float64_reference(b, h, n, l, d, dv,
     v = torch.randn(b, h, l, dv, generator=g)
     a = torch.eye(h) + 0.3 * torch.randn(h, h, generator=g)  # negative coefficients too
     grad_out = torch.randn(b, h, n, dv, generator=g)
-    mask = masks(mask_kind, b, h, n, l)
+    mask = attention_mask(mask_kind, b, h, n, l)
     additive = as_additive_mask(mask, torch.float32)
     expected, expected_grads = ref_grads(q, k, v, a, 0.37, mask, grad_out)
     got, lse = ta.mixed_attention_forward(q, k, v, a, 0.37, additive, return_lse=True)
@@ -66,7 +71,7 @@ def test_float32_forward_and_backward_match_float64_reference(b, h, n, l, d, dv,
 
 @pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 64)])
 def test_block_sizes_do_not_change_the_result(block_m, block_n):
-    q, k, v, a, _ = make(2, 6, 45, 70, 16, dtype=torch.float32, seed=3)
+    q, k, v, a, _ = random_attention_inputs(2, 6, 45, 70, 16, dtype=torch.float32, seed=3)
     expected = ref_mixed(q, k, v, a, 0.25)
     got = ta.mixed_attention_forward(q, k, v, a, 0.25, block_m=block_m, block_n=block_n)
     assert rel(got, expected) < 2e-6
@@ -76,7 +81,7 @@ def test_block_sizes_do_not_change_the_result(block_m, block_n):
 def test_output_head_groups(group):
     """20 heads pad to 32: in two groups of 16 output heads (the default) or one of 32, same result.
     (fp16: in float32 more than 16 heads do not fit a GPU program's shared memory, and are refused.)"""
-    q, k, v, a, _ = make(1, 20, 17, 21, 16, dtype=torch.float16, seed=11)
+    q, k, v, a, _ = random_attention_inputs(1, 20, 17, 21, 16, dtype=torch.float16, seed=11)
     got = ta.mixed_attention_forward(q, k, v, a, 0.25, group=group)
     assert rel(got, ref_mixed(q, k, v, a, 0.25)) < 2e-3
     with pytest.raises(ValueError, match="group must be"):
@@ -99,7 +104,7 @@ def test_fp16_keeps_a_diagonal_alpha_that_fp16_itself_would_round_away():
     2^-10 near 1) stores A's diagonal as 1 + 0.98e-3: a kernel mixing with fp16(A) loses a quarter of
     alpha's effect. The split A = hi + lo keeps it. The effect is read as the least-squares scale
     between the outputs with A and with I, which averages the fp16 rounding of each element away."""
-    q, k, v, _, _ = make(1, 4, 48, 64, 16, dtype=torch.float16, seed=5)
+    q, k, v, _, _ = random_attention_inputs(1, 4, 48, 64, 16, dtype=torch.float16, seed=5)
     delta = 1.3e-3
     assert (1 + delta) * torch.ones(1, dtype=torch.float16) == 1 + 2**-10  # what fp16 alone keeps
 
@@ -110,7 +115,7 @@ def test_fp16_keeps_a_diagonal_alpha_that_fp16_itself_would_round_away():
 
     assert abs(measured_delta(True) - delta) < 0.05 * delta
     assert abs(measured_delta(False) - delta) > 0.2 * delta  # the test can tell the two apart
-    q, k, v, a, _ = make(1, 4, 24, 40, 16, dtype=torch.float16, seed=6)
+    q, k, v, a, _ = random_attention_inputs(1, 4, 24, 40, 16, dtype=torch.float16, seed=6)
     assert rel(ta.mixed_attention_forward(q, k, v, a, 0.25), ref_mixed(q, k, v, a, 0.25)) < 2e-3
 
 
@@ -118,7 +123,7 @@ def test_fp16_keeps_a_diagonal_alpha_that_fp16_itself_would_round_away():
     reason="Triton's interpreter computes bfloat16 dots wrongly (numpy has no bfloat16); fp16 covers the same path"
 )
 def test_bfloat16_forward():  # pragma: no cover - kept as the check to run on a GPU
-    q, k, v, a, _ = make(1, 4, 24, 40, 16, dtype=torch.bfloat16, seed=7)
+    q, k, v, a, _ = random_attention_inputs(1, 4, 24, 40, 16, dtype=torch.bfloat16, seed=7)
     assert rel(ta.mixed_attention_forward(q, k, v, a, 0.25), ref_mixed(q, k, v, a, 0.25)) < 2e-2
 
 
@@ -127,8 +132,8 @@ def test_bfloat16_forward():  # pragma: no cover - kept as the check to run on a
 def test_impl_triton_values_and_gradients(mask_kind, dtype, tol):
     """mixed_attention(impl="triton") through autograd: output and every gradient as the reference.
     (fp16 runs the Triton backward; float32 the chunked one, as on a GPU.)"""
-    q, k, v, a, gout = make(2, 3, 19, 23, 16, dtype=dtype, seed=8)
-    mask = masks(mask_kind, 2, 3, 19, 23)
+    q, k, v, a, gout = random_attention_inputs(2, 3, 19, 23, 16, dtype=dtype, seed=8)
+    mask = attention_mask(mask_kind, 2, 3, 19, 23)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]
     out = dc.mixed_attention(*leaves, scale=0.3, mask=mask, chunk_size=7, impl="triton")
     assert out.dtype == dtype
@@ -142,7 +147,7 @@ def test_impl_triton_values_and_gradients(mask_kind, dtype, tol):
 @pytest.mark.parametrize("group", [16, 32])
 def test_fp16_gradients_with_20_heads(group):
     """SDXL's 20 heads (padded to 32) in fp16, the key-side and dQ kernels in groups of 16 or 32 heads."""
-    q, k, v, a, gout = make(1, 20, 17, 19, 16, dtype=torch.float16, seed=12)
+    q, k, v, a, gout = random_attention_inputs(1, 20, 17, 19, 16, dtype=torch.float16, seed=12)
     out, lse = ta.mixed_attention_forward(q, k, v, a, 0.3, return_lse=True)
     grads = ta.mixed_attention_backward(q, k, v, a, 0.3, None, lse, gout.half(), group=group)
     ref_out, ref_g = ref_grads(q, k, v, a, 0.3, None, gout.half())
@@ -155,7 +160,7 @@ def test_fp16_gradients_with_20_heads(group):
 @pytest.mark.parametrize("needs", ["a", "qk", "v"])
 def test_partial_gradients(needs):
     """Only some inputs want a gradient: those match the reference, the others stay None."""
-    q, k, v, a, gout = make(2, 3, 11, 9, 16, dtype=torch.float16, seed=13)
+    q, k, v, a, gout = random_attention_inputs(2, 3, 11, 9, 16, dtype=torch.float16, seed=13)
     leaves = [t.clone().requires_grad_(name in needs) for name, t in zip("qkva", (q, k, v, a))]
     dc.mixed_attention(*leaves, scale=0.5, impl="triton").backward(gout.half())
     _, ref_g = ref_grads(q, k, v, a, 0.5, None, gout.half())
@@ -168,7 +173,7 @@ def test_partial_gradients(needs):
 
 def test_broadcast_grad_out_from_sum():
     """out.sum().backward() hands the backward an expanded dO (every stride 0): read through strides."""
-    q, k, v, a, _ = make(1, 3, 9, 7, 16, dtype=torch.float16, seed=2)
+    q, k, v, a, _ = random_attention_inputs(1, 3, 9, 7, 16, dtype=torch.float16, seed=2)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, a)]
     dc.mixed_attention(*leaves, impl="triton").sum().backward()
     _, ref_g = ref_grads(q, k, v, a, 0.25, None, torch.ones(1, 3, 9, 16, dtype=torch.float64))
@@ -181,7 +186,7 @@ def test_a_gpu_too_small_for_the_tiles_falls_back_to_the_chunked_path(monkeypatc
     Chosen through a model's setting (prefer=, what set_coeff_attention_impl hands on), a layer whose
     forward does not fit runs the chunked path (one warning); an explicit impl="triton" raises. A
     backward that does not fit falls back either way."""
-    q, k, v, a, gout = make(1, 3, 9, 7, 16, dtype=torch.float16, seed=14)
+    q, k, v, a, gout = random_attention_inputs(1, 3, 9, 7, 16, dtype=torch.float16, seed=14)
     expected_out, expected_grads = ref_grads(q, k, v, a, 0.25, None, gout.half())
 
     def does_not_fit(*args, **kwargs):
@@ -210,11 +215,11 @@ def test_environment_variable_routes_auto_to_triton(monkeypatch):
     monkeypatch.setenv("DREAMCOEFF_ATTENTION_IMPL", "triton")
     assert dc.select_impl(a) == "triton"
     assert dc.select_impl(torch.eye(3)) == "sdpa"  # A == I stays plain SDPA
-    q, k, v, _, _ = make(1, 3, 10, 12, 16, dtype=torch.float32, seed=9)
+    q, k, v, _, _ = random_attention_inputs(1, 3, 10, 12, 16, dtype=torch.float32, seed=9)
     torch.testing.assert_close(dc.mixed_attention(q, k, v, a), dc.mixed_attention(q, k, v, a, impl="chunked"))
     # "auto" never fails: where the kernel cannot run (float64, or TRITON_INTERPRET unset on the CPU) it
     # falls back to the chunked path, while an explicit impl="triton" says why it cannot run.
-    q64, k64, v64, a64, _ = make(1, 3, 6, 5, 16, seed=10)
+    q64, k64, v64, a64, _ = random_attention_inputs(1, 3, 6, 5, 16, seed=10)
     torch.testing.assert_close(dc.mixed_attention(q64, k64, v64, a64), ref_mixed(q64, k64, v64, a64, 0.25))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch.testing.assert_close(dc.mixed_attention(q, k, v, a), dc.mixed_attention(q, k, v, a, impl="chunked"))
@@ -233,7 +238,7 @@ def test_model_setting_routes_auto_to_triton(monkeypatch):
     real = ta.mixed_attention_forward
     monkeypatch.setattr(ta, "mixed_attention_forward", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     torch.manual_seed(3)
-    model = attention_model(heads=3, dim_head=16)
+    model = two_attention_modules(heads=3, dim_head=16)
     apply_coeff(model, targets="attn1")
     with torch.no_grad():
         coeff_parameters(model)[0].normal_(0, 0.1)
@@ -262,10 +267,10 @@ class _Raising:
 
 
 def test_clear_errors(monkeypatch):
-    q, k, v, a, _ = make(1, 2, 4, 4, 16, dtype=torch.float64)
+    q, k, v, a, _ = random_attention_inputs(1, 2, 4, 4, 16, dtype=torch.float64)
     with pytest.raises(TypeError, match="float32/float16/bfloat16.*impl='chunked'"):
         dc.mixed_attention(q, k, v, a, impl="triton")
-    q20, k20, v20, a20, _ = make(1, 20, 4, 4, 16, dtype=torch.float32)
+    q20, k20, v20, a20, _ = random_attention_inputs(1, 20, 4, 4, 16, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="float32 with 20 heads.*bf16"):
         dc.mixed_attention(q20, k20, v20, a20, impl="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -317,7 +322,7 @@ def test_trainer_flag_sets_the_choice_on_the_unet_or_refuses_clearly(monkeypatch
 
     monkeypatch.setenv("DREAMCOEFF_ATTENTION_IMPL", "unset")  # so that teardown restores the original
     monkeypatch.delenv("DREAMCOEFF_ATTENTION_IMPL")
-    unet = attention_model()
+    unet = two_attention_modules()
     apply_coeff(unet, targets="attn1")
     processor = unet["attn1"].processor
     select_attention_impl("auto", torch.device("cpu"), unet)
