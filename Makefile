@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dreamcoeff-installed
 
-.PHONY: setup lint format test test-fast demo bench bench-micro pretrain-micro pretrain-micro-v2 clean
+.PHONY: setup lint format test test-fast demo docs bench bench-micro pretrain-micro pretrain-micro-v2 clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m dreamcoeff.demo --output_dir demo_out --model models/microworld-sdxl-v2 --instance_dir samples/instance
+
+# docs/cli.md, the flag reference, from the trainer's and the sampler's parsers (tests/test_docs.py
+# fails until it is rerun after a flag changes).
+docs: $(STAMP)
+	$(BIN)/python tools/write_cli_docs.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attention.py
