@@ -31,12 +31,13 @@ HERE = Path(__file__).resolve().parent
 WEIGHTS = Path(os.environ.get("VIT_WEIGHTS", HERE.parents[1] / "build" / "vit_pretrained.pt"))
 RAW = HERE / "results.jsonl"
 METHODS = ("linear", "alpha", "lora", "alpha_lora", "full")
-LRS = {  # a factor ~3 apart, per method (alpha's grid reaches high: it starts at zero with tiny gradients)
+LRS = {  # a factor ~3 apart per method; the last value of each was added after the first pass
+    # (03:30) picked the top of the first three for alpha, LoRA, alpha+LoRA and full (edge of the grid)
     "linear": (3e-3, 1e-2, 3e-2),
-    "alpha": (3e-3, 1e-2, 3e-2),
-    "lora": (1e-3, 3e-3, 1e-2),
-    "alpha_lora": (1e-3, 3e-3, 1e-2),
-    "full": (1e-4, 3e-4, 1e-3),
+    "alpha": (3e-3, 1e-2, 3e-2, 1e-1),
+    "lora": (1e-3, 3e-3, 1e-2, 3e-2),
+    "alpha_lora": (1e-3, 3e-3, 1e-2, 3e-2),
+    "full": (1e-4, 3e-4, 1e-3, 3e-3),
 }
 STEPS, BATCH = 60, 64
 
