@@ -210,7 +210,7 @@ class TuningMethod:
 
         `metadata` goes into the alpha file's header (the final files carry the training arguments);
         the learned tokens go to `tokens_name` (``<run name>_emb.safetensors``); with `kohya_name`
-        the LoRA also goes there in kohya's key layout (``--output_kohya_format``).
+        the LoRA also goes there in kohya's key layout, UI-ready (``--save_precision``, ss_* metadata).
         """
         folder = Path(folder)
         written = []
@@ -224,7 +224,11 @@ class TuningMethod:
                 from .kohya import save_kohya_lora
 
                 lora_alpha = unet.peft_config["default"].lora_alpha
-                written.append(save_kohya_lora(folder / kohya_name, lora_state_dict(unet), unet.config, lora_alpha))
+                args = dict((metadata or {}).get("training_args") or {})
+                ui = dict(precision=args.get("save_precision", "fp16"), training_args=args)
+                ui["prediction_type"] = (metadata or {}).get("prediction_type", "epsilon")
+                state = lora_state_dict(unet)
+                written.append(save_kohya_lora(folder / kohya_name, state, unet.config, lora_alpha, **ui))
         if self.full:
             unet.save_pretrained(folder / FULL_UNET_DIR, safe_serialization=True)
             written.append(folder / FULL_UNET_DIR)

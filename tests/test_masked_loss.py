@@ -13,7 +13,7 @@ from PIL import Image
 from dreamcoeff.images import list_images, load_loss_mask, mask_path_of
 from dreamcoeff.train import main
 from dreamcoeff.train.data import DataError, DreamBoothDataset, collate_examples
-from tests.test_training import _args
+from tests.trainer_runs import trainer_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread_fresh_accelerate")
 
@@ -102,7 +102,8 @@ def test_masked_loss_is_the_weighted_mean_of_the_float64_reference():
         def add_noise(self, x, n, t):
             return x
 
-    cfg = SimpleNamespace(noise_offset=0.0, snr_gamma=None, prior_loss_weight=1.0)
+    cfg = SimpleNamespace(noise_offset=0.0, snr_gamma=None, prior_loss_weight=1.0, loss_type="l2", huber_c=0.1,
+                          debiased_estimation_loss=False, min_timestep=0, max_timestep=None)  # fmt: skip
     batch = {"add_time_ids": torch.zeros(2, 6), "is_class": torch.zeros(2, dtype=torch.bool), "loss_mask": mask}
 
     def unet(noisy, t, embeds, added_cond_kwargs, return_dict):
@@ -130,6 +131,6 @@ def test_trainer_runs_with_masked_loss(tiny_pipeline_dir, tmp_path, caplog):
         _write_pair(inst, f"m{i}", 64, 64, i)
     Image.fromarray(np.full((64, 64, 3), 50, np.uint8)).save(inst / "nomask.png")
     out = tmp_path / "out"
-    assert main(_args(tiny_pipeline_dir, inst, out, "--masked_loss", "--max_train_steps", 2)) == 0
+    assert main(trainer_argv(tiny_pipeline_dir, inst, out, "--masked_loss", "--max_train_steps", 2)) == 0
     assert (out / "coeff_weights.safetensors").is_file()
     assert "1 image(s) have no mask" in caplog.text

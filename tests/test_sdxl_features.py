@@ -16,7 +16,7 @@ from dreamcoeff.kohya import kohya_key, kohya_lora_state_dict
 from dreamcoeff.testing.sdxl import sdxl_unet_config
 from dreamcoeff.train import main
 from tests.helpers import make_images
-from tests.test_training import _args, _final_weights, _images, _run_killed_after_checkpoint
+from tests.trainer_runs import final_adapter_weights, run_killed_after_checkpoint, sample_images, trainer_argv
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,7 @@ def _fresh_accelerate_state():
 
 
 def _train(model, inst, out, *extra) -> None:
-    assert main(_args(model, inst, out, *extra)) == 0
+    assert main(trainer_argv(model, inst, out, *extra)) == 0
 
 
 # ---- kohya layout ----------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def test_kohya_file_loads_in_diffusers_to_the_same_images(tiny_pipeline_dir, tmp
     inst = make_images(tmp_path / "inst")
     out = tmp_path / "myrun"
     _train(tiny_pipeline_dir, inst, out, "--tuning", "coeff+lora", "--max_train_steps", 3, "--learning_rate", "5e-2",
-           "--output_kohya_format", "--lora_alpha", 8)  # fmt: skip
+           "--output_kohya_format", "--lora_alpha", 8, "--save_precision", "float")  # fmt: skip
     kohya = out / "myrun.safetensors"
     assert kohya.is_file()
     state = load_file(str(kohya))
@@ -81,7 +81,7 @@ def test_kohya_file_loads_in_diffusers_to_the_same_images(tiny_pipeline_dir, tmp
         pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)
         if weight_name:
             pipe.load_lora_weights(str(out), weight_name=weight_name)
-        return _images(pipe)
+        return sample_images(pipe)
 
     base, ours, theirs = render(), render("pytorch_lora_weights.safetensors"), render("myrun.safetensors")
     assert np.abs(ours - base).max() > 1e-3  # the LoRA changes the images, so equality below means something
@@ -106,7 +106,7 @@ def test_kohya_file_loads_in_diffusers_to_the_same_images(tiny_pipeline_dir, tmp
 )
 def test_contradicting_flags_are_refused(tmp_path, capsys, extra, message):
     inst = make_images(tmp_path / "inst")
-    assert main(_args(tmp_path / "model", inst, tmp_path / "out", *extra)) == 2
+    assert main(trainer_argv(tmp_path / "model", inst, tmp_path / "out", *extra)) == 2
     assert message in capsys.readouterr().err
 
 
@@ -129,7 +129,7 @@ def test_dora_trains_saves_in_diffusers_format_and_resumes_exactly(tiny_pipeline
               "--learning_rate", "5e-2")  # fmt: skip
     ref = tmp_path / "ref"
     _train(tiny_pipeline_dir, inst, ref, *common)
-    weights = _final_weights(ref)
+    weights = final_adapter_weights(ref)
     magnitudes = [k for k in weights if "magnitude" in k]
     assert magnitudes, sorted(weights)[:4]
     # the magnitudes trained (they start at the base weights' column norms)
@@ -149,9 +149,9 @@ def test_dora_trains_saves_in_diffusers_format_and_resumes_exactly(tiny_pipeline
         torch.testing.assert_close(v, weights["unet." + k], rtol=0, atol=0)
 
     out = tmp_path / "run"
-    _run_killed_after_checkpoint(monkeypatch, 2, _args(tiny_pipeline_dir, inst, out, *common))
+    run_killed_after_checkpoint(monkeypatch, 2, trainer_argv(tiny_pipeline_dir, inst, out, *common))
     _train(tiny_pipeline_dir, inst, out, *common, "--resume_from_checkpoint", "latest")
-    resumed = _final_weights(out)
+    resumed = final_adapter_weights(out)
     for key in weights:
         torch.testing.assert_close(resumed[key], weights[key], rtol=0, atol=1e-6)
 
@@ -179,13 +179,13 @@ def test_prodigy_trains_alpha_and_lora_in_own_groups_and_resumes_exactly(tiny_pi
     ref = tmp_path / "ref"
     _train(tiny_pipeline_dir, inst, ref, *common)
     assert len(groups_seen[0]) == 2  # alpha and LoRA in their own groups (their rates multiply Prodigy's d)
-    weights = _final_weights(ref)
+    weights = final_adapter_weights(ref)
     assert any(v.abs().max() > 1e-6 for k, v in weights.items() if k.endswith(".alpha"))
 
     out = tmp_path / "run"
-    _run_killed_after_checkpoint(monkeypatch, 2, _args(tiny_pipeline_dir, inst, out, *common))
+    run_killed_after_checkpoint(monkeypatch, 2, trainer_argv(tiny_pipeline_dir, inst, out, *common))
     _train(tiny_pipeline_dir, inst, out, *common, "--resume_from_checkpoint", "latest")
-    resumed = _final_weights(out)
+    resumed = final_adapter_weights(out)
     for key in weights:  # Prodigy's d estimates are part of the checkpoint
         torch.testing.assert_close(resumed[key], weights[key], rtol=0, atol=1e-6)
 
@@ -193,7 +193,7 @@ def test_prodigy_trains_alpha_and_lora_in_own_groups_and_resumes_exactly(tiny_pi
 def test_prodigy_missing_gives_install_hint(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # import fails as if not installed
     inst = make_images(tmp_path / "inst")
-    rc = main(_args(tiny_pipeline_dir, inst, tmp_path / "out", "--optimizer", "prodigy", "--max_train_steps", 1))
+    rc = main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "out", "--optimizer", "prodigy", "--max_train_steps", 1))
     assert rc == 2
     assert "pip install prodigyopt" in capsys.readouterr().err
 
@@ -207,29 +207,29 @@ def test_init_weights_start_a_new_run_from_earlier_files(tiny_pipeline_dir, tmp_
     first = tmp_path / "first"
     _train(tiny_pipeline_dir, inst, first, "--tuning", "coeff+lora", "--max_train_steps", 3, "--coeff_lr", "5e-2",
            "--learning_rate", "5e-2")  # fmt: skip
-    start = _final_weights(first)
+    start = final_adapter_weights(first)
 
     # a run with tiny rates ends next to where it started: next to the first run's weights, not at zero
     second = tmp_path / "second"
     _train(tiny_pipeline_dir, inst, second, "--tuning", "coeff+lora", "--max_train_steps", 1, "--coeff_lr", "1e-9",
            "--learning_rate", "1e-9", "--init_coeff_weights", first / "coeff_weights.safetensors",
            "--init_lora_weights", first)  # fmt: skip
-    after = _final_weights(second)
+    after = final_adapter_weights(second)
     assert max(v.abs().max().item() for k, v in start.items() if k.endswith(".alpha")) > 1e-3
     for key in start:
         torch.testing.assert_close(after[key], start[key], rtol=0, atol=1e-5)
     assert json.loads((second / "dreamcoeff_complete.json").read_text())["global_step"] == 1
 
     # files that do not fit are refused in one line naming the flag and what differs
-    rc = main(_args(tiny_pipeline_dir, inst, tmp_path / "r8", "--tuning", "lora", "--rank", 8, "--max_train_steps", 1,
+    rc = main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "r8", "--tuning", "lora", "--rank", 8, "--max_train_steps", 1,
                     "--init_lora_weights", first))  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "--init_lora_weights" in err and "shapes differ" in err and "--rank" in err
-    rc = main(_args(tiny_pipeline_dir, inst, tmp_path / "t2", "--tuning", "coeff", "--coeff_targets", "attn2",
+    rc = main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "t2", "--tuning", "coeff", "--coeff_targets", "attn2",
                     "--max_train_steps", 1, "--init_coeff_weights", first))  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "--init_coeff_weights" in err and "--coeff_targets" in err
-    rc = main(_args(tiny_pipeline_dir, inst, tmp_path / "nf", "--tuning", "lora", "--max_train_steps", 1,
+    rc = main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "nf", "--tuning", "lora", "--max_train_steps", 1,
                     "--init_lora_weights", tmp_path / "nowhere"))  # fmt: skip
     assert rc == 2 and "no such LoRA file" in capsys.readouterr().err
     from safetensors.torch import load_file, save_file
@@ -240,7 +240,7 @@ def test_init_weights_start_a_new_run_from_earlier_files(tiny_pipeline_dir, tmp_
     key = sorted(state)[-1]
     state[key] = torch.full_like(state[key], float("nan"))
     save_file(state, nan_file)
-    rc = main(_args(tiny_pipeline_dir, inst, tmp_path / "fromnan", "--tuning", "lora", "--max_train_steps", 1,
+    rc = main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "fromnan", "--tuning", "lora", "--max_train_steps", 1,
                     "--init_lora_weights", nan_file))  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "--init_lora_weights" in err and "non-finite" in err and key.removeprefix("unet.") in err
@@ -269,6 +269,6 @@ def test_coeff_zero_row_sum_trains_gain_free_alpha(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "zrs"
     _train(tiny_pipeline_dir, inst, out, "--tuning", "coeff", "--coeff_zero_row_sum", "--max_train_steps", 3,
            "--coeff_lr", "5e-2", "--coeff_dropout", "0")  # fmt: skip
-    alphas = {k: v for k, v in _final_weights(out).items() if k.endswith(".alpha")}
+    alphas = {k: v for k, v in final_adapter_weights(out).items() if k.endswith(".alpha")}
     assert max(v.abs().max().item() for v in alphas.values()) > 1e-2  # it trained
     assert max(v.sum(1).abs().max().item() for v in alphas.values()) < 1e-5

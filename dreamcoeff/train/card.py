@@ -12,7 +12,7 @@ from pathlib import Path
 from ..io import atomic_write
 from ..methods import TuningMethod, get_method
 from ..tokens import TokenPlan, embeddings_file_name
-from .config import TrainConfig
+from .config import TrainConfig, writes_ui_lora
 
 
 @dataclass
@@ -34,16 +34,20 @@ def other_tools(cfg: TrainConfig, out: Path, method: TuningMethod) -> str:
     from ..kohya import kohya_file_name
 
     lines = ["## ComfyUI and AUTOMATIC1111", ""]
-    if method.lora:
-        if cfg.output_kohya_format:
-            name = kohya_file_name(out)
-            lines += [
-                f"`{name}` is the LoRA in kohya's key layout. ComfyUI: copy it into `models/loras/` and load it",
-                "with a *LoraLoaderModelOnly* (or *Load LoRA*) node. A1111 / Forge: copy it into `models/Lora/` and",
-                f"write `<lora:{Path(name).stem}:1>` in the prompt.",
-            ]
-        else:
-            lines += ["Train with `--output_kohya_format` for a LoRA file in the layout ComfyUI and A1111 read."]
+    if writes_ui_lora(cfg):
+        name = kohya_file_name(out)
+        lines += [
+            f"`{name}` is the LoRA ready for the UIs: kohya's key layout, {cfg.save_precision} tensors, kohya's",
+            "`ss_*` metadata (`ss_base_model_version` sdxl_base_v1-0, so A1111 lists it as an SDXL LoRA) and",
+            "`modelspec.*` tags. ComfyUI: copy it into `models/loras/` and load it with a *LoraLoaderModelOnly*",
+            "(or *Load LoRA*) node. A1111 / Forge: copy it into `models/Lora/` and write",
+            f"`<lora:{Path(name).stem}:1>` in the prompt. diffusers' `pipe.load_lora_weights` reads it too.",
+        ]
+    elif method.lora and cfg.use_dora:
+        lines += ["DoRA has no UI-ready file here (A1111 and ComfyUI read DoRA magnitudes differently); use the"]
+        lines += ["diffusers-format `pytorch_lora_weights.safetensors` above."]
+    elif method.lora:
+        lines += ["This run skipped the UI-ready LoRA file (`--no-ui_lora`); train without it to get one."]
     if method.coeff:
         lines += [
             "",
@@ -60,6 +64,40 @@ def other_tools(cfg: TrainConfig, out: Path, method: TuningMethod) -> str:
     if not method.lora and not method.coeff and not method.tokens:
         lines += ["The full UNet folder loads in diffusers; convert it to a single checkpoint for other tools."]
     return "\n".join(lines) + "\n"
+
+
+def schedule_text(cfg: TrainConfig) -> str:
+    """The learning-rate schedule as the card's table shows it, with the arguments that shape it."""
+    text = f"{cfg.lr_scheduler}, {cfg.lr_warmup_steps} warm-up steps"
+    if cfg.lr_scheduler == "cosine_with_restarts":
+        text += f", {cfg.lr_num_cycles} cycles"
+    if cfg.lr_scheduler == "polynomial":
+        text += f", power {cfg.lr_power:g}"
+    return text
+
+
+def loss_text(cfg: TrainConfig) -> str:
+    """--loss_type (with --huber_c), --snr_gamma, --debiased_estimation_loss, --noise_offset in words."""
+    parts = [cfg.loss_type if cfg.loss_type == "l2" else f"{cfg.loss_type} (c = {cfg.huber_c:g})"]
+    if cfg.snr_gamma is not None:
+        parts.append(f"Min-SNR gamma {cfg.snr_gamma:g}")
+    if cfg.debiased_estimation_loss:
+        parts.append("debiased estimation")
+    if cfg.noise_offset:
+        parts.append(f"noise offset {cfg.noise_offset:g}")
+    return ", ".join(parts)
+
+
+def noise_text(cfg: TrainConfig) -> str:
+    """The prediction target, the zero-terminal-SNR rescale and the timestep range in words."""
+    parts = [f"prediction {cfg.prediction_type or 'as the model scheduler says'}"]
+    if cfg.rescale_betas_zero_snr:
+        parts.append("zero terminal SNR")
+    if cfg.max_timestep is None:
+        parts.append(f"timesteps from {cfg.min_timestep} to the scheduler's last")
+    else:
+        parts.append(f"timesteps [{cfg.min_timestep}, {cfg.max_timestep})")
+    return ", ".join(parts)
 
 
 def write_model_card(
@@ -102,7 +140,9 @@ Trained with [dreamcoeff](https://pypi.org/project/dreamcoeff/) on the images in
 | instance prompt | `{cfg.instance_prompt}` |
 | trainable parameters | {result.trainable_parameters:,} ({share:.4f}% of the UNet's {result.unet_parameters:,}) |
 | steps | {result.global_step} (batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps}) |
-| learning rates | {", ".join(rates)} ({cfg.lr_scheduler}) |
+| learning rates | {", ".join(rates)} ({schedule_text(cfg)}) |
+| loss | {loss_text(cfg)} |
+| noise schedule | {noise_text(cfg)} |
 | coeff targets / dropout | {cfg.coeff_targets} / {cfg.coeff_dropout} |
 | learned tokens | {tokens_row} |
 | resolution | {cfg.resolution} ({"square crops" if cfg.square_crop or cfg.with_prior_preservation else "aspect buckets"}) |

@@ -167,6 +167,37 @@ class TrainConfig:
         None, "Min-SNR loss weighting gamma (5.0 is the paper's choice); off by default", TRAIN
     )
     noise_offset: float = _f(0.0, "noise offset (0.0357 is common for SDXL)", TRAIN)
+    prediction_type: str | None = _f(
+        None,
+        "what the UNet predicts: epsilon or v_prediction (default: the model's scheduler's; given, it wins over "
+        "the scheduler's, with a warning where they differ, for training and the validation images)",
+        TRAIN,
+        choices=("epsilon", "v_prediction"),
+    )
+    rescale_betas_zero_snr: bool = _f(
+        False,
+        "rescale the noise schedule to zero terminal SNR (Lin et al. 2023; use with v_prediction); validation "
+        "samples with trailing timesteps then",
+        TRAIN,
+    )
+    loss_type: str = _f(
+        "l2",
+        "per-element loss: l2 (MSE), huber (pseudo-Huber 2c(sqrt(d^2 + c^2) - c)) or smooth_l1 "
+        "(2(sqrt(d^2 + c^2) - c)), as kohya's with a constant --huber_c",
+        TRAIN,
+        choices=("l2", "huber", "smooth_l1"),
+    )
+    huber_c: float = _f(0.1, "the c of --loss_type huber / smooth_l1", TRAIN)
+    debiased_estimation_loss: bool = _f(
+        False,
+        "weight each example's loss by 1 / sqrt(SNR) (1 / (SNR + 1) with v_prediction), SNR capped at 1000, as "
+        "kohya's; composes with --snr_gamma (the weights multiply)",
+        TRAIN,
+    )
+    min_timestep: int = _f(0, "smallest training timestep drawn (inclusive)", TRAIN)
+    max_timestep: int | None = _f(
+        None, "training timesteps are drawn below this (exclusive; default: the scheduler's 1000)", TRAIN
+    )
     seed: int = _f(0, "seed for data order, augmentation, noise and validation", TRAIN)
     max_bad_steps: int = _f(10, "stop after this many consecutive steps with a non-finite loss or gradient", TRAIN)
     use_ema: bool = _f(
@@ -192,6 +223,8 @@ class TrainConfig:
         choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
     )
     lr_warmup_steps: int = _f(0, "warm-up steps of the schedule", OPTIM)
+    lr_num_cycles: int = _f(1, "hard restarts of cosine_with_restarts (diffusers' get_scheduler num_cycles)", OPTIM)
+    lr_power: float = _f(1.0, "power of the polynomial schedule", OPTIM)
     optimizer: str = _f(
         "adamw",
         "AdamW, or Prodigy (pip install prodigyopt; learning rates are then multipliers of the rate it finds: use 1.0)",
@@ -231,11 +264,21 @@ class TrainConfig:
     checkpointing_steps: int = _f(500, "save a resumable checkpoint every N optimizer steps (0: never)", CKPT)
     checkpoints_total_limit: int | None = _f(None, "keep at most this many checkpoints", CKPT)
     resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder to continue from", CKPT)
-    output_kohya_format: bool = _f(
-        False,
-        "also write the LoRA as <output_dir>/<run name>.safetensors in kohya's key layout (A1111, ComfyUI); "
-        "alpha has no such form",
+    output_kohya_format: bool | None = _f(
+        None,
+        "the UI-ready LoRA: <output_dir>/<run name>.safetensors in kohya's key layout with kohya's ss_* metadata "
+        "and modelspec tags (A1111 and ComfyUI load it as an SDXL LoRA). Written by default by every LoRA mode "
+        "but DoRA; --no-ui_lora skips it; given explicitly, a mode without LoRA (or DoRA) is refused. Alpha has "
+        "no such form",
         CKPT,
+        aliases=("--ui_lora",),
+        action=argparse.BooleanOptionalAction,
+    )
+    save_precision: str = _f(
+        "fp16",
+        "dtype of the UI-ready LoRA file's tensors (the diffusers-format file stays float32)",
+        CKPT,
+        choices=("fp16", "bf16", "float"),
     )
 
     # validation and logging
@@ -445,6 +488,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--learning_rate and --coeff_lr must be > 0")
     validate_tokens(cfg)
     validate_method_options(cfg)
+    validate_loss_options(cfg)
     if cfg.validation_coeff_scales and not METHODS[cfg.tuning].coeff:
         raise UsageError("--validation_coeff_scales sweeps alpha's strength: it needs --tuning coeff or coeff+lora")
     validate_validation(cfg)
@@ -498,6 +542,28 @@ def validate_method_options(cfg: TrainConfig) -> None:
         raise UsageError("--use_8bit_adam is AdamW's; with --optimizer prodigy drop it")
     if cfg.prodigy_beta3 is not None and not 0.0 < cfg.prodigy_beta3 < 1.0:
         raise UsageError(f"--prodigy_beta3 must be in (0, 1), got {cfg.prodigy_beta3}")
+
+
+def validate_loss_options(cfg: TrainConfig) -> None:
+    """The schedule and loss flags: values their formulas accept, a timestep range that is not empty."""
+    if cfg.lr_num_cycles < 1:
+        raise UsageError(f"--lr_num_cycles must be >= 1, got {cfg.lr_num_cycles}")
+    if cfg.lr_power <= 0:
+        raise UsageError(f"--lr_power must be > 0, got {cfg.lr_power}")
+    if cfg.huber_c <= 0:
+        raise UsageError(f"--huber_c must be > 0, got {cfg.huber_c}")
+    if cfg.min_timestep < 0:
+        raise UsageError(f"--min_timestep must be >= 0, got {cfg.min_timestep}")
+    if cfg.max_timestep is not None and cfg.max_timestep <= cfg.min_timestep:
+        raise UsageError(
+            f"--max_timestep ({cfg.max_timestep}) must be above --min_timestep ({cfg.min_timestep}): timesteps "
+            "are drawn from min_timestep up to, not including, max_timestep"
+        )
+
+
+def writes_ui_lora(cfg: TrainConfig) -> bool:
+    """Whether the run writes the UI-ready LoRA file: every LoRA mode but DoRA, unless --no-ui_lora."""
+    return cfg.output_kohya_format is not False and METHODS[cfg.tuning].lora and not cfg.use_dora
 
 
 def validate_tokens(cfg: TrainConfig) -> None:

@@ -48,11 +48,11 @@ from .checkpoints import (
     write_completion_record,
     write_failed_message,
 )
-from .config import TrainConfig, UsageError
+from .config import TrainConfig, UsageError, writes_ui_lora
 from .dataset_source import read_dataset_folder, substitute_trigger
 from .latent_cache import DiskLatentCache, LatentCache, MemoryLatentCache, default_cache_dir, vae_fingerprint
 from .runtime import check_ranks_agree, peak_memory, select_attention_impl, usable_trackers
-from .step import denoising_loss, encode_latents, with_class_batch
+from .step import denoising_loss, encode_latents, training_scheduler, with_class_batch
 from .stopping import StopRequest, TrainingStopped
 from .text import TextConditioning
 from .validation import ensure_class_images, log_alpha, run_validation
@@ -189,6 +189,8 @@ class Trainer:
         components = load_components(
             cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path, cfg.revision, cfg.variant
         )
+        # --prediction_type / --rescale_betas_zero_snr: training and validation both use the result
+        components.noise_scheduler = training_scheduler(components.noise_scheduler, cfg, logger.warning)
         self.components = components
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             accelerator.mixed_precision, torch.float32
@@ -310,6 +312,8 @@ class Trainer:
             optimizer=self.optimizer,
             num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=self.max_steps * accelerator.num_processes,
+            num_cycles=cfg.lr_num_cycles,
+            power=cfg.lr_power,
         )
 
     def prepare(self) -> None:
@@ -587,7 +591,8 @@ class Trainer:
 
         def write_final_files() -> None:
             meta = {"base_model": cfg.pretrained_model_name_or_path, "training_args": asdict(cfg)}
-            kohya_name = kohya_file_name(out) if cfg.output_kohya_format else None
+            meta["prediction_type"] = self.components.noise_scheduler.config.prediction_type
+            kohya_name = kohya_file_name(out) if writes_ui_lora(cfg) else None
             files.extend(
                 stage_final_files(self.method, self.bare_unet, out, meta, self.tokens, self.tokens_name, kohya_name)
             )
