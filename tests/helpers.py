@@ -43,3 +43,15 @@ def assert_unet_untouched(pipe, snapshot: tuple[dict[str, torch.Tensor], dict[st
     tensors, processors = snapshot
     assert_same_tensors(pipe.unet, tensors)
     assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == processors
+
+
+def validation_pipeline(model_dir):
+    """The pipeline as validation builds it: Euler from the model's training (DDPM) schedule."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(
+        DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler").config
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

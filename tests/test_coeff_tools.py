@@ -161,8 +161,7 @@ def test_validation_sweeps_alpha_strength_with_the_same_seeds(tiny_pipeline_dir,
     from PIL import Image
 
     from dreamcoeff.train import main
-    from tests.helpers import make_images
-    from tests.test_tokens import _pipe
+    from tests.helpers import make_images, validation_pipeline
 
     inst = make_images(tmp_path / "inst", ((64, 64),) * 2, 0)
     out = tmp_path / "run"
@@ -183,7 +182,7 @@ def test_validation_sweeps_alpha_strength_with_the_same_seeds(tiny_pipeline_dir,
         "strengths.png",
     ]
     at0, at1 = (np.asarray(Image.open(folder / f"prompt00_seed0_c{c}.png")) for c in (0, 1))
-    pipe = _pipe(tiny_pipeline_dir)
+    pipe = validation_pipeline(tiny_pipeline_dir)
     base = pipe(
         "a sks dog", num_inference_steps=2, height=64, width=64, generator=torch.Generator("cpu").manual_seed(0)
     )

@@ -11,7 +11,7 @@ from PIL import Image
 from dreamcoeff.train import main
 from dreamcoeff.train.data import DreamBoothDataset
 from dreamcoeff.train.latent_cache import DiskLatentCache, vae_fingerprint
-from tests.test_training import _args, _final_weights
+from tests.trainer_runs import final_adapter_weights, trainer_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread_fresh_accelerate")
 
@@ -67,14 +67,14 @@ def test_disk_cache_is_reused_across_runs_and_never_stale(tiny_pipeline_dir, tmp
         _image(inst / f"{i}.png", i, size=(64, 64))
     common = ("--max_train_steps", 4, "--center_crop", "--coeff_lr", "5e-2")
     plain = tmp_path / "plain"
-    assert main(_args(tiny_pipeline_dir, inst, plain, *common)) == 0
+    assert main(trainer_argv(tiny_pipeline_dir, inst, plain, *common)) == 0
     cache_dir = tmp_path / "cache"
     flags = (*common, "--cache_latents_to_disk", "--latent_cache_dir", cache_dir)
-    assert main(_args(tiny_pipeline_dir, inst, tmp_path / "first", *flags)) == 0
+    assert main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "first", *flags)) == 0
     entries = sorted(cache_dir.rglob("*.safetensors"))
     assert len(entries) == 3  # center crops, no flip: one variant per image
-    for key, value in _final_weights(plain).items():
-        torch.testing.assert_close(_final_weights(tmp_path / "first")[key], value, rtol=0, atol=1e-5)
+    for key, value in final_adapter_weights(plain).items():
+        torch.testing.assert_close(final_adapter_weights(tmp_path / "first")[key], value, rtol=0, atol=1e-5)
 
     # a second run reads every latent from disk: the VAE never encodes
     import diffusers
@@ -83,16 +83,16 @@ def test_disk_cache_is_reused_across_runs_and_never_stale(tiny_pipeline_dir, tmp
     real = diffusers.AutoencoderKL.encode
     monkeypatch.setattr(diffusers.AutoencoderKL, "encode", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     mtimes = [p.stat().st_mtime_ns for p in entries]
-    assert main(_args(tiny_pipeline_dir, inst, tmp_path / "second", *flags)) == 0
+    assert main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "second", *flags)) == 0
     assert calls == [] and [p.stat().st_mtime_ns for p in entries] == mtimes
 
     # new content under an old name: a new entry, and the run equals an uncached run on the new image
     _image(inst / "1.png", 99, size=(64, 64))
-    assert main(_args(tiny_pipeline_dir, inst, tmp_path / "third", *flags)) == 0
+    assert main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "third", *flags)) == 0
     assert len(calls) >= 1 and len(sorted(cache_dir.rglob("*.safetensors"))) == 4
-    assert main(_args(tiny_pipeline_dir, inst, tmp_path / "plain2", *common)) == 0
-    for key, value in _final_weights(tmp_path / "plain2").items():
-        torch.testing.assert_close(_final_weights(tmp_path / "third")[key], value, rtol=0, atol=1e-5)
+    assert main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "plain2", *common)) == 0
+    for key, value in final_adapter_weights(tmp_path / "plain2").items():
+        torch.testing.assert_close(final_adapter_weights(tmp_path / "third")[key], value, rtol=0, atol=1e-5)
 
 
 # A child that writes cache entries without end, each big enough that a write takes a while.

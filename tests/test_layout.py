@@ -111,8 +111,200 @@ def test_the_import_scan_catches_every_form_of_an_upward_import(tmp_path):
     ), wrong
 
 
+# ---- the module graph: no cycle, no upward import (TYPE_CHECKING and lazy imports counted) ---------
+
+#: The library's layers, lowest first (docs/DESIGN.md section 5). A module imports only its own layer
+#: and the layers below; the top-level folders train/, sample/ and testing/ are one layer whose parts
+#: never import each other. A new module gets a line here (and in DESIGN.md) before it can pass.
+LAYERS: list[tuple[str, set[str]]] = [
+    ("plumbing", {"attention", "io", "locking", "images", "grids", "models", "prompts"}),
+    ("alpha", {"processor", "attn_processors", "head_mix"}),
+    ("files", {"weights", "lora", "tokens", "kohya"}),
+    ("methods", {"methods"}),
+    ("runs", {"loading", "inspection"}),
+    ("api", {""}),  # the package's __init__: the library's public names
+    ("apps", {"train", "sample", "testing"}),
+    ("demo", {"demo"}),
+]
+
+
+def _module_name(path: Path, root: Path = PACKAGE) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
+    """module -> the dreamcoeff modules it imports: every import statement, inside functions and under
+    ``if TYPE_CHECKING:`` too (a hint-only import still ties the two modules together). ``from pkg
+    import sub`` names the submodule where ``sub`` is one, else ``pkg``."""
+    files = {_module_name(p, root): p for p in _modules(root)}
+    graph = {}
+    for name, path in files.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                targets.update(f"{module}.{a.name}" if f"{module}.{a.name}" in files else module for a in node.names)
+            elif isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+        resolved = set()
+        for target in targets:
+            while target and target not in files:  # `dreamcoeff.io.atomic_write` -> `dreamcoeff.io`
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                resolved.add(target)
+        graph[name] = resolved
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted: every cycle is in one."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in sorted(graph.get(node, ())):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def _layer_of(module: str) -> tuple[int, str]:
+    """(layer number, the top-level piece) of a dotted dreamcoeff module name."""
+    top = module.split(".")[1] if "." in module else ""
+    for number, (_, members) in enumerate(LAYERS):
+        if top in members:
+            return number, top
+    raise AssertionError(f"dreamcoeff.{top} is in no layer: add it to LAYERS (tests/test_layout.py, docs/DESIGN.md)")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """'a (layer) imports b (layer)' for each import of a higher layer, or of a sibling app."""
+    wrong = []
+    for module, targets in sorted(graph.items()):
+        (mine, my_top) = _layer_of(module)
+        for target in sorted(targets):
+            (theirs, their_top) = _layer_of(target)
+            if theirs > mine or (theirs == mine and LAYERS[mine][0] == "apps" and their_top != my_top):
+                wrong.append(f"{module} ({LAYERS[mine][0]}) imports {target} ({LAYERS[theirs][0]})")
+    return wrong
+
+
+def test_no_import_cycle_between_dreamcoeff_modules():
+    cycles = import_cycles(import_graph())
+    assert not cycles, "import cycles (hint-only and lazy imports count): " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_no_module_imports_a_higher_layer():
+    wrong = upward_imports(import_graph())
+    assert not wrong, "imports from a higher layer (docs/DESIGN.md section 5):\n" + "\n".join(wrong)
+
+
+def test_the_graph_scan_sees_hint_only_lazy_and_relative_imports(tmp_path):
+    """A circle closed only under TYPE_CHECKING or inside a function is still a circle, and an
+    upward import hidden the same ways is still upward; allowed imports are not flagged."""
+    root = tmp_path / "dreamcoeff"
+    (root / "train").mkdir(parents=True)
+    (root / "__init__.py").write_text("from .methods import M\n")
+    (root / "train" / "__init__.py").write_text("")
+    (root / "methods.py").write_text(
+        "from typing import TYPE_CHECKING\nfrom .weights import W\nif TYPE_CHECKING:\n    from .train.config import C\n"
+    )
+    (root / "weights.py").write_text("from . import io\ndef f():\n    from .processor import P\n")
+    (root / "io.py").write_text("")
+    (root / "processor.py").write_text("from .attention import core\n")
+    (root / "attention").mkdir()
+    (root / "attention" / "__init__.py").write_text("")
+    (root / "attention" / "core.py").write_text("def g():\n    import dreamcoeff.loading\n")
+    (root / "loading.py").write_text("from .methods import M\n")
+    (root / "train" / "config.py").write_text("from ..methods import M\nfrom .prompts import p\n")
+    (root / "train" / "prompts.py").write_text("def h():\n    from .config import C\n")
+    graph = import_graph(root)
+    assert graph["dreamcoeff.weights"] == {"dreamcoeff.io", "dreamcoeff.processor"}
+    cycles = import_cycles(graph)
+
+    def in_one_cycle(*names: str) -> bool:
+        return any({f"dreamcoeff.{n}" for n in names} <= set(c) for c in cycles)
+
+    assert in_one_cycle("methods", "train.config"), cycles  # closed only under TYPE_CHECKING
+    assert in_one_cycle("train.config", "train.prompts"), cycles  # closed only inside a function
+    assert in_one_cycle("attention.core", "loading", "weights", "processor"), cycles  # lazy, absolute
+    assert not in_one_cycle("io"), cycles
+    wrong = upward_imports(graph)
+    assert "dreamcoeff.methods (methods) imports dreamcoeff.train.config (apps)" in wrong, wrong
+    assert "dreamcoeff.attention.core (plumbing) imports dreamcoeff.loading (runs)" in wrong, wrong
+    assert not any(w.startswith(("dreamcoeff.weights", "dreamcoeff.loading ", "dreamcoeff ")) for w in wrong), wrong
+
+
 def test_no_library_module_is_over_the_size_rule():
     sizes = {str(p.relative_to(PACKAGE)): len(p.read_text(encoding="utf-8").splitlines()) for p in _modules()}
     over = {name: n for name, n in sizes.items() if n > MAX_LINES and name not in SIZE_EXEMPT}
     assert not over, f"modules over ~{MAX_LINES} lines (docs/DESIGN.md): {over}; split them"
     assert len(sizes) > 40  # the scan found the package
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def cross_test_imports(root: Path = TESTS) -> list[str]:
+    """'file imports module' for each test file (test_*.py in `root`) importing another test file, at any
+    depth (function-local imports too). Shared code belongs in support modules (helpers.py, reference.py,
+    conftest.py, trainer_runs.py, ...): a test file that imports a test file runs or breaks with it."""
+    found = []
+    for path in sorted(root.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                candidates = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for name in candidates:
+                last = name.rsplit(".", 1)[-1]
+                if last.startswith("test_") and (root / f"{last}.py").is_file():
+                    found.append(f"{path.name} imports {name.strip('.')}")
+    return found
+
+
+def test_no_test_file_imports_another_test_file():
+    found = cross_test_imports()
+    assert not found, "move shared helpers into a support module (tests/helpers.py ...): " + "; ".join(found)
+
+
+def test_the_cross_import_scan_catches_every_form(tmp_path):
+    (tmp_path / "test_a.py").write_text("X = 1\n")
+    (tmp_path / "helpers.py").write_text("Y = 1\n")
+    forms = [
+        "from tests.test_a import X",
+        "from .test_a import X",
+        "from . import test_a",
+        "import tests.test_a",
+        "def f():\n    from tests.test_a import X",
+    ]
+    for n, form in enumerate(forms):
+        (tmp_path / f"test_b{n}.py").write_text(form + "\n")
+    (tmp_path / "test_ok.py").write_text("from tests.helpers import Y\nfrom . import helpers\nimport pytest\n")
+    found = cross_test_imports(tmp_path)
+    assert sorted(f.split(" ")[0] for f in found) == [f"test_b{n}.py" for n in range(len(forms))], found

@@ -23,17 +23,17 @@ import pytest
 from dreamcoeff import locking
 from dreamcoeff.locking import LOCK_NAME, FolderBusyError, FolderLock, LockOwner, read_owner
 from dreamcoeff.train import COMPLETE_NAME, main
-from tests.test_reliability import (
+from tests.trainer_runs import (
     COEFF,
     KILL_COMMON,
     REPO,
-    _args,
-    _kill,
-    _make_images,
-    _run_to_end,
-    _spawn,
-    _steps,
-    _wait_until,
+    checkpoint_steps,
+    kill_run,
+    make_square_images,
+    run_trainer_to_end,
+    spawn_trainer,
+    trainer_argv,
+    wait_until,
 )
 
 HOLDER = (
@@ -215,13 +215,13 @@ def test_second_trainer_refused_while_the_first_runs_and_nothing_touched(tiny_pi
     """The first run is frozen (SIGSTOP) in the middle of writing a checkpoint, lock held: a second trainer,
     fresh, with --overwrite_output_dir or resuming, exits 2 at once; the folder, leftovers of the checkpoint
     being written included, is byte-identical afterwards; the first run then finishes."""
-    inst = _make_images(tmp_path / "inst")
+    inst = make_square_images(tmp_path / "inst")
     out = tmp_path / "run"
-    argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", 4, *KILL_COMMON)
-    first = _spawn(argv, tmp_path / "first.log", pause=1.0)
+    argv = trainer_argv(tiny_pipeline_dir, inst, out, "--max_train_steps", 4, *KILL_COMMON)
+    first = spawn_trainer(argv, tmp_path / "first.log", pause=1.0)
     try:
         spawned = time.time()
-        assert _wait_until(
+        assert wait_until(
             lambda: any(p.stat().st_mtime >= spawned for p in out.glob(f"checkpoint-*.tmp/{COEFF}")), first
         ), (tmp_path / "first.log").read_text()[-3000:]
         os.killpg(first.pid, signal.SIGSTOP)
@@ -245,21 +245,21 @@ def test_second_trainer_refused_while_the_first_runs_and_nothing_touched(tiny_pi
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGCONT)
-            _kill(first)
+            kill_run(first)
     assert (out / COMPLETE_NAME).is_file() and not (out / LOCK_NAME).exists()
 
 
 @pytest.mark.slow
 def test_second_trainer_refused_on_every_rank_of_a_two_process_launch(tiny_pipeline_dir, tmp_path, holder):
     """Only the main process takes the lock; the other one waits for its verdict, and both stop with it."""
-    inst = _make_images(tmp_path / "inst", sizes=((64, 64),) * 4)
+    inst = make_square_images(tmp_path / "inst", sizes=((64, 64),) * 4)
     out = tmp_path / "run"
     out.mkdir()
     (out / "args.json").write_text("{}")
     holder(out)
     before = _snapshot(out)
-    argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", 2, "--overwrite_output_dir")
-    rc, log = _run_to_end(argv, tmp_path / "two.log", processes=2)
+    argv = trainer_argv(tiny_pipeline_dir, inst, out, "--max_train_steps", 2, "--overwrite_output_dir")
+    rc, log = run_trainer_to_end(argv, tmp_path / "two.log", processes=2)
     assert rc != 0, log[-3000:]
     assert log.count(f"error: {_busy_message(out, '--output_dir')}") == 2, log[-3000:]  # one line per rank
     assert "exitcode  : 2" in log  # torchrun's report: the ranks exited 2 (the launcher itself reports 1)
@@ -270,9 +270,9 @@ def test_a_runs_own_overwrite_keeps_its_lock(tiny_pipeline_dir, tmp_path, monkey
     """--overwrite_output_dir cleans the replaced run's files, never the lock file of the run doing it."""
     import dreamcoeff.train.loop as loop
 
-    inst = _make_images(tmp_path / "inst")
+    inst = make_square_images(tmp_path / "inst")
     out = tmp_path / "out"
-    argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", 1, "--checkpointing_steps", 1)
+    argv = trainer_argv(tiny_pipeline_dir, inst, out, "--max_train_steps", 1, "--checkpointing_steps", 1)
     assert main(argv) == 0
     assert not (out / LOCK_NAME).exists()  # released at the end of the run
     seen = []
@@ -292,21 +292,25 @@ def test_a_runs_own_overwrite_keeps_its_lock(tiny_pipeline_dir, tmp_path, monkey
             return result
 
         monkeypatch.setattr(loop, name, spy)
-    argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", 1, "--tuning", "lora", "--overwrite_output_dir")
+    argv = trainer_argv(
+        tiny_pipeline_dir, inst, out, "--max_train_steps", 1, "--tuning", "lora", "--overwrite_output_dir"
+    )
     assert main(argv) == 0
     assert seen == ["after clean_output_dir", "after stage_final_files"]
-    assert not (out / LOCK_NAME).exists() and not _steps(out)  # the replaced run's checkpoint went, the lock too
+    assert not (out / LOCK_NAME).exists() and not checkpoint_steps(
+        out
+    )  # the replaced run's checkpoint went, the lock too
 
 
 def test_a_trainer_takes_over_the_lock_of_a_killed_run(tiny_pipeline_dir, tmp_path, holder, caplog):
-    inst = _make_images(tmp_path / "inst")
+    inst = make_square_images(tmp_path / "inst")
     out = tmp_path / "out"
     proc = holder(out)
     dead = read_owner(out)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     with caplog.at_level("WARNING", logger="dreamcoeff"):
-        assert main(_args(tiny_pipeline_dir, inst, out, "--max_train_steps", 1)) == 0
+        assert main(trainer_argv(tiny_pipeline_dir, inst, out, "--max_train_steps", 1)) == 0
     assert f"taking over the lock of a run that ended without releasing it ({dead.describe()})" in caplog.text
     assert not (out / LOCK_NAME).exists() and (out / COMPLETE_NAME).is_file()
 

@@ -14,8 +14,6 @@ import json
 import os
 import random
 import re
-import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -33,60 +31,28 @@ from PIL import Image
 from dreamcoeff import load_coeff_weights, read_coeff_file
 from dreamcoeff.train import COMPLETE_NAME, list_checkpoints, main
 from dreamcoeff.weights import MAX_HEADER_BYTES, CoeffWeightsError
-from tests.helpers import assert_unet_untouched, make_images, snapshot_unet
-from tests.pausing_entry import TEST_PAUSE_ENV, TEST_STEP_PAUSE_ENV
-
-REPO = Path(__file__).resolve().parents[1]
-ENTRY = REPO / "train_dreambooth_coeff.py"
-PAUSING_ENTRY = REPO / "tests" / "pausing_entry.py"  # the same trainer, with pauses where kills hurt most
-COEFF = "coeff_weights.safetensors"
-LORA = "pytorch_lora_weights.safetensors"
-
+from tests.helpers import assert_unet_untouched, snapshot_unet
+from tests.trainer_runs import (
+    COEFF,
+    ENTRY,
+    KILL_COMMON,
+    LORA,
+    REPO,
+    assert_checkpoints_complete,
+    assert_same_weights,
+    checkpoint_steps,
+    final_adapter_weights,
+    kill_run,
+    make_square_images,
+    mtime_or_zero,
+    run_trainer_to_end,
+    spawn_trainer,
+    trainer_argv,
+    wait_until,
+)
 
 # one thread, accelerate's state reset after each test (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread_fresh_accelerate")
-
-
-def _make_images(folder: Path, sizes=((64, 64),) * 3, seed=0) -> Path:
-    return make_images(folder, sizes, seed)
-
-
-def _args(model_dir, instance_dir, out, *extra):
-    return [
-        "--pretrained_model_name_or_path",
-        str(model_dir),
-        "--instance_dir",
-        str(instance_dir),
-        "--instance_prompt",
-        "a photo of sks dog",
-        "--output_dir",
-        str(out),
-        "--resolution",
-        "64",
-        "--report_to",
-        "none",
-        "--checkpointing_steps",
-        "0",
-        *map(str, extra),
-    ]
-
-
-def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    if (folder / COEFF).exists():
-        tensors.update(read_coeff_file(folder / COEFF)[0])
-    if (folder / LORA).exists():
-        tensors.update(load_file(str(folder / LORA)))
-    return tensors
-
-
-def _assert_same_weights(got: dict, want: dict, atol=1e-5):
-    assert got.keys() == want.keys() and want
-    worst = max((got[k].float() - want[k].float()).abs().max().item() for k in want)
-    assert worst <= atol, f"max |difference| {worst:g} from the uninterrupted run"
-    return worst
 
 
 def _run_error(capsys, argv) -> str:
@@ -101,141 +67,6 @@ def _run_error(capsys, argv) -> str:
 # Kill at any moment
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(
-    argv, log: Path, processes: int = 1, pause: float | None = None, step_pause: float | None = None
-) -> subprocess.Popen:
-    """Start the trainer (`processes` > 1: under `accelerate launch`), output to `log`; `pause` / `step_pause`:
-    seconds of sleep in its checkpoint writes / after every optimizer step (tests/pausing_entry.py)."""
-    entry = PAUSING_ENTRY if pause or step_pause else ENTRY
-    if processes == 1:
-        cmd = [sys.executable, str(entry), *argv]
-    else:  # --multi_gpu picks torchrun; without CUDA the trainer runs its ranks on the CPU with gloo
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(_free_port()),
-            str(entry),
-            *argv,
-        ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.pop(TEST_PAUSE_ENV, None)
-    env.pop(TEST_STEP_PAUSE_ENV, None)
-    if pause:
-        env[TEST_PAUSE_ENV] = str(pause)
-    if step_pause:
-        env[TEST_STEP_PAUSE_ENV] = str(step_pause)
-    # A session of its own, so that a kill reaches the launcher and all its ranks at once.
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
-
-
-def _run_to_end(argv, log: Path, processes: int = 1, timeout: float = 600) -> tuple[int, str]:
-    """Run the trainer to its end (`_spawn`; killed if it outlives `timeout`): its exit code and output."""
-    proc = _spawn(argv, log, processes=processes)
-    try:
-        rc = proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            _kill(proc)
-    return rc, log.read_text()
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the run: the process and everything it started. torchrun puts each rank in a session of
-    its own, so killing the launcher's process group alone would leave the ranks running."""
-    if proc.poll() is not None:
-        return  # already ended: the caller's check reports a kill that did not land
-    os.killpg(proc.pid, signal.SIGSTOP)  # frozen, the launcher can start no new rank while we look
-    victims = _descendants(proc.pid) if Path("/proc").is_dir() else []
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    end = time.monotonic() + 60
-    while not all(_gone(pid) for pid in victims):
-        assert time.monotonic() < end, "processes of the killed run are still alive"
-        time.sleep(0.05)
-
-
-def _wait_until(cond, proc: subprocess.Popen, timeout: float = 300) -> bool:
-    """True once cond() holds; False if the process ended first."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        if proc.poll() is not None:
-            return cond()
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting for the training to get there")
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
-def _steps(out: Path) -> list[int]:
-    return [s for s, _ in list_checkpoints(out)]
-
-
-def _assert_checkpoints_complete(out: Path, processes: int, limit: int) -> None:
-    """Whatever the moment of the kill, every checkpoint `latest` could pick is complete and loadable."""
-    found = list_checkpoints(out)
-    assert len(found) <= limit + 1  # the newest is renamed into place just before the oldest goes
-    for step, path in found:
-        names = {p.name for p in path.iterdir()}
-        want = {COEFF, LORA, "optimizer.bin", "scheduler.bin", "args.json", "dreamcoeff_state.json"}
-        want |= {f"random_states_{r}.pkl" for r in range(processes)}
-        assert want <= names, (path, sorted(names))
-        assert json.loads((path / "dreamcoeff_state.json").read_text())["global_step"] == step
-        assert all(torch.isfinite(t).all() for t in read_coeff_file(path)[0].values())
-    assert not (out / COMPLETE_NAME).exists()
-
-
 def _kill_and_resume(argv, out: Path, logs: Path, moments: list[str], rng: random.Random, processes=1, limit=3):
     """Run `argv`, SIGKILL it at each of `moments`, resuming with `latest` each time; then let it finish.
     Returns the moments where a kill did land."""
@@ -243,36 +74,36 @@ def _kill_and_resume(argv, out: Path, logs: Path, moments: list[str], rng: rando
     logs.mkdir(exist_ok=True)
     for n, moment in enumerate(moments):
         argv_n = argv + (["--resume_from_checkpoint", "latest"] if n else [])
-        start_steps = _steps(out)
+        start_steps = checkpoint_steps(out)
         start = start_steps[-1] if start_steps else 0
         # Every checkpoint (one per step here) pauses a little, so that on a fast machine the run cannot
         # finish between reaching the kill moment and the kill; mid-checkpoint kills get a longer pause.
         pause = 0.5 if moment in ("mid-checkpoint", "before-model-card") else 0.3
         spawned = time.time()
-        proc = _spawn(argv_n, logs / f"attempt{n}.log", processes, pause)
+        proc = spawn_trainer(argv_n, logs / f"attempt{n}.log", processes, pause)
         try:
             if moment == "start-up":  # imports, model loading, data: before any step
                 reached = proc.poll() is None
                 time.sleep(rng.uniform(0.5, 3.0))
             elif moment == "random":  # anywhere in the loop once it has made some progress
                 target = start + rng.randint(1, 2)
-                reached = _wait_until(lambda: (_steps(out) or [0])[-1] >= target, proc)
+                reached = wait_until(lambda: (checkpoint_steps(out) or [0])[-1] >= target, proc)
                 time.sleep(rng.uniform(0.0, 0.25))
             elif moment == "mid-checkpoint":  # a checkpoint-N.tmp being written
                 # a file this attempt wrote (a leftover of the previous kill being deleted does not count)
-                reached = _wait_until(
-                    lambda: any(_mtime(p) >= spawned for p in out.glob(f"checkpoint-*.tmp/{COEFF}")), proc
+                reached = wait_until(
+                    lambda: any(mtime_or_zero(p) >= spawned for p in out.glob(f"checkpoint-*.tmp/{COEFF}")), proc
                 )
                 time.sleep(rng.uniform(0.0, 0.3))
             elif moment == "before-model-card":  # final weights written, README.md / completion marker not yet
-                reached = _wait_until(lambda: (out / LORA).exists() and not (out / "README.md").exists(), proc)
+                reached = wait_until(lambda: (out / LORA).exists() and not (out / "README.md").exists(), proc)
             else:
                 raise ValueError(moment)
             alive = proc.poll() is None
-            _kill(proc)
+            kill_run(proc)
         except BaseException:
             if proc.poll() is None:
-                _kill(proc)
+                kill_run(proc)
             raise
         assert reached and alive, (
             f"attempt {n} ({moment}) ended before the kill:\n" + (logs / f"attempt{n}.log").read_text()[-3000:]
@@ -285,56 +116,33 @@ def _kill_and_resume(argv, out: Path, logs: Path, moments: list[str], rng: rando
         if moment == "before-model-card":
             assert (out / COEFF).exists() and not (out / COMPLETE_NAME).exists()
         if (out / "args.json").exists():
-            _assert_checkpoints_complete(out, processes, limit)
-    rc, log = _run_to_end(argv + ["--resume_from_checkpoint", "latest"], logs / "final.log", processes)
+            assert_checkpoints_complete(out, processes, limit)
+    rc, log = run_trainer_to_end(argv + ["--resume_from_checkpoint", "latest"], logs / "final.log", processes)
     assert rc == 0, log[-3000:]
     assert (out / COMPLETE_NAME).is_file() and (out / "README.md").is_file()
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp*")), sorted(p.name for p in out.iterdir())
     return landed
 
 
-KILL_COMMON = (
-    "--tuning",
-    "coeff+lora",
-    "--checkpointing_steps",
-    1,
-    "--checkpoints_total_limit",
-    3,
-    "--random_flip",
-    "--lr_scheduler",
-    "linear",
-    "--coeff_lr",
-    "1e-2",
-    "--learning_rate",
-    "1e-2",
-    "--lora_dropout",
-    "0.1",
-    "--coeff_dropout",
-    "0.2",
-    "--seed",
-    3,
-)
-
-
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tiny_pipeline_dir, tmp_path, capsys):
-    inst = _make_images(tmp_path / "inst")  # 3 images, batch 1: epochs end at steps 3, 6, 9
+    inst = make_square_images(tmp_path / "inst")  # 3 images, batch 1: epochs end at steps 3, 6, 9
     steps = 10
     ref = tmp_path / "ref"
-    assert main(_args(tiny_pipeline_dir, inst, ref, "--max_train_steps", steps, *KILL_COMMON)) == 0
-    reference = _final_weights(ref)
+    assert main(trainer_argv(tiny_pipeline_dir, inst, ref, "--max_train_steps", steps, *KILL_COMMON)) == 0
+    reference = final_adapter_weights(ref)
     assert any(v.abs().max() > 1e-4 for k, v in reference.items() if k.endswith(".alpha"))
 
     out = tmp_path / "run"
-    argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", steps, *KILL_COMMON)
+    argv = trainer_argv(tiny_pipeline_dir, inst, out, "--max_train_steps", steps, *KILL_COMMON)
     moments = ["start-up", "random", "mid-checkpoint", "random", "before-model-card"]
     seed = int(os.environ.get("DREAMCOEFF_KILL_SEED", "7"))  # other seeds: other random moments
     landed = _kill_and_resume(argv, out, tmp_path / "logs", moments, random.Random(seed))
     assert landed == moments
-    worst = _assert_same_weights(_final_weights(out), reference)
+    worst = assert_same_weights(final_adapter_weights(out), reference)
     with capsys.disabled():
         print(f"kills survived: {len(landed)} ({', '.join(landed)}); max |weight difference| {worst:.2g}")
-    assert _steps(out) == [steps - 2, steps - 1, steps]  # --checkpoints_total_limit 3
+    assert checkpoint_steps(out) == [steps - 2, steps - 1, steps]  # --checkpoints_total_limit 3
 
     # A completed run resumed again: nothing to do, nothing rewritten.
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
@@ -346,22 +154,27 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tiny_pipeli
 
 @pytest.mark.slow
 def test_sigkill_and_resume_with_two_processes(tiny_pipeline_dir, tmp_path):
-    inst = _make_images(tmp_path / "inst", sizes=((64, 64),) * 4)  # 2 ranks x batch 1: 2 steps per epoch
+    inst = make_square_images(tmp_path / "inst", sizes=((64, 64),) * 4)  # 2 ranks x batch 1: 2 steps per epoch
     common = ("--max_train_steps", 6, *KILL_COMMON)
     ref = tmp_path / "ref"
-    proc = _spawn(_args(tiny_pipeline_dir, inst, ref, *common), tmp_path / "ref.log", processes=2)
+    proc = spawn_trainer(trainer_argv(tiny_pipeline_dir, inst, ref, *common), tmp_path / "ref.log", processes=2)
     assert proc.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
-    reference = _final_weights(ref)
+    reference = final_adapter_weights(ref)
 
     out = tmp_path / "run"
     moments = ["random", "mid-checkpoint"]
     seed = int(os.environ.get("DREAMCOEFF_KILL_SEED", "11"))
     landed = _kill_and_resume(
-        _args(tiny_pipeline_dir, inst, out, *common), out, tmp_path / "logs", moments, random.Random(seed), processes=2
+        trainer_argv(tiny_pipeline_dir, inst, out, *common),
+        out,
+        tmp_path / "logs",
+        moments,
+        random.Random(seed),
+        processes=2,
     )
     assert landed == moments
     assert "weights identical on all 2 processes" in (tmp_path / "logs" / "final.log").read_text()
-    worst = _assert_same_weights(_final_weights(out), reference)
+    worst = assert_same_weights(final_adapter_weights(out), reference)
     print(f"kills survived (2 processes): {len(landed)} ({', '.join(landed)}); max |weight difference| {worst:.2g}")
 
 
@@ -371,23 +184,23 @@ def test_sigkill_with_ema_and_prodigy_then_resume_matches_uninterrupted(tiny_pip
     step-size estimate are in every checkpoint, so SIGKILLs at random moments and mid-checkpoint, then
     resuming, end with the same averaged weights as an uninterrupted run."""
     pytest.importorskip("prodigyopt")
-    inst = _make_images(tmp_path / "inst")
+    inst = make_square_images(tmp_path / "inst")
     steps = 10
     extra = ["--use_ema", "--ema_decay", "0.8", "--optimizer", "prodigy", "--coeff_lr", "1.0", "--learning_rate", "1.0"]
 
     def argv_for(out: Path) -> list[str]:
-        argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", steps, *KILL_COMMON)
+        argv = trainer_argv(tiny_pipeline_dir, inst, out, "--max_train_steps", steps, *KILL_COMMON)
         return argv + extra  # later flags win: Prodigy's rates instead of KILL_COMMON's
 
     ref = tmp_path / "ref"
     assert main(argv_for(ref)) == 0
-    reference = _final_weights(ref)
+    reference = final_adapter_weights(ref)
     out = tmp_path / "run"
     moments = ["random", "mid-checkpoint", "random"]
     seed = int(os.environ.get("DREAMCOEFF_KILL_SEED", "7"))
     landed = _kill_and_resume(argv_for(out), out, tmp_path / "logs", moments, random.Random(seed))
     assert landed == moments
-    worst = _assert_same_weights(_final_weights(out), reference)
+    worst = assert_same_weights(final_adapter_weights(out), reference)
     with capsys.disabled():
         print(f"kills survived (EMA + Prodigy): {len(landed)} ({', '.join(landed)}); max |difference| {worst:.2g}")
 
@@ -398,16 +211,16 @@ def test_sigkill_with_learned_tokens_then_resume_matches_uninterrupted(tiny_pipe
     and mid-checkpoint, then resumed: the same alpha, LoRA and embeddings file as an uninterrupted run."""
     from safetensors.torch import load_file
 
-    inst = _make_images(tmp_path / "inst")
+    inst = make_square_images(tmp_path / "inst")
     steps = 10
 
     def argv_for(out: Path) -> list[str]:
-        argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", steps, *KILL_COMMON)
+        argv = trainer_argv(tiny_pipeline_dir, inst, out, "--max_train_steps", steps, *KILL_COMMON)
         argv[argv.index("a photo of sks dog")] = "a photo of TOK dog"
         return argv + ["--train_text_encoder_ti", "--text_encoder_lr", "1e-2"]
 
     def weights(out: Path) -> dict[str, torch.Tensor]:
-        found = _final_weights(out)
+        found = final_adapter_weights(out)
         found.update({f"emb.{k}": v for k, v in load_file(str(out / f"{out.name}_emb.safetensors")).items()})
         return found
 
@@ -421,16 +234,16 @@ def test_sigkill_with_learned_tokens_then_resume_matches_uninterrupted(tiny_pipe
     landed = _kill_and_resume(argv_for(out), out, tmp_path / "logs", moments, random.Random(seed))
     assert landed == moments
     assert (out / f"checkpoint-{steps}" / "run_emb.safetensors").is_file()  # the tokens are in every checkpoint
-    worst = _assert_same_weights(weights(out), reference)
+    worst = assert_same_weights(weights(out), reference)
     with capsys.disabled():
         print(f"kills survived (learned tokens): {len(landed)} ({', '.join(landed)}); max |difference| {worst:.2g}")
 
 
 @pytest.mark.slow
 def test_leftovers_of_a_killed_run_are_never_resumed_and_are_cleaned(tiny_pipeline_dir, tmp_path, caplog):
-    inst = _make_images(tmp_path / "inst")
+    inst = make_square_images(tmp_path / "inst")
     out = tmp_path / "out"
-    assert main(_args(tiny_pipeline_dir, inst, out, "--max_train_steps", 2, "--checkpointing_steps", 1)) == 0
+    assert main(trainer_argv(tiny_pipeline_dir, inst, out, "--max_train_steps", 2, "--checkpointing_steps", 1)) == 0
     # what kills leave: a checkpoint being written (even one that already has its state file), one
     # being deleted, the temp file of an atomic write; and a folder that is not a complete checkpoint
     for name in ("checkpoint-7.tmp", "checkpoint-3.tmp", "checkpoint-1.old"):
@@ -440,11 +253,11 @@ def test_leftovers_of_a_killed_run_are_never_resumed_and_are_cleaned(tiny_pipeli
     (out / ".coeff_weights.safetensors.x1y2.tmp").write_bytes(b"partial")
     (out / ".tmpA1b2C3").write_bytes(b"partial")  # safetensors' own temp file, staged under our temp name
     (out / ".final.tmp.d").mkdir()
-    assert _steps(out) == [1, 2]
+    assert checkpoint_steps(out) == [1, 2]
     with caplog.at_level("INFO", logger="dreamcoeff"):
         assert (
             main(
-                _args(
+                trainer_argv(
                     tiny_pipeline_dir,
                     inst,
                     out,
@@ -459,7 +272,7 @@ def test_leftovers_of_a_killed_run_are_never_resumed_and_are_cleaned(tiny_pipeli
             == 0
         )
     assert "resumed from" in caplog.text and "checkpoint-2 at step 2" in caplog.text
-    assert _steps(out) == [1, 2, 3]
+    assert checkpoint_steps(out) == [1, 2, 3]
     names = {p.name for p in out.iterdir()}
     assert not names & {
         "checkpoint-7.tmp",
@@ -482,7 +295,7 @@ def test_checkpoint_limit_deletes_old_ones_only_after_the_new_one_is_complete(
 ):
     import dreamcoeff.train.checkpoints as checkpoints
 
-    inst = _make_images(tmp_path / "inst")
+    inst = make_square_images(tmp_path / "inst")
     out = tmp_path / "out"
     events = []
     real_prune = checkpoints.prune_checkpoints
@@ -492,10 +305,10 @@ def test_checkpoint_limit_deletes_old_ones_only_after_the_new_one_is_complete(
         assert keep is not None and (keep / "dreamcoeff_state.json").is_file() and (keep / COEFF).is_file()
         real_prune(folder, limit, keep)
         assert keep.is_dir()
-        events.append(_steps(folder))
+        events.append(checkpoint_steps(folder))
 
     monkeypatch.setattr(checkpoints, "prune_checkpoints", spy)
-    argv = _args(
+    argv = trainer_argv(
         tiny_pipeline_dir, inst, out, "--max_train_steps", 4, "--checkpointing_steps", 1, "--checkpoints_total_limit", 2
     )
     assert main(argv) == 0
@@ -515,7 +328,7 @@ def test_checkpoint_limit_deletes_old_ones_only_after_the_new_one_is_complete(
     monkeypatch.setattr(accelerate.Accelerator, "save_state", full_disk)
     err = _run_error(capsys, argv)
     assert "could not write checkpoint" in err and "No space left" in err and "--resume_from_checkpoint latest" in err
-    assert _steps(out) == [3, 4] and not list(out.glob("checkpoint-*.tmp"))
+    assert checkpoint_steps(out) == [3, 4] and not list(out.glob("checkpoint-*.tmp"))
 
     # the same when the alpha file of the checkpoint is the write that fails
     import safetensors.torch
@@ -528,7 +341,7 @@ def test_checkpoint_limit_deletes_old_ones_only_after_the_new_one_is_complete(
     )
     err = _run_error(capsys, argv)
     assert "could not write checkpoint" in err and "checkpoint-5" in err and "No space left" in err
-    assert _steps(out) == [3, 4] and not list(out.glob("checkpoint-*.tmp"))
+    assert checkpoint_steps(out) == [3, 4] and not list(out.glob("checkpoint-*.tmp"))
 
 
 def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
@@ -538,7 +351,7 @@ def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "dreamcoeff_state.json").write_text("{}")
     prune_checkpoints(tmp_path, 1, keep=tmp_path / "checkpoint-3")
-    assert _steps(tmp_path) == [3]
+    assert checkpoint_steps(tmp_path) == [3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
 
 
@@ -546,9 +359,9 @@ def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
 def test_failed_final_write_leaves_previous_files_intact(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
     import safetensors.torch
 
-    inst = _make_images(tmp_path / "inst")
+    inst = make_square_images(tmp_path / "inst")
     out = tmp_path / "out"
-    assert main(_args(tiny_pipeline_dir, inst, out, "--max_train_steps", 1, "--tuning", "coeff+lora")) == 0
+    assert main(trainer_argv(tiny_pipeline_dir, inst, out, "--max_train_steps", 1, "--tuning", "coeff+lora")) == 0
     before = {name: (out / name).read_bytes() for name in (COEFF, LORA, "README.md", COMPLETE_NAME)}
 
     real_save_file = safetensors.torch.save_file
@@ -566,7 +379,7 @@ def test_failed_final_write_leaves_previous_files_intact(tiny_pipeline_dir, tmp_
         monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
         err = _run_error(
             capsys,
-            _args(
+            trainer_argv(
                 tiny_pipeline_dir,
                 inst,
                 out,
@@ -620,13 +433,13 @@ def _inject_nan(monkeypatch, *, loss_steps=(), grad_steps=()):
 
 @pytest.mark.slow
 def test_transient_non_finite_steps_are_skipped(tiny_pipeline_dir, tmp_path, monkeypatch, caplog):
-    inst = _make_images(tmp_path / "inst")
+    inst = make_square_images(tmp_path / "inst")
     out = tmp_path / "out"
     _inject_nan(monkeypatch, loss_steps={1}, grad_steps={4})
     with caplog.at_level("WARNING"):
         assert (
             main(
-                _args(
+                trainer_argv(
                     tiny_pipeline_dir,
                     inst,
                     out,
@@ -643,7 +456,7 @@ def test_transient_non_finite_steps_are_skipped(tiny_pipeline_dir, tmp_path, mon
     skipped = re.findall(r"step (\d+): non-finite loss or gradient, step skipped \(1 in a row\)", caplog.text)
     assert skipped == ["1", "4"]
     assert "step 4 was skipped: no checkpoint saved" in caplog.text
-    assert _steps(out) == [2]  # no checkpoint of the skipped step 4
+    assert checkpoint_steps(out) == [2]  # no checkpoint of the skipped step 4
     tensors = read_coeff_file(out)[0]
     assert all(torch.isfinite(t).all() for t in tensors.values())
     assert any(t.abs().max() > 0 for t in tensors.values())
@@ -653,13 +466,13 @@ def test_transient_non_finite_steps_are_skipped(tiny_pipeline_dir, tmp_path, mon
 def test_divergence_stops_with_learning_rate_hint_and_keeps_last_good_checkpoint(
     tiny_pipeline_dir, tmp_path, monkeypatch, capsys, caplog
 ):
-    inst = _make_images(tmp_path / "inst")
+    inst = make_square_images(tmp_path / "inst")
     out = tmp_path / "out"
     _inject_nan(monkeypatch, loss_steps=set(range(4, 100)))
     with caplog.at_level("WARNING"):
         err = _run_error(
             capsys,
-            _args(
+            trainer_argv(
                 tiny_pipeline_dir,
                 inst,
                 out,
@@ -677,7 +490,7 @@ def test_divergence_stops_with_learning_rate_hint_and_keeps_last_good_checkpoint
     assert "3 consecutive steps" in err and "diverged" in err
     assert "Lower the learning rate" in err and "--coeff_lr 0.01" in err
     assert "checkpoint-2" in err and "no final weights were written" in err
-    assert _steps(out) == [2]  # step 4 was bad: no checkpoint of it
+    assert checkpoint_steps(out) == [2]  # step 4 was bad: no checkpoint of it
     assert not (out / COEFF).exists() and not (out / COMPLETE_NAME).exists()
     assert all(torch.isfinite(t).all() for t in read_coeff_file(out / "checkpoint-2")[0].values())
 
@@ -896,9 +709,9 @@ BAD_IMAGES = ["zero-byte", "truncated PNG", "truncated JPEG", "not an image", "h
 
 @pytest.mark.parametrize("case", BAD_IMAGES)
 def test_bad_image_named_in_a_clear_error(tiny_pipeline_dir, tmp_path, capsys, monkeypatch, case):
-    inst = _make_images(tmp_path / "inst", sizes=((64, 64),))
+    inst = make_square_images(tmp_path / "inst", sizes=((64, 64),))
     name, message = _bad_file(case, inst, monkeypatch)
-    err = _run_error(capsys, _args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1))
+    err = _run_error(capsys, trainer_argv(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1))
     assert name in err and message in err and "--skip_bad_images" in err, err
     assert not (tmp_path / "out" / COEFF).exists()
 
@@ -909,12 +722,15 @@ def test_skip_bad_images_trains_on_the_rest(tiny_pipeline_dir, tmp_path, capsys,
     names = [_bad_file(case, inst, monkeypatch, stem=f"bad{i}")[0] for i, case in enumerate(BAD_IMAGES)]
     # all bad: a clear error, nothing to train on
     err = _run_error(
-        capsys, _args(tiny_pipeline_dir, inst, tmp_path / "none", "--max_train_steps", 1, "--skip_bad_images")
+        capsys, trainer_argv(tiny_pipeline_dir, inst, tmp_path / "none", "--max_train_steps", 1, "--skip_bad_images")
     )
     assert f"all {len(BAD_IMAGES)} instance image(s) failed to load" in err
-    _make_images(inst, sizes=((64, 64),))
+    make_square_images(inst, sizes=((64, 64),))
     with caplog.at_level("WARNING"):
-        assert main(_args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1, "--skip_bad_images")) == 0
+        assert (
+            main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1, "--skip_bad_images"))
+            == 0
+        )
     for name in names:
         assert f"skipping instance image {inst / name}" in caplog.text, name
     assert (tmp_path / "out" / COEFF).is_file()
@@ -966,7 +782,7 @@ def test_odd_but_valid_inputs_train(tiny_pipeline_dir, tmp_path, monkeypatch, ca
     with caplog.at_level("WARNING"):
         assert (
             main(
-                _args(
+                trainer_argv(
                     tiny_pipeline_dir,
                     inst,
                     tmp_path / "out",
@@ -990,9 +806,9 @@ def test_odd_but_valid_inputs_train(tiny_pipeline_dir, tmp_path, monkeypatch, ca
 
 @pytest.mark.parametrize("case", ["latin-1", "utf-16", "caption is a directory", "no caption and no prompt"])
 def test_bad_captions(tiny_pipeline_dir, tmp_path, capsys, case):
-    inst = _make_images(tmp_path / "inst", sizes=((64, 64),))
+    inst = make_square_images(tmp_path / "inst", sizes=((64, 64),))
     caption = inst / "img0.txt"
-    argv = _args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1, "--caption_ext", ".txt")
+    argv = trainer_argv(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1, "--caption_ext", ".txt")
     if case == "latin-1":
         caption.write_bytes("a photo of sks dog, café".encode("latin-1"))
         expected = ["img0.txt", "not valid UTF-8"]
@@ -1058,7 +874,7 @@ FLAG_CASES = {
 
 @pytest.mark.parametrize("case", list(FLAG_CASES))
 def test_bad_flags_and_folders(tiny_pipeline_dir, tmp_path, capsys, case):
-    inst = _make_images(tmp_path / "inst", sizes=((64, 64),))
+    inst = make_square_images(tmp_path / "inst", sizes=((64, 64),))
     (tmp_path / "empty").mkdir()
     (tmp_path / "text_only").mkdir()
     (tmp_path / "text_only" / "notes.txt").write_text("hello")
@@ -1070,7 +886,7 @@ def test_bad_flags_and_folders(tiny_pipeline_dir, tmp_path, capsys, case):
         _write_checkpoint_of(tmp_path / "out", tuning="lora", pretrained_model_name_or_path=str(tiny_pipeline_dir))
     extra, message = FLAG_CASES[case]
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
-    argv = _override(_args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1), extra)
+    argv = _override(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1), extra)
     err = _run_error(capsys, argv)
     assert message in err, err
     assert (tmp_path / "previous" / COEFF).read_bytes() == b"weights of an earlier run"
@@ -1110,12 +926,12 @@ def test_unknown_and_malformed_flags_exit_2(tmp_path, capsys, argv, message):
 
 @pytest.mark.slow
 def test_bad_class_image_named(tiny_pipeline_dir, tmp_path, capsys):
-    inst = _make_images(tmp_path / "inst", sizes=((64, 64),))
-    cls = _make_images(tmp_path / "class", sizes=((64, 64),))
+    inst = make_square_images(tmp_path / "inst", sizes=((64, 64),))
+    cls = make_square_images(tmp_path / "class", sizes=((64, 64),))
     (cls / "img1.png").write_bytes(b"")
     err = _run_error(
         capsys,
-        _args(
+        trainer_argv(
             tiny_pipeline_dir,
             inst,
             tmp_path / "out",
@@ -1149,12 +965,12 @@ def _rss_bytes(pid: int) -> int | None:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
 def test_500_steps_without_memory_growth(tiny_pipeline_dir, tmp_path):
-    inst = _make_images(tmp_path / "inst")
+    inst = make_square_images(tmp_path / "inst")
     steps = 500
     cmd = [
         sys.executable,
         str(ENTRY),
-        *_args(
+        *trainer_argv(
             tiny_pipeline_dir,
             inst,
             tmp_path / "out",
@@ -1197,7 +1013,7 @@ def test_500_steps_without_memory_growth(tiny_pipeline_dir, tmp_path):
         rc = proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
-            _kill(proc)
+            kill_run(proc)
     reader.join(timeout=10)
     assert rc == 0, "\n".join(tail)
 

@@ -23,20 +23,20 @@ import pytest
 from dreamcoeff.locking import LOCK_NAME, read_owner
 from dreamcoeff.train import COMPLETE_NAME, STOP_EXIT_CODE, list_checkpoints, main
 from dreamcoeff.train.stopping import DUPLICATE_WINDOW_S, StopRequest
-from tests.test_reliability import (
+from tests.trainer_runs import (
     COEFF,
     KILL_COMMON,
     REPO,
-    _args,
-    _assert_checkpoints_complete,
-    _assert_same_weights,
-    _descendants,
-    _final_weights,
-    _kill,
-    _make_images,
-    _spawn,
-    _steps,
-    _wait_until,
+    assert_checkpoints_complete,
+    assert_same_weights,
+    checkpoint_steps,
+    descendant_pids,
+    final_adapter_weights,
+    kill_run,
+    make_square_images,
+    spawn_trainer,
+    trainer_argv,
+    wait_until,
 )
 
 STOPPED_RE = re.compile(r"dreamcoeff: stopped by SIGTERM at step (\d+) of (\d+); (.*)")
@@ -204,7 +204,7 @@ def _wait_rc(proc: subprocess.Popen, log: Path, timeout: float = 600) -> int:
         return proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
-            _kill(proc)
+            kill_run(proc)
             raise AssertionError("the run did not stop:\n" + log.read_text()[-3000:])
 
 
@@ -213,53 +213,53 @@ STOP_COMMON = (*KILL_COMMON, "--checkpointing_steps", 0)  # every checkpoint is 
 
 @pytest.mark.slow
 def test_sigterm_at_random_moments_then_resume_matches_uninterrupted(tiny_pipeline_dir, tmp_path, capsys):
-    inst = _make_images(tmp_path / "inst")
+    inst = make_square_images(tmp_path / "inst")
     steps = 16
     ref = tmp_path / "ref"
-    assert main(_args(tiny_pipeline_dir, inst, ref, "--max_train_steps", steps, *STOP_COMMON)) == 0
-    reference = _final_weights(ref)
+    assert main(trainer_argv(tiny_pipeline_dir, inst, ref, "--max_train_steps", steps, *STOP_COMMON)) == 0
+    reference = final_adapter_weights(ref)
 
     out, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
-    argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", steps, *STOP_COMMON)
+    argv = trainer_argv(tiny_pipeline_dir, inst, out, "--max_train_steps", steps, *STOP_COMMON)
     rng = random.Random(int(os.environ.get("DREAMCOEFF_KILL_SEED", "5")))
     moments = ["loading", "random", "random", "random"]
     stops = []
     for n, moment in enumerate(moments):
         log = logs / f"attempt{n}.log"
-        start = (_steps(out) or [0])[-1]
-        proc = _spawn(argv + (["--resume_from_checkpoint", "latest"] if n else []), log, step_pause=0.3)
+        start = (checkpoint_steps(out) or [0])[-1]
+        proc = spawn_trainer(argv + (["--resume_from_checkpoint", "latest"] if n else []), log, step_pause=0.3)
         try:
             if moment == "loading":  # the lock is taken: the handler is in place; the model is not loaded yet
-                assert _wait_until(lambda: (out / LOCK_NAME).exists(), proc)
+                assert wait_until(lambda: (out / LOCK_NAME).exists(), proc)
                 time.sleep(rng.uniform(0.0, 0.5))
             else:
                 target = start + rng.randint(1, 2)
-                assert _wait_until(lambda: _progress(log, steps) >= target, proc), log.read_text()[-3000:]
+                assert wait_until(lambda: _progress(log, steps) >= target, proc), log.read_text()[-3000:]
                 time.sleep(rng.uniform(0.0, 0.3))
             assert proc.poll() is None, f"attempt {n} ended before the signal:\n" + log.read_text()[-3000:]
             proc.send_signal(signal.SIGTERM)
             rc = _wait_rc(proc, log)
         finally:
             if proc.poll() is None:
-                _kill(proc)
+                kill_run(proc)
         assert rc == STOP_EXIT_CODE, log.read_text()[-3000:]
         step, rest = _stopped(log)
         assert step >= start and "Traceback" not in log.read_text()
         if step > start:  # it had made steps: their checkpoint is the stop's, complete, and named
-            assert _steps(out)[-1] == step
+            assert checkpoint_steps(out)[-1] == step
             assert rest == (
                 f"the newest checkpoint is {out / f'checkpoint-{step}'}. To resume, run the same command with "
                 f"--resume_from_checkpoint latest (it continues in {out})"
             )
-            _assert_checkpoints_complete(out, 1, 3)
-        elif not _steps(out):  # stopped while loading, before any checkpoint
+            assert_checkpoints_complete(out, 1, 3)
+        elif not checkpoint_steps(out):  # stopped while loading, before any checkpoint
             assert rest.startswith(f"no checkpoint had been written in {out}")
         assert not (out / LOCK_NAME).exists() and not (out / COMPLETE_NAME).exists()
         stops.append(f"{moment}@{step}")
-    proc = _spawn(argv + ["--resume_from_checkpoint", "latest"], logs / "final.log")
+    proc = spawn_trainer(argv + ["--resume_from_checkpoint", "latest"], logs / "final.log")
     assert _wait_rc(proc, logs / "final.log") == 0, (logs / "final.log").read_text()[-3000:]
-    worst = _assert_same_weights(_final_weights(out), reference)
+    worst = assert_same_weights(final_adapter_weights(out), reference)
     with capsys.disabled():
         print(f"SIGTERMs survived: {len(stops)} ({', '.join(stops)}); max |weight difference| {worst:.2g}")
     assert sum(s.startswith("random") for s in stops) == 3
@@ -270,31 +270,31 @@ def test_a_second_signal_while_stopping_exits_at_once_and_latest_stays_valid(tin
     """The stop's checkpoint is slow (3 s pauses, tests/pausing_entry.py): a second SIGTERM (after the
     duplicate window) or a SIGINT during it ends the run at once; the partial checkpoint is never taken by
     `latest`, and the run resumed from the last complete one still ends with the uninterrupted weights."""
-    inst = _make_images(tmp_path / "inst")
+    inst = make_square_images(tmp_path / "inst")
     steps = 8
     ref = tmp_path / "ref"
-    assert main(_args(tiny_pipeline_dir, inst, ref, "--max_train_steps", steps, *STOP_COMMON)) == 0
-    reference = _final_weights(ref)
+    assert main(trainer_argv(tiny_pipeline_dir, inst, ref, "--max_train_steps", steps, *STOP_COMMON)) == 0
+    reference = final_adapter_weights(ref)
     out, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
-    argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", steps, *STOP_COMMON)
+    argv = trainer_argv(tiny_pipeline_dir, inst, out, "--max_train_steps", steps, *STOP_COMMON)
 
     # a clean stop first, for a complete checkpoint to fall back on
-    proc = _spawn(argv, logs / "first.log", step_pause=0.3)
-    assert _wait_until(lambda: _progress(logs / "first.log", steps) >= 2, proc)
+    proc = spawn_trainer(argv, logs / "first.log", step_pause=0.3)
+    assert wait_until(lambda: _progress(logs / "first.log", steps) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     assert _wait_rc(proc, logs / "first.log") == STOP_EXIT_CODE
-    good = _steps(out)[-1]
+    good = checkpoint_steps(out)[-1]
 
     took_all, previous = [], None
     for n, second in enumerate((signal.SIGTERM, signal.SIGINT)):
         log = logs / f"attempt{n}.log"
-        proc = _spawn(argv + ["--resume_from_checkpoint", "latest"], log, pause=3.0, step_pause=0.3)
+        proc = spawn_trainer(argv + ["--resume_from_checkpoint", "latest"], log, pause=3.0, step_pause=0.3)
         try:
-            assert _wait_until(lambda: _progress(log, steps) >= good + 1, proc), log.read_text()[-3000:]
+            assert wait_until(lambda: _progress(log, steps) >= good + 1, proc), log.read_text()[-3000:]
             proc.send_signal(signal.SIGTERM)
             first_at = time.monotonic()
-            assert _wait_until(lambda: any(out.glob(f"checkpoint-*.tmp/{COEFF}")), proc), log.read_text()[-3000:]
+            assert wait_until(lambda: any(out.glob(f"checkpoint-*.tmp/{COEFF}")), proc), log.read_text()[-3000:]
             if second == signal.SIGTERM:  # a later SIGTERM, not the duplicate of the first
                 time.sleep(max(0.0, first_at + DUPLICATE_WINDOW_S + 0.2 - time.monotonic()))
             assert proc.poll() is None and any(out.glob("checkpoint-*.tmp"))
@@ -304,27 +304,27 @@ def test_a_second_signal_while_stopping_exits_at_once_and_latest_stays_valid(tin
             took = time.monotonic() - sent
         finally:
             if proc.poll() is None:
-                _kill(proc)
+                kill_run(proc)
         assert rc == 128 + second, log.read_text()[-3000:]
         assert took < 2.5, took  # at once: the checkpoint's remaining 3 s pause was not waited for
         took_all.append(f"{signal.Signals(second).name} {took:.2f} s")
         text = log.read_text()
         assert "while stopping: exiting at once" in text and "stopped by SIGTERM at step" not in text
         assert list(out.glob("checkpoint-*.tmp")), "the signal missed the checkpoint being written"
-        assert _steps(out)[-1] == good  # latest is still the last complete checkpoint
-        _assert_checkpoints_complete(out, 1, 3)
+        assert checkpoint_steps(out)[-1] == good  # latest is still the last complete checkpoint
+        assert_checkpoints_complete(out, 1, 3)
         assert read_owner(out).pid == proc.pid  # it exited holding the lock: the kernel released it, the file stays
         if previous is not None:  # the next run took over the lock of the previous one, which had exited at once
             assert f"taking over the lock of a run that ended without releasing it (pid {previous}" in text
         previous = proc.pid
-    proc = _spawn(argv + ["--resume_from_checkpoint", "latest"], logs / "final.log")
+    proc = spawn_trainer(argv + ["--resume_from_checkpoint", "latest"], logs / "final.log")
     assert _wait_rc(proc, logs / "final.log") == 0, (logs / "final.log").read_text()[-3000:]
     assert not list(out.glob("checkpoint-*.tmp")) and not (out / LOCK_NAME).exists()
     assert (
         f"taking over the lock of a run that ended without releasing it (pid {previous}"
         in (logs / "final.log").read_text()
     )
-    worst = _assert_same_weights(_final_weights(out), reference)
+    worst = assert_same_weights(final_adapter_weights(out), reference)
     with capsys.disabled():
         print(f"second signal while stopping: exited after {', '.join(took_all)}; max |difference| {worst:.2g}")
 
@@ -335,34 +335,36 @@ def test_sigterm_with_two_processes_stops_every_rank_at_the_same_step(tiny_pipel
     forwards it to the ranks), then to the launcher and every rank at once (as SLURM signals every process
     of a job step); each time both ranks stop after the same step, with one checkpoint; then resumed, the
     run ends with the weights of an uninterrupted one."""
-    inst = _make_images(tmp_path / "inst", sizes=((64, 64),) * 4)  # 2 ranks x batch 1: 2 steps per epoch
+    inst = make_square_images(tmp_path / "inst", sizes=((64, 64),) * 4)  # 2 ranks x batch 1: 2 steps per epoch
     steps = 8
     common = ("--max_train_steps", steps, *STOP_COMMON)
     ref = tmp_path / "ref"
-    proc = _spawn(_args(tiny_pipeline_dir, inst, ref, *common), tmp_path / "ref.log", processes=2)
+    proc = spawn_trainer(trainer_argv(tiny_pipeline_dir, inst, ref, *common), tmp_path / "ref.log", processes=2)
     assert _wait_rc(proc, tmp_path / "ref.log") == 0, (tmp_path / "ref.log").read_text()[-3000:]
-    reference = _final_weights(ref)
+    reference = final_adapter_weights(ref)
 
     out, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
-    argv = _args(tiny_pipeline_dir, inst, out, *common)
+    argv = trainer_argv(tiny_pipeline_dir, inst, out, *common)
     rng = random.Random(int(os.environ.get("DREAMCOEFF_KILL_SEED", "13")))
     stops = []
     for n, whom in enumerate(("launcher", "every process")):
         log = logs / f"attempt{n}.log"
-        start = (_steps(out) or [0])[-1]
-        proc = _spawn(argv + (["--resume_from_checkpoint", "latest"] if n else []), log, processes=2, step_pause=0.3)
+        start = (checkpoint_steps(out) or [0])[-1]
+        proc = spawn_trainer(
+            argv + (["--resume_from_checkpoint", "latest"] if n else []), log, processes=2, step_pause=0.3
+        )
         try:
             target = start + rng.randint(1, 2)
-            assert _wait_until(lambda: _progress(log, steps) >= target, proc), log.read_text()[-3000:]
+            assert wait_until(lambda: _progress(log, steps) >= target, proc), log.read_text()[-3000:]
             time.sleep(rng.uniform(0.0, 0.3))
-            ranks = _descendants(proc.pid) if whom == "every process" else []
+            ranks = descendant_pids(proc.pid) if whom == "every process" else []
             for pid in [proc.pid, *ranks]:
                 os.kill(pid, signal.SIGTERM)
             rc = _wait_rc(proc, log)
         finally:
             if proc.poll() is None:
-                _kill(proc)
+                kill_run(proc)
         text = log.read_text()
         assert rc != 0  # the launcher's own code: torchrun re-raises the signal it got (1)
         step, _ = _stopped(log)  # said once, by the main process
@@ -370,13 +372,13 @@ def test_sigterm_with_two_processes_stops_every_rank_at_the_same_step(tiny_pipel
         assert sorted(per_rank) == [("0", str(step)), ("1", str(step))], text[-3000:]
         assert text.count("SIGTERM received (pid") == 2  # each rank's once: the duplicates were absorbed
         assert "while stopping" not in text
-        assert _steps(out)[-1] == step > start
-        _assert_checkpoints_complete(out, 2, 3)  # random_states_0 and _1: both ranks saved that step
+        assert checkpoint_steps(out)[-1] == step > start
+        assert_checkpoints_complete(out, 2, 3)  # random_states_0 and _1: both ranks saved that step
         stops.append(f"{whom}@{step} (launcher exit {rc})")
-    proc = _spawn(argv + ["--resume_from_checkpoint", "latest"], logs / "final.log", processes=2)
+    proc = spawn_trainer(argv + ["--resume_from_checkpoint", "latest"], logs / "final.log", processes=2)
     assert _wait_rc(proc, logs / "final.log") == 0, (logs / "final.log").read_text()[-3000:]
     assert "weights identical on all 2 processes" in (logs / "final.log").read_text()
-    worst = _assert_same_weights(_final_weights(out), reference)
+    worst = assert_same_weights(final_adapter_weights(out), reference)
     assert [s for s, _ in list_checkpoints(out)][-1] == step
     with capsys.disabled():
         print(f"SIGTERMs survived (2 processes): {', '.join(stops)}; max |difference| {worst:.2g}")

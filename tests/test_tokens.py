@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -16,7 +15,7 @@ from dreamcoeff import load_coeff_weights, load_run, unload_run
 from dreamcoeff.models import encode_prompt_batch
 from dreamcoeff.tokens import LearnedTokens, TokenError, TokenPlan, load_embeddings_into, read_embeddings_file
 from dreamcoeff.train import list_checkpoints, main
-from tests.helpers import assert_same_tensors, make_images, snapshot_tensors
+from tests.helpers import assert_same_tensors, make_images, snapshot_tensors, validation_pipeline
 
 PROMPT = "a photo of TOK dog"
 
@@ -35,16 +34,6 @@ def _args(model_dir, inst, out, *extra):
             "--output_dir", out, "--resolution", 64, "--report_to", "none", "--checkpointing_steps", 0, "--seed", 0,
             "--train_text_encoder_ti"]  # fmt: skip
     return [str(a) for a in base + list(extra)]
-
-
-def _pipe(model_dir) -> StableDiffusionXLPipeline:
-    """The pipeline as validation builds it: Euler from the model's training (DDPM) schedule."""
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(
-        DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler").config
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _image(pipe, prompt: str) -> np.ndarray:
@@ -176,7 +165,7 @@ def test_each_mode_with_tokens_trains_saves_and_reloads(tiny_pipeline_dir, tmp_p
     assert ("every step" in card) == (tuning == "none") and "tokens 0.05" in card
     trained = np.asarray(Image.open(out / "validation" / "step_00003" / "prompt00_seed0.png")).astype(np.int16)
 
-    pipe = _pipe(tiny_pipeline_dir)
+    pipe = validation_pipeline(tiny_pipeline_dir)
     base = _image(pipe, "a <s0><s1> dog on the beach")  # the base model reads the new tokens' letters
     base_unet = snapshot_tensors(pipe.unet)
     base_grad = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
@@ -196,7 +185,7 @@ def test_each_mode_with_tokens_trains_saves_and_reloads(tiny_pipeline_dir, tmp_p
     assert np.array_equal(again, base)
 
     # the same with diffusers' own loaders, as the model card says
-    pipe = _pipe(tiny_pipeline_dir)
+    pipe = validation_pipeline(tiny_pipeline_dir)
     for key, enc, tok in (
         ("clip_l", pipe.text_encoder, pipe.tokenizer),
         ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2),
@@ -220,7 +209,7 @@ def test_resume_with_tokens_matches_uninterrupted(tiny_pipeline_dir, tmp_path, m
     """Killed after checkpoint 1 (tokens still training: their optimizer state must come back) or 3
     (tokens frozen at step 2: the resumed run must freeze them again), then resumed: the same alpha,
     LoRA and token rows as an uninterrupted run."""
-    from tests.test_training import _final_weights, _run_killed_after_checkpoint
+    from tests.trainer_runs import final_adapter_weights, run_killed_after_checkpoint
 
     inst = make_images(tmp_path / "inst", ((64, 64),) * 3, 0)
     common = ("--tuning", "coeff+lora", "--max_train_steps", 4, "--checkpointing_steps", 1, "--coeff_lr", "1e-2",
@@ -228,11 +217,11 @@ def test_resume_with_tokens_matches_uninterrupted(tiny_pipeline_dir, tmp_path, m
     ref = tmp_path / "ref"
     assert main(_args(tiny_pipeline_dir, inst, ref, *common)) == 0
     run = tmp_path / "run"
-    _run_killed_after_checkpoint(monkeypatch, kill_step, _args(tiny_pipeline_dir, inst, run, *common))
+    run_killed_after_checkpoint(monkeypatch, kill_step, _args(tiny_pipeline_dir, inst, run, *common))
     assert [s for s, _ in list_checkpoints(run)][-1] == kill_step
     assert list((run / f"checkpoint-{kill_step}").glob("*_emb.safetensors"))
     assert main(_args(tiny_pipeline_dir, inst, run, *common, "--resume_from_checkpoint", "latest")) == 0
-    reference, resumed = _final_weights(ref), _final_weights(run)
+    reference, resumed = final_adapter_weights(ref), final_adapter_weights(run)
     reference.update({f"emb.{k}": v for k, v in load_file(str(ref / "ref_emb.safetensors")).items()})
     resumed.update({f"emb.{k}": v for k, v in load_file(str(run / "run_emb.safetensors")).items()})
     assert resumed.keys() == reference.keys()

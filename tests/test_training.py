@@ -14,9 +14,14 @@ from diffusers import StableDiffusionXLPipeline
 from dreamcoeff import load_coeff_weights, read_coeff_file
 from dreamcoeff.train import list_checkpoints, main
 from dreamcoeff.train.config import UsageError, parse_args
-from tests.helpers import make_images as _make_images
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import make_images
+from tests.trainer_runs import (
+    REPO,
+    final_adapter_weights,
+    run_killed_after_checkpoint,
+    sample_images,
+    trainer_argv,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -28,37 +33,10 @@ def _fresh_accelerate_state():
     PartialState._reset_state()
 
 
-def _args(model_dir, instance_dir, out, *extra):
-    return [
-        "--pretrained_model_name_or_path",
-        str(model_dir),
-        "--instance_dir",
-        str(instance_dir),
-        "--instance_prompt",
-        "a photo of sks dog",
-        "--output_dir",
-        str(out),
-        "--resolution",
-        "64",
-        "--report_to",
-        "none",
-        "--checkpointing_steps",
-        "0",
-        *map(str, extra),
-    ]
-
-
-def _images(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        "a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
-    ).images
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("tuning", ["coeff", "lora", "coeff+lora"])
 def test_each_mode_trains_saves_and_loads(tiny_pipeline_dir, tmp_path, tuning):
-    inst = _make_images(tmp_path / "inst")
+    inst = make_images(tmp_path / "inst")
     out = tmp_path / "out"
     validation = (
         (
@@ -76,7 +54,7 @@ def test_each_mode_trains_saves_and_loads(tiny_pipeline_dir, tmp_path, tuning):
     )
     assert (
         main(
-            _args(
+            trainer_argv(
                 tiny_pipeline_dir,
                 inst,
                 out,
@@ -104,7 +82,7 @@ def test_each_mode_trains_saves_and_loads(tiny_pipeline_dir, tmp_path, tuning):
     assert json.loads((out / "args.json").read_text())["tuning"] == tuning
 
     base = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)
-    base_images = _images(base)
+    base_images = sample_images(base)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)
     if "coeff" in tuning:
         tensors, meta = read_coeff_file(out / "coeff_weights.safetensors")
@@ -118,41 +96,12 @@ def test_each_mode_trains_saves_and_loads(tiny_pipeline_dir, tmp_path, tuning):
         pipe.load_lora_weights(out)
     else:
         assert not (out / "pytorch_lora_weights.safetensors").exists()
-    assert np.abs(_images(pipe) - base_images).max() > 1e-4
-
-
-def _final_weights(out: Path) -> dict:
-    tensors = {}
-    if (out / "coeff_weights.safetensors").exists():
-        tensors.update(read_coeff_file(out)[0])
-    if (out / "pytorch_lora_weights.safetensors").exists():
-        from safetensors.torch import load_file
-
-        tensors.update(load_file(str(out / "pytorch_lora_weights.safetensors")))
-    return tensors
-
-
-def _run_killed_after_checkpoint(monkeypatch, kill_step: int, argv: list[str]) -> None:
-    """Run the trainer and simulate a kill right after checkpoint-``kill_step`` is written."""
-    import dreamcoeff.train.loop as training
-
-    real_save = training.save_checkpoint
-
-    def save_then_die(accelerator, out, step, limit):
-        path = real_save(accelerator, out, step, limit)
-        if step == kill_step:
-            raise KeyboardInterrupt("simulated kill")
-        return path
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        main(argv)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert np.abs(sample_images(pipe) - base_images).max() > 1e-4
 
 
 @pytest.mark.slow
 def test_resume_mid_epoch_matches_uninterrupted(tiny_pipeline_dir, tmp_path, monkeypatch):
-    inst = _make_images(tmp_path / "inst")  # 3 images, batch 1: checkpoint at step 2 is mid-epoch
+    inst = make_images(tmp_path / "inst")  # 3 images, batch 1: checkpoint at step 2 is mid-epoch
     common = (
         "--tuning",
         "coeff+lora",
@@ -173,17 +122,17 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_pipeline_dir, tmp_path, mon
         "0.2",
     )
     ref_out = tmp_path / "ref"
-    assert main(_args(tiny_pipeline_dir, inst, ref_out, *common)) == 0
-    reference = _final_weights(ref_out)
+    assert main(trainer_argv(tiny_pipeline_dir, inst, ref_out, *common)) == 0
+    reference = final_adapter_weights(ref_out)
 
     # interrupted run: dies right after writing checkpoint-2
     out = tmp_path / "run"
-    _run_killed_after_checkpoint(monkeypatch, 2, _args(tiny_pipeline_dir, inst, out, *common))
+    run_killed_after_checkpoint(monkeypatch, 2, trainer_argv(tiny_pipeline_dir, inst, out, *common))
     assert [s for s, _ in list_checkpoints(out)] == [2]
     assert not (out / "coeff_weights.safetensors").exists()
 
-    assert main(_args(tiny_pipeline_dir, inst, out, *common, "--resume_from_checkpoint", "latest")) == 0
-    resumed = _final_weights(out)
+    assert main(trainer_argv(tiny_pipeline_dir, inst, out, *common, "--resume_from_checkpoint", "latest")) == 0
+    resumed = final_adapter_weights(out)
     assert resumed.keys() == reference.keys()
     for key in reference:
         assert torch.allclose(resumed[key], reference[key], atol=1e-6, rtol=0), key
@@ -201,7 +150,7 @@ def _unet_weights(folder: Path) -> dict:
 def test_full_fine_tuning_saves_the_unet_and_resumes_exactly(tiny_pipeline_dir, tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
 
-    inst = _make_images(tmp_path / "inst")
+    inst = make_images(tmp_path / "inst")
     common = (
         "--tuning",
         "full",
@@ -216,7 +165,7 @@ def test_full_fine_tuning_saves_the_unet_and_resumes_exactly(tiny_pipeline_dir, 
         "linear",
     )
     ref_out = tmp_path / "ref"
-    assert main(_args(tiny_pipeline_dir, inst, ref_out, *common)) == 0
+    assert main(trainer_argv(tiny_pipeline_dir, inst, ref_out, *common)) == 0
     assert not (ref_out / "coeff_weights.safetensors").exists()
     assert not (ref_out / "pytorch_lora_weights.safetensors").exists()
     base = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
@@ -229,15 +178,15 @@ def test_full_fine_tuning_saves_the_unet_and_resumes_exactly(tiny_pipeline_dir, 
 
     # the loaded UNet drives a pipeline
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir, unet=tuned)
-    base_images = _images(StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir))
-    assert np.abs(_images(pipe) - base_images).max() > 1e-4
+    base_images = sample_images(StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir))
+    assert np.abs(sample_images(pipe) - base_images).max() > 1e-4
 
     # killed after checkpoint-2 and resumed: the same weights as the uninterrupted run
     out = tmp_path / "run"
-    _run_killed_after_checkpoint(monkeypatch, 2, _args(tiny_pipeline_dir, inst, out, *common))
+    run_killed_after_checkpoint(monkeypatch, 2, trainer_argv(tiny_pipeline_dir, inst, out, *common))
     assert (out / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not (out / "unet").exists()
-    assert main(_args(tiny_pipeline_dir, inst, out, *common, "--resume_from_checkpoint", "latest")) == 0
+    assert main(trainer_argv(tiny_pipeline_dir, inst, out, *common, "--resume_from_checkpoint", "latest")) == 0
     reference, resumed = _unet_weights(ref_out), _unet_weights(out)
     assert resumed.keys() == reference.keys()
     for key in reference:
@@ -246,19 +195,19 @@ def test_full_fine_tuning_saves_the_unet_and_resumes_exactly(tiny_pipeline_dir, 
 
 @pytest.mark.slow
 def test_cache_latents_changes_nothing_but_speed(tiny_pipeline_dir, tmp_path):
-    inst = _make_images(tmp_path / "inst")
+    inst = make_images(tmp_path / "inst")
     common = ("--max_train_steps", 4, "--center_crop", "--coeff_lr", "1e-2", "--num_train_epochs", 2)
-    assert main(_args(tiny_pipeline_dir, inst, tmp_path / "a", *common)) == 0
-    assert main(_args(tiny_pipeline_dir, inst, tmp_path / "b", *common, "--cache_latents")) == 0
-    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    assert main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "a", *common)) == 0
+    assert main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "b", *common, "--cache_latents")) == 0
+    a, b = final_adapter_weights(tmp_path / "a"), final_adapter_weights(tmp_path / "b")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a) and any(v.abs().max() > 0 for v in a.values())
 
 
 @pytest.mark.slow
 def test_prior_preservation_generates_and_reuses_class_images(tiny_pipeline_dir, tmp_path):
-    inst = _make_images(tmp_path / "inst")
+    inst = make_images(tmp_path / "inst")
     class_dir = tmp_path / "class"
-    args = _args(
+    args = trainer_argv(
         tiny_pipeline_dir,
         inst,
         tmp_path / "out",
@@ -291,7 +240,7 @@ def test_prior_preservation_generates_and_reuses_class_images(tiny_pipeline_dir,
 
 @pytest.mark.slow
 def test_aspect_buckets_keep_portrait_and_landscape(tiny_pipeline_dir, tmp_path, monkeypatch):
-    inst = _make_images(tmp_path / "inst", sizes=((64, 128), (128, 64), (96, 48)))
+    inst = make_images(tmp_path / "inst", sizes=((64, 128), (128, 64), (96, 48)))
     import dreamcoeff.train.data as data_lib
 
     seen = []
@@ -303,16 +252,19 @@ def test_aspect_buckets_keep_portrait_and_landscape(tiny_pipeline_dir, tmp_path,
         return out
 
     monkeypatch.setattr(data_lib, "collate_examples", spy)
-    assert main(_args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 3, "--train_batch_size", 1)) == 0
+    assert (
+        main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 3, "--train_batch_size", 1))
+        == 0
+    )
     assert any(h > w for h, w in seen) and any(w > h for h, w in seen)
     seen.clear()
-    assert main(_args(tiny_pipeline_dir, inst, tmp_path / "sq", "--max_train_steps", 2, "--square_crop")) == 0
+    assert main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "sq", "--max_train_steps", 2, "--square_crop")) == 0
     assert seen and all(h == w == 64 for h, w in seen)
 
 
 @pytest.mark.slow
 def test_two_processes_agree(tiny_pipeline_dir, tmp_path):
-    inst = _make_images(tmp_path / "inst", sizes=((64, 64),) * 4)
+    inst = make_images(tmp_path / "inst", sizes=((64, 64),) * 4)
     out = tmp_path / "out"
     # --multi_gpu selects the torchrun launcher; without CUDA the trainer runs the ranks on the CPU (gloo)
     cmd = [
@@ -329,7 +281,9 @@ def test_two_processes_agree(tiny_pipeline_dir, tmp_path):
         "--dynamo_backend",
         "no",
         str(REPO / "train_dreambooth_coeff.py"),
-        *_args(tiny_pipeline_dir, inst, out, "--max_train_steps", 2, "--tuning", "coeff+lora", "--coeff_lr", "1e-2"),
+        *trainer_argv(
+            tiny_pipeline_dir, inst, out, "--max_train_steps", 2, "--tuning", "coeff+lora", "--coeff_lr", "1e-2"
+        ),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -351,40 +305,43 @@ def _run_error(capsys, argv):
 
 
 def test_missing_and_empty_instance_dir(tiny_pipeline_dir, tmp_path, capsys):
-    err = _run_error(capsys, _args(tiny_pipeline_dir, tmp_path / "nope", tmp_path / "out"))
+    err = _run_error(capsys, trainer_argv(tiny_pipeline_dir, tmp_path / "nope", tmp_path / "out"))
     assert "nope" in err and "does not exist" in err
     (tmp_path / "empty").mkdir()
-    err = _run_error(capsys, _args(tiny_pipeline_dir, tmp_path / "empty", tmp_path / "out"))
+    err = _run_error(capsys, trainer_argv(tiny_pipeline_dir, tmp_path / "empty", tmp_path / "out"))
     assert "empty" in err
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "notes.txt").write_text("hi")
-    err = _run_error(capsys, _args(tiny_pipeline_dir, tmp_path / "txt", tmp_path / "out"))
+    err = _run_error(capsys, trainer_argv(tiny_pipeline_dir, tmp_path / "txt", tmp_path / "out"))
     assert "notes.txt" in err or "no image" in err.lower() or "none with an image extension" in err
 
 
 @pytest.mark.slow
 def test_corrupt_image_named_and_skippable(tiny_pipeline_dir, tmp_path, capsys, caplog):
-    inst = _make_images(tmp_path / "inst")
+    inst = make_images(tmp_path / "inst")
     (inst / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    err = _run_error(capsys, _args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1))
+    err = _run_error(capsys, trainer_argv(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1))
     assert "broken.jpg" in err and "--skip_bad_images" in err
     with caplog.at_level("WARNING"):
-        assert main(_args(tiny_pipeline_dir, inst, tmp_path / "out2", "--max_train_steps", 1, "--skip_bad_images")) == 0
+        assert (
+            main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "out2", "--max_train_steps", 1, "--skip_bad_images"))
+            == 0
+        )
     assert "broken.jpg" in caplog.text
 
 
 @pytest.mark.slow
 def test_small_images_upscaled_with_warning(tiny_pipeline_dir, tmp_path, caplog):
-    inst = _make_images(tmp_path / "inst", sizes=((24, 24), (64, 64)))
+    inst = make_images(tmp_path / "inst", sizes=((24, 24), (64, 64)))
     with caplog.at_level("WARNING"):
-        assert main(_args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1)) == 0
+        assert main(trainer_argv(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1)) == 0
     assert "img0.png" in caplog.text and "upscal" in caplog.text.lower()
 
 
 def test_model_folder_not_sdxl(tmp_path, capsys):
-    inst = _make_images(tmp_path / "inst")
+    inst = make_images(tmp_path / "inst")
     (tmp_path / "model").mkdir()
-    err = _run_error(capsys, _args(tmp_path / "model", inst, tmp_path / "out"))
+    err = _run_error(capsys, trainer_argv(tmp_path / "model", inst, tmp_path / "out"))
     assert "model_index.json" in err
     (tmp_path / "model" / "model_index.json").write_text(
         json.dumps(
@@ -398,37 +355,37 @@ def test_model_folder_not_sdxl(tmp_path, capsys):
             }
         )
     )
-    err = _run_error(capsys, _args(tmp_path / "model", inst, tmp_path / "out"))
+    err = _run_error(capsys, trainer_argv(tmp_path / "model", inst, tmp_path / "out"))
     assert "not an SDXL model" in err and "text_encoder_2" in err
 
 
 def test_output_dir_with_previous_run_refused(tiny_pipeline_dir, tmp_path, capsys):
-    inst = _make_images(tmp_path / "inst")
+    inst = make_images(tmp_path / "inst")
     out = tmp_path / "out"
     out.mkdir()
     (out / "args.json").write_text("{}")
-    err = _run_error(capsys, _args(tiny_pipeline_dir, inst, out))
+    err = _run_error(capsys, trainer_argv(tiny_pipeline_dir, inst, out))
     assert "previous run" in err and "--overwrite_output_dir" in err
     assert (out / "args.json").read_text() == "{}"
 
 
 def test_missing_optional_packages(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
-    inst = _make_images(tmp_path / "inst")
+    inst = make_images(tmp_path / "inst")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     monkeypatch.setitem(sys.modules, "xformers", None)
     monkeypatch.setitem(sys.modules, "xformers.ops", None)
-    err = _run_error(capsys, _args(tiny_pipeline_dir, inst, tmp_path / "a", "--use_8bit_adam"))
+    err = _run_error(capsys, trainer_argv(tiny_pipeline_dir, inst, tmp_path / "a", "--use_8bit_adam"))
     assert "bitsandbytes" in err and "pip install" in err
     err = _run_error(
-        capsys, _args(tiny_pipeline_dir, inst, tmp_path / "b", "--enable_xformers_memory_efficient_attention")
+        capsys, trainer_argv(tiny_pipeline_dir, inst, tmp_path / "b", "--enable_xformers_memory_efficient_attention")
     )
     assert "xformers" in err and "pip install" in err
 
 
 def test_long_prompt_warns(tiny_pipeline_dir, tmp_path, caplog):
-    inst = _make_images(tmp_path / "inst", sizes=((64, 64),))
+    inst = make_images(tmp_path / "inst", sizes=((64, 64),))
     long_prompt = "a photo of sks dog " + " ".join(["on the red grass"] * 30)
-    argv = _args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1)
+    argv = trainer_argv(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1)
     argv[argv.index("a photo of sks dog")] = long_prompt
     with caplog.at_level("WARNING"):
         assert main(argv) == 0

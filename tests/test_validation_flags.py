@@ -18,7 +18,7 @@ from dreamcoeff.train.validation_prompts import (
     validation_prompts,
 )
 from tests.helpers import make_images
-from tests.test_training import _args, _run_killed_after_checkpoint
+from tests.trainer_runs import run_killed_after_checkpoint, trainer_argv
 
 
 @pytest.fixture(autouse=True)
@@ -216,7 +216,7 @@ def test_prompt_file_flags_tokens_strips_and_step_zero(tiny_pipeline_dir, tmp_pa
         encoding="utf-8",
     )
     calls = _record_pipeline_calls(monkeypatch)
-    argv = _args(tiny_pipeline_dir, inst, out, "--max_train_steps", 1, "--validation_steps", 1)
+    argv = trainer_argv(tiny_pipeline_dir, inst, out, "--max_train_steps", 1, "--validation_steps", 1)
     argv[argv.index("--instance_prompt") + 1] = "a photo of TOK dog"
     argv += [
         "--train_text_encoder_ti",
@@ -295,9 +295,9 @@ def test_step_zero_is_not_redone_on_resume(tiny_pipeline_dir, tmp_path, monkeypa
         1,
         "--validation_at_start",
     ]
-    argv = _args(tiny_pipeline_dir, inst, out)
+    argv = trainer_argv(tiny_pipeline_dir, inst, out)
     argv[argv.index("--checkpointing_steps") : argv.index("--checkpointing_steps") + 2] = []
-    _run_killed_after_checkpoint(monkeypatch, 1, [*argv, *map(str, common)])
+    run_killed_after_checkpoint(monkeypatch, 1, [*argv, *map(str, common)])
     assert [s for s, _ in list_checkpoints(out)] == [1]
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_00000"]
     stamp = (out / "validation" / "step_00000" / "prompt00_seed0.png").stat().st_mtime_ns
@@ -316,7 +316,7 @@ def test_wandb_gets_the_validation_images(tiny_pipeline_dir, tmp_path, monkeypat
     inst = make_images(tmp_path / "inst")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a sks dog on the beach --w 48\n", encoding="utf-8")
-    argv = _args(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1, "--validation_steps", 1)
+    argv = trainer_argv(tiny_pipeline_dir, inst, tmp_path / "out", "--max_train_steps", 1, "--validation_steps", 1)
     argv[argv.index("--report_to") + 1] = "wandb"
     argv += ["--validation_prompt", "a sks dog", "--validation_prompts", str(prompts)]
     argv += ["--num_validation_images", "1", "--validation_inference_steps", "1", "--validation_at_start"]
@@ -354,7 +354,7 @@ def test_full_disk_while_writing_a_validation_image_is_one_line_and_keeps_the_ch
 
     monkeypatch.setattr(Image.Image, "save", save_half_then_fail)
     out = tmp_path / "out"
-    argv = _args(tiny_pipeline_dir, make_images(tmp_path / "inst"), out, "--max_train_steps", 2)
+    argv = trainer_argv(tiny_pipeline_dir, make_images(tmp_path / "inst"), out, "--max_train_steps", 2)
     argv[argv.index("--checkpointing_steps") + 1] = "1"
     argv += ["--validation_steps", "1", "--validation_prompt", "a sks dog", "--num_validation_images", "1",
              "--validation_inference_steps", "1"]  # fmt: skip
@@ -374,7 +374,7 @@ def test_a_validation_folder_that_cannot_be_made_is_one_line(tiny_pipeline_dir, 
     out = tmp_path / "out"
     out.mkdir()
     (out / "validation").write_text("not a folder")
-    argv = _args(tiny_pipeline_dir, make_images(tmp_path / "inst"), out, "--max_train_steps", 1)
+    argv = trainer_argv(tiny_pipeline_dir, make_images(tmp_path / "inst"), out, "--max_train_steps", 1)
     argv += ["--validation_steps", "1", "--validation_prompt", "a sks dog", "--num_validation_images", "1",
              "--validation_inference_steps", "1"]  # fmt: skip
     assert main(argv) == 2
@@ -389,18 +389,17 @@ def test_a_validation_failure_on_the_main_process_stops_every_rank_at_once(tiny_
     """Validation runs on the main process alone. When it fails there, the other rank must stop at the same
     step with a line saying why, not run on into its next collective and hang there until torchrun kills it
     (or the process group's timeout ends)."""
-    from tests.test_reliability import _args as spawn_args
-    from tests.test_reliability import _make_images, _run_to_end
+    from tests.trainer_runs import make_square_images, run_trainer_to_end
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "validation").write_text("not a folder")  # the main process cannot make validation/step_00002
-    argv = spawn_args(
-        tiny_pipeline_dir, _make_images(tmp_path / "inst", sizes=((64, 64),) * 4), out, "--max_train_steps", 6
+    argv = trainer_argv(
+        tiny_pipeline_dir, make_square_images(tmp_path / "inst", sizes=((64, 64),) * 4), out, "--max_train_steps", 6
     )
     argv += ["--validation_steps", "2", "--validation_prompt", "a sks dog", "--num_validation_images", "1",
              "--validation_inference_steps", "1"]  # fmt: skip
-    rc, log = _run_to_end(argv, tmp_path / "two.log", processes=2)
+    rc, log = run_trainer_to_end(argv, tmp_path / "two.log", processes=2)
     assert rc != 0, log[-3000:]
     assert log.count("error: cannot create the validation folder") == 1, log[-3000:]  # the main process's error
     assert "error: process 1: stopping because the main process failed in validation at step 2" in log, log[-3000:]
