@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -36,9 +36,41 @@ if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
     from .tokens import LearnedTokens
-    from .train.config import TrainConfig
 
-__all__ = ["ARTIFACTS", "METHODS", "Artifact", "TuningMethod", "artifacts_in", "get_method"]
+__all__ = [
+    "ARTIFACTS",
+    "METHODS",
+    "Artifact",
+    "InstallSettings",
+    "OptimizerSettings",
+    "TuningMethod",
+    "artifacts_in",
+    "get_method",
+]
+
+
+# The settings a method reads, as the shapes it needs rather than the trainer's config class: the
+# methods layer sits below `train/` and must not import it, not even for type hints (docs/DESIGN.md
+# section 5). The trainer's config dataclass has these fields, so it satisfies both protocols as it is.
+class InstallSettings(Protocol):
+    """What `TuningMethod.install` reads: LoRA's shape and alpha's targets, dropout and chunking."""
+
+    rank: int
+    lora_alpha: int | None
+    lora_dropout: float
+    use_dora: bool
+    coeff_targets: str
+    coeff_dropout: float
+    coeff_chunk_size: int | None
+
+
+class OptimizerSettings(Protocol):
+    """What `TuningMethod.parameter_groups` reads: each group's learning rate and the weight decay."""
+
+    coeff_lr: float
+    learning_rate: float
+    adam_weight_decay: float
+    text_encoder_lr: float
 
 
 @dataclass(frozen=True)
@@ -144,7 +176,7 @@ class TuningMethod:
 
     # ---- training -----------------------------------------------------------------------------------
 
-    def install(self, unet: UNet2DConditionModel, cfg: TrainConfig) -> None:
+    def install(self, unet: UNet2DConditionModel, cfg: InstallSettings) -> None:
         """Add this method's trainable parts to a frozen UNet (adapters in float32)."""
         if self.lora:
             add_lora(unet, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, use_dora=cfg.use_dora)
@@ -179,7 +211,7 @@ class TuningMethod:
         return coeff, weights
 
     def parameter_groups(
-        self, unet: torch.nn.Module, cfg: TrainConfig, tokens: LearnedTokens | None = None
+        self, unet: torch.nn.Module, cfg: OptimizerSettings, tokens: LearnedTokens | None = None
     ) -> list[dict[str, Any]]:
         """Optimizer groups: alpha with ``--coeff_lr`` and no weight decay (decay would pull it to
         the base model), the weights with ``--learning_rate`` and ``--adam_weight_decay``, the

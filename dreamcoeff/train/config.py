@@ -16,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
-
-
-class UsageError(ValueError):
-    """A bad flag, flag combination or config file; the message says what to change."""
+from .errors import UsageError  # defined below this module; importers keep `from .config import UsageError`
 
 
 def _f(default, help, group, choices=None, aliases=(), nargs=None, action=None):

@@ -11,8 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
-from .config import TrainConfig, UsageError
+from .errors import UsageError
+
+
+class PromptFlags(Protocol):
+    """The two flags `validation_prompts` reads. The trainer's config has them; naming them here
+    instead of importing it keeps config -> validation_prompts one-way (config checks the file)."""
+
+    validation_prompt: list[str] | None
+    validation_prompts: str | Path | None
+
 
 #: kohya's option letters -> (field of `ValidationPrompt`, what it is, value type)
 OPTIONS: dict[str, tuple[str, str, type]] = {
@@ -103,7 +113,7 @@ def read_prompt_file(path: str | Path) -> list[ValidationPrompt]:
     return prompts
 
 
-def validation_prompts(cfg: TrainConfig, rename: Callable[[str], str] | None = None) -> list[ValidationPrompt]:
+def validation_prompts(cfg: PromptFlags, rename: Callable[[str], str] | None = None) -> list[ValidationPrompt]:
     """`--validation_prompt` then the prompts of `--validation_prompts`; `rename` (the learned tokens'
     `TokenPlan.replace`) applied to each prompt and negative prompt."""
     prompts = [ValidationPrompt(p) for p in cfg.validation_prompt or []]
