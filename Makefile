@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dreamcoeff-installed
 
@@ -29,11 +30,13 @@ format: $(STAMP)
 	$(BIN)/python -m ruff format .
 	$(BIN)/python -m ruff check --fix .
 
+# Both cores by default (pytest-xdist; each worker has its own tmp folders, the two-rank tests pick free
+# ports, the CPU kernel's build is locked): PYTEST_WORKERS=0 runs in one process.
 test: lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m dreamcoeff.demo --output_dir demo_out --model models/microworld-sdxl-v2 --instance_dir samples/instance
