@@ -10,7 +10,7 @@ PYTEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dreamcoeff-installed
 
-.PHONY: setup lint format test test-fast demo docs bench bench-micro pretrain-micro pretrain-micro-v2 clean
+.PHONY: setup lint format test test-fast test-stress demo docs bench bench-micro pretrain-micro pretrain-micro-v2 clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ test: lint
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+
+# The timing-sensitive tests (reliability, locking, stopping, two ranks) STRESS_N times (default 5), with
+# each test's pass count: `make test-stress STRESS_N=10`.
+test-stress: $(STAMP)
+	$(BIN)/python tests/stress.py $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m dreamcoeff.demo --output_dir demo_out --model models/microworld-sdxl-v2 --instance_dir samples/instance
