@@ -44,8 +44,9 @@ def outcomes(xml: Path) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     rounds = int(os.environ.get("STRESS_N", "5"))
-    targets = [a for a in argv if not a.startswith("-")] or TARGETS
-    extra = [a for a in argv if a.startswith("-")]
+    # test paths first, pytest's options after them (an option's value, "-m 'not slow'", stays with it)
+    cut = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    targets, extra = argv[:cut] or TARGETS, argv[cut:]
     passed, seen = Counter(), Counter()
     with tempfile.TemporaryDirectory() as tmp:
         for n in range(rounds):
