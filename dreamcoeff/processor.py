@@ -1,24 +1,34 @@
-"""`CoeffAttnProcessor` and installing, removing and configuring it on a diffusers UNet.
+"""Installing alpha on a diffusers UNet, keeping it applied, configuring and removing it.
 
-A diffusers attention processor is the extension point: `Attention.forward` hands it the module and
-the hidden states. Ours is an `nn.Module`, so `alpha` is a real parameter that `unet.parameters()`,
-optimizers, accelerate and DDP see, under the name `<module path>.processor.alpha`.
+alpha lives on each attention module (``attn.head_mix``, `dreamcoeff.head_mix.HeadMix`); the
+processors of `dreamcoeff.attn_processors` apply it. Diffusers and its users swap processors all
+the time (attention slicing, fused QKV, IP-Adapter, xformers, `set_attn_processor`), so a guard on
+the UNet's forward checks, before every call, that each layer with alpha has a processor that
+applies it:
 
-The processor computes q, k, v through `attn.to_q` / `to_k` / `to_v` and projects through
-`attn.to_out`, so PEFT LoRA adapters on those layers compose with alpha with no extra code.
+- a processor whose behaviour ours reproduces exactly (diffusers' default, sliced, fused-QKV,
+  xformers and IP-Adapter processors) is taken over: replaced by the alpha-applying equivalent,
+  which remembers it (`remove_coeff` puts it back);
+- any other processor cannot apply alpha: an `AlphaNotAppliedWarning` names how many layers run
+  without alpha, which processor, and what to do. Never a silent drop.
+
+docs/DESIGN.md ("Where alpha lives") gives the reasons and the alternatives rejected; docs/pipelines.md
+lists every pipeline feature and the test that shows what it does with alpha.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import EXACT_IMPLS, coefficient_matrix, mixed_attention
+from .attention import EXACT_IMPLS
+from .attn_processors import PLAIN_BACKENDS, CoeffAttnProcessor, CoeffIPAdapterAttnProcessor
+from .head_mix import COEFF_TARGETS, CoeffStrength, HeadMix, check_target_scales, target_scale_of
 
 if TYPE_CHECKING:  # for the annotations only: importing diffusers' pipelines is slow
     from diffusers import DiffusionPipeline, UNet2DConditionModel
@@ -26,201 +36,46 @@ if TYPE_CHECKING:  # for the annotations only: importing diffusers' pipelines is
 
 __all__ = [
     "CoeffAttnProcessor",
+    "CoeffIPAdapterAttnProcessor",
+    "CoeffStrength",
+    "AlphaNotAppliedWarning",
     "apply_coeff",
     "install_coeff_processors",
     "remove_coeff",
+    "keep_alpha_applied",
     "coeff_parameters",
     "coeff_state_dict",
     "coeff_modules",
+    "coeff_strength",
+    "set_coeff_strength",
     "set_coeff_scale",
+    "set_coeff_target_scales",
     "zero_row_sums_",
     "set_plain_attention_backend",
     "set_coeff_attention_impl",
-    "set_coeff_target_scales",
     "COEFF_TARGETS",
+    "check_target_scales",
+    "target_scale_of",
     "unwrap_unet",
     "attention_modules",
 ]
 
-_HOOK_ATTR = "_dreamcoeff_scale_hooks"
-# The UNet's `set_coeff_attention_impl` setting, for processors installed after it was made.
+Model = "UNet2DConditionModel | DiffusionPipeline | nn.Module"
+
+# State kept on the UNet (object.__setattr__: plain attributes, never submodules or parameters).
+_HOOK_ATTR = "_dreamcoeff_hooks"
+_LAYERS_ATTR = "_dreamcoeff_layers"  # [(path, Attention)] of the layers with alpha, in model order
+_STRENGTH_ATTR = "_dreamcoeff_strength"
 _IMPL_ATTR = "_dreamcoeff_attention_impl"
+_WARNED_ATTR = "_dreamcoeff_warned"
 _ATTENTION_IMPL_CHOICES = ("auto", *EXACT_IMPLS)
 
 
-def _xformers_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """xformers' memory-efficient attention on (B, H, N, d) tensors, imported lazily."""
-    try:
-        import xformers.ops as xops
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "xformers was asked for but is not installed: `pip install xformers` (CUDA only), "
-            "or drop --enable_xformers_memory_efficient_attention."
-        ) from exc
-    b, h, n, d = query.shape
-    if mask is not None:
-        mask = mask.expand(b, h, n, key.shape[-2])
-    out = xops.memory_efficient_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_bias=mask
-    )
-    return out.transpose(1, 2)
+class AlphaNotAppliedWarning(UserWarning):
+    """Some layers that carry alpha run a processor that does not apply it."""
 
 
-class CoeffAttnProcessor(nn.Module):
-    """Diffusers attention processor for Coeff-Tuning (exact head-mixing attention).
-
-    Computes O^h = sum_i A[h, i] softmax(Q^i K^i^T * attn.scale + mask) V^h with
-    A = I + scale * dropout(alpha), and honours everything `AttnProcessor2_0` does
-    (spatial_norm, 4-D input, attention masks, group_norm, norm_cross, norm_q/norm_k,
-    to_out, residual_connection, rescale_output_factor).
-
-    Args:
-        num_heads: heads of the attention module; `alpha` is num_heads x num_heads.
-        dropout: coefficient dropout probability on alpha's elements (training mode only).
-        scale: run-time strength c (0 gives the base model, >1 exaggerates).
-        chunk_size: query rows per chunk of the exact path (None: chosen from the shapes).
-
-    `attention_impl` ("auto" unless `set_coeff_attention_impl` chose one) is handed to
-    `mixed_attention` as the preferred exact implementation where A != I.
-    """
-
-    def __init__(self, num_heads: int, dropout: float = 0.0, scale: float = 1.0, chunk_size: int | None = None):
-        super().__init__()
-        if num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"coefficient dropout must be in [0, 1), got {dropout}")
-        self.num_heads = int(num_heads)
-        self.dropout = float(dropout)
-        self.scale = float(scale)
-        self.chunk_size = chunk_size
-        # "sdpa" or "xformers": what runs where A is exactly I (the fast path).
-        self.plain_backend = "sdpa"
-        # The preferred exact implementation where A != I ("auto": none; see set_coeff_attention_impl).
-        self.attention_impl = "auto"
-        # Strength for the current UNet call, set from cross_attention_kwargs by a UNet hook.
-        self.call_scale: float | None = None
-        # Dose by target (set_coeff_target_scales): multiplies the strength; the call's, if given, wins.
-        self.target_scale = 1.0
-        self.call_target_scale: float | None = None
-        self.alpha = nn.Parameter(torch.zeros(num_heads, num_heads, dtype=torch.float32))
-
-    def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, dropout={self.dropout}, scale={self.scale}"
-
-    def is_identity(self, strength: float) -> bool:
-        """True where A == I exactly, so plain attention gives the same result (and gradients)."""
-        if strength == 0.0:
-            return True
-        if self.alpha.requires_grad and torch.is_grad_enabled():
-            return False  # alpha = 0 still has a gradient to receive
-        # Checked on every call (no caching on the version counter: writes through `.data`, as some
-        # optimizers do, would not bump it and a stale answer would silently drop alpha).
-        return not bool(self.alpha.detach().any())
-
-    def attend(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scale: float,
-        strength: float,
-    ) -> torch.Tensor:
-        """The heads' attention on (B, H, N, d) tensors: plain SDPA (or xformers) where A is exactly
-        I, else the exact mixed attention with A = I + strength * dropout(alpha)."""
-        if self.is_identity(strength):
-            if self.plain_backend == "xformers":
-                return _xformers_attention(query, key, value, attention_mask)
-            return F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale
-            )
-        coeff = coefficient_matrix(self.alpha, strength, self.dropout, self.training)
-        return mixed_attention(
-            query,
-            key,
-            value,
-            coeff.to(query.device),
-            scale,
-            attention_mask,
-            self.chunk_size,
-            prefer=self.attention_impl,
-        )
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        coeff_scale: float | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Attention of `attn` on these hidden states with the heads' maps mixed by A (diffusers' processor call)."""
-        if attn.heads != self.num_heads:
-            raise ValueError(f"CoeffAttnProcessor built for {self.num_heads} heads used on a module with {attn.heads}")
-        if coeff_scale is None:
-            coeff_scale = self.call_scale
-        strength = self.scale if coeff_scale is None else float(coeff_scale)
-        strength *= self.target_scale if self.call_target_scale is None else self.call_target_scale
-
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, value.shape[-1] // attn.heads).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        hidden_states = self.attend(query, key, value, attention_mask, attn.scale, strength)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * value.shape[-1])
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
-# ----------------------------------------------------------------------------------------------
-# Installing on a UNet
-
-
-def unwrap_unet(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module) -> nn.Module:
+def unwrap_unet(model_or_pipe: Model) -> nn.Module:
     """The bare UNet of a pipeline, a DDP / accelerate wrapper or a torch.compile'd module."""
     model = getattr(model_or_pipe, "unet", model_or_pipe)
     while True:
@@ -232,20 +87,28 @@ def unwrap_unet(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Mod
             return model
 
 
-def attention_modules(unet: UNet2DConditionModel | DiffusionPipeline | nn.Module) -> dict[str, Attention]:
+def attention_modules(unet: Model) -> dict[str, Attention]:
     """Every diffusers `Attention` module of the model, by module path."""
     from diffusers.models.attention_processor import Attention
 
     return {name: m for name, m in unwrap_unet(unet).named_modules() if isinstance(m, Attention)}
 
 
-def coeff_modules(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module) -> dict[str, Attention]:
-    """Attention modules that currently carry a `CoeffAttnProcessor`, by module path."""
-    return {
-        name: m
-        for name, m in attention_modules(unwrap_unet(model_or_pipe)).items()
-        if isinstance(m.processor, CoeffAttnProcessor)
-    }
+def coeff_modules(model_or_pipe: Model) -> dict[str, Attention]:
+    """Attention modules that carry alpha (``attn.head_mix``), by module path, in model order."""
+    return {name: m for name, m in attention_modules(model_or_pipe).items() if isinstance(_head_mix(m), HeadMix)}
+
+
+def _head_mix(module: nn.Module) -> HeadMix | None:
+    return module._modules.get("head_mix")
+
+
+def _layers(unet: nn.Module) -> list[tuple[str, Attention]]:
+    layers = getattr(unet, _LAYERS_ATTR, None)
+    if layers is None:
+        layers = list(coeff_modules(unet).items())
+        object.__setattr__(unet, _LAYERS_ATTR, layers)
+    return layers
 
 
 def _matches(path: str, pattern: str) -> bool:
@@ -269,25 +132,95 @@ def _as_list(patterns: str | Iterable[str] | None) -> list[str]:
     return [patterns] if isinstance(patterns, str) else list(patterns)
 
 
+# ----------------------------------------------------------------------------------------------
+# Which processors alpha can be kept through
+
+
+def _taking_over(processor) -> CoeffAttnProcessor | CoeffIPAdapterAttnProcessor | None:
+    """The alpha-applying processor that computes what `processor` computes, or None where there is none.
+
+    Exact types only: a subclass may compute something else, and then alpha is reported dropped."""
+    from diffusers.models import attention_processor as ap
+
+    kind = type(processor)
+    if kind in (ap.AttnProcessor2_0, ap.AttnProcessor, ap.FusedAttnProcessor2_0):
+        new = CoeffAttnProcessor(fused=kind is ap.FusedAttnProcessor2_0)
+    elif kind is ap.SlicedAttnProcessor:
+        new = CoeffAttnProcessor(slice_size=processor.slice_size)
+    elif kind is ap.XFormersAttnProcessor:
+        new = CoeffAttnProcessor(plain_backend="xformers")
+    elif kind in (ap.IPAdapterAttnProcessor2_0, ap.IPAdapterAttnProcessor):
+        new = CoeffIPAdapterAttnProcessor.taking_over(processor)
+    else:
+        return None
+    new.__dict__["replaced"] = processor
+    return new
+
+
+def keep_alpha_applied(model_or_pipe: Model) -> dict[str, str]:
+    """Make every layer with alpha run a processor that applies it, where that can be done exactly.
+
+    Processors diffusers put there (slicing, fused QKV, xformers, IP-Adapter, the default) are taken
+    over; returns ``{path: processor class name}`` of the layers where alpha is NOT applied (a
+    processor dreamcoeff cannot reproduce), after warning once about them with an
+    `AlphaNotAppliedWarning`. Runs before every UNet call (a forward pre-hook); call it yourself to
+    check a model without running it."""
+    unet = unwrap_unet(model_or_pipe)
+    dropped = {}
+    for path, module in _layers(unet):
+        processor = module.processor
+        if getattr(processor, "applies_head_mix", False):
+            continue
+        replacement = _taking_over(processor)
+        if replacement is None:
+            dropped[path] = type(processor).__name__
+        else:
+            module.set_processor(replacement)
+    _warn_dropped(unet, dropped)
+    return dropped
+
+
+def _warn_dropped(unet: nn.Module, dropped: Mapping[str, str]) -> None:
+    state = frozenset(dropped.items())
+    if not dropped or getattr(unet, _WARNED_ATTR, None) == state:
+        object.__setattr__(unet, _WARNED_ATTR, state if dropped else None)
+        return
+    object.__setattr__(unet, _WARNED_ATTR, state)
+    names = ", ".join(sorted(set(dropped.values())))
+    warnings.warn(
+        f"dreamcoeff: alpha is NOT applied on {len(dropped)} of {len(_layers(unet))} attention layers that "
+        f"carry it (e.g. {next(iter(dropped))}): their processor ({names}) was set after alpha (by "
+        "set_attn_processor or a library) and does not apply it, so those layers run as the base model. "
+        "Keep alpha with a processor dreamcoeff reproduces (diffusers' default, sliced, fused-QKV, xformers, "
+        "IP-Adapter: see docs/pipelines.md), or call dreamcoeff.remove_coeff(pipe) first if alpha should go.",
+        AlphaNotAppliedWarning,
+        stacklevel=3,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Installing and removing
+
+
 def apply_coeff(
-    unet: UNet2DConditionModel | DiffusionPipeline | nn.Module,
+    unet: Model,
     targets: Sequence[str] | str = ("attn1", "attn2"),
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     dropout: float = 0.0,
     chunk_size: int | None = None,
 ) -> list[str]:
-    """Install `CoeffAttnProcessor` on the matching attention modules of a UNet (or pipeline).
+    """Put a zero alpha on the matching attention modules of a UNet (or pipeline).
 
     Args:
         targets: last path component of the modules to tune: "attn1" (self-), "attn2" (cross-attention).
         include / exclude: module-path patterns (globs such as "down_blocks.2.*", or plain substrings).
-        dropout: coefficient dropout of the installed processors.
-        chunk_size: query rows per chunk of the exact path of new processors (None: from the shapes).
+        dropout: coefficient dropout of the new alpha.
+        chunk_size: query rows per chunk of the exact path of new alpha (None: from the shapes).
 
-    Modules not selected keep their processor. New processors take the model's
-    `set_coeff_attention_impl` setting, if it has one. Re-applying keeps existing alpha (only the dropout
-    is updated). Returns the module paths that carry a coeff processor afterwards, in model order.
+    Modules not selected keep their processor. New alpha takes the model's `set_coeff_attention_impl`
+    setting, if it has one. Re-applying keeps existing alpha (only the dropout is updated). Returns the
+    module paths that carry alpha afterwards, in model order.
     """
     unet = unwrap_unet(unet)
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
@@ -307,58 +240,79 @@ def apply_coeff(
 
 
 def install_coeff_processors(
-    unet: UNet2DConditionModel | DiffusionPipeline | nn.Module,
-    paths: Iterable[str],
-    dropout: float | None = None,
-    chunk_size: int | None = None,
+    unet: Model, paths: Iterable[str], dropout: float | None = None, chunk_size: int | None = None
 ) -> None:
-    """Install coeff processors on exactly these module paths; existing ones keep their alpha
-    (and their dropout unless `dropout` is given; new ones get `dropout or 0.0`, and the model's
-    `set_coeff_attention_impl` setting)."""
+    """Put alpha on exactly these module paths and an alpha-applying processor on each.
+
+    Existing alpha is kept (and its dropout unless `dropout` is given); new alpha is zero, with
+    `dropout or 0.0`, the model's `set_coeff_attention_impl` setting and its current strength. A
+    processor that cannot apply alpha (a user's own) is replaced by `CoeffAttnProcessor`, with a
+    warning, and comes back on `remove_coeff`."""
     unet = unwrap_unet(unet)
     modules = attention_modules(unet)
     impl = getattr(unet, _IMPL_ATTR, "auto")
+    strength = coeff_strength(unet)
+    replaced = []
     for path in paths:
         module = modules[path]
-        processor = module.processor
-        if isinstance(processor, CoeffAttnProcessor):
-            if dropout is not None:
-                processor.dropout = float(dropout)
-        else:
-            processor = CoeffAttnProcessor(module.heads, dropout=dropout or 0.0, chunk_size=chunk_size)
-            processor.attention_impl = impl
-            # A new nn.Module starts in training mode: follow the host module, or coefficient
-            # dropout would act at inference on a model that is in eval().
-            processor.to(module.to_q.weight.device).train(module.training)
-            module.set_processor(processor)
-    _install_scale_hooks(unet)
+        head_mix = _head_mix(module)
+        if head_mix is None:
+            head_mix = HeadMix(module.heads, dropout=dropout or 0.0, chunk_size=chunk_size)
+            head_mix.set_attention_impl(impl)
+            head_mix.strength = strength.of_layer(path)
+            # A new module starts in training mode: follow the host, or coefficient dropout would
+            # act at inference on a model that is in eval().
+            module.head_mix = head_mix.to(module.to_q.weight.device).train(module.training)
+        elif dropout is not None:
+            head_mix.set_dropout(dropout)
+        if not getattr(module.processor, "applies_head_mix", False):
+            new = _taking_over(module.processor)
+            if new is None:
+                replaced.append(type(module.processor).__name__)
+                new = CoeffAttnProcessor()
+                new.__dict__["replaced"] = module.processor
+            module.set_processor(new)
+    if replaced:
+        warnings.warn(
+            f"dreamcoeff: {len(replaced)} attention layers had a processor that cannot apply alpha "
+            f"({', '.join(sorted(set(replaced)))}); it was replaced by CoeffAttnProcessor and comes back "
+            "with remove_coeff()",
+            AlphaNotAppliedWarning,
+            stacklevel=3,
+        )
+    object.__setattr__(unet, _LAYERS_ATTR, None)
+    _install_hooks(unet)
 
 
-def remove_coeff(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module) -> list[str]:
-    """Put diffusers' default processor back on every coeff module (alpha is discarded)."""
+def remove_coeff(model_or_pipe: Model) -> list[str]:
+    """Take alpha off every module (it is discarded) and put back the processor each one would have
+    without it: the one dreamcoeff took over (e.g. IP-Adapter's, sliced, xformers), else diffusers'
+    default. A processor that never applied alpha stays. Returns the module paths that had alpha."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet = unwrap_unet(model_or_pipe)
-    removed = list(coeff_modules(unet))
-    for path in removed:
-        attention_modules(unet)[path].set_processor(AttnProcessor2_0())
-    for handle in getattr(unet, _HOOK_ATTR, ()):
+    removed = coeff_modules(unet)
+    for module in removed.values():
+        processor = module.processor
+        if getattr(processor, "applies_head_mix", False):
+            module.set_processor(processor.__dict__.get("replaced") or AttnProcessor2_0())
+        del module.head_mix
+    for handle in getattr(unet, _HOOK_ATTR, None) or ():
         handle.remove()
-    if hasattr(unet, _HOOK_ATTR):
-        delattr(unet, _HOOK_ATTR)
-    return removed
+    for attr in (_HOOK_ATTR, _LAYERS_ATTR, _STRENGTH_ATTR, _WARNED_ATTR):
+        if attr in unet.__dict__:
+            object.__delattr__(unet, attr)
+    return list(removed)
 
 
-def coeff_parameters(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module) -> list[nn.Parameter]:
+def coeff_parameters(model_or_pipe: Model) -> list[nn.Parameter]:
     """The alpha parameters, in model order (hand these to the optimizer)."""
-    return [m.processor.alpha for m in coeff_modules(model_or_pipe).values()]
+    return [m.head_mix.alpha for m in coeff_modules(model_or_pipe).values()]
 
 
-def coeff_state_dict(
-    model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module,
-) -> dict[str, torch.Tensor]:
+def coeff_state_dict(model_or_pipe: Model) -> dict[str, torch.Tensor]:
     """`{"unet.<module path>.alpha": residual alpha}` (detached), the layout of the weight files."""
-    return {f"unet.{path}.alpha": m.processor.alpha.detach() for path, m in coeff_modules(model_or_pipe).items()}
+    return {f"unet.{path}.alpha": m.head_mix.alpha.detach() for path, m in coeff_modules(model_or_pipe).items()}
 
 
 @torch.no_grad()
@@ -373,26 +327,62 @@ def zero_row_sums_(alphas: Iterable[torch.Tensor]) -> None:
         alpha.sub_(alpha.mean(dim=-1, keepdim=True))
 
 
-def set_coeff_scale(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module, scale: float) -> None:
-    """Set the run-time strength c of every coeff processor (0 = base model, 1 = as trained)."""
-    modules = coeff_modules(model_or_pipe)
-    if not modules:
-        raise ValueError("set_coeff_scale: this model has no coeff processors (load or apply alpha first)")
-    for module in modules.values():
-        module.processor.scale = float(scale)
+# ----------------------------------------------------------------------------------------------
+# Strength: one value object per UNet, set by one function
 
 
-def set_plain_attention_backend(
-    model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module, backend: str
-) -> None:
+def coeff_strength(model_or_pipe: Model) -> CoeffStrength:
+    """The model's stored alpha strength (scale 1, no target factors until set)."""
+    return getattr(unwrap_unet(model_or_pipe), _STRENGTH_ATTR, None) or CoeffStrength()
+
+
+def set_coeff_strength(
+    model_or_pipe: Model,
+    strength: CoeffStrength | None = None,
+    *,
+    scale: float | None = None,
+    targets: Mapping[str, float] | None = None,
+) -> CoeffStrength:
+    """Set alpha's strength for every following call, and return it.
+
+    Either a whole `CoeffStrength`, or `scale` (0 = base model, 1 = as trained) and / or `targets`
+    (e.g. ``{"attn1": 0.5, "up_blocks": 0.0}``; ``{}`` clears them) replacing those parts of the
+    current one. A layer's strength is scale x the product of the targets that name it. Per call:
+    ``cross_attention_kwargs={"coeff_scale": s, "coeff_target_scales": {...}}`` (`CoeffStrength.for_call`).
+    """
+    unet = unwrap_unet(model_or_pipe)
+    layers = _layers(unet)
+    if not layers:
+        raise ValueError("set_coeff_strength: this model has no alpha (load or apply alpha first)")
+    new = strength if strength is not None else coeff_strength(unet).replaced(scale, targets)
+    object.__setattr__(unet, _STRENGTH_ATTR, new)
+    for path, module in layers:
+        module.head_mix.strength = new.of_layer(path)
+    return new
+
+
+def set_coeff_scale(model_or_pipe: Model, scale: float) -> None:
+    """Set the run-time strength c of every alpha layer (0 = base model, 1 = as trained)."""
+    set_coeff_strength(model_or_pipe, scale=scale)
+
+
+def set_coeff_target_scales(model_or_pipe: Model, target_scales: Mapping[str, float] | None) -> None:
+    """Dose alpha by target (keys `COEFF_TARGETS`) for every following call; ``None`` or ``{}``: factor 1."""
+    set_coeff_strength(model_or_pipe, targets=target_scales or {})
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+
+
+def set_plain_attention_backend(model_or_pipe: Model, backend: str) -> None:
     """Choose what computes plain attention: "sdpa" (default) or "xformers".
 
-    Layers without alpha get diffusers' processor for that backend; coeff processors keep their
-    alpha and use the backend only on their identity fast path (the mixed path is always ours).
-    """
+    Layers without alpha get diffusers' processor for that backend; alpha layers keep alpha and use
+    the backend only on their identity fast path (the mixed path is always ours)."""
     from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
 
-    if backend not in ("sdpa", "xformers"):
+    if backend not in PLAIN_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}: use 'sdpa' or 'xformers'")
     if backend == "xformers":
         try:
@@ -402,70 +392,25 @@ def set_plain_attention_backend(
                 "--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers` "
                 "(CUDA builds only), or leave the flag out (PyTorch SDPA is used)."
             ) from exc
+    keep_alpha_applied(model_or_pipe)
     for module in attention_modules(model_or_pipe).values():
-        if isinstance(module.processor, CoeffAttnProcessor):
+        if getattr(module.processor, "applies_head_mix", False):
             module.processor.plain_backend = backend
         else:
             module.set_processor(XFormersAttnProcessor() if backend == "xformers" else AttnProcessor2_0())
 
 
-#: What `set_coeff_target_scales` doses: self- / cross-attention, and the UNet's block groups.
-COEFF_TARGETS = ("attn1", "attn2", "down_blocks", "mid_block", "up_blocks")
-
-
-def target_scale_of(module_path: str, target_scales: Mapping[str, float] | None) -> float:
-    """A module's strength factor: the product of every target in `target_scales` that names it
-    (``attn1`` / ``attn2`` by the module's last name, block groups by its first)."""
-    factor = 1.0
-    for target, value in (target_scales or {}).items():
-        kind = module_path.rsplit(".", 1)[-1] if target in ("attn1", "attn2") else module_path.split(".", 1)[0]
-        if kind == target:
-            factor *= float(value)
-    return factor
-
-
-def check_target_scales(target_scales: Mapping[str, float] | None) -> dict[str, float]:
-    """The target scales as floats; unknown target names are a ValueError listing the known ones."""
-    unknown = sorted(set(target_scales or {}) - set(COEFF_TARGETS))
-    if unknown:
-        raise ValueError(f"unknown coeff targets {unknown}: use {', '.join(COEFF_TARGETS)}")
-    return {k: float(v) for k, v in (target_scales or {}).items()}
-
-
-def set_coeff_target_scales(
-    model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module, target_scales: Mapping[str, float] | None
-) -> None:
-    """Dose alpha by target, for every following call: e.g. ``{"attn1": 0.5, "up_blocks": 0.0}``.
-
-    Keys are `COEFF_TARGETS`; a layer's strength is the global (or per-call) strength times the
-    product of the targets that name it, so strength 0 for a target gives that target's base
-    attention exactly. ``None`` or ``{}`` sets every layer back to factor 1. Per call:
-    ``cross_attention_kwargs={"coeff_target_scales": {...}}``.
-    """
-    scales = check_target_scales(target_scales)
-    modules = coeff_modules(model_or_pipe)
-    if not modules:
-        raise ValueError("set_coeff_target_scales: this model has no coeff processors (load or apply alpha first)")
-    for path, module in modules.items():
-        module.processor.target_scale = target_scale_of(path, scales)
-
-
-def set_coeff_attention_impl(model_or_pipe: UNet2DConditionModel | DiffusionPipeline | nn.Module, impl: str) -> None:
-    """Choose the exact implementation this model's coeff layers run where A != I.
+def set_coeff_attention_impl(model_or_pipe: Model, impl: str) -> None:
+    """Choose the exact implementation this model's alpha layers run where A != I.
 
     impl: "auto" (the default: no preference, so the DREAMCOEFF_ATTENTION_IMPL environment variable if
     set, else the fused C++ kernel on the CPU and the chunked path elsewhere), "chunked", "cpu_fused",
     "triton" or "materialized". Anything else is a ValueError listing these.
 
-    The setting is per model: it is stored on every `CoeffAttnProcessor` of the UNet and on the UNet
-    itself, so processors installed later (`apply_coeff`, `load_coeff_weights`) get it too, pipelines
-    sharing the UNet use it, and other models keep theirs. Each processor hands it to
-    `mixed_attention` as `prefer`: ahead of the environment variable, behind an explicit `impl=`. A
-    kernel that cannot run for some layer (Triton for these inputs or this GPU, a CPU kernel that
-    does not build) falls back to "chunked" there (`dreamcoeff.attention.dispatch` says when with a
-    warning); check availability first where that should be an error, as the trainer's
-    --coeff_attention_impl does.
-    Where A == I the plain backend runs as before (`set_plain_attention_backend`).
+    The setting is per model: it is stored on every layer's alpha and on the UNet itself, so alpha
+    installed later (`apply_coeff`, `load_coeff_weights`) gets it too and other models keep theirs.
+    A kernel that cannot run for some layer falls back to "chunked" there
+    (`dreamcoeff.attention.dispatch` says when, with a warning). Where A == I the plain backend runs.
     """
     if impl not in _ATTENTION_IMPL_CHOICES:
         names = ", ".join(repr(name) for name in _ATTENTION_IMPL_CHOICES)
@@ -473,43 +418,37 @@ def set_coeff_attention_impl(model_or_pipe: UNet2DConditionModel | DiffusionPipe
     unet = unwrap_unet(model_or_pipe)
     object.__setattr__(unet, _IMPL_ATTR, impl)
     for module in coeff_modules(unet).values():
-        module.processor.attention_impl = impl
+        module.head_mix.set_attention_impl(impl)
 
 
-def _install_scale_hooks(unet: nn.Module) -> None:
-    """Take `coeff_scale` out of `cross_attention_kwargs` at the UNet's door.
+# ----------------------------------------------------------------------------------------------
+# The UNet's door: the guard and the per-call strength
 
-    `StableDiffusionXLPipeline(..., cross_attention_kwargs={"coeff_scale": s})` reaches every
-    attention module; diffusers warns once per call for each processor that does not declare the
-    argument (layers alpha does not target). The pre-hook hands the strength to the coeff
-    processors for the duration of this forward and removes it from the kwargs.
-    """
+
+def _install_hooks(unet: nn.Module) -> None:
+    """Before every UNet call: keep alpha applied (`keep_alpha_applied`), and take ``coeff_scale`` /
+    ``coeff_target_scales`` out of ``cross_attention_kwargs`` into each layer's call strength (so the
+    layers without alpha never see arguments they do not declare); after it, clear them."""
     if getattr(unet, _HOOK_ATTR, None):
         return
-
-    touched: list[CoeffAttnProcessor] = []
+    touched: list[HeadMix] = []
 
     def pre_hook(module, args, kwargs):
+        keep_alpha_applied(module)
         cak = kwargs.get("cross_attention_kwargs")
         if not cak or ("coeff_scale" not in cak and "coeff_target_scales" not in cak):
             return None
         cak = dict(cak)
-        scale = cak.pop("coeff_scale", None)
-        targets = cak.pop("coeff_target_scales", None)
-        targets = None if targets is None else check_target_scales(targets)
-        for path, m in coeff_modules(module).items():
-            m.processor.call_scale = None if scale is None else float(scale)
-            m.processor.call_target_scale = None if targets is None else target_scale_of(path, targets)
-            touched.append(m.processor)
+        call = coeff_strength(module).for_call(cak.pop("coeff_scale", None), cak.pop("coeff_target_scales", None))
+        for path, attn in _layers(module):
+            attn.head_mix.call_strength = call.of_layer(path)
+            touched.append(attn.head_mix)
         kwargs["cross_attention_kwargs"] = cak or None
         return args, kwargs
 
     def post_hook(module, args, kwargs, output):
-        # Only the processors this call changed: walking the whole UNet on every call costs
-        # a noticeable share of a small model's forward.
-        while touched:
-            processor = touched.pop()
-            processor.call_scale = processor.call_target_scale = None
+        while touched:  # only what this call changed: walking the UNet each call costs on small models
+            touched.pop().call_strength = None
 
     handles = [
         unet.register_forward_pre_hook(pre_hook, with_kwargs=True),

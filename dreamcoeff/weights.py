@@ -23,13 +23,14 @@ import torch
 
 from .io import atomic_write
 from .processor import (
+    CoeffStrength,
     attention_modules,
     check_target_scales,
     coeff_modules,
     coeff_state_dict,
     install_coeff_processors,
     remove_coeff,
-    target_scale_of,
+    set_coeff_strength,
     unwrap_unet,
 )
 
@@ -86,7 +87,7 @@ def save_coeff_weights(
         path = path / COEFF_WEIGHTS_NAME
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in coeff_state_dict(unet).items()}
     if not tensors:
-        raise CoeffWeightsError("nothing to save: the model has no coeff processors (call apply_coeff first)")
+        raise CoeffWeightsError("nothing to save: the model has no alpha (call apply_coeff first)")
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise CoeffWeightsError(
@@ -94,7 +95,7 @@ def save_coeff_weights(
             "lower --coeff_lr / --learning_rate or resume from an earlier checkpoint"
         )
     modules = coeff_modules(unet)
-    first = next(iter(modules.values())).processor
+    first = next(iter(modules.values())).head_mix
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -271,7 +272,7 @@ def load_coeff_weights(
 
     Every key must name an attention module of the UNet with the same head count; otherwise a
     `CoeffWeightsError` lists all mismatches and the model is left exactly as it was. Afterwards the
-    file's modules carry `CoeffAttnProcessor`s with the loaded alpha at strength `scale`, and modules
+    file's modules carry the loaded alpha at strength `scale`, and modules
     not in the file have plain attention. Returns the module paths loaded.
 
     Several files combine concepts: ``load_coeff_weights(pipe, [dog, hat], scale=[1.0, 0.7])`` gives
@@ -308,10 +309,9 @@ def load_coeff_weights(
     installed = coeff_modules(unet)
     with torch.no_grad():
         for module_path in wanted:
-            processor = installed[module_path].processor
-            processor.alpha.copy_(tensors[f"unet.{module_path}.alpha"].to(processor.alpha.device))
-            processor.scale = 1.0 if combine else scales[0]
-            processor.target_scale = target_scale_of(module_path, targets)
+            alpha = installed[module_path].head_mix.alpha
+            alpha.copy_(tensors[f"unet.{module_path}.alpha"].to(alpha.device, alpha.dtype))
+    set_coeff_strength(unet, CoeffStrength(1.0 if combine else scales[0], targets))
     return wanted
 
 
@@ -339,6 +339,6 @@ def init_coeff_from(unet: torch.nn.Module, path: str | os.PathLike) -> Path:
     tensors = _load_tensors(file, entries)
     with torch.no_grad():
         for module_path, module in installed.items():
-            alpha = module.processor.alpha
+            alpha = module.head_mix.alpha
             alpha.copy_(tensors[f"unet.{module_path}.alpha"].to(alpha.device, alpha.dtype))
     return file

@@ -179,12 +179,14 @@ def test_processor_dispatches_to_sdpa_at_identity_and_to_the_exact_path_otherwis
     """CoeffAttnProcessor: alpha == 0 without grad (or strength 0) -> SDPA; training or alpha != 0 -> exact."""
     from diffusers.models.attention_processor import Attention
 
-    import dreamcoeff.processor as proc
+    import dreamcoeff.attn_processors as proc
+    from dreamcoeff.head_mix import HeadMix
 
     torch.manual_seed(0)
     attn = Attention(query_dim=16, heads=4, dim_head=4)
-    p = CoeffAttnProcessor(4)
-    attn.set_processor(p)
+    p = HeadMix(4)
+    attn.head_mix = p
+    attn.set_processor(CoeffAttnProcessor())
     x = torch.randn(2, 6, 16)
     calls = []
     real = proc.mixed_attention
@@ -229,7 +231,7 @@ def test_set_coeff_attention_impl_rejects_an_unknown_name():
         set_coeff_attention_impl(model, "fastest")
     with pytest.raises(ValueError, match="'sdpa'"):
         set_coeff_attention_impl(model, "sdpa")
-    assert model["attn1"].processor.attention_impl == "auto"  # unchanged
+    assert model["attn1"].head_mix.attention_impl == "auto"  # unchanged
 
 
 def test_the_setting_is_per_model_and_reaches_later_processors(monkeypatch):
@@ -256,11 +258,11 @@ def test_the_setting_is_per_model_and_reaches_later_processors(monkeypatch):
         assert calls == [1]
         auto_model["attn1"](x)
         assert len(calls) == (1 if unavailable_reason("cpu") is None else 2)  # "auto": the fused kernel
-    assert auto_model["attn1"].processor.attention_impl == "auto"
+    assert auto_model["attn1"].head_mix.attention_impl == "auto"
     apply_coeff(chunked_model, targets=("attn1", "attn2"))  # installed after the setting
-    assert chunked_model["attn2"].processor.attention_impl == "chunked"
+    assert chunked_model["attn2"].head_mix.attention_impl == "chunked"
     apply_coeff(auto_model, targets=("attn1", "attn2"))
-    assert auto_model["attn2"].processor.attention_impl == "auto"
+    assert auto_model["attn2"].head_mix.attention_impl == "auto"
 
 
 # --------------------------------------------------------------------------------------------------

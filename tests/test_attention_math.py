@@ -10,6 +10,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from dreamcoeff import CoeffAttnProcessor, coefficient_matrix, mixed_attention
+from dreamcoeff.head_mix import HeadMix
 from tests.reference import reference_attention_module, reference_mixed_attention
 
 
@@ -108,8 +109,9 @@ def test_coefficient_dropout():
 def test_dropout_in_processor_only_in_training():
     torch.manual_seed(0)
     attn = Attention(query_dim=16, heads=4, dim_head=4)
-    proc = CoeffAttnProcessor(4, dropout=0.9)
-    attn.set_processor(proc)
+    proc = HeadMix(4, dropout=0.9)
+    attn.head_mix = proc  # alpha lives on the module
+    attn.set_processor(CoeffAttnProcessor())
     with torch.no_grad():
         proc.alpha.normal_(0, 0.5)
     x = torch.randn(2, 5, 16)
@@ -132,8 +134,9 @@ def _module(**kw):
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_processor_matches_reference(cross, with_mask):
     attn = _module(query_dim=16, heads=4, dim_head=4, cross_attention_dim=12 if cross else None, bias=True)
-    proc = CoeffAttnProcessor(4).double()
-    attn.set_processor(proc)
+    proc = HeadMix(4).double()
+    attn.head_mix = proc  # alpha lives on the module
+    attn.set_processor(CoeffAttnProcessor())
     with torch.no_grad():
         proc.alpha.copy_(torch.randn(4, 4, dtype=torch.float64) * 0.7)
     x = torch.randn(2, 9, 16, dtype=torch.float64)
@@ -159,8 +162,9 @@ def test_processor_4d_input_group_norm_residual_rescale():
         rescale_output_factor=1.7,
         bias=True,
     )
-    proc = CoeffAttnProcessor(2).double()
-    attn.set_processor(proc)
+    proc = HeadMix(2).double()
+    attn.head_mix = proc  # alpha lives on the module
+    attn.set_processor(CoeffAttnProcessor())
     with torch.no_grad():
         proc.alpha.copy_(torch.tensor([[0.3, -0.8], [0.5, 0.2]], dtype=torch.float64))
     x = torch.randn(2, 8, 3, 5, dtype=torch.float64)
@@ -192,8 +196,9 @@ def test_processor_norm_cross_and_qk_norm():
 
     attn.set_processor(AttnProcessor2_0())
     default_out = attn(x, encoder_hidden_states=ctx)
-    proc = CoeffAttnProcessor(4).double()
-    attn.set_processor(proc)
+    proc = HeadMix(4).double()
+    attn.head_mix = proc  # alpha lives on the module
+    attn.set_processor(CoeffAttnProcessor())
     with torch.no_grad():
         assert torch.allclose(attn(x, encoder_hidden_states=ctx), default_out, atol=1e-12)
         # with mixing: compare against the library math fed with the module's own normalised q, k

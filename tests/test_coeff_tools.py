@@ -28,7 +28,7 @@ def _random_alpha_file(pipe, path, targets=("attn1", "attn2"), include=None, see
         for p in coeff_parameters(pipe.unet):
             p.copy_(torch.randn(p.shape, generator=g) * std)
     save_coeff_weights(path, pipe.unet)
-    state = {k: m.processor.alpha.detach().clone() for k, m in coeff_modules(pipe.unet).items()}
+    state = {k: m.head_mix.alpha.detach().clone() for k, m in coeff_modules(pipe.unet).items()}
     remove_coeff(pipe)
     return path, state
 
@@ -59,7 +59,7 @@ def test_strength_zero_for_a_target_gives_its_base_attention_exactly(tiny_pipe, 
     for name, module in coeff_modules(tiny_pipe.unet).items():
         if name.endswith("attn2"):
             with torch.no_grad():
-                module.processor.alpha.zero_()
+                module.head_mix.alpha.zero_()
     attn1_only = _unet_out(tiny_pipe, unet_inputs)
     load_coeff_weights(tiny_pipe, path, target_scales={"attn2": 0.0})
     assert torch.equal(_unet_out(tiny_pipe, unet_inputs), attn1_only)
@@ -96,8 +96,8 @@ def test_combined_concepts_match_the_float64_reference(tiny_pipe, tmp_path):
     modules = coeff_modules(tiny_pipe.unet)
     for name, module in modules.items():
         expected = a_dog[name].double() + (0.7 * a_hat[name].double() if name in a_hat else 0.0)
-        assert torch.allclose(module.processor.alpha.double(), expected, atol=1e-7, rtol=0), name
-        assert module.processor.scale == 1.0
+        assert torch.allclose(module.head_mix.alpha.double(), expected, atol=1e-7, rtol=0), name
+        assert module.head_mix.strength == 1.0
     name = next(n for n in modules if n.endswith("attn2"))
     attn = modules[name]
     g = torch.Generator().manual_seed(3)
@@ -203,7 +203,7 @@ def test_alpha_is_logged_per_block_and_as_a_picture(tiny_pipe, tmp_path):
     apply_coeff(tiny_pipe.unet)
     with torch.no_grad():
         for name, module in coeff_modules(tiny_pipe.unet).items():
-            module.processor.alpha.fill_(0.2 if name.startswith("up_blocks") else 0.0)
+            module.head_mix.alpha.fill_(0.2 if name.startswith("up_blocks") else 0.0)
     logged, images = [], []
 
     class Writer:

@@ -961,13 +961,13 @@ def alpha_files(tmp_path_factory):
     with torch.no_grad():
         for p in coeff_parameters(unet):
             p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    dog = {k: m.processor.alpha.detach().clone() for k, m in coeff_modules(unet).items()}
+    dog = {k: m.head_mix.alpha.detach().clone() for k, m in coeff_modules(unet).items()}
     save_coeff_weights(root / "dog.safetensors", unet)
     remove_coeff(unet)
     apply_coeff(unet, targets=("attn1",))
     with torch.no_grad():
         for name, module in coeff_modules(unet).items():
-            module.processor.alpha.copy_(dog[name])
+            module.head_mix.alpha.copy_(dog[name])
     save_coeff_weights(root / "dog_attn1.safetensors", unet)
     remove_coeff(unet)
     apply_coeff(unet, targets=("attn2",))

@@ -88,10 +88,10 @@ def test_apply_selection_and_reapply_keeps_alpha(tiny_pipe):
     before = snapshot_tensors(coeff_state_dict(unet))
     apply_coeff(unet, targets="attn2", include=["down_blocks.*"], exclude=["transformer_blocks.1"], dropout=0.1)
     assert_same_tensors(coeff_state_dict(unet), before)
-    assert all(m.processor.dropout == 0.1 for m in coeff_modules(unet).values())
+    assert all(m.head_mix.dropout == 0.1 for m in coeff_modules(unet).values())
     # alpha are real parameters of the UNet
     names = {n for n, _ in unet.named_parameters()}
-    assert all(f"{p}.processor.alpha" in names for p in paths)
+    assert all(f"{p}.head_mix.alpha" in names for p in paths)
     with pytest.raises(ValueError, match="matched no attention module"):
         apply_coeff(unet, include=["no_such_block"])
     with pytest.raises(ValueError, match="unknown coeff target"):
@@ -336,7 +336,7 @@ def test_load_keeps_dropout_and_parameters_of_existing_processors(tiny_pipe, tmp
     load_coeff_weights(tiny_pipe.unet, tmp_path)
     after = coeff_parameters(tiny_pipe.unet)
     assert all(a is b for a, b in zip(params, after)) and any(p.abs().max() > 0 for p in after)
-    assert all(m.processor.dropout == 0.2 for m in coeff_modules(tiny_pipe.unet).values())
+    assert all(m.head_mix.dropout == 0.2 for m in coeff_modules(tiny_pipe.unet).values())
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(unet_inputs):

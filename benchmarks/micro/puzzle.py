@@ -228,7 +228,7 @@ def head_analysis(pipe, run: Path, c: mw.Concept) -> dict:
     scenes = c.instance_scenes()
     pos = identifier_positions(pipe, c.instance_prompt, c.identifier)
     load_run(pipe, run)
-    alphas = {n: m.processor.alpha.detach().clone() for n, m in coeff_modules(pipe.unet).items()}
+    alphas = {n: m.head_mix.alpha.detach().clone() for n, m in coeff_modules(pipe.unet).items()}
     set_coeff_scale(pipe, 0.0)  # capture the base model's maps
     maps = head_maps(pipe, scenes, c.instance_prompt, HEAD_T)
     set_coeff_scale(pipe, 1.0)

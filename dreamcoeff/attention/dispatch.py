@@ -153,6 +153,10 @@ def select_impl(coeff: torch.Tensor, impl: str = "auto", prefer: str | None = No
         raise ValueError(f"unknown preferred mixed-attention impl {prefer!r}: use one of {names}")
     if impl != "auto":
         return impl
+    if torch.compiler.is_compiling():
+        # Under torch.compile the identity test would break the graph and the C++ kernel is opaque
+        # to it: the chunked path is plain PyTorch, which dynamo traces (docs/pipelines.md).
+        return "chunked"
     if _is_exact_identity(coeff):
         return "sdpa"
     if prefer not in (None, "auto"):
