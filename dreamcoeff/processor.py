@@ -31,7 +31,6 @@ from .attn_processors import PLAIN_BACKENDS, CoeffAttnProcessor, CoeffIPAdapterA
 from .head_mix import COEFF_TARGETS, CoeffStrength, HeadMix, check_target_scales, target_scale_of
 
 if TYPE_CHECKING:  # for the annotations only: importing diffusers' pipelines is slow
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
     from diffusers.models.attention_processor import Attention
 
 __all__ = [
