@@ -103,7 +103,10 @@ def check_correctness():
     with torch.no_grad():
         attn.set_processor(AttnProcessor2_0())
         base = attn(x, ctx)
-        attn.set_processor(CoeffAttnProcessor(10).to(DEV))
+        from dreamcoeff.head_mix import HeadMix
+
+        attn.head_mix = HeadMix(10).to(DEV)
+        attn.set_processor(CoeffAttnProcessor())
         same = attn(x, ctx)
     emit(
         check="alpha0_equals_AttnProcessor2_0_bf16",
