@@ -132,3 +132,46 @@ def test_torch_compile_has_no_graph_break(tiny_pipe, unet_inputs):
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
     torch._dynamo.reset()
     assert torch.isfinite(eager).all()
+
+
+def _ip_layer():
+    """One cross-attention layer with a random IP-Adapter processor, in a module so apply_coeff finds it."""
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.attn2 = Attention(query_dim=32, heads=4, dim_head=8, cross_attention_dim=24).eval()
+    ip = IPAdapterAttnProcessor2_0(hidden_size=32, cross_attention_dim=24, num_tokens=(4,), scale=1.0)
+    holder.attn2.set_processor(ip.eval())
+    inputs = (torch.randn(2, 10, 32), (torch.randn(2, 7, 24), [torch.randn(2, 4, 24)]))
+    return holder, ip, inputs
+
+
+def test_ip_adapter_is_taken_over_with_alpha_on_the_text_branch_only():
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    from dreamcoeff.attn_processors import CoeffIPAdapterAttnProcessor
+
+    holder, ip, (x, states) = _ip_layer()
+    attn = holder.attn2
+    with torch.no_grad():
+        ip_on = attn(x, states)
+        ip.scale = [0.0]
+        ip_off = attn(x, states)
+        ip.scale = [1.0]
+        apply_coeff(holder, targets="attn2")
+        ours = attn.processor
+        assert isinstance(ours, CoeffIPAdapterAttnProcessor) and isinstance(ours, IPAdapterAttnProcessor2_0)
+        assert ours.to_k_ip is ip.to_k_ip  # the adapter's own weights, shared
+        torch.testing.assert_close(attn(x, states), ip_on, atol=1e-6, rtol=0)  # alpha = 0: IP-Adapter exactly
+        attn.head_mix.alpha.normal_(0, 0.5)
+        mixed = attn(x, states)
+        ours.scale = [0.0]  # what set_ip_adapter_scale writes: the knob still works
+        text_only = attn(x, states)
+        attn.set_processor(CoeffAttnProcessor())
+        torch.testing.assert_close(text_only, attn(x, states[0]), atol=1e-6, rtol=0)  # alpha kept on the text
+    # out = to_out(mixed text + image branch): the image branch is IP-Adapter's own, unmixed
+    torch.testing.assert_close(mixed - text_only, ip_on - ip_off, atol=1e-5, rtol=0)
+    assert (mixed - ip_on).abs().max() > 1e-3  # and alpha is really applied beside the IP-Adapter
+    remove_coeff(holder)
+    assert attn.processor is ip or isinstance(attn.processor, AttnProcessor2_0)
