@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
-PYTEST_WORKERS ?= 2
+PYTEST_WORKERS ?= 0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dreamcoeff-installed
 
@@ -30,8 +30,9 @@ format: $(STAMP)
 	$(BIN)/python -m ruff format .
 	$(BIN)/python -m ruff check --fix .
 
-# Both cores by default (pytest-xdist; each worker has its own tmp folders, the two-rank tests pick free
-# ports, the CPU kernel's build is locked): PYTEST_WORKERS=0 runs in one process.
+# pytest-xdist workers (each has its own tmp folders, the two-rank tests pick free
+# ports, the CPU kernel's build is locked). Default 0 (one process) until the two-process tests are shown
+# stable beside a second worker (issue 34); PYTEST_WORKERS=2 uses both cores.
 test: lint
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
