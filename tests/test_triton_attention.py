@@ -324,13 +324,13 @@ def test_trainer_flag_sets_the_choice_on_the_unet_or_refuses_clearly(monkeypatch
     monkeypatch.delenv("DREAMCOEFF_ATTENTION_IMPL")
     unet = two_attention_modules()
     apply_coeff(unet, targets="attn1")
-    processor = unet["attn1"].processor
+    head_mix = unet["attn1"].head_mix
     select_attention_impl("auto", torch.device("cpu"), unet)
-    assert processor.attention_impl == "auto"
+    assert head_mix.attention_impl == "auto"
     select_attention_impl("chunked", torch.device("cpu"), unet)
-    assert processor.attention_impl == "chunked"
+    assert head_mix.attention_impl == "chunked"
     select_attention_impl("triton", torch.device("cpu"), unet)  # TRITON_INTERPRET=1 here: it can run
-    assert processor.attention_impl == "triton"
+    assert head_mix.attention_impl == "triton"
     assert "DREAMCOEFF_ATTENTION_IMPL" not in os.environ
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(UsageError, match="--coeff_attention_impl triton: .*CUDA tensors"):

@@ -61,10 +61,14 @@ def test_alpha_zero_equals_default_processors(tiny_pipe, unet_inputs, targets, w
     base = _unet_out(unet, unet_inputs, **extra)
     paths = apply_coeff(unet, targets=targets)
     assert paths and all(p.rsplit(".", 1)[-1] in targets for p in paths)
-    for train in (False, True):  # eval uses the fast path; training (alpha needs grad) the exact path
-        unet.train(train)
-        out = _unet_out(unet, unet_inputs, **extra) if not train else unet(**unet_inputs, **extra).sample.detach()
-        assert (out - base).abs().max() <= 1e-6
+    # eval: alpha is exactly 0, so A is I and the plain SDPA path runs: bit for bit the base.
+    unet.eval()
+    assert torch.equal(_unet_out(unet, unet_inputs, **extra), base)
+    # training (alpha needs grad): the exact path runs with A = I. It sums in another order than
+    # SDPA, so float32 rounding (measured up to 1.1e-6 on outputs of size ~1) is all that may differ.
+    unet.train()
+    out = unet(**unet_inputs, **extra).sample.detach()
+    assert (out - base).abs().max() <= 1e-5
     # and a non-zero alpha really changes the output (the test above can fail)
     _randomize(unet)
     unet.eval()
