@@ -580,6 +580,27 @@ class Trainer:
 
     # ---- finalize ---------------------------------------------------------------------------------------
 
+    def drop_ddp_wrapper(self) -> None:
+        """Free the DistributedDataParallel wrapper (and accelerate's references to it) while the process
+        group is still registered, so that destroying the group later is what frees it.
+
+        Why: DDP's C++ Reducer holds the gloo process group. Were the Reducer the last holder (as after
+        `accelerator.end_training()` has unregistered the group), freeing it runs gloo's destructor with
+        the GIL held; that destructor joins gloo's worker threads, and a worker still releasing the
+        tensors of the last collective needs the GIL: the process hangs for ever after "training
+        finished" (seen: a 2-process run never exiting), or aborts (SIGABRT) at interpreter shutdown.
+        Freed here, the Reducer only drops one reference; `destroy_process_group` then frees the group
+        through torch's binding, which releases the GIL first. Idempotent; a no-op for one process."""
+        import gc
+
+        ddp = getattr(self, "unet", None)
+        if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            return
+        self.unet = self.bare_unet
+        self.accelerator._models = [m for m in self.accelerator._models if m is not ddp]
+        del ddp
+        gc.collect()  # DDP's hooks form reference cycles: collect them now, not at some later GIL-held moment
+
     def finalize(self) -> TrainResult:
         """Final weight files (all or none), last validation, model card, completion record, summary."""
         cfg, accelerator, out = self.cfg, self.accelerator, self.out
@@ -600,6 +621,7 @@ class Trainer:
         self.on_main_process("writing the final weights", write_final_files)
         if self.validation_prompts and self.validated_step != self.global_step:  # unless the last step made it
             self.validate(self.global_step)
+        self.drop_ddp_wrapper()
         accelerator.end_training()
         result = TrainResult(
             out,
@@ -642,6 +664,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             trainer.build_models()
             trainer.build_data()
             trainer.build_optimizer()
-            trainer.prepare()
-            trainer.run()
-            return trainer.finalize()
+            try:
+                trainer.prepare()
+                trainer.run()
+                return trainer.finalize()
+            finally:  # also on errors and SIGTERM, before the traceback keeps the wrapper alive
+                trainer.drop_ddp_wrapper()
