@@ -216,15 +216,29 @@ class TuningMethod:
         """Optimizer groups: alpha with ``--coeff_lr`` and no weight decay (decay would pull it to
         the base model), the weights with ``--learning_rate`` and ``--adam_weight_decay``, the
         token rows with ``--text_encoder_lr`` and no decay (decay pulls an embedding towards zero,
-        which is no word at all)."""
+        which is no word at all). ``rate_flag`` names each group's flag (messages on resume)."""
         coeff, weights = self.trainable_parameters(unet)
         groups = []
         if coeff:
-            groups.append({"params": coeff, "lr": cfg.coeff_lr, "weight_decay": 0.0})
+            groups.append({"params": coeff, "lr": cfg.coeff_lr, "weight_decay": 0.0, "rate_flag": "--coeff_lr"})
         if weights:
-            groups.append({"params": weights, "lr": cfg.learning_rate, "weight_decay": cfg.adam_weight_decay})
+            groups.append(
+                {
+                    "params": weights,
+                    "lr": cfg.learning_rate,
+                    "weight_decay": cfg.adam_weight_decay,
+                    "rate_flag": "--learning_rate",
+                }
+            )
         if self.tokens and tokens is not None:
-            groups.append({"params": list(tokens.rows), "lr": cfg.text_encoder_lr, "weight_decay": 0.0})
+            groups.append(
+                {
+                    "params": list(tokens.rows),
+                    "lr": cfg.text_encoder_lr,
+                    "weight_decay": 0.0,
+                    "rate_flag": "--text_encoder_lr",
+                }
+            )
         return groups
 
     # ---- files --------------------------------------------------------------------------------------

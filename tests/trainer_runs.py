@@ -219,8 +219,8 @@ def run_killed_after_checkpoint(monkeypatch, kill_step: int, argv: list[str]) ->
 
     real_save = training.save_checkpoint
 
-    def save_then_die(accelerator, out, step, limit):
-        path = real_save(accelerator, out, step, limit)
+    def save_then_die(accelerator, out, step, limit, *rest):
+        path = real_save(accelerator, out, step, limit, *rest)
         if step == kill_step:
             raise KeyboardInterrupt("simulated kill")
         return path

@@ -29,6 +29,7 @@ from ..methods import ARTIFACTS, artifacts_in
 from ..tokens import EMBEDDINGS_SUFFIX
 from .card import TrainResult
 from .config import TrainConfig, UsageError
+from .optim import update_count_in
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +49,7 @@ COMPLETE_NAME = "dreamcoeff_complete.json"
 # Arguments that may change between a run and its resumption without changing what is trained.
 _VOLATILE_ARGS = {
     "resume_from_checkpoint",
+    "output_dir",  # a run folder moved or copied elsewhere is still the same run
     "overwrite_output_dir",
     "report_to",
     "logging_dir",
@@ -57,6 +59,9 @@ _VOLATILE_ARGS = {
 # (Another base model only gets a warning: the same model may live under another path now.)
 _STRUCTURAL_ARGS = (
     "tuning",
+    "optimizer",  # another optimizer's state does not fit (and would read as a broken checkpoint)
+    "use_8bit_adam",
+    "use_ema",  # the EMA copy is one of the checkpoint's objects, or is not
     "coeff_targets",
     "rank",
     "lora_alpha",
@@ -92,15 +97,34 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 
 def resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
-    """The checkpoint ``--resume_from_checkpoint`` names (``latest`` or a folder), or None."""
+    """The checkpoint ``--resume_from_checkpoint`` names, or None (nothing to resume).
+
+    ``latest``: the newest *intact* checkpoint (`checkpoint_problem`). A broken newer one (a truncated
+    or missing file, files that disagree) is renamed aside to ``checkpoint-N.broken`` (kept for
+    inspection, never deleted, never picked again) with a warning naming it and why. A folder named
+    explicitly must be intact: a broken one is a `TrainingError` saying what is wrong with it.
+    Call it on the main process only (it renames folders)."""
     if not cfg.resume_from_checkpoint:
         return None
     if cfg.resume_from_checkpoint == "latest":
         found = list_checkpoints(out)
-        if not found:
-            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s; starting a new run", out)
-            return None
-        return found[-1][1]
+        for _, path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            aside = set_aside_broken(path)
+            logger.warning(
+                "--resume_from_checkpoint latest: %s is broken (%s); moved aside to %s and skipped",
+                path,
+                problem,
+                aside.name,
+            )
+        logger.warning(
+            "--resume_from_checkpoint latest: no %scheckpoint in %s; starting a new run",
+            "intact " if found else "complete ",
+            out,
+        )
+        return None
     path = Path(cfg.resume_from_checkpoint)
     if not path.is_absolute() and not path.exists():
         path = out / path
@@ -108,7 +132,107 @@ def resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
         raise UsageError(
             f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: {path} is not a complete dreamcoeff checkpoint"
         )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise TrainingError(
+            f"cannot resume from {path}: {problem}. Name an earlier checkpoint, or pass "
+            "--resume_from_checkpoint latest to take the newest intact one"
+        )
     return path
+
+
+def set_aside_broken(path: Path) -> Path:
+    """Rename a broken checkpoint to ``<name>.broken`` (``.broken-2``, ... if taken): out of every
+    listing, kept for whoever wants to look at it."""
+    aside = path.with_name(path.name + ".broken")
+    n = 2
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.broken-{n}")
+        n += 1
+    path.rename(aside)
+    fsync_dir(path.parent)
+    return aside
+
+
+def checkpoint_manifest(folder: Path) -> dict[str, int]:
+    """Every file of a checkpoint being written and its size (relative POSIX path -> bytes)."""
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != STATE_NAME
+    }
+
+
+# Files every checkpoint holds, whatever the method (accelerate's optimizer, scheduler, RNG of rank 0).
+_REQUIRED = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes checkpoint `path` unusable, in a few words, or None when it is intact.
+
+    Checked without unpickling anything: the state record parses and names the folder's step; every
+    file the manifest lists is there with its size (older checkpoints without a manifest: the files
+    every checkpoint has); each safetensors file's header and length agree; each torch.save archive
+    opens and passes its CRC check; and the optimizer state holds the number of updates the state
+    record says (no more updates than steps, for older checkpoints)."""
+    import zipfile
+
+    try:
+        state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+        step = int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{STATE_NAME} is unreadable ({exc.__class__.__name__}: {exc})"
+    named = CHECKPOINT_RE.match(path.name)
+    if named and int(named.group(1)) != step:
+        return f"{STATE_NAME} says step {step}, the folder's name step {named.group(1)}"
+    manifest = state.get("files")
+    expected = manifest if isinstance(manifest, dict) else dict.fromkeys(_REQUIRED)
+    for name, size in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if size is not None and file.stat().st_size != size:
+            return f"{name} is truncated or altered ({file.stat().st_size} bytes, {size} when written)"
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        problem = _file_problem(file, zipfile)
+        if problem is not None:
+            return f"{file.relative_to(path).as_posix()} {problem}"
+    optimizer_file = path / "optimizer.bin"
+    if zipfile.is_zipfile(optimizer_file):
+        import torch
+
+        try:
+            held = update_count_in(torch.load(optimizer_file, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as exc:  # noqa: BLE001  (any reader error means the same: this file cannot be used)
+            return f"optimizer.bin cannot be read ({exc.__class__.__name__}: {str(exc)[:200]})"
+        recorded = state.get("optimizer_steps")
+        if held is not None and recorded is not None and held != recorded:
+            return f"optimizer.bin holds {held} optimizer updates, {STATE_NAME} records {recorded}"
+        if held is not None and held > step:
+            return f"optimizer.bin holds {held} optimizer updates, more than the {step} steps of {STATE_NAME}"
+    return None
+
+
+def _file_problem(file: Path, zipfile) -> str | None:
+    """What is wrong with one checkpoint file as its format can tell, or None."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:  # checks the header against the file's length
+                f.keys()
+        elif file.suffix == ".json":
+            json.loads(file.read_text(encoding="utf-8"))
+        elif zipfile.is_zipfile(file):
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"is corrupt (CRC error in {bad})"
+        elif file.suffix in (".bin", ".pkl", ".pt"):
+            return "is not a complete torch.save archive (truncated?)"
+    except Exception as exc:  # noqa: BLE001  (readers raise their own types; all mean unusable)
+        return f"is unreadable ({exc.__class__.__name__}: {str(exc)[:200]})"
+    return None
 
 
 def prune_checkpoints(out: Path, limit: int | None, keep: Path | None = None) -> None:
@@ -265,11 +389,15 @@ def register_hooks(
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, limit: int | None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, out: Path, step: int, limit: int | None, updates: int | None = None
+) -> Path:
     """accelerate state + trained parts into `checkpoint-N.tmp`, flushed to disk, then renamed: a
     kill mid-write never leaves a folder that `latest` would pick. Old checkpoints go only after the
     new one is complete, and the new one is never among them. A failed write (full disk) removes the
-    partial folder and stops the run with a `TrainingError`; the earlier checkpoints are intact."""
+    partial folder and stops the run with a `TrainingError`; the earlier checkpoints are intact.
+    The state record lists every file with its size and the optimizer's update count (`updates`), so
+    that `checkpoint_problem` can tell a truncated or mismatched checkpoint on resume."""
     final = out / f"checkpoint-{step}"
     tmp = out / f"checkpoint-{step}.tmp"
     try:
@@ -279,7 +407,8 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, limit: int |
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / STATE_NAME).write_text(json.dumps({"global_step": step}))
+            record = {"global_step": step, "optimizer_steps": updates, "files": checkpoint_manifest(tmp)}
+            (tmp / STATE_NAME).write_text(json.dumps(record, indent=1))
             fsync_tree(tmp)
             # resumed from an earlier checkpoint: this step is being redone, the old copy goes aside
             replace_path(tmp, final, aside=final.with_name(final.name + ".old"))

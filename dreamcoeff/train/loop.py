@@ -30,7 +30,7 @@ from ..methods import get_method
 from ..models import load_components
 from ..processor import set_plain_attention_backend, zero_row_sums_
 from ..tokens import LearnedTokens, TokenPlan, embeddings_file_name
-from . import data, optim
+from . import data, optim, ranks
 from .card import TrainResult, print_summary, write_model_card
 from .checkpoints import (
     STATE_NAME,
@@ -147,7 +147,7 @@ class Trainer:
             self.dataset_captions = dict(rows)
         else:
             self.instance_paths = data.list_images(cfg.instance_data_dir, what="instance")
-        self.resume_path = resolve_resume(cfg, out)
+        self.resume_path = self.decided_on_main_process(lambda: resolve_resume(cfg, out))
         if self.resume_path is not None:
             check_resume_args(cfg, self.resume_path)
         return None
@@ -339,6 +339,7 @@ class Trainer:
                     config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))},
                 )
         if self.resume_path is not None:
+            fresh = optim.flag_settings(self.optimizer)  # what the flags of this run ask for
             accelerator.load_state(str(self.resume_path))
             state = json.loads((self.resume_path / STATE_NAME).read_text())
             self.global_step = int(state["global_step"])
@@ -346,6 +347,8 @@ class Trainer:
             coeff_now, _ = self.method.trainable_parameters(self.bare_unet)
             assert all(a is b for a, b in zip(self.coeff_params, coeff_now))
             self.text.freeze_if_due(self.global_step)
+            for change in optim.reapply_flag_settings(self.optimizer, self.lr_scheduler, fresh):
+                logger.warning("resuming at step %d: %s", self.global_step, change)
             logger.info("resumed from %s at step %d", self.resume_path, self.global_step)
 
     # ---- steps ----------------------------------------------------------------------------------------
@@ -505,7 +508,8 @@ class Trainer:
             if self.bad_steps:  # the same on every rank: the loss check is reduced, the gradients synced
                 logger.warning("step %d was skipped: no checkpoint saved, the last good one is kept", step)
             else:
-                written = save_checkpoint(accelerator, self.out, step, cfg.checkpoints_total_limit)
+                updates = optim.update_count(self.optimizer)
+                written = save_checkpoint(accelerator, self.out, step, cfg.checkpoints_total_limit, updates)
         if stopping:
             self.stop_now(written)
         if step % cfg.validation_steps == 0:
@@ -529,24 +533,12 @@ class Trainer:
         self.on_main_process(f"validation at step {step}", work)
 
     def on_main_process(self, what: str, work: Callable[[], None]) -> None:
-        """Run `work` on the main process alone, at a point every rank reaches: the main process then
-        tells the others whether it failed (a full disk, an out-of-memory while sampling), and all of
-        them stop here. Otherwise the others would only find out at their next collective, hanging
-        there until torchrun kills them or the process group's timeout (30 minutes by default) ends."""
-        accelerator = self.accelerator
-        failure: Exception | None = None
-        if accelerator.is_main_process:
-            try:
-                work()
-            except Exception as exc:  # noqa: BLE001  (re-raised below, once the other ranks know)
-                failure = exc
-        if self.any_rank(failure is not None) and failure is None:
-            raise TrainingError(
-                f"process {accelerator.process_index}: stopping because the main process failed in {what} "
-                "(its error is above)"
-            )
-        if failure is not None:
-            raise failure
+        """`ranks.on_main_process` on this run's processes."""
+        ranks.on_main_process(self.accelerator, what, work)
+
+    def decided_on_main_process(self, decide: Callable[[], Any]) -> Any:
+        """`ranks.decided_on_main_process` on this run's processes."""
+        return ranks.decided_on_main_process(self.accelerator, decide)
 
     def stop_requested(self) -> bool:
         """Whether any process got SIGTERM (`stopping.StopRequest`). A collective (a sum over the
@@ -554,12 +546,8 @@ class Trainer:
         return self.any_rank(self.stop_signal is not None and self.stop_signal.requested)
 
     def any_rank(self, local: bool) -> bool:
-        """Whether `local` holds on any process: a sum over the ranks, so every rank must call it at the
-        same point (one process: `local` itself, no collective)."""
-        if self.accelerator.num_processes == 1:
-            return local
-        flag = torch.tensor([1.0 if local else 0.0], device=self.accelerator.device)
-        return self.accelerator.reduce(flag, reduction="sum").item() > 0
+        """`ranks.any_rank` on this run's processes (every rank must call it at the same point)."""
+        return ranks.any_rank(self.accelerator, local)
 
     def stop_now(self, checkpoint: Path | None) -> None:
         """End the run early on SIGTERM: raise `TrainingStopped` naming `checkpoint` (just written) or
@@ -581,25 +569,12 @@ class Trainer:
     # ---- finalize ---------------------------------------------------------------------------------------
 
     def drop_ddp_wrapper(self) -> None:
-        """Free the DistributedDataParallel wrapper (and accelerate's references to it) while the process
-        group is still registered, so that destroying the group later is what frees it.
-
-        Why: DDP's C++ Reducer holds the gloo process group. Were the Reducer the last holder (as after
-        `accelerator.end_training()` has unregistered the group), freeing it runs gloo's destructor with
-        the GIL held; that destructor joins gloo's worker threads, and a worker still releasing the
-        tensors of the last collective needs the GIL: the process hangs for ever after "training
-        finished" (seen: a 2-process run never exiting), or aborts (SIGABRT) at interpreter shutdown.
-        Freed here, the Reducer only drops one reference; `destroy_process_group` then frees the group
-        through torch's binding, which releases the GIL first. Idempotent; a no-op for one process."""
-        import gc
-
-        ddp = getattr(self, "unet", None)
-        if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-            return
-        self.unet = self.bare_unet
-        self.accelerator._models = [m for m in self.accelerator._models if m is not ddp]
-        del ddp
-        gc.collect()  # DDP's hooks form reference cycles: collect them now, not at some later GIL-held moment
+        """Free the DDP wrapper while the process group is registered (`ranks.free_ddp_wrapper` says
+        why: otherwise the end of a multi-process run can hang). Idempotent; a no-op for one process."""
+        if isinstance(self.unet, torch.nn.parallel.DistributedDataParallel):
+            holder = [self.unet]  # its last reference, once self.unet is the bare model
+            self.unet = self.bare_unet
+            ranks.free_ddp_wrapper(self.accelerator, holder)
 
     def finalize(self) -> TrainResult:
         """Final weight files (all or none), last validation, model card, completion record, summary."""

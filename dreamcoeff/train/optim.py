@@ -9,7 +9,14 @@ import torch
 
 from .config import TrainConfig, UsageError
 
-__all__ = ["build_optimizer", "prodigy_optimizer"]
+__all__ = [
+    "build_optimizer",
+    "flag_settings",
+    "prodigy_optimizer",
+    "reapply_flag_settings",
+    "update_count",
+    "update_count_in",
+]
 
 logger = logging.getLogger("dreamcoeff")
 
@@ -56,3 +63,55 @@ def prodigy_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.o
         use_bias_correction=cfg.prodigy_use_bias_correction,
         safeguard_warmup=cfg.prodigy_safeguard_warmup,
     )
+
+
+# The per-group settings that come from flags (the rest of a group, e.g. Prodigy's running d, is state).
+_FLAG_KEYS = ("initial_lr", "weight_decay", "betas", "eps")
+
+
+def update_count_in(state_dict: dict[str, Any]) -> int | None:
+    """The updates an optimizer state records (the largest per-parameter ``step``), or None for an
+    optimizer that keeps no count (or has not stepped yet)."""
+    steps = [int(v["step"]) for v in state_dict.get("state", {}).values() if isinstance(v, dict) and "step" in v]
+    return max(steps) if steps else None
+
+
+def update_count(optimizer: torch.optim.Optimizer) -> int | None:
+    """`update_count_in` of a live optimizer (accelerate's wrapper or a plain one)."""
+    return update_count_in(optimizer.state_dict())
+
+
+def flag_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Per group, the settings this run's flags gave it (its base rate, decay, betas, eps), taken
+    before a checkpoint's state replaces them (`reapply_flag_settings`)."""
+    return [{key: group[key] for key in (*_FLAG_KEYS, "rate_flag") if key in group} for group in optimizer.param_groups]
+
+
+def reapply_flag_settings(optimizer: torch.optim.Optimizer, scheduler: Any, fresh: list[dict[str, Any]]) -> list[str]:
+    """After a resume, give back to each group the settings this run's flags ask for: a checkpoint's
+    optimizer and scheduler state would otherwise keep the old run's rate (and decay, betas, eps) in
+    silence, whatever the flags now say. The schedule's shape (warmup, cycles, power) comes from the
+    flags anyway; its position (the step) stays the checkpoint's. Returns one line per change."""
+    groups = optimizer.param_groups
+    if len(groups) != len(fresh):  # another method's groups: refused before loading (structural flags)
+        return []
+    changes = []
+    for index, (group, wanted) in enumerate(zip(groups, fresh)):
+        flag = wanted.get("rate_flag") or f"group {index}"
+        for key in _FLAG_KEYS:
+            if key in wanted and key in group and group[key] != wanted[key]:
+                what = f"{flag}" if key == "initial_lr" else f"{key} of the {flag} group"
+                changes.append(f"{what} {wanted[key]} applies from now on (the checkpoint trained with {group[key]})")
+                group[key] = wanted[key]
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
+    if changes and hasattr(inner, "base_lrs") and hasattr(inner, "get_lr"):
+        import warnings
+
+        inner.base_lrs = [group["initial_lr"] for group in groups]
+        with warnings.catch_warnings():  # get_lr outside step() warns; here it is the point
+            warnings.simplefilter("ignore")
+            rates = inner.get_lr()
+        for group, rate in zip(groups, rates):
+            group["lr"] = rate
+        inner._last_lr = list(rates)
+    return changes
