@@ -31,6 +31,8 @@ HERE = Path(__file__).resolve().parent
 WEIGHTS = Path(os.environ.get("VIT_WEIGHTS", HERE.parents[1] / "build" / "vit_pretrained.pt"))
 RAW = HERE / "results.jsonl"
 METHODS = ("linear", "alpha", "lora", "alpha_lora", "full")
+# The head-mixing ablation (issue 35 part 4): alpha restricted as vit.Attention.enable_alpha says.
+ABLATION = {"alpha_diag": "diag", "alpha_offdiag": "offdiag", "alpha_zero_row_sum": "zero_row_sum"}
 LRS = {  # a factor ~3 apart per method; the last value of each was added after the first pass
     # (03:30) picked the top of the first three for alpha, LoRA, alpha+LoRA and full (edge of the grid)
     "linear": (3e-3, 1e-2, 3e-2),
@@ -38,6 +40,8 @@ LRS = {  # a factor ~3 apart per method; the last value of each was added after 
     "lora": (1e-3, 3e-3, 1e-2, 3e-2),
     "alpha_lora": (1e-3, 3e-3, 1e-2, 3e-2),
     "full": (1e-4, 3e-4, 1e-3, 3e-3),
+    # the ablation at alpha's own four rates (fixed before any ablation run)
+    **{name: (3e-3, 1e-2, 3e-2, 1e-1) for name in ABLATION},
 }
 STEPS, BATCH = 60, 64
 
@@ -82,7 +86,7 @@ def build(method: str, classes: int, seed: int) -> torch.nn.Module:
         cfg = LoraConfig(r=4, lora_alpha=4, target_modules=["qkv"], lora_dropout=0.0)
         model = inject_adapter_in_model(cfg, model)
     if "alpha" in method:
-        model.enable_alpha()
+        model.enable_alpha(ABLATION.get(method, "full"))
     for name, p in model.named_parameters():
         p.requires_grad = method == "full" or name.startswith("head.") or "lora_" in name or name.endswith(".alpha")
     return model
@@ -122,7 +126,13 @@ def train_one(task: str, data: dict, method: str, seed: int, lr: float) -> dict:
         "trainable_no_head": sum(
             p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")
         ),
-        "alpha_abs_mean": float(torch.stack([a.detach().abs().mean() for a in alphas]).mean()) if alphas else None,
+        "alpha_abs_mean": (
+            float(torch.stack([b.attn.effective_alpha().detach().abs().mean() for b in model.blocks]).mean())
+            if alphas
+            else None
+        ),
+        # entries that can be non-zero (diag: H per layer; the others: H x H, zero_row_sum H x (H - 1) free)
+        "alpha_free": sum({"diag": 12, "zero_row_sum": 132}.get(ABLATION.get(method, ""), 144) for _ in alphas),
         "final_loss": loss.item(),
         "seconds": time.time() - start,
     }
@@ -154,7 +164,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=240)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--tasks", nargs="+", default=list(vit.TASKS))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, *ABLATION))
     args = ap.parse_args()
     if args.phase == "pretrain":
         torch.set_num_threads(1)

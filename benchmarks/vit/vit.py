@@ -18,6 +18,7 @@ WIDTH = 96  # head dim 8: the CPU budget, not ViT-B's 64
 DEPTH = 4
 PATCH = 8
 IMAGE = 32
+ALPHA_KINDS = ("full", "diag", "offdiag", "zero_row_sum")
 
 
 class Attention(nn.Module):
@@ -29,10 +30,30 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.alpha: nn.Parameter | None = None
+        self.alpha_kind = "full"
 
-    def enable_alpha(self) -> None:
-        """Add the zero-initialised residual alpha (H x H), so the layer starts exactly as before."""
+    def enable_alpha(self, kind: str = "full") -> None:
+        """Add the zero-initialised residual alpha (H x H), so the layer starts exactly as before.
+
+        `kind` (the head-mixing ablation, issue 35 part 4): "full" every entry; "diag" the diagonal
+        only (a gain per head: no mixing at all); "offdiag" the off-diagonal only (mixing, no gain of a
+        head on its own map); "zero_row_sum" each row minus its mean (mixing that keeps every head's
+        total weight: the trainer's --coeff_zero_row_sum, as a reparametrisation)."""
+        if kind not in ALPHA_KINDS:
+            raise ValueError(f"alpha kind {kind!r}: expected one of {ALPHA_KINDS}")
         self.alpha = nn.Parameter(torch.zeros(self.heads, self.heads))
+        self.alpha_kind = kind
+
+    def effective_alpha(self) -> torch.Tensor:
+        """alpha as the layer uses it (masked or centred by `alpha_kind`)."""
+        alpha, eye = self.alpha, torch.eye(self.heads, dtype=self.alpha.dtype, device=self.alpha.device)
+        if self.alpha_kind == "diag":
+            return alpha * eye
+        if self.alpha_kind == "offdiag":
+            return alpha * (1 - eye)
+        if self.alpha_kind == "zero_row_sum":
+            return alpha - alpha.mean(dim=-1, keepdim=True)
+        return alpha
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -40,7 +61,7 @@ class Attention(nn.Module):
         if self.alpha is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            coeff = coefficient_matrix(self.alpha, training=self.training)
+            coeff = coefficient_matrix(self.effective_alpha(), training=self.training)
             out = mixed_attention(q, k, v, coeff)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -80,9 +101,9 @@ class ViT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
 
-    def enable_alpha(self) -> None:
+    def enable_alpha(self, kind: str = "full") -> None:
         for block in self.blocks:
-            block.attn.enable_alpha()
+            block.attn.enable_alpha(kind)
 
 
 # ---------------------------------------------------------------- renderer
