@@ -319,6 +319,20 @@ def test_reg_subsets_are_prior_preservation_like_class_dir(tmp_path):
             assert torch.equal(got["is_class"], want["is_class"]) and got["is_class"][2:].all()
 
 
+def test_the_shipped_example_is_a_valid_config(tmp_path, monkeypatch):
+    example = Path(__file__).resolve().parents[1] / "examples" / "dataset.toml"
+    monkeypatch.chdir(tmp_path)  # its image_dir paths are relative, read from the current directory
+    for name, n in (("dog", 2), ("dog_close_ups", 1), ("dogs", 3)):
+        make_images(tmp_path / "photos" / name, sizes=((64, 64),) * n)
+    parsed = read(example, flags={"resolution": 1024, "batch_size": 1, "enable_bucket": False})
+    assert [(len(s.images), s.repeats, s.is_class, s.prompt) for s in parsed.subsets] == [
+        (2, 10, False, "sks dog"),
+        (1, 5, False, "sks dog"),
+        (3, 1, True, "dog"),
+    ]
+    assert [s.shuffle_caption for s in parsed.subsets] == [True, True, False] and parsed.subsets[0].keep_tokens == 1
+
+
 def test_real_photos_in_place():
     folder = SHARED_DREAMBOOTH / "dog"
     if not folder.is_dir():
@@ -462,6 +476,8 @@ def test_training_from_a_config_equals_the_flags_and_counts_repeats(tiny_pipelin
     assert any(want[k].abs().max() > 0 for k in want)  # it trained
     steps = json.loads((tmp_path / "toml" / COMPLETE_NAME).read_text())["global_step"]
     assert steps == 3 * 2 // 2  # one epoch: 3 images x 2 repeats, 2 a batch
+    card = (tmp_path / "toml" / "README.md").read_text(encoding="utf-8")
+    assert f"the subsets of --dataset_config {toml}" in card and "'the is_reg subsets'" not in card
 
     # several subsets, shuffled captions, dropout, buckets: one epoch is their repeats' sum of batches
     for img in data.list_images(b):

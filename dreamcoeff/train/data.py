@@ -421,10 +421,6 @@ class DreamBoothDataset(Dataset):
             return 0.0
         return default if ex.caption_dropout is None else ex.caption_dropout
 
-    def drops_captions(self, default: float) -> bool:
-        """Whether any item can have its caption dropped (then the empty prompt is encoded too)."""
-        return any(self.dropout_rate(i, default) > 0 for i in range(len(self.examples)))
-
     def caption(self, index: int, epoch: int | None = None) -> str:
         """Item ``index``'s caption in ``epoch`` (default: the current one): with its subset's
         ``shuffle_caption``, the tags shuffled from a seed of ``(seed, epoch, index)`` (resumes replay it)."""

@@ -284,9 +284,7 @@ class Trainer:
                         f"{missing[0]!r}; write it where the subject's name goes in every caption"
                     )
                 ex.caption = self.plan.replace(ex.caption)
-        captions = [ex.caption for ex in self.dataset.examples] + [""] * self.dataset.drops_captions(
-            cfg.caption_dropout
-        )
+        captions = [ex.caption for ex in self.dataset.examples] + [""]  # "": a dropped caption (cheap to encode)
         self.text = TextConditioning(self.components, self.device, self.weight_dtype, captions, self.tokens)
         # --validation_prompt and --validation_prompts FILE, as the model reads them (learned tokens in place)
         plan = self.plan
