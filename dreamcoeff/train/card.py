@@ -132,7 +132,7 @@ instance_prompt: {json.dumps(cfg.instance_prompt)}
 
 # {title} DreamBooth of `{cfg.pretrained_model_name_or_path}`
 
-Trained with [dreamcoeff](https://pypi.org/project/dreamcoeff/) on the images in `{cfg.instance_data_dir}`.
+Trained with [dreamcoeff](https://pypi.org/project/dreamcoeff/) on the images in `{cfg.instance_data_dir or cfg.dataset_name or f"the subsets of --dataset_config {cfg.dataset_config}"}`.
 
 | | |
 |---|---|
@@ -146,7 +146,7 @@ Trained with [dreamcoeff](https://pypi.org/project/dreamcoeff/) on the images in
 | coeff targets / dropout | {cfg.coeff_targets} / {cfg.coeff_dropout} |
 | learned tokens | {tokens_row} |
 | resolution | {cfg.resolution} ({"square crops" if cfg.square_crop or cfg.with_prior_preservation else "aspect buckets"}) |
-| prior preservation | {f"yes: {cfg.class_prompt!r}, weight {cfg.prior_loss_weight}" if cfg.with_prior_preservation else "no"} |
+| prior preservation | {f"yes: {cfg.class_prompt or 'the is_reg subsets'!r}, weight {cfg.prior_loss_weight}" if cfg.with_prior_preservation else "no"} |
 | mixed precision | {cfg.mixed_precision or "no"} |
 | wall time | {result.wall_time_s:.0f} s |
 

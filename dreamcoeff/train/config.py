@@ -72,6 +72,13 @@ class TrainConfig:
         "layout), one row per image with its caption",
         DATA,
     )
+    dataset_config: str | None = _f(
+        None,
+        "instead of --instance_data_dir: a TOML file of several image folders in kohya sd-scripts' layout "
+        "([general], [[datasets]], [[datasets.subsets]] with image_dir, num_repeats, caption_extension, is_reg, "
+        "class_tokens, caption_dropout_rate, shuffle_caption, keep_tokens); see docs/training.md",
+        DATA,
+    )
     image_column: str = _f("image", "--dataset_name: the column naming each image (else 'file_name')", DATA)
     caption_column: str = _f("text", "--dataset_name: the column holding each caption", DATA)
     caption_dropout: float = _f(
@@ -435,20 +442,29 @@ def validate(cfg: TrainConfig) -> None:
     """Refuse missing or contradicting settings with a message that says what to do."""
     if not cfg.pretrained_model_name_or_path:
         raise UsageError("--pretrained_model_name_or_path is required (e.g. stabilityai/stable-diffusion-xl-base-1.0)")
-    if not cfg.instance_data_dir and not cfg.dataset_name:
+    sources = [f"--{n}" for n in ("instance_data_dir", "dataset_name", "dataset_config") if getattr(cfg, n)]
+    if not sources:
         raise UsageError(
             "--instance_data_dir (or --instance_dir) is required: the folder with photos of your subject "
-            "(or --dataset_name: an image folder with metadata.jsonl captions)"
+            "(or --dataset_name: an image folder with metadata.jsonl captions, or --dataset_config: a TOML file "
+            "of several folders)"
         )
-    if cfg.instance_data_dir and cfg.dataset_name:
-        raise UsageError("give --instance_data_dir or --dataset_name, not both")
+    if len(sources) > 1:
+        raise UsageError(f"give one of {' / '.join(sources)}, not both")
     if not 0.0 <= cfg.caption_dropout < 1.0:
         raise UsageError(f"--caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
-    if not cfg.instance_prompt and not cfg.caption_ext and not cfg.dataset_name:
+    if not cfg.instance_prompt and not cfg.caption_ext and not cfg.dataset_name and not cfg.dataset_config:
         raise UsageError(
             "--instance_prompt is required (e.g. 'a photo of sks dog'), unless --caption_ext gives per-image captions"
         )
-    if cfg.with_prior_preservation:
+    reg = validate_dataset_config(cfg) if cfg.dataset_config else False
+    if cfg.with_prior_preservation and reg:
+        if cfg.class_data_dir:
+            raise UsageError(
+                "--dataset_config has is_reg subsets, which are the class images: drop --class_data_dir "
+                "(or the is_reg subsets)"
+            )
+    elif cfg.with_prior_preservation:
         if not cfg.class_prompt:
             raise UsageError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog')")
         if not cfg.class_data_dir:
@@ -489,6 +505,36 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.validation_coeff_scales and not METHODS[cfg.tuning].coeff:
         raise UsageError("--validation_coeff_scales sweeps alpha's strength: it needs --tuning coeff or coeff+lora")
     validate_validation(cfg)
+
+
+def dataset_config_of(cfg: TrainConfig):
+    """The parsed --dataset_config (`dataset_config.DatasetConfig`), the flags supplying its defaults;
+    raises `UsageError` naming the line and key of what is wrong."""
+    from .dataset_config import read_dataset_config
+
+    defaults = {"num_repeats": cfg.repeats, "caption_dropout_rate": cfg.caption_dropout}
+    if cfg.caption_ext:
+        defaults["caption_extension"] = cfg.caption_ext
+    buckets = not (cfg.square_crop or cfg.with_prior_preservation)
+    flags = {"resolution": cfg.resolution, "batch_size": cfg.train_batch_size, "enable_bucket": buckets}
+    return read_dataset_config(
+        cfg.dataset_config,
+        defaults=defaults,
+        flags=flags,
+        instance_prompt=cfg.instance_prompt,
+        class_prompt=cfg.class_prompt,
+    )
+
+
+def validate_dataset_config(cfg: TrainConfig) -> bool:
+    """Parse --dataset_config now, before any model loads; True where it has is_reg (class) subsets."""
+    parsed = dataset_config_of(cfg)
+    if parsed.reg_subsets and not cfg.with_prior_preservation:
+        raise UsageError(
+            f"{parsed.reg_subsets[0].name}: is_reg subsets are prior preservation's class images: add "
+            "--with_prior_preservation (--prior_loss_weight weighs them), or drop is_reg"
+        )
+    return bool(parsed.reg_subsets)
 
 
 def validate_validation(cfg: TrainConfig) -> None:

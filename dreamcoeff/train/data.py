@@ -1,6 +1,8 @@
 """The trainer's examples: aspect-ratio buckets, the reproducible DreamBooth dataset, its batch sampler, collation.
 
 * :func:`make_buckets` / :func:`assign_bucket`: SDXL aspect-ratio buckets.
+* :class:`ImageSubset`: one folder's images and how they are captioned and repeated (a
+  ``--dataset_config`` subset, or the one-folder flags).
 * :class:`DreamBoothDataset` pre-decodes every image once, then on each access draws a crop and a
   flip from a seed derived from ``(seed, epoch, index)``: augmentation changes every epoch but a
   resumed run replays exactly the same crops and flips. Each item carries SDXL's
@@ -17,7 +19,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -57,10 +59,13 @@ __all__ = [
     "BucketBatchSampler",
     "DreamBoothDataset",
     "Example",
+    "ImageSubset",
     "assign_bucket",
     "collate_examples",
     "derive_seed",
+    "drop_captions",
     "seed_of",
+    "shuffle_caption",
     "make_buckets",
 ]
 
@@ -162,15 +167,48 @@ def _shuffle(items: list[int], rng: random.Random) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
+    """kohya's ``shuffle_caption``: the caption's comma-separated tags in a random order, the first
+    ``keep_tokens`` of them left in place; tags are stripped and joined with ``", "``."""
+    tags = [t.strip() for t in caption.split(",")]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    order = list(range(len(tail)))
+    _shuffle(order, rng)
+    return ", ".join(head + [tail[k] for k in order])
+
+
+@dataclass(frozen=True)
+class ImageSubset:
+    """One folder's images and how they are read: a ``--dataset_config`` subset, or the one-folder flags.
+
+    ``prompt`` is the caption of an image without a caption entry or ``caption_ext`` file.
+    ``caption_dropout`` None means the trainer's ``--caption_dropout``; class subsets are never dropped.
+    ``name`` says where the subset comes from in error messages.
+    """
+
+    images: tuple[Path, ...]
+    prompt: str
+    is_class: bool = False
+    repeats: int = 1
+    caption_ext: str | None = None
+    caption_dropout: float | None = None
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    name: str = ""
+
+
 @dataclass
 class Example:
-    """One training item: which image, its caption, its bucket."""
+    """One training item: which image, its caption, its bucket, and its subset's caption settings."""
 
     image_path: Path
     caption: str
     is_class: bool  # True: prior-preservation class image; False: instance (subject) image
     bucket: tuple[int, int]  # (height, width) of the training crop
     original_size: tuple[int, int] = (0, 0)  # (height, width) of the decoded, EXIF-rotated image
+    caption_dropout: float | None = None  # None: the trainer's --caption_dropout
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
 
 
 class Augmentation(NamedTuple):
@@ -190,6 +228,11 @@ class _Prepared:
 
 class DreamBoothDataset(Dataset):
     """Instance images (repeated ``repeats`` times) followed by class images, one item each.
+
+    With ``subsets`` (:class:`ImageSubset`, a ``--dataset_config``) the positional images, prompts,
+    ``caption_ext`` and ``repeats`` are not used: each instance subset's images follow, repeated by its
+    own ``repeats``, in the subsets' order, then the class subsets' the same way. Without, the flags
+    make one instance subset and one class subset, which gives the same items as before subsets.
 
     Images are decoded once at construction and kept in memory already resized so that they just
     cover their bucket (shorter side to the bucket, aspect kept, LANCZOS): only a crop and a flip
@@ -239,16 +282,27 @@ class DreamBoothDataset(Dataset):
         max_pixels: int = MAX_IMAGE_PIXELS,
         masked_loss: bool = False,
         captions: Mapping[Path, str] | None = None,
+        subsets: Sequence[ImageSubset] | None = None,
     ):
         _check_resolution(resolution)
-        if repeats < 1:
-            raise DataError(f"--repeats must be >= 1, got {repeats}")
-        if not instance_images:
-            raise DataError("no instance images given")
-        if class_images and not class_prompt:
-            raise DataError(
-                "class images were given but --class_prompt is empty; pass --class_prompt (e.g. 'a photo of a dog')"
-            )
+        if subsets is None:  # the one-folder flags
+            if repeats < 1:
+                raise DataError(f"--repeats must be >= 1, got {repeats}")
+            if not instance_images:
+                raise DataError("no instance images given")
+            if class_images and not class_prompt:
+                raise DataError(
+                    "class images were given but --class_prompt is empty; pass --class_prompt (e.g. 'a photo of a dog')"
+                )
+            subsets = [ImageSubset(tuple(map(Path, instance_images)), instance_prompt, repeats=repeats,
+                                   caption_ext=caption_ext, name="--instance_data_dir")]  # fmt: skip
+            if class_images:
+                subsets.append(ImageSubset(tuple(map(Path, class_images)), class_prompt or "", is_class=True))
+        if not any(not s.is_class for s in subsets):
+            raise DataError("no instance images given: every subset is a class (is_reg) subset")
+        for s in subsets:
+            if s.repeats < 1:
+                raise DataError(f"{s.name or 'a subset'}: repeats must be >= 1, got {s.repeats}")
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -263,33 +317,45 @@ class DreamBoothDataset(Dataset):
         )
 
         self._prepared: dict[Path, _Prepared] = {}
-        instance_examples = self._prepare_all(instance_images, "instance", skip_bad_images, max_pixels)
-        for ex in instance_examples:
-            caption = (captions or {}).get(ex.image_path) or None  # a dataset's caption column first
-            if caption is None and caption_ext:
-                caption = read_caption(ex.image_path, caption_ext, default=None)
-            if caption is None:
-                if not instance_prompt:
-                    raise DataError(
-                        f"{ex.image_path} has no caption file and --instance_prompt is empty; "
-                        "give an --instance_prompt (e.g. 'a photo of sks dog') or a caption file for every image"
-                    )
-                caption = instance_prompt
-            ex.caption = caption
-        class_examples = self._prepare_all(class_images, "class", skip_bad_images, max_pixels) if class_images else []
-        for ex in class_examples:
-            ex.caption = class_prompt or ""
-
-        # Repeats are copies of the Example list (not of the pixels): each copy has its own index,
-        # hence its own crop/flip draw within an epoch.
-        self.examples: list[Example] = [
-            Example(e.image_path, e.caption, e.is_class, e.bucket, e.original_size)
-            for _ in range(repeats)
-            for e in instance_examples
-        ] + class_examples
-        self.num_instance_items = len(instance_examples) * repeats
+        instance_items: list[Example] = []
+        class_items: list[Example] = []
+        # Instance subsets first (decoded in that order too), so instance and class indices are two ranges.
+        for subset in sorted(subsets, key=lambda s: s.is_class):
+            what = "class" if subset.is_class else "instance"
+            examples = self._prepare_all(subset.images, what, skip_bad_images, max_pixels)
+            for ex in examples:
+                ex.caption = self._caption_of(ex.image_path, subset, {} if subset.is_class else captions or {})
+                ex.caption_dropout = subset.caption_dropout
+                ex.shuffle_caption, ex.keep_tokens = subset.shuffle_caption, subset.keep_tokens
+            # Repeats are copies of the Example list (not of the pixels): each copy has its own index,
+            # hence its own crop/flip draw within an epoch.
+            (class_items if subset.is_class else instance_items).extend(
+                replace(e) for _ in range(subset.repeats) for e in examples
+            )
+        self.examples: list[Example] = instance_items + class_items
+        self.num_instance_items = len(instance_items)
 
     # -- construction ------------------------------------------------------------------------
+
+    @staticmethod
+    def _caption_of(path: Path, subset: ImageSubset, captions: Mapping[Path, str]) -> str:
+        """A dataset's caption column first, then the caption file, then the subset's prompt."""
+        caption = captions.get(path) or None
+        if caption is None and subset.caption_ext:
+            caption = read_caption(path, subset.caption_ext, default=None)
+        if caption is None:
+            if not subset.prompt and not subset.is_class:
+                where = (
+                    "--instance_prompt is empty"
+                    if subset.name == "--instance_data_dir"
+                    else f"{subset.name} has no prompt"
+                )
+                raise DataError(
+                    f"{path} has no caption file and {where}; "
+                    "give an --instance_prompt (e.g. 'a photo of sks dog') or a caption file for every image"
+                )
+            caption = subset.prompt
+        return caption
 
     def _prepare_all(
         self, paths: Sequence[str | os.PathLike[str]], what: str, skip_bad: bool, max_pixels: int
@@ -346,6 +412,25 @@ class DreamBoothDataset(Dataset):
     def item_buckets(self) -> list[tuple[int, int]]:
         """Bucket of every item, by index (what :class:`BucketBatchSampler` needs)."""
         return [e.bucket for e in self.examples]
+
+    def dropout_rate(self, index: int, default: float) -> float:
+        """Probability that item ``index``'s caption is dropped: its subset's rate, else ``default``
+        (--caption_dropout); 0 for class images (their prompt is what prior preservation keeps)."""
+        ex = self.examples[self._check_index(index)]
+        if ex.is_class:
+            return 0.0
+        return default if ex.caption_dropout is None else ex.caption_dropout
+
+    def caption(self, index: int, epoch: int | None = None) -> str:
+        """Item ``index``'s caption in ``epoch`` (default: the current one): with its subset's
+        ``shuffle_caption``, the tags shuffled from a seed of ``(seed, epoch, index)`` (resumes replay it)."""
+        ex = self.examples[self._check_index(index)]
+        if not ex.shuffle_caption:
+            return ex.caption
+        epoch = self.epoch if epoch is None else int(epoch)
+        return shuffle_caption(
+            ex.caption, ex.keep_tokens, random.Random(derive_seed("caption", self.seed, epoch, index))
+        )
 
     @property
     def instance_indices(self) -> range:
@@ -410,7 +495,7 @@ class DreamBoothDataset(Dataset):
             "original_size": prep.original_size,
             "crop_top_left": (top, left),
             "target_size": (bh, bw),
-            "caption": ex.caption,
+            "caption": self.caption(index),
             "is_class": ex.is_class,
             "flipped": flipped,
             "index": index,
@@ -491,6 +576,19 @@ class BucketBatchSampler(Sampler[list[int]]):
         if self.drop_last:
             return sum(len(g) // self.batch_size for g in self._groups)
         return sum(math.ceil(len(g) / self.batch_size) for g in self._groups)
+
+
+def drop_captions(captions: Sequence[str], rates: Sequence[float], seed: int, micro: int, rank: int) -> list[str]:
+    """``captions`` with caption ``j`` replaced by the empty prompt with probability ``rates[j]``
+    (--caption_dropout / a subset's caption_dropout_rate), drawn from ``(seed, micro-step, rank, j)``."""
+    captions = list(captions)
+    if not any(rates):
+        return captions
+    for j, rate in enumerate(rates):
+        draw = random.Random(seed_of("caption-dropout", seed, micro, rank, j)).random()
+        if draw < rate:  # class images have rate 0: never dropped
+            captions[j] = ""
+    return captions
 
 
 def collate_examples(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -48,7 +47,7 @@ from .checkpoints import (
     write_completion_record,
     write_failed_message,
 )
-from .config import TrainConfig, UsageError, writes_ui_lora
+from .config import TrainConfig, UsageError, dataset_config_of, writes_ui_lora
 from .dataset_source import read_dataset_folder, substitute_trigger
 from .latent_cache import DiskLatentCache, LatentCache, MemoryLatentCache, default_cache_dir, vae_fingerprint
 from .runtime import check_ranks_agree, peak_memory, select_attention_impl, usable_trackers
@@ -141,7 +140,10 @@ class Trainer:
                 )
                 return recorded_result(out, record, time.time() - self.started)
         self.dataset_captions: dict[Path, str] = {}
-        if cfg.dataset_name:  # an image folder with metadata.jsonl: images and their captions
+        self.dataset_config = dataset_config_of(cfg) if cfg.dataset_config else None  # several folders (TOML)
+        if self.dataset_config is not None:
+            self.instance_paths = [p for s in self.dataset_config.instance_subsets for p in s.images]
+        elif cfg.dataset_name:  # an image folder with metadata.jsonl: images and their captions
             rows = read_dataset_folder(cfg.dataset_name, cfg.image_column, cfg.caption_column)
             self.instance_paths = [path for path, _ in rows]
             self.dataset_captions = dict(rows)
@@ -206,8 +208,8 @@ class Trainer:
         components.text_encoder_2.to(self.device, dtype=self.weight_dtype)
 
         self.class_paths: list[Path] = []
-        if cfg.with_prior_preservation:
-            self.class_paths = ensure_class_images(cfg, components, accelerator)
+        if cfg.with_prior_preservation and not (self.dataset_config and self.dataset_config.reg_subsets):
+            self.class_paths = ensure_class_images(cfg, components, accelerator)  # else: the is_reg subsets
 
         self.method.install(unet, cfg)
         for flag, coeff_file, lora_file in (
@@ -239,6 +241,8 @@ class Trainer:
         cfg = self.cfg
         # Prior preservation uses square crops so instance and class images share a batch.
         use_buckets = not (cfg.square_crop or cfg.with_prior_preservation)
+        # --dataset_config's subsets (with the class images generated into --class_data_dir), else the flags'
+        subsets = self.dataset_config.with_classes(self.class_paths, cfg.class_prompt) if self.dataset_config else None
         self.dataset = data.DreamBoothDataset(
             self.instance_paths,
             cfg.instance_prompt or "",
@@ -255,6 +259,7 @@ class Trainer:
             warn=logger.warning,
             masked_loss=cfg.masked_loss,
             captions=self.dataset_captions,
+            subsets=subsets,
         )
         self.sampler = data.BucketBatchSampler(
             self.dataset, cfg.train_batch_size, seed=cfg.seed, indices=self.dataset.instance_indices
@@ -279,7 +284,7 @@ class Trainer:
                         f"{missing[0]!r}; write it where the subject's name goes in every caption"
                     )
                 ex.caption = self.plan.replace(ex.caption)
-        captions = [ex.caption for ex in self.dataset.examples] + ([""] if cfg.caption_dropout else [])
+        captions = [ex.caption for ex in self.dataset.examples] + [""]  # "": a dropped caption (cheap to encode)
         self.text = TextConditioning(self.components, self.device, self.weight_dtype, captions, self.tokens)
         # --validation_prompt and --validation_prompts FILE, as the model reads them (learned tokens in place)
         plan = self.plan
@@ -409,16 +414,10 @@ class Trainer:
 
     def dropped_captions(self, batch: dict[str, Any], micro: int) -> list[str]:
         """The batch's captions, each instance one replaced by the empty prompt with probability
-        --caption_dropout, drawn from (seed, micro-step, rank, position) so a resume draws the same."""
-        cfg, captions = self.cfg, list(batch["captions"])
-        if not cfg.caption_dropout:
-            return captions
-        rank = self.accelerator.process_index
-        for j, is_class in enumerate(batch["is_class"].tolist()):
-            draw = random.Random(data.seed_of("caption-dropout", cfg.seed, micro, rank, j)).random()
-            if not is_class and draw < cfg.caption_dropout:
-                captions[j] = ""
-        return captions
+        --caption_dropout (or its subset's caption_dropout_rate), drawn from (seed, micro-step, rank,
+        position) so a resume draws the same."""
+        rates = [self.dataset.dropout_rate(i, self.cfg.caption_dropout) for i in batch["indices"]]
+        return data.drop_captions(batch["captions"], rates, self.cfg.seed, micro, self.accelerator.process_index)
 
     def micro_step(self, batch: dict[str, Any], micro: int) -> bool:
         """Forward and backward of one micro-batch; at the end of an accumulation, the optimizer step

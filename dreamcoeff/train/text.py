@@ -1,6 +1,7 @@
 """A step's text conditioning: cached prompt embeddings, or live ones while learned tokens train.
 
-With frozen text encoders every caption is encoded once. While `--train_text_encoder_ti` tokens train
+With frozen text encoders every caption is encoded once (a caption shuffled by a subset's
+``shuffle_caption`` is encoded at its step). While `--train_text_encoder_ti` tokens train
 (the first `--train_text_encoder_ti_frac` of the steps) each step encodes its captions through both
 encoders with gradients flowing to the new rows only; when that share is over the rows are written
 into the encoders, frozen, and the captions are cached again.
@@ -62,8 +63,12 @@ class TextConditioning:
         if self.training_tokens:
             embeds, pooled = encode_prompt_batch(captions, self.tokenizers, self.encoders, self.device)
             return embeds.to(self.weight_dtype), pooled.to(self.weight_dtype)
-        embeds = torch.stack([self.embeddings[c][0] for c in captions]).to(self.device, self.weight_dtype)
-        pooled = torch.stack([self.embeddings[c][1] for c in captions]).to(self.device, self.weight_dtype)
+        table = self.embeddings
+        missing = [c for c in captions if c not in table]
+        if missing:  # shuffle_caption's orders: encoded for this step only (caching every order would grow without end)
+            table = {**table, **encode_prompts(missing, self.tokenizers, self.encoders, self.device)}
+        embeds = torch.stack([table[c][0] for c in captions]).to(self.device, self.weight_dtype)
+        pooled = torch.stack([table[c][1] for c in captions]).to(self.device, self.weight_dtype)
         return embeds, pooled
 
     def sync_gradients(self, accelerator: Accelerator) -> None:
