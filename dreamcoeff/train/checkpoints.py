@@ -109,6 +109,7 @@ def resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
     if cfg.resume_from_checkpoint == "latest":
         found = list_checkpoints(out)
         for _, path in reversed(found):
+            refuse_other_shape(cfg, path)  # other flags: the user's mistake, not a broken checkpoint
             problem = checkpoint_problem(path)
             if problem is None:
                 return path
@@ -132,6 +133,7 @@ def resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
         raise UsageError(
             f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: {path} is not a complete dreamcoeff checkpoint"
         )
+    refuse_other_shape(cfg, path)
     problem = checkpoint_problem(path)
     if problem is not None:
         raise TrainingError(
@@ -269,14 +271,18 @@ def _comparable_args(args: dict) -> dict:
     return {k: v for k, v in args.items() if k not in _VOLATILE_ARGS}
 
 
-def check_resume_args(cfg: TrainConfig, checkpoint: Path) -> None:
-    """Refuse a checkpoint whose trainable weights have another shape; warn about other changes."""
-    saved_file = checkpoint / "args.json"
-    if not saved_file.is_file():
-        return
+def _saved_args(checkpoint: Path) -> dict | None:
     try:
-        saved = json.loads(saved_file.read_text(encoding="utf-8"))
+        return json.loads((checkpoint / "args.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+
+
+def refuse_other_shape(cfg: TrainConfig, checkpoint: Path) -> None:
+    """A `UsageError` when `checkpoint` was trained with settings that give the trainable weights or the
+    optimizer state another shape: a usage mistake to report, never a broken checkpoint to skip."""
+    saved = _saved_args(checkpoint)
+    if saved is None:
         return
     now = json.loads(cfg.to_json())
     clash = [
@@ -290,6 +296,15 @@ def check_resume_args(cfg: TrainConfig, checkpoint: Path) -> None:
             + "; ".join(clash)
             + "). Use the same flags, or start a new --output_dir"
         )
+
+
+def check_resume_args(cfg: TrainConfig, checkpoint: Path) -> None:
+    """Refuse a checkpoint whose trainable weights have another shape; warn about other changes."""
+    saved = _saved_args(checkpoint)
+    if saved is None:
+        return
+    refuse_other_shape(cfg, checkpoint)
+    now = json.loads(cfg.to_json())
     changed = sorted(k for k, v in _comparable_args(now).items() if k in saved and saved[k] != v)
     if changed:
         logger.warning(
