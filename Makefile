@@ -6,11 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
-PYTEST_WORKERS ?= 0
+PYTEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dreamcoeff-installed
 
-.PHONY: setup lint format test test-fast test-stress demo docs bench bench-micro pretrain-micro pretrain-micro-v2 clean
+.PHONY: setup lint format test test-slow test-all test-stress demo docs bench bench-micro pretrain-micro pretrain-micro-v2 clean
 
 setup: $(STAMP)
 
@@ -30,14 +30,18 @@ format: $(STAMP)
 	$(BIN)/python -m ruff format .
 	$(BIN)/python -m ruff check --fix .
 
-# pytest-xdist workers (each has its own tmp folders, the two-rank tests pick free
-# ports, the CPU kernel's build is locked). Default 0 (one process) until the two-process tests are shown
-# stable beside a second worker (issue 34); PYTEST_WORKERS=2 uses both cores.
+# `make test`: lint, then every test not marked slow, on both cores (pytest-xdist workers: each has
+# its own tmp folders, the two-rank tests pick free ports, the CPU kernel's build is locked).
+# `make test-slow`: the slow end-to-end tests (kills, SIGTERMs, two-rank launches, the demo, the
+# installed wheel), one process, since they time real processes. CI (.ci/run) runs both;
+# `make test-all` is the same locally. PYTEST_WORKERS=0 runs the fast set in one process.
 test: lint
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
-
-test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
 
 # The timing-sensitive tests (reliability, locking, stopping, two ranks) STRESS_N times (default 5), with
 # each test's pass count: `make test-stress STRESS_N=10`.
