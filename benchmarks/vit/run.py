@@ -43,9 +43,9 @@ LRS = {  # a factor ~3 apart per method; the last value of each was added after 
     # the ablation at alpha's own four rates (fixed before any ablation run)
     **{name: (3e-3, 1e-2, 3e-2, 1e-1) for name in ABLATION},
 }
-# 07:05: the first ablation pass picked alpha_diag's top rate (1e-1) on 3 of 4 tasks (the grid's
+# The first ablation pass picked alpha_diag's top rate (1e-1) on 3 of 4 tasks (the grid's
 # edge), so one more rate a factor ~3 up, as the first pass did for the other methods
-# 07:08: 3e-1 then won on 2 of 4 tasks (the edge again): the same rule once more, 1.0
+# Then 3e-1 won on 2 of 4 tasks (the edge again): the same rule once more, 1.0
 LRS["alpha_diag"] = (*LRS["alpha_diag"], 3e-1, 1.0)
 STEPS, BATCH = 60, 64
 
