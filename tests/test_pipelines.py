@@ -175,3 +175,273 @@ def test_ip_adapter_is_taken_over_with_alpha_on_the_text_branch_only():
     assert (mixed - ip_on).abs().max() > 1e-3  # and alpha is really applied beside the IP-Adapter
     remove_coeff(holder)
     assert attn.processor is ip or isinstance(attn.processor, AttnProcessor2_0)
+
+
+# ----------------------------------------------------------------------------------------------
+# IP-Adapter end to end: diffusers' own load_ip_adapter on a tiny adapter built here
+
+
+def _tiny_ip_adapter(folder, unet) -> str:
+    """A tiny IP-Adapter in the layout diffusers' loader reads: ``image_encoder/`` (a
+    CLIPVisionModelWithProjection) beside ``ip-adapter.safetensors`` (``image_proj.proj`` / ``.norm`` and
+    ``ip_adapter.<n>.to_k_ip`` / ``to_v_ip`` for the n-th cross-attention layer, n = 1, 3, 5, ...)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        config = CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, projection_dim=16, num_hidden_layers=2,
+            num_attention_heads=4, image_size=32, patch_size=8,
+        )  # fmt: skip
+        CLIPVisionModelWithProjection(config).eval().save_pretrained(folder / "image_encoder")
+        cross = unet.config.cross_attention_dim
+        tensors = {
+            "image_proj.proj.weight": torch.randn(4 * cross, config.projection_dim) * 0.2,
+            "image_proj.proj.bias": torch.randn(4 * cross) * 0.2,
+            "image_proj.norm.weight": 1 + 0.1 * torch.randn(cross),
+            "image_proj.norm.bias": 0.1 * torch.randn(cross),
+        }
+        key_id = 1
+        modules = dict(unet.named_modules())
+        for name in unet.attn_processors:  # the loader's order
+            if name.endswith("attn2.processor"):
+                hidden = modules[name[: -len(".processor")]].to_k.weight.shape[0]
+                for which in ("to_k_ip", "to_v_ip"):
+                    tensors[f"ip_adapter.{key_id}.{which}.weight"] = torch.randn(hidden, cross) * 0.3
+                key_id += 2
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "ip-adapter.safetensors"))
+    return str(folder)
+
+
+def _ip_image():
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    return Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+
+
+def _load_ip(pipe, folder):
+    pipe.load_ip_adapter(
+        folder, subfolder="", weight_name="ip-adapter.safetensors", image_encoder_folder="image_encoder"
+    )
+
+
+def _randomize_alpha(model, seed=1):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for alpha in coeff_parameters(model):
+            alpha.normal_(0, 0.3)
+
+
+def test_load_ip_adapter_end_to_end_keeps_alpha_before_and_after(alpha_pipe, tmp_path):
+    """diffusers' own load_ip_adapter over alpha and alpha over an IP-Adapter: the same images; scale 0
+    is the alpha pipeline exactly; alpha 0 (coeff_scale 0) is diffusers' IP-Adapter pipeline exactly."""
+    import warnings
+
+    from dreamcoeff.testing.tiny import build_tiny_pipeline
+
+    pipe, base, with_alpha = alpha_pipe
+    folder = _tiny_ip_adapter(tmp_path, pipe.unet)
+    image = _ip_image()
+    # The reference: an untouched pipeline with diffusers' IP-Adapter and no alpha.
+    plain = build_tiny_pipeline(seed=0)
+    plain.set_progress_bar_config(disable=True)
+    _load_ip(plain, folder)
+    ip_only = _images(plain, ip_adapter_image=image)
+    assert np.abs(ip_only - base).max() > 1e-2  # the adapter visibly acts
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AlphaNotAppliedWarning)  # nothing may be dropped on the way
+        _load_ip(pipe, folder)  # after alpha
+        after = _images(pipe, ip_adapter_image=image)
+        assert keep_alpha_applied(pipe) == {}
+        np.testing.assert_allclose(
+            _images(pipe, ip_adapter_image=image, cross_attention_kwargs={"coeff_scale": 0.0}), ip_only, atol=1e-5
+        )
+        pipe.set_ip_adapter_scale(0.0)  # the knob still works: the image branch off, alpha alone left
+        np.testing.assert_allclose(_images(pipe, ip_adapter_image=image), with_alpha, atol=1e-5)
+        pipe.set_ip_adapter_scale(1.0)
+
+        apply_coeff(plain.unet)  # alpha after the IP-Adapter, the same alpha
+        for mine, theirs in zip(coeff_parameters(plain), coeff_parameters(pipe)):
+            with torch.no_grad():
+                mine.copy_(theirs)
+        before = _images(plain, ip_adapter_image=image)
+    np.testing.assert_allclose(before, after, atol=1e-5)
+    assert np.abs(after - ip_only).max() > 1e-2 and np.abs(after - with_alpha).max() > 1e-2  # both act
+
+
+def test_unload_ip_adapter_keeps_alpha(alpha_pipe, tmp_path):
+    pipe, _, with_alpha = alpha_pipe
+    folder = _tiny_ip_adapter(tmp_path, pipe.unet)
+    alphas = [a.detach().clone() for a in coeff_parameters(pipe)]
+    _load_ip(pipe, folder)
+    assert np.abs(_images(pipe, ip_adapter_image=_ip_image()) - with_alpha).max() > 1e-2
+    pipe.unload_ip_adapter()
+    np.testing.assert_allclose(_images(pipe), with_alpha, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(coeff_parameters(pipe), alphas))
+    assert keep_alpha_applied(pipe) == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# ControlNet and inpaint pipelines around the same UNet
+
+
+def _tiny_controlnet(unet):
+    from diffusers import ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8)).eval()
+        with torch.no_grad():  # from_unet zero-initialises the output convs: give them weights so it acts
+            for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+                conv.weight.normal_(0, 0.05)
+    return controlnet
+
+
+def test_controlnet_pipeline_keeps_alpha(tiny_pipe):
+    """StableDiffusionXLControlNetPipeline around the alpha UNet: conditioning scale 0 is the alpha
+    pipeline exactly, coeff_scale 0 is diffusers' ControlNet pipeline without alpha exactly."""
+    import warnings
+
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    controlnet = _tiny_controlnet(tiny_pipe.unet)  # from the base UNet (from_unet after alpha: see below)
+    control = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    pipe = StableDiffusionXLControlNetPipeline.from_pipe(tiny_pipe, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    cn_base = _images(pipe, image=control)
+    assert np.abs(cn_base - _images(tiny_pipe)).max() > 1e-2  # the ControlNet visibly acts
+    apply_coeff(tiny_pipe.unet)
+    _randomize_alpha(tiny_pipe)
+    with_alpha = _images(tiny_pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AlphaNotAppliedWarning)
+        kept = _images(pipe, image=control)
+        np.testing.assert_allclose(
+            _images(pipe, image=control, controlnet_conditioning_scale=0.0), with_alpha, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            _images(pipe, image=control, cross_attention_kwargs={"coeff_scale": 0.0}), cn_base, atol=1e-5
+        )
+    assert np.abs(kept - cn_base).max() > 1e-2 and np.abs(kept - with_alpha).max() > 1e-2
+    assert not coeff_parameters(controlnet)  # alpha is the UNet's; the ControlNet copy has none
+
+
+def test_controlnet_from_unet_after_alpha_is_a_loud_error(alpha_pipe):
+    """ControlNetModel.from_unet copies the UNet's blocks with a strict load_state_dict, which refuses
+    the head_mix.alpha keys: loud, not silent. Build the ControlNet before apply_coeff (docs/pipelines.md)."""
+    from diffusers import ControlNetModel
+
+    pipe, _, _ = alpha_pipe
+    with pytest.raises(RuntimeError, match=r"head_mix\.alpha"):
+        ControlNetModel.from_unet(pipe.unet)
+
+
+@pytest.mark.parametrize("built", ["directly", "from_pipe"])
+def test_inpaint_pipeline_keeps_alpha(alpha_pipe, built):
+    """The SDXL inpaint pipeline around the alpha UNet: coeff_scale 0 equals inpainting with an
+    untouched pipeline; with alpha it differs from that and warns about nothing."""
+    import warnings
+
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from dreamcoeff.testing.tiny import build_tiny_pipeline
+
+    pipe, _, _ = alpha_pipe
+
+    def inpainter(source):
+        if built == "directly":
+            parts = {k: v for k, v in source.components.items()}
+            return StableDiffusionXLInpaintPipeline(**parts)
+        return StableDiffusionXLInpaintPipeline.from_pipe(source)
+
+    g = torch.Generator().manual_seed(6)
+    init, mask = torch.rand(1, 3, 64, 64, generator=g), torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1.0
+    base_pipe = build_tiny_pipeline(seed=0)
+    reference = inpainter(base_pipe)
+    reference.set_progress_bar_config(disable=True)
+    base = _images(reference, image=init, mask_image=mask, strength=0.9)
+    inpaint = inpainter(pipe)
+    inpaint.set_progress_bar_config(disable=True)
+    assert inpaint.unet is pipe.unet
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AlphaNotAppliedWarning)
+        kept = _images(inpaint, image=init, mask_image=mask, strength=0.9)
+        off = _images(inpaint, image=init, mask_image=mask, strength=0.9, cross_attention_kwargs={"coeff_scale": 0.0})
+    np.testing.assert_allclose(off, base, atol=1e-5)
+    assert np.abs(kept - base).max() > 1e-2  # alpha applied in the inpaint pipeline
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA beside alpha through diffusers' own calls
+
+
+def _tiny_lora(unet, rank=2) -> dict[str, torch.Tensor]:
+    """A LoRA state dict in diffusers' layout (``unet.<module>.lora_A/B.weight``) on every attention projection."""
+    g = torch.Generator().manual_seed(21)
+    lora = {}
+    for name, module in unet.named_modules():
+        if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0"):
+            out_f, in_f = module.weight.shape
+            lora[f"unet.{name}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.3
+            lora[f"unet.{name}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.3
+    return lora
+
+
+def _alpha_plus_merged_lora(alpha_source, lora, weight):
+    """The independent reference: a fresh pipeline with W + weight * B A written into its weights by
+    hand (no peft), then the same alpha."""
+    from dreamcoeff.testing.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    modules = dict(pipe.unet.named_modules())
+    with torch.no_grad():
+        for key, a in lora.items():
+            if key.endswith("lora_A.weight"):
+                name = key[len("unet.") : -len(".lora_A.weight")]
+                b = lora[f"unet.{name}.lora_B.weight"]
+                modules[name].weight += weight * (b.double() @ a.double()).float()
+    apply_coeff(pipe.unet)
+    with torch.no_grad():
+        for mine, theirs in zip(coeff_parameters(pipe), coeff_parameters(alpha_source)):
+            mine.copy_(theirs)
+    return _images(pipe)
+
+
+def test_lora_calls_leave_alpha_untouched(alpha_pipe):
+    """load_lora_weights, set_adapters with a weight, fuse_lora / unfuse_lora, unload_lora_weights:
+    alpha's tensors stay equal and the images are the alpha + LoRA (or alpha-only) reference."""
+    import warnings
+
+    pipe, _, with_alpha = alpha_pipe
+    alphas = [a.detach().clone() for a in coeff_parameters(pipe)]
+
+    def alpha_untouched():
+        assert all(torch.equal(a, b) for a, b in zip(coeff_parameters(pipe), alphas))
+        assert keep_alpha_applied(pipe) == {}
+
+    lora = _tiny_lora(pipe.unet)
+    full, half = _alpha_plus_merged_lora(pipe, lora, 1.0), _alpha_plus_merged_lora(pipe, lora, 0.5)
+    assert np.abs(full - with_alpha).max() > 1e-2 and np.abs(half - full).max() > 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AlphaNotAppliedWarning)
+        pipe.load_lora_weights({k: v.clone() for k, v in lora.items()}, adapter_name="a")
+        alpha_untouched()
+        np.testing.assert_allclose(_images(pipe), full, atol=1e-4)
+        pipe.set_adapters(["a"], adapter_weights=[0.5])
+        alpha_untouched()
+        np.testing.assert_allclose(_images(pipe), half, atol=1e-4)
+        pipe.set_adapters(["a"], adapter_weights=[1.0])
+        pipe.fuse_lora(components=["unet"], lora_scale=1.0)
+        alpha_untouched()
+        np.testing.assert_allclose(_images(pipe), full, atol=1e-4)
+        pipe.unfuse_lora(components=["unet"])
+        alpha_untouched()
+        np.testing.assert_allclose(_images(pipe), full, atol=1e-4)
+        pipe.unload_lora_weights()
+        alpha_untouched()
+        np.testing.assert_allclose(_images(pipe), with_alpha, atol=1e-5)
