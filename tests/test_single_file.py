@@ -126,6 +126,9 @@ def test_training_from_the_single_file_equals_training_from_the_folder(tiny_pipe
         np.asarray(Image.open(tmp_path / r / "validation/step_00003/prompt00_seed0.png")) for r in ("folder", "file")
     ]
     assert np.array_equal(*images)
+    card = (tmp_path / "file" / "README.md").read_text()  # the card's snippet loads the base the way it was given
+    assert f'from_single_file("{path}", config="{configs}", local_files_only=True' in card
+    assert f'from_pretrained("{tiny_pipeline_dir}"' in (tmp_path / "folder" / "README.md").read_text()
 
     # the run loader and the sampler's loader on the single-file base give the folder's images
     folder_pipe = S.load_base_pipeline(str(tiny_pipeline_dir))
