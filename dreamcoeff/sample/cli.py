@@ -54,10 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument(
-        "--pretrained_model_name_or_path", required=True, help="SDXL base model: hub id or local diffusers folder"
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="SDXL base model: hub id, local diffusers folder, or one original-layout .safetensors checkpoint",
     )
     g.add_argument(
-        "--pretrained_vae_model_name_or_path", default=None, help="a different VAE (e.g. madebyollin/sdxl-vae-fp16-fix)"
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="a different VAE (e.g. madebyollin/sdxl-vae-fp16-fix): folder, hub id or one .safetensors file",
+    )
+    g.add_argument(
+        "--base_config_dir",
+        default=None,
+        help="with a single-file base: a local SDXL diffusers folder whose configs and tokenizers describe it "
+        "(no weights needed; never downloaded)",
     )
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
@@ -279,6 +289,7 @@ def _render(
         variant=args.variant,
         cpu_offload=args.cpu_offload,
         scheduler=args.scheduler,
+        config_dir=args.base_config_dir,
     )
     load_seconds = time.perf_counter() - t_load
     switcher = AdapterSwitcher(pipe, runs)  # every run's weights checked against this UNet
@@ -323,6 +334,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "argv": list(args.argv),
         "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
         "pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path,
+        "base_config_dir": args.base_config_dir,
         "revision": args.revision,
         "variant": args.variant,
         "token": args.token,

@@ -95,25 +95,37 @@ def freeze(pipe: DiffusionPipeline) -> None:
 
 
 def _from_pretrained(
-    name_or_path: str, dtype: torch.dtype, vae: str | None, revision: str | None, variant: str | None
+    name_or_path: str,
+    dtype: torch.dtype,
+    vae: str | None,
+    revision: str | None,
+    variant: str | None,
+    config_dir: str | None = None,
 ) -> StableDiffusionXLPipeline:
-    """The pipeline's files loaded (with another VAE if given); :class:`SamplingError` if they cannot be."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    """The pipeline's files loaded (with another VAE if given): a folder or hub id, or one
+    original-layout .safetensors file with the configs of `config_dir`; :class:`SamplingError` if they
+    cannot be."""
+    from diffusers import StableDiffusionXLPipeline
 
-    from ..models import ModelError, check_sdxl_folder
+    from ..models import ModelError, check_base_model, is_single_file, load_single_file_pipeline, load_vae
 
+    single = is_single_file(name_or_path)
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
     try:
-        check_sdxl_folder(name_or_path)
-    except ModelError as exc:
-        raise SamplingError(str(exc)) from None
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "revision": revision, "variant": variant}
-    try:
+        check_base_model(name_or_path, vae, revision, variant, config_dir)
         if vae:
             with quiet_diffusers_noise():
-                kwargs["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, revision=revision)
+                kwargs["vae"] = load_vae(vae, str(config_dir) if config_dir or single else name_or_path, revision)
+                kwargs["vae"].to(dtype)
         # No invisible watermark: it would perturb exactly the pixels the comparison is about.
         with quiet_diffusers_noise():
-            return StableDiffusionXLPipeline.from_pretrained(name_or_path, add_watermarker=False, **kwargs)
+            if single:
+                return load_single_file_pipeline(name_or_path, config_dir, add_watermarker=False, **kwargs)
+            return StableDiffusionXLPipeline.from_pretrained(
+                name_or_path, add_watermarker=False, revision=revision, variant=variant, **kwargs
+            )
+    except ModelError as exc:
+        raise SamplingError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise SamplingError(f"could not load the base model {name_or_path}: {exc}") from None
 
@@ -128,14 +140,17 @@ def load_base_pipeline(
     variant: str | None = None,
     cpu_offload: bool = False,
     scheduler: str | None = None,
+    config_dir: str | None = None,
 ) -> StableDiffusionXLPipeline:
-    """Load an SDXL pipeline (hub id or local folder) for sampling: eval mode, frozen, no watermark.
+    """Load an SDXL pipeline (hub id, local folder, or one original-layout .safetensors checkpoint whose
+    configs and tokenizers are the local folder ``config_dir``) for sampling: eval mode, frozen, no
+    watermark.
 
     ``cpu_offload`` keeps each model on the CPU until it runs (``enable_model_cpu_offload``; CUDA),
     else the whole pipeline moves to ``device``. Raises :class:`SamplingError` with the reason when
     the model cannot be loaded or is not SDXL.
     """
-    pipe = _from_pretrained(name_or_path, dtype, vae, revision, variant)
+    pipe = _from_pretrained(name_or_path, dtype, vae, revision, variant, config_dir)
     if getattr(pipe.unet.config, "addition_embed_type", None) != "text_time":
         raise SamplingError(f"{name_or_path}: the UNet has no text_time conditioning, so it is not SDXL")
     if scheduler:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..io import atomic_write
 from ..methods import TuningMethod, get_method
+from ..models import is_single_file
 from ..tokens import TokenPlan, embeddings_file_name
 from .config import TrainConfig, writes_ui_lora
 
@@ -27,6 +28,18 @@ class TrainResult:
     peak_memory_bytes: int
     files: list[Path] = field(default_factory=list)
     final_loss: float | None = None
+
+
+def base_loader(cfg: TrainConfig) -> str:
+    """The Python call that loads the run's base: a folder / hub id, or the single file with its config folder."""
+    if cfg.base_config_dir and is_single_file(cfg.pretrained_model_name_or_path):
+        return (
+            f'StableDiffusionXLPipeline.from_single_file("{cfg.pretrained_model_name_or_path}", '
+            f'config="{cfg.base_config_dir}", local_files_only=True, torch_dtype=torch.float16)'
+        )
+    return (
+        f'StableDiffusionXLPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}", torch_dtype=torch.float16)'
+    )
 
 
 def other_tools(cfg: TrainConfig, out: Path, method: TuningMethod) -> str:
@@ -157,7 +170,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from dreamcoeff import load_coeff_weights
 
-pipe = StableDiffusionXLPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
+pipe = {base_loader(cfg)}.to("cuda")
 {chr(10).join(load)}
 image = pipe({json.dumps(prompt)}, cross_attention_kwargs={{"coeff_scale": 1.0}}).images[0]
 ```

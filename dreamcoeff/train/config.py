@@ -46,10 +46,22 @@ class TrainConfig:
 
     # model
     pretrained_model_name_or_path: str | None = _f(
-        None, "SDXL base: a hub id or a local diffusers folder (required)", MODEL
+        None,
+        "SDXL base: a hub id, a local diffusers folder, or one original-layout .safetensors checkpoint "
+        "(with --base_config_dir) (required)",
+        MODEL,
     )
     pretrained_vae_model_name_or_path: str | None = _f(
-        None, "a better VAE (e.g. an fp16-safe one); by default the model's own VAE, kept in float32", MODEL
+        None,
+        "a better VAE (e.g. an fp16-safe one): a folder, hub id or one .safetensors file; by default the model's "
+        "own VAE, kept in float32",
+        MODEL,
+    )
+    base_config_dir: str | None = _f(
+        None,
+        "with a single-file base: a local SDXL diffusers folder whose configs and tokenizers describe it (no "
+        "weights needed; never downloaded)",
+        MODEL,
     )
     revision: str | None = _f(None, "hub revision of the model", MODEL)
     variant: str | None = _f(None, "weight variant to load, e.g. fp16", MODEL)

@@ -26,7 +26,7 @@ from ..io import atomic_write
 from ..kohya import kohya_file_name
 from ..locking import FolderBusyError, FolderLock
 from ..methods import get_method
-from ..models import load_components
+from ..models import base_model_flags, check_base_model, load_components
 from ..processor import set_plain_attention_backend, zero_row_sums_
 from ..tokens import LearnedTokens, TokenPlan, embeddings_file_name
 from . import data, optim, ranks
@@ -121,6 +121,7 @@ class Trainer:
         """Refuse a folder holding another run; a completed identical run returns its result (nothing
         to do); check the data and the checkpoint to resume."""
         cfg, out = self.cfg, self.out
+        check_base_model(*base_model_flags(cfg))  # headers and configs only: a wrong base file stops here
         resuming = bool(cfg.resume_from_checkpoint)
         if has_previous_run(out) and not (cfg.overwrite_output_dir or resuming):
             raise UsageError(
@@ -188,9 +189,7 @@ class Trainer:
     def build_models(self) -> None:
         """Load SDXL, freeze it in the mixed-precision dtype, install the method's trainable parts."""
         cfg, accelerator = self.cfg, self.accelerator
-        components = load_components(
-            cfg.pretrained_model_name_or_path, cfg.pretrained_vae_model_name_or_path, cfg.revision, cfg.variant
-        )
+        components = load_components(*base_model_flags(cfg))
         # --prediction_type / --rescale_betas_zero_snr: training and validation both use the result
         components.noise_scheduler = training_scheduler(components.noise_scheduler, cfg, logger.warning)
         self.components = components
