@@ -445,3 +445,47 @@ def test_lora_calls_leave_alpha_untouched(alpha_pipe):
         pipe.unload_lora_weights()
         alpha_untouched()
         np.testing.assert_allclose(_images(pipe), with_alpha, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequential CPU offload
+
+
+def _parameter_to_indexed_cpu_stays_a_parameter() -> bool:
+    """enable_sequential_cpu_offload(device="cpu") hands accelerate the device "cpu:0" (diffusers always
+    adds an index). accelerate onloads each weight as ``Parameter(value).to("cpu:0")``; where torch
+    copies a CPU tensor moved to "cpu:0" (torch 2.13 does), the copy is a plain Tensor, and the next
+    offload's ``type(param)(value, requires_grad=...)`` is ``torch.Tensor(...)``: a TypeError."""
+    return type(torch.nn.Parameter(torch.zeros(1)).to("cpu:0")) is torch.nn.Parameter
+
+
+@pytest.mark.skipif(
+    not _parameter_to_indexed_cpu_stays_a_parameter(),
+    reason=f"torch {torch.__version__}: Parameter.to('cpu:0') returns a plain Tensor, so accelerate's "
+    "sequential offload on the CPU fails with a TypeError in set_module_tensor_to_device even without alpha "
+    "(docs/pipelines.md); test_accelerate_cpu_offload_moves_alpha_with_its_hooks covers the same hooks",
+)
+def test_sequential_cpu_offload_keeps_alpha(alpha_pipe):
+    pipe, _, with_alpha = alpha_pipe
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    np.testing.assert_allclose(_images(pipe), with_alpha, atol=1e-5)
+
+
+def test_accelerate_cpu_offload_moves_alpha_with_its_hooks(alpha_pipe):
+    """What enable_sequential_cpu_offload does per model (accelerate.cpu_offload: every module's own
+    tensors on "meta" between calls, brought in by a hook around its forward), with the device
+    "cpu" that torch does not copy to: alpha (a parameter of attn.head_mix, read through its forward)
+    moves with the hooks and the images are the alpha pipeline's."""
+    from accelerate import cpu_offload
+
+    pipe, base, with_alpha = alpha_pipe
+    alphas = [a.detach().clone() for a in coeff_parameters(pipe)]
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name)
+        cpu_offload(model, torch.device("cpu"), offload_buffers=len(model._parameters) > 0)
+    assert all(a.device.type == "meta" for a in coeff_parameters(pipe))  # really offloaded
+    images = _images(pipe)
+    np.testing.assert_allclose(images, with_alpha, atol=1e-5)
+    assert np.abs(images - base).max() > 1e-2
+    hook = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.head_mix._hf_hook
+    assert torch.equal(hook.weights_map["alpha"], alphas[0])
