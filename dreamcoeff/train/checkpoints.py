@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -177,8 +178,6 @@ def checkpoint_problem(path: Path) -> str | None:
     every checkpoint has); each safetensors file's header and length agree; each torch.save archive
     opens and passes its CRC check; and the optimizer state holds the number of updates the state
     record says (no more updates than steps, for older checkpoints)."""
-    import zipfile
-
     try:
         state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
         step = int(state["global_step"])
@@ -196,7 +195,7 @@ def checkpoint_problem(path: Path) -> str | None:
         if size is not None and file.stat().st_size != size:
             return f"{name} is truncated or altered ({file.stat().st_size} bytes, {size} when written)"
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        problem = _file_problem(file, zipfile)
+        problem = _file_problem(file)
         if problem is not None:
             return f"{file.relative_to(path).as_posix()} {problem}"
     optimizer_file = path / "optimizer.bin"
@@ -215,7 +214,7 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def _file_problem(file: Path, zipfile) -> str | None:
+def _file_problem(file: Path) -> str | None:
     """What is wrong with one checkpoint file as its format can tell, or None."""
     try:
         if file.suffix == ".safetensors":
