@@ -14,8 +14,10 @@
 
     python -m dreamcoeff.demo --output_dir demo_out [--steps 500] [--model DIR] [--instance_dir DIR]
 
-The model and the images are the repository's (`make demo` runs from its root); the defaults are
-paths relative to the current folder, and a missing model says where to get it.
+The model and the images are the repository's: `make demo` runs from its root, and from any other
+folder of a clone the defaults are found next to the package. The pip package does not carry the
+53 MB model: installed from a wheel, the demo needs `--model` (a clone's `models/microworld-sdxl-v2`,
+or any SDXL-architecture diffusers folder) and says so; it draws its instance images itself.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from .io import atomic_write
 #: The repository's folders, relative to its root (where `make demo` runs).
 SAMPLES = Path("samples") / "instance"
 MICRO_MODEL = Path("models") / "microworld-sdxl-v2"
+#: The clone this package was imported from, when it was (an editable install or a source checkout);
+#: a wheel's copy sits in site-packages, where no models/ folder is beside it.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The demo's concept: the micro-benchmark's recombination *validation* concept (the one every learning
 #: rate below was chosen on), so nothing about the demo was picked by looking at test concepts.
 CONCEPT = "val-flat-orange-circle"
@@ -136,15 +141,31 @@ def _render_grid(model: Path, runs: dict[str, Path], grid_dir: Path) -> None:
         raise SystemExit(code)
 
 
+def find_default(relative: Path) -> Path:
+    """A repository path (`models/...`, `samples/...`): under the current folder, else in the clone the
+    package was imported from; the current folder's path when neither has it (the caller says what is
+    missing)."""
+    for root in (Path.cwd(), REPO_ROOT):
+        if (root / relative).exists():
+            return root / relative
+    return relative
+
+
+def missing_model_message(model: Path) -> str:
+    """What to do when the demo's base model is not there: where the default lives and the flag to use."""
+    return (
+        f"demo: no diffusers pipeline at {model} (no model_index.json). The demo's model "
+        f"({MICRO_MODEL}, 53 MB) ships with the repository, not with the pip package: run `make demo` in a "
+        "clone, or pass --model <clone>/models/microworld-sdxl-v2 (any SDXL-architecture diffusers folder "
+        "works; `make pretrain-micro-v2` re-creates the default in build/microworld-sdxl-v2)"
+    )
+
+
 def run_demo(output_dir: Path, steps: int = 500, model: Path = MICRO_MODEL, samples: Path = SAMPLES) -> Path:
     """Train the demo's runs on its concept and write the comparison grid; returns its path."""
     started = time.time()
     if not (model / "model_index.json").is_file():
-        raise SystemExit(
-            f"demo: no model at {model}; it ships with the repository (run from the repository's "
-            "root, or pass --model DIR: `make pretrain-micro-v2` re-creates the default in "
-            "build/microworld-sdxl-v2)"
-        )
+        raise SystemExit(missing_model_message(model))
     output_dir.mkdir(parents=True, exist_ok=True)
     instance_dir = samples if any(samples.glob("*.png")) else None
     if instance_dir is None:
@@ -171,20 +192,26 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=500, help="training steps of each run (the micro-benchmark's protocol)"
     )
     parser.add_argument(
-        "--model", default=str(MICRO_MODEL), help="base pipeline folder (default: the shipped micro-world model)"
+        "--model",
+        default=None,
+        help=f"base pipeline folder (default: the repository's {MICRO_MODEL}, found under the current folder "
+        "or beside the package in a clone)",
     )
     parser.add_argument(
         "--instance_dir",
-        default=str(SAMPLES),
-        help="the demo concept's instance images (drawn into the output folder when empty or missing)",
+        default=None,
+        help=f"the demo concept's instance images (default: the repository's {SAMPLES}; drawn into the output "
+        "folder when empty or missing)",
     )
     parser.add_argument("--make_samples", action="store_true", help="(re)draw --instance_dir's images and exit")
     args = parser.parse_args(argv)
     if args.make_samples:
-        for p in make_sample_images(Path(args.instance_dir)):
+        for p in make_sample_images(Path(args.instance_dir or SAMPLES)):
             print(p)
         return 0
-    run_demo(Path(args.output_dir), args.steps, Path(args.model), Path(args.instance_dir))
+    model = Path(args.model) if args.model else find_default(MICRO_MODEL)
+    samples = Path(args.instance_dir) if args.instance_dir else find_default(SAMPLES)
+    run_demo(Path(args.output_dir), args.steps, model, samples)
     return 0
 
 

@@ -389,6 +389,23 @@ def test_demo_runs_on_the_shipped_model(tmp_path):
     assert sorted(p.name for p in (tmp_path / "grid").glob("grid_*.png")) == ["grid_s0.png", "grid_s1.png"]
 
 
+def test_demo_finds_the_repository_model_from_any_folder_and_says_what_to_do_without_one(tmp_path, monkeypatch):
+    """From a folder other than the clone's root the defaults are the clone's own; a folder without a
+    pipeline stops before any training with the flag to pass, and writes nothing."""
+    from dreamcoeff import demo
+
+    monkeypatch.chdir(tmp_path)
+    assert demo.find_default(demo.MICRO_MODEL) == MODEL.parents[1] / demo.MICRO_MODEL
+    assert demo.find_default(demo.SAMPLES) == MODEL.parents[1] / demo.SAMPLES
+    monkeypatch.setattr(demo, "REPO_ROOT", tmp_path / "site-packages")  # as from a wheel: no clone beside it
+    assert demo.find_default(demo.MICRO_MODEL) == demo.MICRO_MODEL
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--output_dir", str(tmp_path / "out")])
+    message = str(stop.value)
+    assert "not with the pip package" in message and "--model <clone>/models/microworld-sdxl-v2" in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_committed_demo_images_are_the_demo_concepts_scenes(tmp_path):
     """samples/instance is what `python -m dreamcoeff.demo --make_samples` draws for the demo's concept."""
     from PIL import Image

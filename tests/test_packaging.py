@@ -107,6 +107,12 @@ def test_installed_wheel_runs_both_commands(wheel, tmp_path, tiny_pipeline_dir):
     assert train.returncode == 0, train.stderr
     assert "--pretrained_model_name_or_path" in train.stdout and "--tuning" in train.stdout
 
+    # the demo's 53 MB model is the repository's, not the wheel's: a clear message naming --model
+    demo = subprocess.run([python, "-m", "dreamcoeff.demo", "--output_dir", str(tmp_path / "demo")],
+                          cwd=run_dir, env=env, capture_output=True, text=True)  # fmt: skip
+    assert demo.returncode == 1 and "Traceback" not in demo.stderr, demo.stderr[-3000:]
+    assert "not with the pip package" in demo.stderr and "--model <clone>/models/microworld-sdxl-v2" in demo.stderr
+
     out = tmp_path / "grid"
     sample = subprocess.run(
         [
