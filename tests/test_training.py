@@ -79,6 +79,8 @@ def test_each_mode_trains_saves_and_loads(tiny_pipeline_dir, tmp_path, tuning):
         assert "validation/step_00003/prompt00_seed0.png" in (out / "README.md").read_text()
     card = (out / "README.md").read_text()
     assert "trainable parameters" in card and "sks dog" in card
+    settings = card.split("## Settings")[1]  # the run's own non-default flags
+    assert "--max_train_steps" in settings and (tuning == "coeff" or f"--tuning {tuning}" in settings)
     assert json.loads((out / "args.json").read_text())["tuning"] == tuning
 
     base = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)

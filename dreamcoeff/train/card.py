@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from ..io import atomic_write
 from ..methods import TuningMethod, get_method
 from ..models import is_single_file
 from ..tokens import TokenPlan, embeddings_file_name
-from .config import TrainConfig, writes_ui_lora
+from .config import FIELDS, TrainConfig, defaults, writes_ui_lora
 
 
 @dataclass
@@ -113,6 +114,33 @@ def noise_text(cfg: TrainConfig) -> str:
     return ", ".join(parts)
 
 
+def settings_text(cfg: TrainConfig) -> str:
+    """Every setting that differs from its default, as the flags that set it (the card's "Settings").
+
+    Generated from the config itself, so a new flag shows up here with no change to the card; the paths
+    and the output folder are the run's own (args.json beside the card holds every value, defaults too).
+    """
+    lines = []
+    repeated = {n for n, f in FIELDS.items() if f.metadata.get("action") == "append"}  # one flag per value
+    for name, default in defaults().items():
+        value = getattr(cfg, name)
+        if value == default:
+            continue
+        if value is None:  # no flag gives None back: say so rather than print a value that does not parse
+            lines.append(f"# --{name} unset (default {default})")
+        elif value is True:
+            lines.append(f"--{name}")
+        elif value is False:  # an on-by-default switch turned off
+            lines.append(f"--no-{name}")
+        elif isinstance(value, (list, tuple)) and name in repeated:
+            lines += [f"--{name} {shlex.quote(v) if isinstance(v, str) else v}" for v in value]
+        elif isinstance(value, (list, tuple)):
+            lines.append(f"--{name} " + " ".join(shlex.quote(v) if isinstance(v, str) else str(v) for v in value))
+        else:
+            lines.append(f"--{name} {shlex.quote(value) if isinstance(value, str) else value}")
+    return "\n".join(lines) or "(all defaults)"
+
+
 def write_model_card(
     cfg: TrainConfig, out: Path, result: TrainResult, validation: list[Path], plan: TokenPlan | None = None
 ) -> Path:
@@ -179,6 +207,14 @@ Or all of it in one call: `dreamcoeff.load_run(pipe, "{out}")` (and `dreamcoeff.
 to the base model).
 
 {other_tools(cfg, out, method)}
+## Settings
+
+Every setting that differs from dreamcoeff's defaults (all values, defaults too: `args.json`):
+
+```
+{settings_text(cfg)}
+```
+
 ## Validation images
 
 {images}
