@@ -48,7 +48,7 @@ from .checkpoints import (
     write_failed_message,
 )
 from .config import TrainConfig, UsageError, dataset_config_of, writes_ui_lora
-from .dataset_source import read_dataset_folder, substitute_trigger
+from .dataset_source import read_dataset, substitute_trigger
 from .latent_cache import DiskLatentCache, LatentCache, MemoryLatentCache, default_cache_dir, vae_fingerprint
 from .runtime import check_ranks_agree, peak_memory, select_attention_impl, usable_trackers
 from .step import denoising_loss, encode_latents, training_scheduler, with_class_batch
@@ -144,8 +144,8 @@ class Trainer:
         self.dataset_config = dataset_config_of(cfg) if cfg.dataset_config else None  # several folders (TOML)
         if self.dataset_config is not None:
             self.instance_paths = [p for s in self.dataset_config.instance_subsets for p in s.images]
-        elif cfg.dataset_name:  # an image folder with metadata.jsonl: images and their captions
-            rows = read_dataset_folder(cfg.dataset_name, cfg.image_column, cfg.caption_column)
+        elif cfg.dataset_name:  # a local dataset (metadata.jsonl, parquet, ...): images and their captions
+            rows = read_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
             self.instance_paths = [path for path, _ in rows]
             self.dataset_captions = dict(rows)
         else:
