@@ -80,9 +80,8 @@ class TrainConfig:
     )
     dataset_name: str | None = _f(
         None,
-        "instead of --instance_data_dir: a local Hugging Face dataset, one row per image with its caption: an "
-        "image folder with metadata.jsonl (imagefolder's layout; no extra needed), or, with the `datasets` extra, "
-        "parquet files (a folder or one file), metadata.csv, split folders or a save_to_disk folder; offline",
+        "instead of --instance_data_dir: a local Hugging Face dataset (an image folder with metadata.jsonl; with the "
+        "`datasets` extra parquet files, metadata.csv, save_to_disk), one row per image with its caption; offline",
         DATA,
     )
     dataset_config: str | None = _f(
@@ -92,9 +91,7 @@ class TrainConfig:
         "class_tokens, caption_dropout_rate, shuffle_caption, keep_tokens); see docs/training.md",
         DATA,
     )
-    image_column: str = _f(
-        "image", "--dataset_name: the column holding each image (bytes or a path; else 'file_name')", DATA
-    )
+    image_column: str = _f("image", "--dataset_name: the column of images (bytes or paths; else 'file_name')", DATA)
     caption_column: str = _f("text", "--dataset_name: the column holding each caption", DATA)
     caption_dropout: float = _f(
         0.0, "probability of training an instance image with the empty prompt (kohya's caption_dropout_rate)", DATA
