@@ -429,6 +429,7 @@ def load_config_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values")
     data = {k.replace("-", "_").lstrip("_"): v for k, v in data.items()}
+    data.pop("dataset_config_sha256", None)  # args.json's digest of the --dataset_config file, not a flag
     unknown = sorted(k for k in data if k not in FIELDS)
     if unknown:
         raise UsageError(f"--config {path}: unknown setting(s) {unknown}; see --help for the flag names")

@@ -42,6 +42,7 @@ from .checkpoints import (
     recorded_result,
     register_hooks,
     resolve_resume,
+    run_args_json,
     save_checkpoint,
     stage_final_files,
     write_completion_record,
@@ -336,7 +337,7 @@ class Trainer:
             )
         self.bare_unet = accelerator.unwrap_model(self.unet)
         if accelerator.is_main_process:
-            atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(cfg.to_json(), encoding="utf-8"))
+            atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(run_args_json(cfg), encoding="utf-8"))
             if accelerator.log_with:  # (accelerator.trackers stays empty until init_trackers)
                 accelerator.init_trackers(
                     "dreamcoeff",
