@@ -71,9 +71,9 @@ def as_parquet(src: Path, file: Path, image_column="image", caption_column="text
     return file
 
 
-def batches(images, captions=None, caption_ext=None) -> list[dict]:
+def batches(images, captions=None, caption_ext=None, prompt="unused prompt") -> list[dict]:
     """Two epochs of collated batches as the trainer forms them (buckets, flips, repeats)."""
-    ds = data.DreamBoothDataset(images, "unused prompt", resolution=64, caption_ext=caption_ext, captions=captions,
+    ds = data.DreamBoothDataset(images, prompt, resolution=64, caption_ext=caption_ext, captions=captions,
                                 random_flip=True, use_buckets=True, repeats=2, seed=3, warn=lambda m: None)  # fmt: skip
     sampler = data.BucketBatchSampler(ds, 2, seed=3, indices=ds.instance_indices)
     out = []
@@ -262,3 +262,27 @@ def test_training_from_parquet_equals_training_from_caption_files(tiny_pipeline_
     got, want = final_adapter_weights(tmp_path / "a"), final_adapter_weights(tmp_path / "b")
     assert any(v.abs().max() > 0 for v in want.values())  # it trained
     assert_same_weights(got, want, atol=0)
+
+
+def test_real_photos_as_parquet_give_the_batches_of_their_folder(tmp_path):
+    """DreamBooth's dog photos (JPEG, EXIF) packed as parquet bytes, as a hub dataset has them."""
+    from tests.conftest import SHARED_DREAMBOOTH
+
+    folder = SHARED_DREAMBOOTH / "dog"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is not here")
+    needs_datasets()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = data.list_images(folder)
+    file = tmp_path / "dog.parquet"
+    rows = {
+        "image": [{"bytes": p.read_bytes(), "path": p.name} for p in images],
+        "text": ["a photo of sks dog"] * len(images),
+    }
+    pq.write_table(pa.table(rows), file)
+    got = read_dataset(str(file), cache_dir=str(tmp_path / "cache"))
+    assert [p.name for p, _ in got] == [p.name for p in images]
+    ds_batches = batches([p for p, _ in got], captions=dict(got))
+    assert_same_batches(ds_batches, batches(images, prompt="a photo of sks dog"))  # --instance_dir + prompt
