@@ -197,6 +197,17 @@ def test_bad_datasets_are_named(tmp_path):
         pa.table({"image": [{"bytes": (ref / "img0.png").read_bytes(), "path": "a.png"}], "text": [3]}), numbers
     )
     refused(numbers, "row 0: the caption in 'text' is int, not text")
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "image": [{"bytes": (ref / "img0.png").read_bytes(), "path": "a.png"}],
+                "text": pa.array([None], pa.string()),
+            }
+        ),
+        nulls,
+    )
+    refused(nulls, "row 0: no caption in 'text' (null)")
     refused(ref / "img0.png", "a file must be .parquet")
     refused(tmp_path / "nowhere", "no such folder or file")
 

@@ -55,13 +55,12 @@ def _import_datasets(name: str, what: str):
 
 
 def _pick_split(name: str, loaded: Any) -> Any:
-    """``train`` from a dict of splits, else its only split; a single dataset as it is."""
+    """``train`` from a dict of splits, else its only split; a single dataset as it is. A ``save_to_disk``
+    dataset is read as an iterable one: casting its image column then writes nothing beside its files."""
     if not isinstance(loaded, Mapping):
-        return loaded
-    if "train" in loaded:
-        return loaded["train"]
-    if len(loaded) == 1:
-        return next(iter(loaded.values()))
+        return loaded.to_iterable_dataset() if hasattr(loaded, "to_iterable_dataset") else loaded
+    if "train" in loaded or len(loaded) == 1:
+        return _pick_split(name, loaded["train"] if "train" in loaded else next(iter(loaded.values())))
     raise DataError(
         f"--dataset_name {name}: it has the splits {', '.join(loaded)} and no 'train' split; "
         "name the training files train-*.parquet (or put them in a train/ folder)"
@@ -218,6 +217,8 @@ def read_hf_dataset(
     for number, row in enumerate(_rows(dataset, name)):
         where = f"--dataset_name {name} row {number}"
         caption = row.get(caption_column)
+        if caption is None:
+            raise DataError(f"{where}: no caption in {caption_column!r} (null); give every row a caption")
         if not isinstance(caption, str):
             raise DataError(f"{where}: the caption in {caption_column!r} is {type(caption).__name__}, not text")
         image = _image_of(row.get(key), root, cache / IMAGE_CACHE, f"{where} column {key!r}")
