@@ -501,3 +501,83 @@ def test_training_from_a_config_equals_the_flags_and_counts_repeats(tiny_pipelin
     assert main(argv) == 0
     steps = json.loads((tmp_path / "many" / COMPLETE_NAME).read_text())["global_step"]
     assert steps == 3 + 2 * 3
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming: the file's contents are recorded, not only its path
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_edited_config_is_noticed_on_resume_and_by_a_completed_run(tmp_path, caplog):
+    from dreamcoeff.train.card import TrainResult
+    from dreamcoeff.train.checkpoints import (
+        DATASET_CONFIG_DIGEST,
+        check_resume_args,
+        completed_run,
+        run_args_json,
+        write_completion_record,
+    )
+
+    a, _, _ = folders(tmp_path)
+    toml = write_toml(tmp_path / "d.toml", f"""
+        [[datasets]]
+        [[datasets.subsets]]
+        image_dir = "{a}"
+        class_tokens = "sks dog"
+        """)  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", "m", "--dataset_config", str(toml), "--output_dir", str(out)]
+    cfg = parse_args(argv)
+    checkpoint = out / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "args.json").write_text(run_args_json(cfg), encoding="utf-8")
+    saved = json.loads((checkpoint / "args.json").read_text(encoding="utf-8"))
+    assert saved[DATASET_CONFIG_DIGEST] == hashlib.sha256(toml.read_bytes()).hexdigest()
+    write_completion_record(cfg, TrainResult(out, 2, 1, 1, 0.0, 0))
+    # args.json given back as --config is the same run (its digest is no flag)
+    assert parse_args(["--config", str(checkpoint / "args.json")]) == cfg
+
+    with caplog.at_level("WARNING", logger="dreamcoeff"):
+        check_resume_args(cfg, checkpoint)
+    assert "changed settings" not in caplog.text
+    assert completed_run(cfg, out) is not None  # the same file: nothing to do
+
+    toml.write_text(toml.read_text(encoding="utf-8").replace('"sks dog"', '"sks dog"\nnum_repeats = 3'))
+    edited = parse_args(argv)
+    assert edited == cfg  # the same flags: only the contents tell them apart
+    with caplog.at_level("WARNING", logger="dreamcoeff"):
+        check_resume_args(edited, checkpoint)
+    new = hashlib.sha256(toml.read_bytes()).hexdigest()
+    assert f"the contents of --dataset_config {toml} (SHA-256 {saved[DATASET_CONFIG_DIGEST][:12]} in the " \
+           f"checkpoint, {new[:12]} now)" in caplog.text  # fmt: skip
+    assert completed_run(edited, out) is None  # no longer complete: a resume trains on
+
+
+def test_runs_without_a_config_record_no_digest(tmp_path):
+    from dreamcoeff.train.checkpoints import DATASET_CONFIG_DIGEST, run_args
+
+    inst = make_images(tmp_path / "inst")
+    cfg = parse_args(["--pretrained_model_name_or_path", "m", "--instance_dir", str(inst), "--instance_prompt", "p"])
+    assert DATASET_CONFIG_DIGEST not in run_args(cfg)  # args.json of earlier runs compare as before
+
+
+@pytest.mark.slow
+def test_a_resume_after_editing_the_config_warns(tiny_pipeline_dir, tmp_path, caplog):
+    a, _, _ = folders(tmp_path)
+    toml = write_toml(tmp_path / "d.toml", f"""
+        [[datasets]]
+        [[datasets.subsets]]
+        image_dir = "{a}"
+        class_tokens = "sks dog"
+        """)  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--dataset_config", str(toml),
+            "--output_dir", str(out), "--resolution", "64", "--report_to", "none", "--checkpointing_steps", "1"]  # fmt: skip
+    assert main([*argv, "--max_train_steps", "2"]) == 0
+    digest = hashlib.sha256(toml.read_bytes()).hexdigest()
+    for args in (out / "args.json", out / "checkpoint-2" / "args.json"):  # the run's and its checkpoint's
+        assert json.loads(args.read_text(encoding="utf-8"))["dataset_config_sha256"] == digest
+    toml.write_text(toml.read_text(encoding="utf-8").replace('"sks dog"', '"sks dog"\nnum_repeats = 2'))
+    with caplog.at_level("WARNING", logger="dreamcoeff"):
+        assert main([*argv, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"]) == 0
+    assert f"with changed settings: the contents of --dataset_config {toml} (SHA-256 {digest[:12]}" in caplog.text

@@ -25,8 +25,9 @@ COMMAND = "python tools/write_cli_docs.py (or make docs)"
 #: Details that do not fit a flag's one-line --help, appended to its row. A note for a flag that no
 #: longer exists is an error, so these cannot outlive their flags.
 NOTES = {
-    "--dataset_name": 'e.g. `{"file_name": "dog1.jpg", "text": "a photo of [trigger] dog"}`; '
-    "hub ids are refused (nothing is downloaded), and a `datasets` `save_to_disk` folder is not read yet",
+    "--dataset_name": 'metadata.jsonl lines such as `{"file_name": "dog1.jpg", "text": "a photo of [trigger] dog"}`; '
+    "parquet rows of image bytes (written once to the `datasets` cache) and a caption; a hub id only where the "
+    "hub is allowed (refused with HF_HUB_OFFLINE); see [training.md](training.md#a-hugging-face-dataset---dataset_name)",
     "--trigger_word": "with learned tokens, `--trigger_word TOK`; a `[trigger]` without it is an error naming the file",
     "--masked_loss": "as kohya's `--masked_loss`; grey weighs in between; a mask of another size or all black is "
     "refused; images without one are learned whole (with a warning); `*.mask.png` files are never training images",

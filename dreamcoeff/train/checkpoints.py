@@ -8,6 +8,7 @@ written last, once every final file is in place.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -70,6 +71,11 @@ _STRUCTURAL_ARGS = (
     "token_abstraction",
     "num_new_tokens_per_abstraction",
 )
+
+
+#: The key of args.json and the completion record holding the SHA-256 of the --dataset_config file's
+#: contents: its path alone would not show that the file was edited between a run and its resume.
+DATASET_CONFIG_DIGEST = "dataset_config_sha256"
 
 
 class TrainingError(RuntimeError):
@@ -266,6 +272,32 @@ def clean_output_dir(out: Path, drop_checkpoints: bool) -> None:
     (out / COMPLETE_NAME).unlink(missing_ok=True)
 
 
+def run_args(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's arguments as args.json records them: every flag, and with --dataset_config the SHA-256
+    of the file's bytes (`DATASET_CONFIG_DIGEST`), so that a resume or a completed run compares contents."""
+    args = json.loads(cfg.to_json())
+    if cfg.dataset_config:
+        try:
+            args[DATASET_CONFIG_DIGEST] = hashlib.sha256(Path(cfg.dataset_config).read_bytes()).hexdigest()
+        except OSError:  # unreadable: the flags' check has already said so; nothing to compare
+            pass
+    return args
+
+
+def run_args_json(cfg: TrainConfig) -> str:
+    """`run_args` as the text of args.json."""
+    return json.dumps(run_args(cfg), indent=2, sort_keys=True)
+
+
+def _changed(key: str, saved: dict, now: dict) -> str:
+    if key == DATASET_CONFIG_DIGEST:  # a digest means nothing to a reader: say which file changed
+        return (
+            f"the contents of --dataset_config {now.get('dataset_config')} (SHA-256 {str(saved[key])[:12]} "
+            f"in the checkpoint, {str(now[key])[:12]} now)"
+        )
+    return f"--{key}"
+
+
 def _comparable_args(args: dict) -> dict:
     return {k: v for k, v in args.items() if k not in _VOLATILE_ARGS}
 
@@ -303,14 +335,14 @@ def check_resume_args(cfg: TrainConfig, checkpoint: Path) -> None:
     if saved is None:
         return
     refuse_other_shape(cfg, checkpoint)
-    now = json.loads(cfg.to_json())
+    now = run_args(cfg)
     changed = sorted(k for k, v in _comparable_args(now).items() if k in saved and saved[k] != v)
     if changed:
         logger.warning(
             "resuming from %s with changed settings: %s; the result will differ from an "
             "uninterrupted run with the original ones",
             checkpoint,
-            ", ".join(f"--{k}" for k in changed),
+            ", ".join(_changed(k, saved, now) for k in changed),
         )
 
 
@@ -320,7 +352,7 @@ def completed_run(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
         record = json.loads((out / COMPLETE_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if _comparable_args(record.get("args", {})) != _comparable_args(json.loads(cfg.to_json())):
+    if _comparable_args(record.get("args", {})) != _comparable_args(run_args(cfg)):
         return None
     if not all((out / name).is_file() for name in record.get("files", [])):
         return None
@@ -336,7 +368,7 @@ def write_completion_record(cfg: TrainConfig, result: TrainResult) -> None:
         "unet_parameters": result.unet_parameters,
         "final_loss": result.final_loss,
         "files": [p.name for p in result.files],
-        "args": json.loads(cfg.to_json()),
+        "args": run_args(cfg),
     }
     text = json.dumps(record, indent=2)
     atomic_write(result.output_dir / COMPLETE_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -390,7 +422,7 @@ def register_hooks(
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             method.save(unet, output_dir, tokens=tokens, tokens_name=tokens_name)
-            (Path(output_dir) / "args.json").write_text(cfg.to_json(), encoding="utf-8")
+            (Path(output_dir) / "args.json").write_text(run_args_json(cfg), encoding="utf-8")
         while weights:
             weights.pop()
 

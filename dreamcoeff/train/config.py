@@ -80,8 +80,8 @@ class TrainConfig:
     )
     dataset_name: str | None = _f(
         None,
-        "instead of --instance_data_dir: a local image folder with metadata.jsonl (Hugging Face's imagefolder "
-        "layout), one row per image with its caption",
+        "instead of --instance_data_dir: a local Hugging Face dataset (an image folder with metadata.jsonl; with the "
+        "`datasets` extra parquet files, metadata.csv, save_to_disk), one row per image with its caption; offline",
         DATA,
     )
     dataset_config: str | None = _f(
@@ -91,7 +91,7 @@ class TrainConfig:
         "class_tokens, caption_dropout_rate, shuffle_caption, keep_tokens); see docs/training.md",
         DATA,
     )
-    image_column: str = _f("image", "--dataset_name: the column naming each image (else 'file_name')", DATA)
+    image_column: str = _f("image", "--dataset_name: the column of images (bytes or paths; else 'file_name')", DATA)
     caption_column: str = _f("text", "--dataset_name: the column holding each caption", DATA)
     caption_dropout: float = _f(
         0.0, "probability of training an instance image with the empty prompt (kohya's caption_dropout_rate)", DATA
@@ -429,6 +429,7 @@ def load_config_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values")
     data = {k.replace("-", "_").lstrip("_"): v for k, v in data.items()}
+    data.pop("dataset_config_sha256", None)  # args.json's digest of the --dataset_config file, not a flag
     unknown = sorted(k for k in data if k not in FIELDS)
     if unknown:
         raise UsageError(f"--config {path}: unknown setting(s) {unknown}; see --help for the flag names")

@@ -4,6 +4,8 @@ A dataset here is a local image folder in the layout of Hugging Face's ``imagefo
 ``metadata.jsonl`` with one JSON object per line naming its image (``file_name``, or the column given
 by ``--image_column``, relative to the folder) and holding its caption (``--caption_column``, default
 ``text``). Rows are read in file order; every error names the file, the line and what to change.
+Any other dataset (parquet files, other imagefolder layouts, ``save_to_disk`` folders) is read by
+`read_dataset` through Hugging Face ``datasets`` (`hf_dataset`, the optional ``datasets`` extra).
 """
 
 from __future__ import annotations
@@ -13,11 +15,26 @@ from pathlib import Path
 
 from ..images import IMAGE_EXTENSIONS, DataError
 
-__all__ = ["METADATA_NAME", "TRIGGER", "read_dataset_folder", "substitute_trigger"]
+__all__ = ["METADATA_NAME", "TRIGGER", "read_dataset", "read_dataset_folder", "substitute_trigger"]
 
 METADATA_NAME = "metadata.jsonl"
 #: Written in captions where the subject's name goes; replaced by ``--trigger_word``.
 TRIGGER = "[trigger]"
+
+
+def read_dataset(
+    name: str, image_column: str = "image", caption_column: str = "text", cache_dir: str | None = None
+) -> list[tuple[Path, str]]:
+    """``(image path, caption)`` for every row of ``--dataset_name``: a folder with a top-level
+    ``metadata.jsonl`` by `read_dataset_folder` (no dependency, errors with line numbers), anything else
+    (parquet, ``metadata.csv``, split folders, ``save_to_disk``, a hub id where the hub is allowed) by
+    `hf_dataset.read_hf_dataset` with Hugging Face ``datasets``. Raises `DataError` naming what is wrong."""
+    folder = Path(name).expanduser()
+    if (folder / METADATA_NAME).is_file():
+        return read_dataset_folder(str(folder), image_column, caption_column)
+    from .hf_dataset import read_hf_dataset
+
+    return read_hf_dataset(name, image_column, caption_column, cache_dir=cache_dir)
 
 
 def read_dataset_folder(name: str, image_column: str = "image", caption_column: str = "text") -> list[tuple[Path, str]]:

@@ -42,13 +42,14 @@ from .checkpoints import (
     recorded_result,
     register_hooks,
     resolve_resume,
+    run_args_json,
     save_checkpoint,
     stage_final_files,
     write_completion_record,
     write_failed_message,
 )
 from .config import TrainConfig, UsageError, dataset_config_of, writes_ui_lora
-from .dataset_source import read_dataset_folder, substitute_trigger
+from .dataset_source import read_dataset, substitute_trigger
 from .latent_cache import DiskLatentCache, LatentCache, MemoryLatentCache, default_cache_dir, vae_fingerprint
 from .runtime import check_ranks_agree, peak_memory, select_attention_impl, usable_trackers
 from .step import denoising_loss, encode_latents, training_scheduler, with_class_batch
@@ -144,8 +145,8 @@ class Trainer:
         self.dataset_config = dataset_config_of(cfg) if cfg.dataset_config else None  # several folders (TOML)
         if self.dataset_config is not None:
             self.instance_paths = [p for s in self.dataset_config.instance_subsets for p in s.images]
-        elif cfg.dataset_name:  # an image folder with metadata.jsonl: images and their captions
-            rows = read_dataset_folder(cfg.dataset_name, cfg.image_column, cfg.caption_column)
+        elif cfg.dataset_name:  # a local dataset (metadata.jsonl, parquet, ...): images and their captions
+            rows = read_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
             self.instance_paths = [path for path, _ in rows]
             self.dataset_captions = dict(rows)
         else:
@@ -336,7 +337,7 @@ class Trainer:
             )
         self.bare_unet = accelerator.unwrap_model(self.unet)
         if accelerator.is_main_process:
-            atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(cfg.to_json(), encoding="utf-8"))
+            atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(run_args_json(cfg), encoding="utf-8"))
             if accelerator.log_with:  # (accelerator.trackers stays empty until init_trackers)
                 accelerator.init_trackers(
                     "dreamcoeff",
