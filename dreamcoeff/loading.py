@@ -134,6 +134,18 @@ class RunFiles:
             raise RunLoadError(self.no_alpha())
         return read_coeff_file(self.alpha)
 
+    def training_args(self) -> dict[str, Any] | None:
+        """The run's ``args.json`` (in its folder, else beside its files), or None if absent / unreadable."""
+        unet_folder = self.unet.parent if self.unet else None
+        files = (self.alpha, self.lora, unet_folder, self.embeddings)
+        folders = [self.source] if self.source else [p.parent for p in files if p]
+        for folder in folders:
+            try:
+                return json.loads((folder / "args.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # another folder may have it; none: the report says so
+                continue
+        return None
+
     def no_alpha(self) -> str:
         """The message for a run without alpha, naming where it looked."""
         where = self.source or next((path for _, path in self.found()), None) or "this run"

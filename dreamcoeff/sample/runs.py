@@ -8,7 +8,6 @@ one run at one alpha strength. Finding and telling apart a run's files is the ru
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -93,15 +92,7 @@ class RunSpec:
 
     def training_args(self) -> dict[str, Any] | None:
         """The run's ``args.json`` (beside its weights), or None if absent / unreadable."""
-        unet_folder = self.unet_path.parent if self.unet_path else None
-        files = (self.alpha_path, self.lora_path, unet_folder, self.emb_path)
-        folders = [self.source] if self.source else [p.parent for p in files if p]
-        for folder in folders:
-            try:
-                return json.loads((folder / "args.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-        return None
+        return self.files.training_args()
 
 
 def _check_name(name: str, what: str = "run name") -> str:
