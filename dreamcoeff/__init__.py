@@ -8,7 +8,7 @@ sample/, testing/) is described in docs/DESIGN.md section 5.
 """
 
 from .attention import coefficient_matrix, mixed_attention
-from .loading import LoadedRun, RunLoadError, load_run, unload_run
+from .loading import LoadedRun, RunFiles, RunLoadError, load_run, read_run, unload_run
 from .methods import METHODS, TuningMethod, get_method
 from .processor import (
     CoeffAttnProcessor,
@@ -49,6 +49,8 @@ __all__ = [
     "get_method",
     "load_run",
     "unload_run",
+    "read_run",
     "LoadedRun",
+    "RunFiles",
     "RunLoadError",
 ]

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .io import atomic_write
-from .weights import CoeffWeightsError, read_coeff_file
+from .loading import read_run
 
 __all__ = ["LayerSummary", "heatmap", "main", "overview_image", "summarize"]
 
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=12, help="heatmaps of this many most-moved layers")
     args = p.parse_args(argv)
     try:
-        tensors, _ = read_coeff_file(args.run)
-    except CoeffWeightsError as exc:
+        tensors, _ = read_run(args.run).read_alpha()  # the run loader: the same reader as load_run and the sampler
+    except ValueError as exc:  # RunLoadError (no alpha there) or CoeffWeightsError (the file), naming it
         print(f"dreamcoeff-inspect: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.output)

@@ -1,12 +1,14 @@
-"""The tuning methods (coeff, lora, coeff+lora, full): what each installs, trains, saves and loads.
+"""The tuning methods (coeff, lora, coeff+lora, full): what each installs, trains and saves.
 
 One small object per method answers every question the trainer, the model card and the sampler
 have about it, so no code tests method names (``"coeff" in tuning``). A method is a set of
 *parts*: alpha (Coeff-Tuning's H x H matrices), LoRA (PEFT, on the attention projections) and the
 whole UNet (full fine-tuning), plus learned identifier tokens (pivotal tuning, `tokens.py`), which
 compose with any of them. Each part has one file (or folder) in an output directory and in a
-checkpoint, its own parameter group and learning rate, and its own save and load. Adding a method
-(DoRA, ...) means adding a part or an entry to `METHODS`, not editing the loop.
+checkpoint, its own parameter group and learning rate, and its own save; reading the files back (a
+checkpoint on resume, an earlier run's files, a run into a pipeline) is the run loader's
+(`dreamcoeff.loading`), which asks the method which parts it has. Adding a method (DoRA, ...) means
+adding a part or an entry to `METHODS`, not editing the loop.
 """
 
 from __future__ import annotations
@@ -18,19 +20,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .lora import (
-    FULL_UNET_DIR,
-    LORA_WEIGHTS_NAME,
-    add_lora,
-    init_lora_from,
-    load_full_unet_weights,
-    load_lora_into_unet,
-    lora_state_dict,
-    save_lora,
-)
+from .lora import FULL_UNET_DIR, LORA_WEIGHTS_NAME, add_lora, lora_state_dict, save_lora
 from .processor import apply_coeff, coeff_parameters
 from .tokens import EMBEDDINGS_SUFFIX
-from .weights import COEFF_WEIGHTS_NAME, init_coeff_from, load_coeff_weights, save_coeff_weights
+from .weights import COEFF_WEIGHTS_NAME, save_coeff_weights
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -189,19 +182,6 @@ class TuningMethod:
         if self.full:
             unet.requires_grad_(True)
 
-    def initialize(
-        self, unet: UNet2DConditionModel, coeff_file: str | Path | None, lora_file: str | Path | None
-    ) -> list[Path]:
-        """Start the installed parts from an earlier run's files (``--init_coeff_weights``,
-        ``--init_lora_weights``), each checked against this run's model and parts first; a new run
-        (step 0, fresh optimizer), not a resume. Returns the files read."""
-        read = []
-        if coeff_file is not None and self.coeff:
-            read.append(init_coeff_from(unet, coeff_file))
-        if lora_file is not None and self.lora:
-            read.append(init_lora_from(unet, lora_file))
-        return read
-
     def trainable_parameters(self, unet: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
         """``(alpha parameters, weight parameters)``: the weights are LoRA's A/B matrices, or every
         UNet weight with full fine-tuning (the ``--learning_rate`` group)."""
@@ -279,24 +259,6 @@ class TuningMethod:
             unet.save_pretrained(folder / FULL_UNET_DIR, safe_serialization=True)
             written.append(folder / FULL_UNET_DIR)
         return written
-
-    def load(self, unet: torch.nn.Module, folder: str | Path, tokens: LearnedTokens | None = None) -> None:
-        """Copy the parts saved in `folder` (a checkpoint) into the installed ones, in place, so an
-        optimizer built on them keeps referring to the same parameters."""
-        folder = Path(folder)
-        if self.tokens and tokens is not None:
-            found = EMBEDDINGS.find(folder)
-            if found is None:
-                raise ValueError(f"{folder}: no *{EMBEDDINGS_SUFFIX} (a checkpoint of a run without learned tokens?)")
-            tokens.load_(found)
-        if self.coeff:
-            load_coeff_weights(unet, folder / COEFF_WEIGHTS_NAME)
-            for p in coeff_parameters(unet):
-                p.requires_grad_(True)
-        if self.lora:
-            load_lora_into_unet(unet, folder / LORA_WEIGHTS_NAME)
-        if self.full:
-            load_full_unet_weights(unet, folder / FULL_UNET_DIR)
 
     def load_lines(self, out: str | Path) -> list[str]:
         """Python lines that load this method's files into a `pipe` (model card)."""

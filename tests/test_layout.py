@@ -308,3 +308,89 @@ def test_the_cross_import_scan_catches_every_form(tmp_path):
     (tmp_path / "test_ok.py").write_text("from tests.helpers import Y\nfrom . import helpers\nimport pytest\n")
     found = cross_test_imports(tmp_path)
     assert sorted(f.split(" ")[0] for f in found) == [f"test_b{n}.py" for n in range(len(forms))], found
+
+
+# ---- one run loader: only dreamcoeff/loading.py (and the format modules below it) read a run's files -----
+
+#: The functions that read a run's files (alpha, LoRA, full UNet, learned tokens) or install them from
+#: a file: safetensors' readers, the format modules' readers, and diffusers' file loaders. Outside
+#: `READERS_ALLOWED` a module must go through the run loader (`dreamcoeff.loading`) instead.
+RUN_FILE_READERS = {
+    "safe_open", "load_file",  # safetensors
+    "read_coeff_file", "load_coeff_weights", "init_coeff_from",  # weights
+    "read_embeddings_file", "load_embeddings_into", "token_abstractions", "load_",  # tokens
+    "load_lora_into_unet", "init_lora_from", "load_full_unet_weights", "lora_file_of",  # lora
+    "load_lora_weights", "load_textual_inversion",  # diffusers' pipeline loaders
+}  # fmt: skip
+#: Read only as a pipeline's method (`pipe.lora_state_dict(path)` reads a file; `lora.lora_state_dict(unet)`
+#: collects a UNet's tensors in memory) or as a UNet class's loader.
+RUN_FILE_METHODS = {"lora_state_dict"}
+#: The run loader and the format modules whose readers it calls (each reads only its own format).
+READERS_ALLOWED = {"loading", "weights", "lora", "tokens", "kohya"}
+#: Reads of files that are not a run's trained parts, each with why (module, function).
+READERS_EXEMPT = {
+    ("train.checkpoints", "_file_problem"),  # checkpoint integrity: any file's header against its length
+    ("train.latent_cache", "get"),  # the trainer's own latent cache, not a run file
+    ("__init__", "<module>"),  # the public API re-exports the format modules' readers (names, no call)
+}
+
+
+def run_file_reads(root: Path = PACKAGE) -> list[str]:
+    """'module:line function uses reader' for every call or import of a run-file reader outside the
+    loader and the format modules (a UNet class's ``from_pretrained`` outside `models`, which loads the
+    base model, counts too)."""
+    found = []
+    for path in _modules(root):
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        if module in READERS_ALLOWED:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        owners: dict[int, str] = {}  # node id -> the function it is in
+        for func in ast.walk(tree):
+            if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(func):
+                    owners.setdefault(id(node), func.name)  # ast.walk: outer functions first
+        for node in ast.walk(tree):
+            name = None
+            if isinstance(node, ast.ImportFrom):
+                name = next((a.name for a in node.names if a.name in RUN_FILE_READERS), None)
+            elif isinstance(node, ast.Call):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                if called in RUN_FILE_READERS or (isinstance(func, ast.Attribute) and called in RUN_FILE_METHODS):
+                    name = called
+                elif called == "from_pretrained" and "UNet" in ast.unparse(func.value) and module != "models":
+                    name = "UNet.from_pretrained"
+            owner = owners.get(id(node), "<module>")
+            if name and (module, owner) not in READERS_EXEMPT:
+                found.append(f"{module}:{node.lineno} {owner} uses {name}")
+    return found
+
+
+def test_only_the_run_loader_reads_a_runs_files():
+    """One run loader (issue 31): the sampler, the inspector, the trainer's resume and the library API
+    all read runs through `dreamcoeff.loading`; nothing else opens a run's artifact files."""
+    found = run_file_reads()
+    assert not found, "read runs through dreamcoeff.loading (read_run, load_run and its parts):\n" + "\n".join(found)
+
+
+def test_the_run_file_scan_catches_every_form(tmp_path):
+    root = tmp_path / "dreamcoeff"
+    (root / "sample").mkdir(parents=True)
+    (root / "train").mkdir()
+    (root / "sample" / "a.py").write_text("from safetensors import safe_open as so\n")
+    (root / "sample" / "b.py").write_text(
+        "def f(pipe, p):\n    pipe.load_lora_weights(p)\n    pipe.lora_state_dict(p)\n"
+    )
+    (root / "inspection.py").write_text("from . import weights\ndef main(p):\n    return weights.read_coeff_file(p)\n")
+    (root / "sample" / "c.py").write_text("def g(U, p):\n    return U.UNet2DConditionModel.from_pretrained(p)\n")
+    (root / "train" / "checkpoints.py").write_text("def _file_problem(f):\n    from safetensors import safe_open\n")
+    (root / "loading.py").write_text("from safetensors import safe_open\nfrom .weights import read_coeff_file\n")
+    (root / "methods.py").write_text("from .lora import lora_state_dict\ndef s(u):\n    return lora_state_dict(u)\n")
+    (root / "models.py").write_text(
+        "def m(UNet2DConditionModel, p):\n    return UNet2DConditionModel.from_pretrained(p)\n"
+    )
+    found = run_file_reads(root)
+    assert sorted(f.split(" ", 1)[0] for f in found) == [
+        "inspection:3", "sample.a:1", "sample.b:2", "sample.b:3", "sample.c:2"
+    ], found  # fmt: skip

@@ -1,18 +1,17 @@
 """Switching adapters on one pipeline: every run's alpha, LoRA, full UNet or learned tokens, one row's at a time.
 
-Switching between rows never reloads the base model. Every run's LoRA is loaded once, up front, as its
-own PEFT adapter and switched with ``set_adapters`` / ``disable_lora`` (a disabled PEFT layer computes
-exactly ``base_layer(x)``, so the base row after a LoRA row is bit-identical to the one before). Alpha
-is installed per row from its file (a few hundred KB at most) and removed again for rows without it.
-Learned tokens are checked up front and loaded into both text encoders (diffusers'
-``load_textual_inversion``) for their run's rows only, then unloaded again: the other rows' encoders
-and tokenizers are the base model's, bit for bit.
+Every file is read, checked and installed by the run loader (`dreamcoeff.loading`); this module only
+decides which run's parts are in place. Switching between rows never reloads the base model. Every
+run's LoRA is loaded once, up front, as its own PEFT adapter and switched with ``set_adapters`` /
+``disable_lora`` (a disabled PEFT layer computes exactly ``base_layer(x)``, so the base row after a
+LoRA row is bit-identical to the one before). Alpha is installed per row from its file (a few hundred
+KB at most) and removed again for rows without it. Learned tokens are checked up front and loaded into
+both text encoders (diffusers' ``load_textual_inversion``) for their run's rows only, then unloaded
+again: the other rows' encoders and tokenizers are the base model's, bit for bit.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -21,10 +20,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..lora import lora_problems, tensor_value_problems, unet_architecture_differences
-from ..processor import coeff_modules, remove_coeff, set_coeff_scale, set_coeff_target_scales, unwrap_unet
-from ..tokens import ENCODER_KEYS, TokenError, load_embeddings_into, read_embeddings_file, unload_embeddings
-from ..weights import CoeffWeightsError, load_coeff_weights, read_coeff_file
+from ..loading import (
+    RunLoadError,
+    alpha_record,
+    check_alpha_mix,
+    embeddings_record,
+    install_alpha,
+    install_lora_adapter,
+    install_tokens,
+    lora_record,
+    read_full_unet,
+    remove_tokens,
+)
+from ..lora import lora_problems
+from ..processor import coeff_modules, remove_coeff, set_coeff_scale, set_coeff_target_scales
+from ..tokens import TokenError
+from ..weights import CoeffWeightsError
 from .errors import SamplingError
 from .pipeline import freeze
 from .quiet import quiet_diffusers_noise, quiet_lora_loading, quiet_token_loading
@@ -34,14 +45,6 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
 
 __all__ = ["lora_problems", "AdapterSwitcher"]  # lora_problems lives in ..lora: re-exported
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class AdapterSwitcher:
@@ -102,7 +105,7 @@ class AdapterSwitcher:
             if adapter not in existing:
                 try:
                     with quiet_lora_loading():
-                        self.pipe.load_lora_weights(str(run.lora_path), adapter_name=adapter)
+                        install_lora_adapter(self.pipe, run.lora_path, adapter)
                 except (ValueError, RuntimeError, KeyError, TypeError, OSError) as exc:
                     raise SamplingError(f"run {run.name!r}: LoRA {run.lora_path} could not be loaded: {exc}") from exc
             self.adapter_names[run.name] = adapter
@@ -117,27 +120,13 @@ class AdapterSwitcher:
     def _alpha_info(self, run: RunSpec, path: Path) -> dict[str, Any]:
         """One alpha file checked on its own against this UNet (then removed again), and its record."""
         try:
-            tensors, metadata = read_coeff_file(path)
-            layers = load_coeff_weights(self.pipe, path, scale=1.0)
+            return alpha_record(self.pipe, path)
         except CoeffWeightsError as exc:
             if not run.alpha_mix:
                 raise SamplingError(f"run {run.name!r}: {exc}") from None
             lines = str(exc).splitlines()  # one line, naming the file: the first problem is enough
             detail = f": {lines[1].strip()}" if len(lines) > 1 else ""
             raise SamplingError(f"run {run.name!r}: combined alpha: {lines[0]}{detail}") from None
-        finally:
-            remove_coeff(self.pipe)
-        training_args = metadata.get("training_args")
-        return {
-            "path": str(path.resolve()),
-            "sha256": _sha256(path),
-            "bytes": path.stat().st_size,
-            "layers": len(layers),
-            "coefficients": int(sum(t.numel() for t in tensors.values())),
-            "max_abs_alpha": float(max(t.abs().max() for t in tensors.values())),
-            "metadata": {k: v for k, v in metadata.items() if k != "training_args"},
-            "has_training_args": training_args is not None,
-        }
 
     def _check_alpha(self, run: RunSpec) -> dict[str, Any]:
         return self._alpha_info(run, run.alpha_path)
@@ -146,11 +135,9 @@ class AdapterSwitcher:
         """Every file of a combination checked on its own (an error names the file), then together."""
         files = [{**self._alpha_info(run, path), "strength": float(c)} for path, c in run.alpha_mix]
         try:
-            layers = load_coeff_weights(self.pipe, [p for p, _ in run.alpha_mix], scale=[c for _, c in run.alpha_mix])
+            layers = check_alpha_mix(self.pipe, run.alpha_mix)
         except CoeffWeightsError as exc:
             raise SamplingError(f"run {run.name!r}: combined alpha: {str(exc).splitlines()[0]}") from None
-        finally:
-            remove_coeff(self.pipe)
         return {
             "combined": True,
             "formula": "A = I + c * sum_k strength_k * alpha_k (c: the row's coeff_scale)",
@@ -161,32 +148,13 @@ class AdapterSwitcher:
 
     def _check_embeddings(self, run: RunSpec) -> dict[str, Any]:
         """The embeddings file checked against both text encoders, without loading it."""
-        path = run.emb_path
         try:
-            state, tokens = read_embeddings_file(path)
+            record = embeddings_record(self.pipe, run.emb_path)
         except TokenError as exc:
             raise SamplingError(f"run {run.name!r}: {exc}") from None
-        pairs = ((self.pipe.text_encoder, self.pipe.tokenizer), (self.pipe.text_encoder_2, self.pipe.tokenizer_2))
-        for key, (encoder, tokenizer) in zip(ENCODER_KEYS, pairs, strict=True):
-            dim = encoder.get_input_embeddings().weight.shape[1]
-            if state[key].shape[1] != dim:
-                raise SamplingError(
-                    f"run {run.name!r}: {path}: {key} rows have {state[key].shape[1]} numbers, this pipeline's "
-                    f"encoder has {dim}; were the tokens trained on another base model?"
-                )
-            clash = [t for t in tokens if t in tokenizer.get_vocab()]
-            if clash:
-                raise SamplingError(f"run {run.name!r}: {path}: the tokens {clash} are already in the base tokenizers")
         _, abstractions = run.learned_tokens()
-        return {
-            "path": str(path.resolve()),
-            "sha256": _sha256(path),
-            "bytes": path.stat().st_size,
-            "tokens": tokens,
-            "abstractions": abstractions,
-            "token": run.learned_token(),
-            "dims": {key: int(state[key].shape[1]) for key in ENCODER_KEYS},
-        }
+        dims = record.pop("dims")
+        return {**record, "abstractions": abstractions, "token": run.learned_token(), "dims": dims}
 
     def _use_tokens(self, run: RunSpec | None) -> None:
         """``run``'s learned tokens in both text encoders (loaded only when the run changes), or none."""
@@ -194,57 +162,31 @@ class AdapterSwitcher:
         if wanted == self._tokens_run:
             return
         if self._tokens_run is not None:
-            unload_embeddings(self.pipe, self._loaded_tokens)
+            remove_tokens(self.pipe, self._loaded_tokens)
             self._tokens_run, self._loaded_tokens = None, []
         if wanted is not None:
             try:
                 with quiet_token_loading():
-                    self._loaded_tokens = load_embeddings_into(self.pipe, run.emb_path)
+                    self._loaded_tokens = install_tokens(self.pipe, run.emb_path)
             except TokenError as exc:  # the file changed since it was checked
                 raise SamplingError(f"run {run.name!r}: {exc}") from None
             self._tokens_run = wanted
         freeze(self.pipe)  # the resized embedding matrices too
 
-    def _check_unet_config(self, run: RunSpec) -> None:
-        """The full UNet's config.json must describe the base UNet's architecture."""
-        path = run.unet_path
-        try:
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise SamplingError(f"run {run.name!r}: {path / 'config.json'} is unreadable: {exc}") from None
-        differ = unet_architecture_differences(unwrap_unet(self.base_unet).config, config)
-        if differ:
-            raise SamplingError(
-                f"run {run.name!r}: the UNet in {path} has another architecture than the base model's "
-                f"({', '.join(differ[:5])} differ); was it trained on another base model?"
-            )
-
     def _load_full_unet(self, run: RunSpec) -> dict[str, Any]:
-        from diffusers import UNet2DConditionModel
-
         if getattr(self.base_unet, "_hf_hook", None) is not None:
             raise SamplingError(
                 f"run {run.name!r} is a full UNet fine-tune, which cannot be swapped into a pipeline "
                 "with CPU offload; drop --cpu_offload"
             )
-        path = run.unet_path
-        weights = path / "diffusion_pytorch_model.safetensors"
-        if not weights.is_file():
-            raise SamplingError(f"run {run.name!r}: {path} has no diffusion_pytorch_model.safetensors")
-        self._check_unet_config(run)
         try:
             with quiet_diffusers_noise():
-                unet = UNet2DConditionModel.from_pretrained(str(path), torch_dtype=self.base_unet.dtype)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SamplingError(f"run {run.name!r}: the UNet in {path} could not be loaded: {exc}") from None
+                unet, record = read_full_unet(run.unet_path, self.base_unet)
+        except RunLoadError as exc:
+            raise SamplingError(f"run {run.name!r}: {exc}") from None
         unet.eval().requires_grad_(False)
         self.full_unets[run.name] = unet
-        return {
-            "path": str(path.resolve()),
-            "sha256": _sha256(weights),
-            "bytes": weights.stat().st_size,
-            "parameters": sum(p.numel() for p in unet.parameters()),
-        }
+        return record
 
     def _use_unet(self, unet: torch.nn.Module) -> None:
         """Make ``unet`` the pipeline's UNet: a swapped-in full UNet lives on the pipeline's device only
@@ -259,35 +201,11 @@ class AdapterSwitcher:
         self.pipe.unet = unet
 
     def _check_lora(self, run: RunSpec) -> dict[str, Any]:
-        path = run.lora_path
-        if path.suffix != ".safetensors":
-            raise SamplingError(f"run {run.name!r}: {path} is not a .safetensors file (pickle files are not loaded)")
         try:
             with quiet_lora_loading():
-                # diffusers' own reader: converts kohya / older layouts to its key format.
-                state, _ = self.pipe.lora_state_dict(str(path))
-        except (ValueError, RuntimeError, KeyError, OSError) as exc:
-            raise SamplingError(f"run {run.name!r}: {path} is not a LoRA file diffusers can read: {exc}") from None
-        if not any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in state):
-            raise SamplingError(f"run {run.name!r}: {path} holds no LoRA weights for the UNet or text encoders")
-        problems = tensor_value_problems(state) or lora_problems(self.pipe.unet, state)
-        if problems:
-            shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-            raise SamplingError(
-                f"run {run.name!r}: LoRA {path} does not fit this UNet ({len(problems)} problem(s)); "
-                "was it trained on another base model?\n  " + "\n  ".join(shown)
-            )
-        ranks = sorted(
-            {int(v.shape[0]) for k, v in state.items() if re.search(r"lora[._](down|A)\b", k) and v.ndim >= 2}
-        )
-        return {
-            "path": str(path.resolve()),
-            "sha256": _sha256(path),
-            "bytes": path.stat().st_size,
-            "tensors": len(state),
-            "modules": len({k.split(".lora", 1)[0] for k in state}),
-            "rank": ranks[0] if len(ranks) == 1 else ranks,
-        }
+                return lora_record(self.pipe, run.lora_path)
+        except RunLoadError as exc:
+            raise SamplingError(f"run {run.name!r}: {exc}") from None
 
     def reset(self) -> None:
         """The base model: its own UNet and text encoders, no alpha, every LoRA disabled."""
@@ -307,12 +225,7 @@ class AdapterSwitcher:
                 set_coeff_scale(self.pipe, scale)
             else:
                 try:
-                    if run.alpha_mix:  # processors at strength 1, the c_k in alpha: the row's c scales the sum
-                        files, strengths = [p for p, _ in run.alpha_mix], [c for _, c in run.alpha_mix]
-                        load_coeff_weights(self.pipe, files, scale=strengths)
-                        set_coeff_scale(self.pipe, scale)
-                    else:
-                        load_coeff_weights(self.pipe, run.alpha_path, scale=scale)
+                    install_alpha(self.pipe, run.files, scale)  # a combination: the row's c scales the sum
                 except CoeffWeightsError as exc:  # the file changed since it was checked
                     raise SamplingError(f"run {run.name!r}: {exc}") from None
                 self._alpha_run = run.name

@@ -2,13 +2,12 @@
 
 A *run* is one training result (an alpha file, a LoRA file, both, or a fully fine-tuned UNet, each
 optionally with learned identifier tokens, ``<name>_emb.safetensors``); a *row* is the base model or
-one run at one alpha strength. Which files a training output folder holds is the tuning methods'
-knowledge (:func:`dreamcoeff.methods.artifacts_in`), not this module's.
+one run at one alpha strength. Finding and telling apart a run's files is the run loader's job
+(:func:`dreamcoeff.loading.read_run`), not this module's.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -16,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..lora import FULL_UNET_DIR, LORA_WEIGHTS_NAME
-from ..methods import artifacts_in
-from ..tokens import EMBEDDINGS_SUFFIX, ENCODER_KEYS, TokenError, read_embeddings_file, token_abstractions
+from ..loading import RunFiles, RunLoadError, read_run
+from ..tokens import TokenError
 from ..weights import COEFF_WEIGHTS_NAME
 from .errors import SamplingError
 
@@ -70,17 +68,19 @@ class RunSpec:
         )
         return "+".join(k for k, p in parts if p is not None)
 
+    @property
+    def files(self) -> RunFiles:
+        """The run's files as the run loader holds them (what `dreamcoeff.loading` reads and installs)."""
+        return RunFiles(self.alpha_path, self.lora_path, self.unet_path, self.emb_path, self.alpha_mix, self.source)
+
     def learned_tokens(self) -> tuple[list[str], dict[str, str]]:
         """``(["<s0>", "<s1>"], {"TOK": "<s0><s1>"})``: the token strings of the run's embeddings file
         and its abstractions (empty where the file has none); ``([], {})`` without learned tokens.
         The file is read and checked (both keys, finite); :class:`SamplingError` names the run."""
-        if self.emb_path is None:
-            return [], {}
         try:
-            _, tokens = read_embeddings_file(self.emb_path)
+            return self.files.learned_tokens()
         except TokenError as exc:
             raise SamplingError(f"run {self.name!r}: {exc}") from None
-        return tokens, token_abstractions(self.emb_path)
 
     def learned_token(self) -> str | None:
         """What ``{token}`` becomes in this run's prompts: the tokens of its first abstraction
@@ -92,15 +92,7 @@ class RunSpec:
 
     def training_args(self) -> dict[str, Any] | None:
         """The run's ``args.json`` (beside its weights), or None if absent / unreadable."""
-        unet_folder = self.unet_path.parent if self.unet_path else None
-        files = (self.alpha_path, self.lora_path, unet_folder, self.emb_path)
-        folders = [self.source] if self.source else [p.parent for p in files if p]
-        for folder in folders:
-            try:
-                return json.loads((folder / "args.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-        return None
+        return self.files.training_args()
 
 
 def _check_name(name: str, what: str = "run name") -> str:
@@ -109,28 +101,6 @@ def _check_name(name: str, what: str = "run name") -> str:
             f"{what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
-
-
-def _weights_kind(path: Path) -> str:
-    """'alpha', 'lora' or 'embeddings' from a safetensors file's header (no tensor data is read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            keys = list(fh.keys())
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise SamplingError(f"{path} is not a readable safetensors file ({exc})") from None
-    if metadata.get("format") == "dreamcoeff":
-        return "alpha"
-    if all(k in keys for k in ENCODER_KEYS):
-        return "embeddings"
-    if any("lora" in k for k in keys):
-        return "lora"
-    raise SamplingError(
-        f"{path} is neither a dreamcoeff alpha file nor a LoRA file nor learned token embeddings "
-        f"({'/'.join(ENCODER_KEYS)}) (keys such as {keys[:2]})"
-    )
 
 
 def _split_spec(spec: str) -> tuple[str, list[Path]]:
@@ -154,19 +124,11 @@ def _split_spec(spec: str) -> tuple[str, list[Path]]:
 
 def _files_of(name: str, path: Path) -> list[tuple[str, Path]]:
     """``(kind, path)`` of the weights a ``--run`` path gives: a training output folder's trained
-    files (as :func:`dreamcoeff.methods.artifacts_in` finds them) or a weight file told apart by its header."""
-    if not path.exists():
-        raise SamplingError(f"run {name!r}: {path} does not exist")
-    if not path.is_dir():
-        return [(_weights_kind(path), path)]
-    found = artifacts_in(path)
-    if not found:
-        raise SamplingError(
-            f"run {name!r}: {path} holds neither {COEFF_WEIGHTS_NAME} nor {LORA_WEIGHTS_NAME} nor a "
-            f"{FULL_UNET_DIR}/ folder nor *{EMBEDDINGS_SUFFIX} (has the training finished? checkpoints live in "
-            "checkpoint-* subfolders)"
-        )
-    return found
+    files or a weight file told apart by its header (:func:`dreamcoeff.loading.read_run`)."""
+    try:
+        return read_run(path).found()
+    except RunLoadError as exc:
+        raise SamplingError(f"run {name!r}: {exc}") from None
 
 
 def _is_mix(path: Path) -> bool:

@@ -27,6 +27,7 @@ from ..io import (
     replace_path,
     write_failure,
 )
+from ..loading import load_checkpoint_parts
 from ..methods import ARTIFACTS, artifacts_in
 from ..tokens import EMBEDDINGS_SUFFIX
 from .card import TrainResult
@@ -429,7 +430,7 @@ def register_hooks(
     def load_hook(models, input_dir):
         while models:  # accelerate would otherwise load a whole UNet's weights: ours are the parts
             models.pop()
-        method.load(unet, input_dir, tokens)
+        load_checkpoint_parts(method, unet, input_dir, tokens)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -24,6 +24,7 @@ import torch
 
 from ..io import atomic_write
 from ..kohya import kohya_file_name
+from ..loading import initialize_parts
 from ..locking import FolderBusyError, FolderLock
 from ..methods import get_method
 from ..models import base_model_flags, check_base_model, load_components
@@ -217,7 +218,7 @@ class Trainer:
             ("--init_lora_weights", None, cfg.init_lora_weights),
         ):
             try:
-                for path in self.method.initialize(unet, coeff_file, lora_file):
+                for path in initialize_parts(self.method, unet, coeff_file, lora_file):
                     logger.info("%s: starting from %s (a new run: step 0, fresh optimizer)", flag, path)
             except ValueError as exc:  # CoeffWeightsError, or a LoRA file that does not fit the model
                 raise UsageError(f"{flag}: {exc}") from None
