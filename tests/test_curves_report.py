@@ -134,3 +134,86 @@ def test_pair_with_takes_only_the_methods_a_control_folder_lacks(curves, tmp_pat
     assert row(text, "coeff+lora d0.1 (100)")[1:3] == ["0.001", "0.50"]
     assert row(text, "lora (100)")[1:3] == ["0.0003", "0.40"]
     assert row(section(text, "**coeff+lora d0.1** against **lora**"), "125")[1:3] == ["1", "+0.10 (1/0/0)"]
+
+
+# ---- scorer v2: ceilings beside the scores, flagged concepts out of the means, one scorer per report ----
+
+
+def ceilings_file(folder: Path, ceilings: dict[str, float]) -> Path:
+    path = folder / "ceilings.json"
+    rows = {c: {"ceiling": v, "ceiling_v1": v, "flagged": v < 0.6} for c, v in ceilings.items()}
+    path.write_text(json.dumps({"model": "microworld", "threshold": 0.6, "scorer": "v2", "sets": {"texture": rows}}))
+    return path
+
+
+def test_report_flags_concepts_under_their_ceiling_and_keeps_them_out_of_means(curves, tmp_path):
+    out = tmp_path / "bench"
+    write(out, "a", [
+        run("untrained", "A", [point(0, 0.2, 0.8)], scorer="v2"),
+        run("untrained", "B", [point(0, 0.0, 0.4)], scorer="v2"),
+        run("coeff", "A", [point(125, 0.4, 0.8), point(500, 0.6, 0.7)], lr=1e-4, scorer="v2"),
+        run("coeff", "B", [point(125, 0.0, 0.2), point(500, 0.0, 0.1)], lr=1e-4, scorer="v2"),
+    ])  # fmt: skip
+    text = report(curves, out, "--ceilings", str(ceilings_file(tmp_path, {"A": 1.0, "B": 0.4})))
+    assert "Scorer v2. Ceilings (instance images through the VAE, `v2/ceilings.json`): A 1.0, B 0.4." in text
+    assert "not in any mean: B." in text
+    # the means are A's alone: B's 0.0 / 0.1 would pull them to 0.30 / 0.40
+    assert row(text, "coeff (100)")[2:] == ["0.40 / 0.60", "0.00", "0.70", "0.00"]
+    # B is still in the per-concept table, under its ceiling
+    assert "| method | A (ceiling 1.0) | B (ceiling 0.4) |" in text
+    assert row(text, "coeff")[1:] == ["0.60 / 0.70 / 0.00", "0.00 / 0.10 / 0.00"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["scorer"] == "v2" and saved["flagged"] == ["B"]
+
+
+def test_report_of_v1_runs_shows_v1_ceilings_and_keeps_every_concept(curves, tmp_path):
+    out = tmp_path / "bench"
+    write(out, "a", [
+        run("untrained", "A", [point(0, 0.2, 0.8)]),
+        run("untrained", "B", [point(0, 0.0, 0.4)]),
+    ])  # fmt: skip
+    text = report(curves, out, "--ceilings", str(ceilings_file(tmp_path, {"A": 1.0, "B": 0.4})))
+    assert "Scorer v1." in text and "not in any mean" not in text
+    assert row(text, "untrained")[2] == "0.10"  # the mean of A and B
+
+
+def test_report_refuses_runs_of_two_scorers(curves, tmp_path):
+    out = tmp_path / "bench"
+    write(out, "a", [run("untrained", "A", [point(0, 0.2, 0.8)])])
+    write(out, "b", [run("coeff", "A", [point(125, 0.4, 0.8)], lr=1e-4, scorer="v2")])
+    with pytest.raises(SystemExit, match="runs scored by \\['v1', 'v2'\\]"):
+        report(curves, out)
+
+
+def test_saved_images_are_rescored_without_training(curves, tmp_path, capsys):
+    import numpy as np
+
+    from dreamcoeff.testing import microworld as mw
+
+    c = mw.concept("flat-purple-square")
+    teal = []
+    for req in c.eval_prompts():  # the subject, as asked, on a background the world does not have
+        s = c.scene(req["size"] or "large", req["position"] or "center", "white")
+        img = mw.render(s)
+        img[~mw.shape_mask(c.shape, *s.center, s.radius)] = (0, 128, 128)
+        teal += [img, img]
+    trained = [mw.render(c.scene("large", "center", c.train_background))] * 2
+    out = tmp_path / "bench"
+    write(out, "a", [
+        run("coeff", c.name, [point(125, 0.0, 0.0)], lr=1e-4),
+        run("lora", c.name, [point(125, 0.0, 0.0)], lr=1e-4),  # trained before images were kept
+    ])  # fmt: skip
+    curves.save_images(curves.images_path(out, "coeff", c.name, 0), {"step_125": np.stack(teal + trained)})
+    for scorer, subject in (("v2", 1.0), ("v1", 0.0)):
+        curves.main(["--out", str(out), "--rescore", "--scorer", scorer])
+        assert "no saved images for 1: lora / flat-purple-square / seed 0" in capsys.readouterr().out
+        runs = json.loads((out / f"rescored-{scorer}" / "curves_a.json").read_text())["runs"]
+        assert [r["method"] for r in runs] == ["coeff"] and runs[0]["scorer"] == scorer
+        p = runs[0]["points"][0]
+        # v2 reads the subject on its region; v1 reads the whole teal image as the object
+        assert p["step"] == 125 and p["subject"] == subject and p["background"] == 0.0 and p["bg_copy"] == 0.0
+        assert p["subject_train"] == 1.0  # the training scene on its own background, both scorers
+    # a folder of v1 runs is continued with v1, a new one starts with v2
+    with pytest.raises(SystemExit):
+        curves.main(["--out", str(out), "--phase", "curves", "--scorer", "v2", "--methods", "coeff"])
+    assert f"the runs in {out} were scored by v1; continue them with --scorer v1" in capsys.readouterr().err

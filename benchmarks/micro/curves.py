@@ -19,7 +19,16 @@ enough to overfit and scored along the way:
    position) and background copying. Each (method, concept, seed) is written as soon as it is done,
    so the phase resumes where a stopped part ended (parts of at most ~2 h: ``--minutes``).
 4. ``report``: RESULTS.md (tables per step) and one figure, subject fidelity against prompt
-   fidelity, a line per method through its checkpoints (``curves.png``).
+   fidelity, a line per method through its checkpoints (``curves.png``). With scorer v2 every
+   concept's ceiling (``v2/ceilings.json``) stands beside its scores, and a concept flagged there is
+   left out of the means.
+
+Scorers (issue 35): ``--scorer v2`` (dreamcoeff/testing/scorer.py: the subject on its object region)
+for a new folder, v1 (microworld.analyze) where the folder's runs were scored by v1, so an old folder
+continues as it was; every run records its ``scorer``. The sampled images of every checkpoint are kept
+(``images/CONCEPT-METHOD-SEED.npz``, uint8, one array per step), and ``--rescore`` scores them again
+with ``--scorer`` into ``OUT/rescored-SCORER/`` without training (report that folder with
+``--phase report --out OUT/rescored-SCORER``).
 
 Methods: untrained (0 steps), alpha, LoRA r4, alpha+LoRA with coefficient dropout 0 / 0.1 / 0.2,
 learned tokens alone (TI), alpha + TI, full fine-tuning; trainable parameters in every row.
@@ -41,6 +50,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from dreamcoeff import load_run
 from dreamcoeff.testing import microworld as mw
+from dreamcoeff.testing import scorer as sc
 
 HERE = Path(__file__).resolve().parent
 
@@ -119,22 +129,70 @@ def train_run(args, method: str, lr: float, c: mw.Concept, seed: int, steps: int
     return {**info, "token_lr": tokens} if method in TOKEN_RATE_FROM else info
 
 
-def score_folder(args, folder: Path, c: mw.Concept, seed: int) -> dict:
-    """Load a run folder or checkpoint with load_run and score the concept's evaluation prompts."""
+def sample_concept(args, pipe, c: mw.Concept, seed: int, prompt_map=None) -> np.ndarray:
+    """The concept's evaluation prompts' images, then its instance prompt's (``--images`` each), as
+    uint8 (the noise seeds of run_bench.evaluate_concept, so v1 scores are the ones it gives)."""
+    prompts = [r["prompt"] for r in c.eval_prompts()] + [c.instance_prompt]
+    if prompt_map is not None:
+        prompts = [prompt_map(p) for p in prompts]
+    imgs = RB.generate(pipe, prompts, args.images, seed, args.inference_steps, args.guidance)
+    # rounded as microworld._as_float reads a float image, so scoring the saved uint8 changes nothing
+    return np.clip(np.round(np.stack(imgs) * 255.0), 0, 255).astype(np.uint8)
+
+
+def score_images(imgs: np.ndarray, c: mw.Concept, per_prompt: int, scorer: str) -> dict:
+    """Scores of `sample_concept`'s images with scorer `scorer`: run_bench's metrics, subject on the
+    training prompt, and ``prompt`` (mean of requested background, size and position)."""
+    reqs = c.eval_prompts()
+    n = len(reqs) * per_prompt
+    if len(imgs) != n + per_prompt:
+        raise ValueError(f"{len(imgs)} images for {c.name}, expected {n + per_prompt} ({per_prompt} per prompt)")
+    analyze = sc.analyzer(scorer)
+    s = RB.score(list(imgs[:n]), reqs, per_prompt, c, analyze)
+    s["subject_train"] = float(np.mean([mw.subject_match(im, c, analyze(im))["subject"] for im in imgs[n:]]))
+    s["prompt"] = float(np.mean([s[k] for k in ("background", "size", "position") if k in s]))
+    return s
+
+
+def score_folder(args, folder: Path, c: mw.Concept, seed: int, keep: dict | None = None, step: int = 0) -> dict:
+    """Load a run folder or checkpoint with load_run and score the concept's evaluation prompts; the
+    images go into `keep` under ``step_STEP``."""
     pipe = StableDiffusionXLPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     loaded = load_run(pipe, folder)
-    s, _ = RB.evaluate_concept(pipe, c, seed, args.images, args.inference_steps, args.guidance, loaded.prompt)
-    s["prompt"] = float(np.mean([s[k] for k in ("background", "size", "position") if k in s]))
-    return s
+    imgs = sample_concept(args, pipe, c, seed, loaded.prompt)
+    if keep is not None:
+        keep[f"step_{step}"] = imgs
+    return score_images(imgs, c, args.images, args.scorer)
 
 
-def untrained(args, c: mw.Concept, seed: int) -> dict:
+def untrained(args, c: mw.Concept, seed: int, keep: dict | None = None) -> dict:
     pipe = StableDiffusionXLPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    s, _ = RB.evaluate_concept(pipe, c, seed, args.images, args.inference_steps, args.guidance)
-    s["prompt"] = float(np.mean([s[k] for k in ("background", "size", "position") if k in s]))
-    return s
+    imgs = sample_concept(args, pipe, c, seed)
+    if keep is not None:
+        keep["step_0"] = imgs
+    return score_images(imgs, c, args.images, args.scorer)
+
+
+def images_path(out: Path, method: str, concept: str, seed: int) -> Path:
+    """Where a curve's sampled images are kept: one npz per (method, concept, seed), a uint8 array per step."""
+    return out / "images" / f"{concept}-{method.replace(' ', '_')}-{seed}.npz"
+
+
+def save_images(path: Path, images: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **images)
+    tmp.replace(path)
+
+
+def folder_scorer(out: Path) -> str | None:
+    """The scorer of the runs already in `out`'s curves_*.json (rows without one are v1's), or None."""
+    found = {r.get("scorer", "v1") for f in out.glob("curves_*.json") for r in load_json(f, {"runs": []})["runs"]}
+    if len(found) > 1:
+        raise SystemExit(f"{out}: runs scored by {sorted(found)}; a folder holds one scorer's runs (use --rescore)")
+    return next(iter(found), None)
 
 
 def load_json(path: Path, default):
@@ -177,7 +235,7 @@ def phase_select(args, out: Path, work: Path, deadline: float) -> None:
             s = score_folder(args, run, val, 0)
             # rounded: 0.5 * (0.4 + 0.8) is 0.6000000000000001, which would break the tie rule below
             crit = round(0.5 * (s["subject"] + s["background"]), 9)
-            sel["rows"].append({"method": m, "lr": lr, "criterion": crit, **info, **s})
+            sel["rows"].append({"method": m, "lr": lr, "criterion": crit, **info, **s, "scorer": args.scorer})
             print(f"[select] {m} lr {lr:g}: {crit:.3f} ({info['train_s']:.0f} s)", flush=True)
             shutil.rmtree(run, ignore_errors=True)
             save_json(path, sel)
@@ -207,7 +265,7 @@ def phase_horizon(args, out: Path, work: Path) -> int:
             horizon = min([p for p in args.points if p >= step] or [step])
             break
     reached = rows[-1]["bg_copy"] >= BG_COPY_OVERFIT
-    save_json(path, {"lr": lr, "rows": rows, "horizon": horizon, "overfit_reached": reached,
+    save_json(path, {"lr": lr, "rows": rows, "horizon": horizon, "overfit_reached": reached, "scorer": args.scorer,
                      "rule": f"first LoRA checkpoint with bg_copy >= {BG_COPY_OVERFIT}, else --max_steps"})  # fmt: skip
     shutil.rmtree(run, ignore_errors=True)
     return horizon
@@ -234,19 +292,22 @@ def phase_curves(args, out: Path, work: Path, horizon: int, deadline: float) -> 
                 if time.time() > deadline:
                     print("[curves] time budget reached; rerun the same command to continue", flush=True)
                     return
+                kept: dict[str, np.ndarray] = {}
                 if m == "untrained":
                     row = {
                         "method": m,
                         "concept": c.name,
                         "seed": seed,
-                        "points": [{"step": 0, **untrained(args, c, seed)}],
+                        "points": [{"step": 0, **untrained(args, c, seed, kept)}],
                     }
                 else:
                     run = work / f"{c.name}-{m.replace(' ', '_')}-{seed}"
                     info = train_run(args, m, chosen[m], c, seed, max(points), every, run)
-                    pts = [{"step": p, **score_folder(args, run / f"checkpoint-{p}", c, seed)} for p in points]
+                    pts = [{"step": p, **score_folder(args, run / f"checkpoint-{p}", c, seed, kept, p)} for p in points]
                     row = {"method": m, "concept": c.name, "seed": seed, "lr": chosen[m], **info, "points": pts}
                     shutil.rmtree(run, ignore_errors=True)
+                row["scorer"] = args.scorer
+                save_images(images_path(out, m, c.name, seed), kept)  # before the row: a listed run has its images
                 res["runs"].append(row)
                 save_json(path, res)
                 print(f"[curves] {m} {c.name} seed {seed}: " + ", ".join(
@@ -279,6 +340,51 @@ def load_runs(folder: Path) -> list[dict]:
     return runs
 
 
+def folder_scorer_of(runs: list[dict]) -> str:
+    """The one scorer of `runs` (rows without one are v1's): means never mix scorers."""
+    found = {r.get("scorer", "v1") for r in runs}
+    if len(found) > 1:
+        raise SystemExit(f"[report] runs scored by {sorted(found)}: rescore them into one folder (--rescore)")
+    return found.pop()
+
+
+def concept_ceilings(args, scorer: str) -> dict[str, float]:
+    """{concept: ceiling} from ``--ceilings`` for this scorer (v1's beside v2's), where it was made for ``--model``."""
+    data = load_json(Path(args.ceilings), None)
+    if data is None or data.get("model") != Path(args.model).name:
+        return {}
+    key = "ceiling" if scorer == "v2" else "ceiling_v1"
+    return {c: row[key] for rows in data["sets"].values() for c, row in rows.items()}
+
+
+def phase_rescore(args, out: Path) -> Path:
+    """Score every run's saved images again with ``--scorer`` into ``OUT/rescored-SCORER/`` (no training);
+    runs without saved images (trained before they were kept) are listed and left out."""
+    dest = out / f"rescored-{args.scorer}"
+    dest.mkdir(exist_ok=True)
+    missing, done = [], 0
+    for f in sorted(out.glob("curves_*.json")):
+        res = load_json(f, {"runs": []})
+        runs = []
+        for r in res["runs"]:
+            path = images_path(out, r["method"], r["concept"], r["seed"])
+            if not path.is_file():
+                missing.append(f"{r['method']} / {r['concept']} / seed {r['seed']}")
+                continue
+            c = mw.concept(r["concept"])
+            with np.load(path) as saved:
+                # images per prompt from the first step's array: 6 prompts (5 evaluation + the instance one)
+                per_prompt = len(saved[f"step_{r['points'][0]['step']}"]) // (len(c.eval_prompts()) + 1)
+                pts = [{"step": p["step"], **score_images(saved[f"step_{p['step']}"], c, per_prompt, args.scorer)}
+                       for p in r["points"]]  # fmt: skip
+            runs.append({**r, "points": pts, "scorer": args.scorer, "rescored_from": r.get("scorer", "v1")})
+            done += 1
+        save_json(dest / f.name, {**res, "runs": runs})
+    print(f"[rescore] {done} runs rescored with scorer {args.scorer} into {dest}"
+          + (f"; no saved images for {len(missing)}: {', '.join(missing)}" if missing else ""))  # fmt: skip
+    return dest
+
+
 def rates_of(run: dict) -> tuple[float | None, float | None, float | None]:
     """A run's (rate, tokens' rate from another method, alpha's own rate): what one method must share."""
     return run.get("lr"), run.get("token_lr"), run.get("alpha_lr")
@@ -308,15 +414,31 @@ def phase_report(args, out: Path) -> None:
                                                   for r in runs) for m in methods)}  # fmt: skip
     left_out = sorted(pairs - complete)
     every_run, runs = runs, [r for r in runs if (r["concept"], r["seed"]) in complete]
-    curves = mean_curves(runs)
+    scorer = folder_scorer_of(runs)
+    ceilings = concept_ceilings(args, scorer)
+    # scorer v2: a concept whose ceiling is under the threshold is reported, not averaged in (README rule)
+    flagged = sorted(
+        {r["concept"] for r in runs if scorer == "v2" and ceilings.get(r["concept"], 1.0) < sc.CEILING_THRESHOLD}
+    )
+    meant = [r for r in runs if r["concept"] not in flagged]
+    if not meant:
+        print(f"[report] every complete concept is flagged by its ceiling ({flagged}): no means to report")
+        return
+    curves = mean_curves(meant)
     base = curves.get("untrained", [{}])[0]
     lines = [f"# Learning curves: {args.concept_set} set, model {Path(args.model).name}", "",
              "Mean over test concepts and seeds; `prompt` = mean of requested background, size and position.",
              f"Concepts (seed): {', '.join(f'{c} ({sd})' for c, sd in sorted(complete))}"
              + (f"; left out until every method has them: {', '.join(f'{c} ({sd})' for c, sd in left_out)}" if left_out else ""),
-             ""]  # fmt: skip
+             "", f"Scorer {scorer}. " + (("Ceilings (instance images through the VAE, `v2/ceilings.json`): "
+             + ", ".join(f"{c} {ceilings[c]:.1f}" for c in sorted({r['concept'] for r in runs}) if c in ceilings) + ". ")
+             if ceilings else "No ceilings for this model. ")
+             + (f"Flagged (ceiling below {sc.CEILING_THRESHOLD}), in the per-concept table only, not in any mean: "
+             f"{', '.join(flagged)}." if flagged else ""), ""]  # fmt: skip
     # a paired comparison needs only its two methods: every (concept, seed) both have reached
-    lines += summary_tables(curves, runs) + paired_tables(every_run)
+    lines += summary_tables(curves, runs, ceilings) + paired_tables(
+        [r for r in every_run if r["concept"] not in flagged]
+    )
     for m, pts in curves.items():
         params = next((r.get("trainable_parameters") for r in runs if r["method"] == m), None)
         lines += [f"## {m}" + (f" ({params:,} trainable)" if params else ""), "",
@@ -330,12 +452,16 @@ def phase_report(args, out: Path) -> None:
     draw_curves(curves, out / "curves.png", title)
     # the same lines with the subject scored on the training prompt: learned, or learned only where trained?
     draw_curves(curves, out / "curves_training_prompt.png", title, x="subject_train")
-    save_json(out / "results.json", {"curves": curves, "runs": runs})
+    save_json(out / "results.json", {"curves": curves, "runs": runs, "scorer": scorer, "ceilings": ceilings,
+                                     "flagged": flagged})  # fmt: skip
     print(f"[report] {out / 'RESULTS.md'}, {out / 'curves.png'}, {out / 'curves_training_prompt.png'}")
 
 
-def summary_tables(curves: dict[str, list[dict]], runs: list[dict]) -> list[str]:
-    """Markdown: each method at a few steps (means), then every concept at the last step, with the rates."""
+def summary_tables(
+    curves: dict[str, list[dict]], runs: list[dict], ceilings: dict[str, float] | None = None
+) -> list[str]:
+    """Markdown: each method at a few steps (means), then every concept at the last step, with the rates
+    (and each concept's ceiling in its column's heading where there is one)."""
     last = max(p["step"] for pts in curves.values() for p in pts)
     shown = sorted({s for s in (125, 500, 2000, last) if s <= last})  # a 500-step horizon: 125 / 500
     params = {r["method"]: r.get("trainable_parameters") for r in runs}
@@ -356,8 +482,10 @@ def summary_tables(curves: dict[str, list[dict]], runs: list[dict]) -> list[str]
             f"| {name} | {rate} | {subj} | {end['subject_train']:.2f} | {end['prompt']:.2f} | {end['bg_copy']:.2f} |"
         )
     concepts = sorted({r["concept"] for r in runs})
+    ceilings = ceilings or {}
+    heads = [c + (f" (ceiling {ceilings[c]:.1f})" if c in ceilings else "") for c in concepts]
     lines += ["", f"Per concept at step {last} (mean over seeds): subject / prompt / bg_copy", "",
-              "| method | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]  # fmt: skip
+              "| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(concepts)]  # fmt: skip
     for m in curves:
         cells = []
         for c in concepts:
@@ -511,6 +639,15 @@ def main(argv=None) -> int:
                    help="report: add DIR's runs of the --methods this folder lacks (and the untrained row), e.g. "
                    "the main benchmark's LoRA beside alpha+LoRA trained here at LoRA's rate")  # fmt: skip
     p.add_argument("--tag", default=None, help="select_TAG.json / curves_TAG.json: split methods over processes")
+    p.add_argument("--scorer", default=None, choices=sc.SCORER_VERSIONS,
+                   help="v2 (dreamcoeff/testing/scorer.py) for a new --out folder; default: the scorer of the runs "
+                   "already there (v1 for folders made before v2), else v2")  # fmt: skip
+    p.add_argument("--rescore", action="store_true",
+                   help="no training: score every run's saved images (OUT/images/) again with --scorer into "
+                   "OUT/rescored-SCORER/")  # fmt: skip
+    p.add_argument("--ceilings", default=str(HERE / "v2" / "ceilings.json"),
+                   help="report: each concept's ceiling (benchmarks/micro/ceilings.py); flagged concepts are left "
+                   "out of the means (scorer v2)")  # fmt: skip
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -537,6 +674,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.rescore:
+        args.scorer = args.scorer or "v2"
+        phase_rescore(args, out)
+        return 0
+    existing = folder_scorer(out)
+    if args.scorer is None:
+        args.scorer = existing or "v2"
+    elif existing is not None and existing != args.scorer and "curves" in args.phase.split(","):
+        p.error(f"--scorer {args.scorer}: the runs in {out} were scored by {existing}; continue them with "
+                f"--scorer {existing}, or use --rescore (saved images) or a new --out")  # fmt: skip
     phases = args.phase.split(",")
     deadline = time.time() + args.minutes * 60
     with tempfile.TemporaryDirectory(prefix="curves-") as tmp:

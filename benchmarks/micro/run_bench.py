@@ -190,11 +190,15 @@ def world_accuracy(pipe, args, n: int = 48) -> dict[str, float]:
     return out
 
 
-def score(images: list[np.ndarray], requests: list[dict], n: int, c: mw.Concept) -> dict[str, float]:
+def score(
+    images: list[np.ndarray], requests: list[dict], n: int, c: mw.Concept, analyze=mw.analyze
+) -> dict[str, float]:
+    """Mean subject and prompt fidelity of `images` (`n` per request, in order); `analyze` picks the
+    scorer (v1: microworld.analyze, v2: dreamcoeff.testing.scorer.analyze)."""
     acc: dict[str, list[float]] = {k: [] for k in METRICS}
     for j, img in enumerate(images):
         req = requests[j // n]
-        a = mw.analyze(img)
+        a = analyze(img)
         for k, v in mw.subject_match(img, c, a).items():
             acc[k].append(v)
         for k, v in mw.prompt_match(img, req, c.train_background, a).items():
