@@ -21,10 +21,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-# ruff (configured in pyproject.toml): lint and formatting check; `make format` rewrites.
+# ruff (configured in pyproject.toml): lint and formatting check; `make format` rewrites. Then dead code:
+# functions and flags nothing calls (tools/dead_code.py, vulture plus a check that every flag is read).
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .
+	$(BIN)/python tools/dead_code.py
 
 format: $(STAMP)
 	$(BIN)/python -m ruff format .

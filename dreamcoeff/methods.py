@@ -147,12 +147,6 @@ class TuningMethod:
         return self.coeff or self.lora or self.full
 
     @property
-    def artifacts(self) -> tuple[Artifact, ...]:
-        """The files this method writes into an output folder and a checkpoint."""
-        parts = ((ALPHA, self.coeff), (LORA, self.lora), (FULL_UNET, self.full), (EMBEDDINGS, self.tokens))
-        return tuple(a for a, on in parts if on)
-
-    @property
     def weights_label(self) -> str:
         """What ``--learning_rate`` trains for this method (model card)."""
         return "UNet" if self.full else "LoRA"

@@ -34,8 +34,6 @@ world word is a single token.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -474,11 +472,6 @@ def analyze(img: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def scene_of(a: dict[str, Any]) -> dict[str, Any]:
-    """The measurable fields of an analysis, for comparing with a Scene."""
-    return {k: a.get(k) for k in ("background", "shape", "size", "position", "colours", "pattern")}
-
-
 def matches_scene(img: np.ndarray, scene: Scene) -> dict[str, bool]:
     """Per-attribute correctness of an image against the scene it should show."""
     a = analyze(img)
@@ -526,10 +519,6 @@ def prompt_match(
     if train_background is not None and request["background"] != train_background:
         out["bg_copy"] = float(a["background"] == train_background)
     return out
-
-
-def attributes_of(scenes: Iterable[Scene]) -> list[dict[str, Any]]:
-    return [dataclasses.asdict(s) for s in scenes]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -81,7 +81,6 @@ class DiskLatentCache:
         self.directory = Path(directory)
         self.vae_id = vae_id
         self._file_hashes: dict[Path, str] = {}
-        self.hits = self.misses = 0
         removed = remove_stale_temps(self.directory, STALE_TEMP_S, recursive=True)
         if removed:
             logger.info("latent cache: removed %d temp file(s) left by interrupted writes", len(removed))
@@ -110,15 +109,12 @@ class DiskLatentCache:
 
         path = self._path(key)
         if not path.is_file():
-            self.misses += 1
             return None
         try:
             params = load_file(str(path))["params"]
         except (SafetensorError, OSError, KeyError) as exc:
             logger.warning("latent cache entry %s is unreadable (%s): encoding it again", path, exc)
-            self.misses += 1
             return None
-        self.hits += 1
         return params
 
     def put(self, key: str, params: torch.Tensor) -> torch.Tensor:
