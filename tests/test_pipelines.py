@@ -15,6 +15,7 @@ from dreamcoeff.attn_processors import CoeffAttnProcessor
 from dreamcoeff.processor import (
     AlphaNotAppliedWarning,
     apply_coeff,
+    coeff_modules,
     coeff_parameters,
     keep_alpha_applied,
     remove_coeff,
@@ -594,9 +595,24 @@ def test_pag_pipeline_keeps_alpha(alpha_pipe, guidance_scale):
         assert seen and set(seen) == {guidance_scale > 1}  # PAG's layers ran our take-over
         off = _images(pag, guidance_scale=guidance_scale, pag_scale=3.0, cross_attention_kwargs={"coeff_scale": 0.0})
         pag_zero = _images(pag, guidance_scale=guidance_scale, pag_scale=0.0)
-    np.testing.assert_allclose(off, pag_only, atol=1e-6, rtol=0)
+        # alpha really acts on PAG's own layers (the mid block's self-attention): zero it there alone
+        pag_layers = [
+            m.head_mix.alpha
+            for p, m in coeff_modules(pipe).items()
+            if p.startswith("mid_block.") and p.endswith("attn1")
+        ]
+        assert pag_layers
+        saved = [a.detach().clone() for a in pag_layers]
+        with torch.no_grad():
+            for a in pag_layers:
+                a.zero_()
+            not_on_pag_layers = _images(pag, guidance_scale=guidance_scale, pag_scale=3.0)
+            for a, s in zip(pag_layers, saved):
+                a.copy_(s)
+    assert np.abs(kept - not_on_pag_layers).max() > 1e-4
+    np.testing.assert_array_equal(off, pag_only)  # exactly: same ops in the same order
     alpha_only = with_alpha if guidance_scale == 5.0 else _images(pipe, guidance_scale=guidance_scale)
-    np.testing.assert_allclose(pag_zero, alpha_only, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(pag_zero, alpha_only)
     assert np.abs(kept - pag_only).max() > 1e-2 and np.abs(kept - alpha_only).max() > 1e-2
     # diffusers puts the processors back after the call: ours again, alpha applied everywhere
     assert all(isinstance(p, CoeffAttnProcessor) for p in pipe.unet.attn_processors.values())
