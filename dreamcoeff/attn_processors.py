@@ -11,6 +11,11 @@ where it does not (or where A is exactly I):
   its weight names are unchanged) whose text branch is mixed by alpha; the image branch is
   IP-Adapter's own, unmixed: alpha was learned on the text-attention maps, and the image tokens'
   maps come from another projection (``to_k_ip``) that alpha never saw.
+- `CoeffPAGAttnProcessor`: perturbed-attention guidance's identity self-attention processors
+  (`PAGCFGIdentitySelfAttnProcessor2_0` / `PAGIdentitySelfAttnProcessor2_0`): the guided part of the
+  batch (unconditional and text, or text alone) is attention mixed by alpha; the perturbed part is
+  PAG's identity attention, ``to_out(to_v(x))``, which has no attention map, so there is nothing
+  for alpha to mix there and it is PAG's own.
 
 They hold no alpha, so diffusers may build them with no arguments (``processor.__class__()``, as
 `load_ip_adapter` does) and swapping them never loses a trained parameter.
@@ -30,7 +35,7 @@ from .attention import mixed_attention
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
 
-__all__ = ["CoeffAttnProcessor", "CoeffIPAdapterAttnProcessor", "PLAIN_BACKENDS"]
+__all__ = ["CoeffAttnProcessor", "CoeffIPAdapterAttnProcessor", "CoeffPAGAttnProcessor", "PLAIN_BACKENDS"]
 
 PLAIN_BACKENDS = ("sdpa", "xformers")
 
@@ -292,3 +297,75 @@ class CoeffIPAdapterAttnProcessor(_HeadMixingAttention, IPAdapterAttnProcessor2_
                     branch = branch * down.to(dtype=branch.dtype, device=branch.device)
                 total = total + image_scale * branch
         return total
+
+
+class CoeffPAGAttnProcessor(_HeadMixingAttention):
+    """PAG's identity self-attention processor with the guided branches mixed by the module's alpha.
+
+    The batch is ``[unconditional, text, perturbed]`` (``cfg=True``, what
+    `PAGCFGIdentitySelfAttnProcessor2_0` receives) or ``[text, perturbed]`` (``cfg=False``,
+    `PAGIdentitySelfAttnProcessor2_0`). The guided part runs `CoeffAttnProcessor`'s attention (alpha
+    applied); the perturbed part is PAG's identity attention ``to_out(to_v(group_norm(x)))``: every
+    query attends only to itself, there is no map for alpha to mix, so it is PAG's output unchanged.
+    Taken over only where `reproduces` holds, i.e. where PAG's guided branch is exactly the plain
+    processor's (see there); elsewhere PAG's processor stays and alpha is reported not applied.
+    """
+
+    def __init__(self, cfg: bool = True):
+        self._configure(None, False, "sdpa")
+        self.cfg = bool(cfg)
+
+    def __repr__(self) -> str:
+        return f"CoeffPAGAttnProcessor(cfg={self.cfg})"
+
+    @staticmethod
+    def reproduces(attn: Attention) -> bool:
+        """Whether PAG's processor on `attn` computes plain attention on its guided branch.
+
+        PAG's processors skip ``norm_q`` / ``norm_k`` and ``attn.scale`` (they call SDPA with its
+        default 1/sqrt(d)), apply ``spatial_norm`` before splitting the batch, and ignore
+        ``encoder_hidden_states``; so they are reproduced only on self-attention without those
+        (every SDXL UNet self-attention layer), never by changing what PAG computes."""
+        head_dim = attn.inner_dim // attn.heads
+        return (
+            not attn.is_cross_attention
+            and attn.spatial_norm is None
+            and attn.norm_q is None
+            and attn.norm_k is None
+            and abs(attn.scale - head_dim**-0.5) <= 1e-7 * head_dim**-0.5
+        )
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        coeff_scale: float | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """PAG's attention: the guided part mixed by alpha, the perturbed part PAG's identity attention."""
+        parts = hidden_states.chunk(3 if self.cfg else 2)
+        guided, perturbed = torch.cat(parts[:-1]), parts[-1]
+        # PAG ignores encoder_hidden_states on these layers (self-attention only): so do we.
+        heads = self._heads(attn, guided, None, attention_mask, temb)
+        guided = self._output(attn, heads, self._joined(heads, self._attend(attn, heads, coeff_scale)))
+        return torch.cat([guided, self._identity_attention(attn, perturbed, heads.query.dtype)])
+
+    @staticmethod
+    def _identity_attention(attn: Attention, hidden_states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """PAG's perturbed branch: attention with the identity map is the values themselves, then to_out."""
+        residual, input_shape = hidden_states, tuple(hidden_states.shape)
+        if hidden_states.ndim == 4:
+            b, c, h, w = input_shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states = attn.to_v(hidden_states).to(dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if len(input_shape) == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(input_shape)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

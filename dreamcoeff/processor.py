@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .attention import EXACT_IMPLS
-from .attn_processors import PLAIN_BACKENDS, CoeffAttnProcessor, CoeffIPAdapterAttnProcessor
+from .attn_processors import PLAIN_BACKENDS, CoeffAttnProcessor, CoeffIPAdapterAttnProcessor, CoeffPAGAttnProcessor
 from .head_mix import COEFF_TARGETS, CoeffStrength, HeadMix, check_target_scales, target_scale_of
 
 if TYPE_CHECKING:  # for the annotations only: importing diffusers' pipelines is slow
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # for the annotations only: importing diffusers' pipelines is
 __all__ = [
     "CoeffAttnProcessor",
     "CoeffIPAdapterAttnProcessor",
+    "CoeffPAGAttnProcessor",
     "CoeffStrength",
     "AlphaNotAppliedWarning",
     "apply_coeff",
@@ -135,8 +136,11 @@ def _as_list(patterns: str | Iterable[str] | None) -> list[str]:
 # Which processors alpha can be kept through
 
 
-def _taking_over(processor) -> CoeffAttnProcessor | CoeffIPAdapterAttnProcessor | None:
-    """The alpha-applying processor that computes what `processor` computes, or None where there is none.
+def _taking_over(
+    processor, module: Attention
+) -> CoeffAttnProcessor | CoeffIPAdapterAttnProcessor | CoeffPAGAttnProcessor | None:
+    """The alpha-applying processor that computes what `processor` computes on `module`, or None
+    where there is none.
 
     Exact types only: a subclass may compute something else, and then alpha is reported dropped."""
     from diffusers.models import attention_processor as ap
@@ -150,6 +154,10 @@ def _taking_over(processor) -> CoeffAttnProcessor | CoeffIPAdapterAttnProcessor 
         new = CoeffAttnProcessor(plain_backend="xformers")
     elif kind in (ap.IPAdapterAttnProcessor2_0, ap.IPAdapterAttnProcessor):
         new = CoeffIPAdapterAttnProcessor.taking_over(processor)
+    elif kind in (ap.PAGCFGIdentitySelfAttnProcessor2_0, ap.PAGIdentitySelfAttnProcessor2_0):
+        if not CoeffPAGAttnProcessor.reproduces(module):
+            return None
+        new = CoeffPAGAttnProcessor(cfg=kind is ap.PAGCFGIdentitySelfAttnProcessor2_0)
     else:
         return None
     new.__dict__["replaced"] = processor
@@ -159,7 +167,7 @@ def _taking_over(processor) -> CoeffAttnProcessor | CoeffIPAdapterAttnProcessor 
 def keep_alpha_applied(model_or_pipe: Model) -> dict[str, str]:
     """Make every layer with alpha run a processor that applies it, where that can be done exactly.
 
-    Processors diffusers put there (slicing, fused QKV, xformers, IP-Adapter, the default) are taken
+    Processors diffusers put there (slicing, fused QKV, xformers, IP-Adapter, PAG, the default) are taken
     over; returns ``{path: processor class name}`` of the layers where alpha is NOT applied (a
     processor dreamcoeff cannot reproduce), after warning once about them with an
     `AlphaNotAppliedWarning`. Runs before every UNet call (a forward pre-hook); call it yourself to
@@ -170,7 +178,7 @@ def keep_alpha_applied(model_or_pipe: Model) -> dict[str, str]:
         processor = module.processor
         if getattr(processor, "applies_head_mix", False):
             continue
-        replacement = _taking_over(processor)
+        replacement = _taking_over(processor, module)
         if replacement is None:
             dropped[path] = type(processor).__name__
         else:
@@ -191,7 +199,7 @@ def _warn_dropped(unet: nn.Module, dropped: Mapping[str, str]) -> None:
         f"carry it (e.g. {next(iter(dropped))}): their processor ({names}) was set after alpha (by "
         "set_attn_processor or a library) and does not apply it, so those layers run as the base model. "
         "Keep alpha with a processor dreamcoeff reproduces (diffusers' default, sliced, fused-QKV, xformers, "
-        "IP-Adapter: see docs/pipelines.md), or call dreamcoeff.remove_coeff(pipe) first if alpha should go.",
+        "IP-Adapter, PAG: see docs/pipelines.md), or call dreamcoeff.remove_coeff(pipe) first if alpha should go.",
         AlphaNotAppliedWarning,
         stacklevel=3,
     )
@@ -265,7 +273,7 @@ def install_coeff_processors(
         elif dropout is not None:
             head_mix.set_dropout(dropout)
         if not getattr(module.processor, "applies_head_mix", False):
-            new = _taking_over(module.processor)
+            new = _taking_over(module.processor, module)
             if new is None:
                 replaced.append(type(module.processor).__name__)
                 new = CoeffAttnProcessor()

@@ -15,6 +15,7 @@ from dreamcoeff.attn_processors import CoeffAttnProcessor
 from dreamcoeff.processor import (
     AlphaNotAppliedWarning,
     apply_coeff,
+    coeff_modules,
     coeff_parameters,
     keep_alpha_applied,
     remove_coeff,
@@ -489,3 +490,130 @@ def test_accelerate_cpu_offload_moves_alpha_with_its_hooks(alpha_pipe):
     assert np.abs(images - base).max() > 1e-2
     hook = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.head_mix._hf_hook
     assert torch.equal(hook.weights_map["alpha"], alphas[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Perturbed-attention guidance (PAG)
+
+
+def _pag_layer(cfg: bool, qk_norm: str | None = None):
+    """One self-attention layer running diffusers' PAG processor, in a module so apply_coeff finds it,
+    and a batch laid out as PAG lays it out ([uncond, text, perturbed] or [text, perturbed])."""
+    from diffusers.models.attention_processor import (
+        Attention,
+        PAGCFGIdentitySelfAttnProcessor2_0,
+        PAGIdentitySelfAttnProcessor2_0,
+    )
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.attn1 = Attention(query_dim=32, heads=4, dim_head=8, qk_norm=qk_norm).eval()
+    pag = PAGCFGIdentitySelfAttnProcessor2_0() if cfg else PAGIdentitySelfAttnProcessor2_0()
+    holder.attn1.processor = pag  # what diffusers' PAGMixin does: plain assignment
+    return holder, pag, torch.randn((3 if cfg else 2) * 2, 10, 32)
+
+
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no_cfg"])
+def test_pag_processor_is_taken_over_with_alpha_on_the_guided_branches(cfg):
+    """On one layer, against diffusers' PAG processor itself: at alpha 0 our take-over is PAG exactly;
+    with alpha the perturbed branch (identity attention: no map to mix) is still PAG's, and the guided
+    branches are the float64 mixed-attention reference."""
+    from dreamcoeff.attn_processors import CoeffPAGAttnProcessor
+    from tests.reference import reference_attention_module
+
+    holder, pag, x = _pag_layer(cfg)
+    attn = holder.attn1
+    guided = x.shape[0] // (3 if cfg else 2) * (2 if cfg else 1)  # rows of the unperturbed branches
+    with torch.no_grad():
+        theirs = attn(x)
+        apply_coeff(holder, targets="attn1")
+        assert isinstance(attn.processor, CoeffPAGAttnProcessor) and attn.processor.cfg is cfg
+        torch.testing.assert_close(attn(x), theirs, atol=1e-6, rtol=0)  # alpha = 0: PAG exactly
+        attn.head_mix.alpha.normal_(0, 0.5)
+        ours = attn(x)
+        coeff = torch.eye(4, dtype=torch.float64) + attn.head_mix.alpha.double()
+        reference = reference_attention_module(attn, x[:guided], coeff)
+    torch.testing.assert_close(ours[guided:], theirs[guided:], atol=1e-6, rtol=0)  # PAG's perturbed branch
+    torch.testing.assert_close(ours[:guided].double(), reference, atol=1e-5, rtol=0)  # alpha on the guided ones
+    assert (ours[:guided] - theirs[:guided]).abs().max() > 1e-3
+    # PAG installs its processor by assignment before each call: the guard takes it over again.
+    attn.processor = pag
+    assert keep_alpha_applied(holder) == {} and isinstance(attn.processor, CoeffPAGAttnProcessor)
+    remove_coeff(holder)
+    assert attn.processor is pag  # what was there comes back
+
+
+def test_pag_processor_that_cannot_be_reproduced_is_reported():
+    """PAG's processors skip norm_q / norm_k: on a layer with them, PAG's guided branch is not plain
+    attention, so it is not taken over and alpha is reported not applied, never dropped in silence."""
+    from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
+
+    holder, pag, _ = _pag_layer(True, qk_norm="layer_norm")
+    with pytest.warns(AlphaNotAppliedWarning, match="replaced by CoeffAttnProcessor"):
+        apply_coeff(holder, targets="attn1")
+    holder.attn1.processor = pag
+    with pytest.warns(AlphaNotAppliedWarning, match=r"NOT applied on 1 of 1 .*PAGCFGIdentitySelfAttnProcessor2_0"):
+        assert keep_alpha_applied(holder) == {"attn1": "PAGCFGIdentitySelfAttnProcessor2_0"}
+    assert isinstance(holder.attn1.processor, PAGCFGIdentitySelfAttnProcessor2_0)
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0], ids=["cfg", "no_cfg"])
+def test_pag_pipeline_keeps_alpha(alpha_pipe, guidance_scale):
+    """StableDiffusionXLPAGPipeline (from_pipe, PAG on the mid block) around the alpha UNet: coeff_scale 0
+    is diffusers' own PAG pipeline on an untouched model; pag_scale 0 (diffusers then runs plain CFG) is
+    the plain alpha pipeline; with both on, the images differ from each; nothing is warned."""
+    import functools
+    import warnings
+
+    from diffusers import StableDiffusionXLPAGPipeline
+
+    from dreamcoeff.attn_processors import CoeffPAGAttnProcessor
+    from dreamcoeff.testing.tiny import build_tiny_pipeline
+
+    pipe, _, with_alpha = alpha_pipe
+    plain = build_tiny_pipeline(seed=0)
+    reference = StableDiffusionXLPAGPipeline.from_pipe(plain, pag_applied_layers=["mid"])
+    reference.set_progress_bar_config(disable=True)
+    pag_only = _images(reference, guidance_scale=guidance_scale, pag_scale=3.0)
+    no_pag = _images(plain, guidance_scale=guidance_scale)
+    assert np.abs(pag_only - no_pag).max() > 1e-2  # PAG visibly acts on the tiny model
+
+    pag = StableDiffusionXLPAGPipeline.from_pipe(pipe, pag_applied_layers=["mid"])
+    pag.set_progress_bar_config(disable=True)
+    seen = []
+    original = CoeffPAGAttnProcessor.__call__
+
+    @functools.wraps(original)  # Attention.forward reads the processor's signature
+    def spy(self, attn, *args, **kwargs):
+        seen.append(self.cfg)
+        return original(self, attn, *args, **kwargs)
+
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
+        warnings.simplefilter("error", AlphaNotAppliedWarning)  # the PAG layers must not lose alpha
+        mp.setattr(CoeffPAGAttnProcessor, "__call__", spy)
+        kept = _images(pag, guidance_scale=guidance_scale, pag_scale=3.0)
+        assert seen and set(seen) == {guidance_scale > 1}  # PAG's layers ran our take-over
+        off = _images(pag, guidance_scale=guidance_scale, pag_scale=3.0, cross_attention_kwargs={"coeff_scale": 0.0})
+        pag_zero = _images(pag, guidance_scale=guidance_scale, pag_scale=0.0)
+        # alpha really acts on PAG's own layers (the mid block's self-attention): zero it there alone
+        pag_layers = [
+            m.head_mix.alpha
+            for p, m in coeff_modules(pipe).items()
+            if p.startswith("mid_block.") and p.endswith("attn1")
+        ]
+        assert pag_layers
+        saved = [a.detach().clone() for a in pag_layers]
+        with torch.no_grad():
+            for a in pag_layers:
+                a.zero_()
+            not_on_pag_layers = _images(pag, guidance_scale=guidance_scale, pag_scale=3.0)
+            for a, s in zip(pag_layers, saved):
+                a.copy_(s)
+    assert np.abs(kept - not_on_pag_layers).max() > 1e-4
+    np.testing.assert_array_equal(off, pag_only)  # exactly: same ops in the same order
+    alpha_only = with_alpha if guidance_scale == 5.0 else _images(pipe, guidance_scale=guidance_scale)
+    np.testing.assert_array_equal(pag_zero, alpha_only)
+    assert np.abs(kept - pag_only).max() > 1e-2 and np.abs(kept - alpha_only).max() > 1e-2
+    # diffusers puts the processors back after the call: ours again, alpha applied everywhere
+    assert all(isinstance(p, CoeffAttnProcessor) for p in pipe.unet.attn_processors.values())
+    assert keep_alpha_applied(pipe) == {}
