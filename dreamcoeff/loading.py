@@ -58,6 +58,8 @@ class LoadedRun:
     # injects an adapter and never unfreezes them, and the flag is not cosmetic (PyTorch's matmul folds
     # batched inputs differently when a weight requires grad, so even no_grad images move in the last bit)
     unet_requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
+    # the same for each text encoder the run's LoRA went into ("text_encoder", "text_encoder_2")
+    text_requires_grad: dict[str, dict[str, bool]] = field(default_factory=dict, repr=False)
 
     @property
     def token(self) -> str | None:
@@ -108,14 +110,18 @@ def check_lora_file(pipe: StableDiffusionXLPipeline, path: Path) -> tuple[dict[s
         raise RunLoadError(f"{path} holds no LoRA weights")
     if alphas:  # kohya's per-module alphas: not what dreamcoeff writes
         raise RunLoadError(f"{path} is a kohya-style LoRA (network alphas); load it with pipe.load_lora_weights")
-    problems = [f"{k}: not a UNet LoRA weight of diffusers' format" for k in state if not _LORA_PARAM.match(k)]
+    # --train_text_encoder runs: the text encoders' LoRA beside the UNet's, checked on its own
+    text_state = {k: v for k, v in state.items() if k.startswith(("text_encoder.", "text_encoder_2."))}
+    unet_state = {k: v for k, v in state.items() if k not in text_state}
+    problems = [f"{k}: not a UNet LoRA weight of diffusers' format" for k in unet_state if not _LORA_PARAM.match(k)]
     problems += tensor_value_problems(state)
+    text_ranks: dict[str, dict[str, int]] = {}
     if not problems:
-        problems = lora_problems(pipe.unet, state)
+        problems = lora_problems(pipe.unet, unet_state) + _text_encoder_problems(pipe, text_state, text_ranks)
     ranks: dict[str, int] = {}
     if not problems:
         modules: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in state.items():
+        for key, value in unet_state.items():
             m = _LORA_PARAM.match(key)
             kind = "magnitude" if "magnitude" in m["kind"] else "down" if m["kind"][5] in "dA" else "up"
             modules.setdefault(m["module"], {})[kind] = value
@@ -174,7 +180,48 @@ def check_lora_file(pipe: StableDiffusionXLPipeline, path: Path) -> tuple[dict[s
         "target_modules": sorted(ranks),
         "lora_dropout": 0.0,
     }
-    return state, {f"unet.{k}": v for k, v in clean.items()}
+    clean = {f"unet.{k}": v for k, v in clean.items()}
+    for prefix, found in text_ranks.items():  # one rank per encoder (what dreamcoeff writes)
+        alpha = metadata.get(f"{prefix}.lora_alpha")
+        if not _number(alpha) or len(set(found.values())) != 1:
+            raise RunLoadError(f"{path}: its {prefix} LoRA needs one rank and a numeric lora_alpha in its metadata")
+        te = {"r": next(iter(found.values())), "lora_alpha": alpha, "target_modules": sorted(found)}
+        clean.update({f"{prefix}.{k}": v for k, v in {**te, "lora_dropout": 0.0, "use_dora": False}.items()})
+    return state, clean
+
+
+_TEXT_LORA = re.compile(
+    r"^(?P<prefix>text_encoder(?:_2)?)\.(?P<module>.+?)\.(?:lora_linear_layer|lora)\.(?P<kind>down|up)\.weight$"
+)
+
+
+def _text_encoder_problems(pipe, state: dict[str, torch.Tensor], ranks: dict[str, dict[str, int]]) -> list[str]:
+    """What is wrong with a LoRA file's text-encoder keys for `pipe`'s encoders (each must name a
+    Linear of its encoder, down / up matrices whose sizes fit it); fills `ranks` (prefix -> module -> rank)."""
+    problems, pairs = [], {}
+    encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    modules = {p: dict(e.named_modules()) for p, e in encoders.items() if e is not None}
+    for key, value in state.items():
+        m = _TEXT_LORA.match(key)
+        found = modules.get(m["prefix"], {}) if m else {}
+        path = m["module"] if m else ""
+        if path not in found:  # a file written with transformers 4's `text_model.` module tree
+            path = path.removeprefix("text_model.")
+        layer = getattr(found.get(path), "base_layer", found.get(path))
+        if not m or not isinstance(layer, torch.nn.Linear) or value.ndim != 2:
+            problems.append(f"{key}: not a LoRA weight of a Linear layer of {m['prefix'] if m else 'a text encoder'}")
+        elif value.shape[int(m["kind"] == "down")] != (
+            layer.in_features if m["kind"] == "down" else layer.out_features
+        ):
+            problems.append(f"{key}: shape {tuple(value.shape)} does not fit '{path}'")
+        else:
+            pairs.setdefault((m["prefix"], path), {})[m["kind"]] = value
+    for (prefix, path), parts in pairs.items():
+        if set(parts) != {"down", "up"} or parts["down"].shape[0] != parts["up"].shape[1]:
+            problems.append(f"{prefix}.{path}: needs one down and one up matrix of the same rank")
+        else:
+            ranks.setdefault(prefix, {})[path] = int(parts["down"].shape[0])
+    return problems
 
 
 def load_run(
@@ -222,6 +269,11 @@ def load_run(
                     _remove_run_lora(pipe, loaded.unet_requires_grad)
                 raise RunLoadError(f"{found['lora']} could not be loaded: {exc}") from exc
             loaded.parts.append("lora")  # from here on unload_run takes it out again
+            for prefix in sorted({k.split(".", 1)[0] for k in lora_state if k.startswith("text_encoder")}):
+                encoder = getattr(pipe, prefix)  # --train_text_encoder: the encoders' LoRA too
+                loaded.text_requires_grad[prefix] = {n: p.requires_grad for n, p in encoder.named_parameters()}
+                pipe.load_lora_into_text_encoder(lora_state, None, encoder, prefix=prefix, adapter_name=LORA_ADAPTER,
+                                                 metadata=lora_meta, _pipeline=pipe)  # fmt: skip
             pipe.set_adapters([LORA_ADAPTER], adapter_weights=[lora_scale])
     except BaseException:
         unload_run(pipe, loaded)
@@ -230,15 +282,26 @@ def load_run(
     return loaded
 
 
-def _remove_run_lora(pipe: StableDiffusionXLPipeline, requires_grad: dict[str, bool]) -> None:
+def _remove_run_lora(
+    pipe: StableDiffusionXLPipeline, requires_grad: dict[str, bool], text: dict[str, dict[str, bool]] | None = None
+) -> None:
     """Delete the run's adapter, and PEFT's wrapper layers with it when no other adapter is left; then
-    give every UNet parameter back the requires_grad flag it had before the adapter came in."""
+    give every UNet (and text encoder) parameter back the requires_grad flag it had before the adapter came in."""
+    from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch
+
     pipe.delete_adapters(LORA_ADAPTER)
     if not pipe.get_list_adapters().get("unet"):
         pipe.unet.unload_lora()
-    for name, param in pipe.unet.named_parameters():
-        if name in requires_grad:
-            param.requires_grad_(requires_grad[name])
+    models = [(pipe.unet, requires_grad)]
+    for prefix, flags in (text or {}).items():
+        encoder = getattr(pipe, prefix)
+        if not pipe.get_list_adapters().get(prefix):
+            _remove_text_encoder_monkey_patch(encoder)  # the encoder's module tree as it was
+        models.append((encoder, flags))
+    for model, flags in models:
+        for name, param in model.named_parameters():
+            if name in flags:
+                param.requires_grad_(flags[name])
 
 
 def unload_run(pipe: StableDiffusionXLPipeline, loaded: LoadedRun) -> None:
@@ -250,7 +313,7 @@ def unload_run(pipe: StableDiffusionXLPipeline, loaded: LoadedRun) -> None:
     flags are what they were before the load.
     """
     if "lora" in loaded.parts:
-        _remove_run_lora(pipe, loaded.unet_requires_grad)
+        _remove_run_lora(pipe, loaded.unet_requires_grad, loaded.text_requires_grad)
     if "alpha" in loaded.parts:
         remove_coeff(pipe)
     if "unet" in loaded.parts and loaded.base_unet is not None:

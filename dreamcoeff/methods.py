@@ -11,7 +11,7 @@ checkpoint, its own parameter group and learning rate, and its own save and load
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,9 +24,11 @@ from .lora import (
     add_lora,
     init_lora_from,
     load_full_unet_weights,
+    load_lora_into_text_encoders,
     load_lora_into_unet,
     lora_state_dict,
     save_lora,
+    text_encoders_lora_state,
 )
 from .processor import apply_coeff, coeff_parameters
 from .tokens import EMBEDDINGS_SUFFIX
@@ -251,12 +253,15 @@ class TuningMethod:
         tokens: LearnedTokens | None = None,
         tokens_name: str | None = None,
         kohya_name: str | None = None,
+        text_encoders: Sequence[torch.nn.Module] = (),
     ) -> list[Path]:
         """Write every trained part into `folder` (each file atomically); returns their paths.
 
         `metadata` goes into the alpha file's header (the final files carry the training arguments);
         the learned tokens go to `tokens_name` (``<run name>_emb.safetensors``); with `kohya_name`
         the LoRA also goes there in kohya's key layout, UI-ready (``--save_precision``, ss_* metadata).
+        `text_encoders` (both, with a LoRA adapter: ``--train_text_encoder``) put their LoRA into both
+        LoRA files (``text_encoder.`` / ``text_encoder_2.`` keys; ``lora_te1_`` / ``lora_te2_`` in kohya's).
         """
         folder = Path(folder)
         written = []
@@ -265,7 +270,7 @@ class TuningMethod:
         if self.coeff:
             written.append(save_coeff_weights(folder / COEFF_WEIGHTS_NAME, unet, metadata))
         if self.lora:
-            written.append(save_lora(folder, unet))
+            written.append(save_lora(folder, unet, text_encoders))
             if kohya_name:
                 from .kohya import save_kohya_lora
 
@@ -273,16 +278,22 @@ class TuningMethod:
                 args = dict((metadata or {}).get("training_args") or {})
                 ui = dict(precision=args.get("save_precision", "fp16"), training_args=args)
                 ui["prediction_type"] = (metadata or {}).get("prediction_type", "epsilon")
-                state = lora_state_dict(unet)
+                state = {**lora_state_dict(unet), **text_encoders_lora_state(text_encoders)}
                 written.append(save_kohya_lora(folder / kohya_name, state, unet.config, lora_alpha, **ui))
         if self.full:
             unet.save_pretrained(folder / FULL_UNET_DIR, safe_serialization=True)
             written.append(folder / FULL_UNET_DIR)
         return written
 
-    def load(self, unet: torch.nn.Module, folder: str | Path, tokens: LearnedTokens | None = None) -> None:
+    def load(
+        self,
+        unet: torch.nn.Module,
+        folder: str | Path,
+        tokens: LearnedTokens | None = None,
+        text_encoders: Sequence[torch.nn.Module] = (),
+    ) -> None:
         """Copy the parts saved in `folder` (a checkpoint) into the installed ones, in place, so an
-        optimizer built on them keeps referring to the same parameters."""
+        optimizer built on them keeps referring to the same parameters (the text encoders' LoRA too)."""
         folder = Path(folder)
         if self.tokens and tokens is not None:
             found = EMBEDDINGS.find(folder)
@@ -295,6 +306,8 @@ class TuningMethod:
                 p.requires_grad_(True)
         if self.lora:
             load_lora_into_unet(unet, folder / LORA_WEIGHTS_NAME)
+            if text_encoders:
+                load_lora_into_text_encoders(text_encoders, folder / LORA_WEIGHTS_NAME)
         if self.full:
             load_full_unet_weights(unet, folder / FULL_UNET_DIR)
 
