@@ -92,7 +92,7 @@ def test_text_encoder_lora_trains_only_its_own_weights_and_freezes_on_time(tiny_
     assert off.params == [] and off.frozen and off.parameter_groups(None) == []
     assert all(not any(".lora_" in n for n, _ in e.named_parameters()) for e in encoders)
 
-    cfg = SimpleNamespace(train_text_encoder=True, rank=2, lora_alpha=4, lora_dropout=0.0, text_encoder_lora_lr=5e-2,
+    cfg = SimpleNamespace(train_text_encoder=True, rank=2, lora_alpha=4, text_encoder_lora_lr=5e-2,
                           learning_rate=1e-4, adam_weight_decay=1e-2)  # fmt: skip
     lora = TextEncoderLora.install(tiny_pipe, cfg)
     assert len(lora.params) == 2 * 4 * 2 * 2  # 2 encoders x 2 layers x q/k/v/out x A/B
@@ -274,7 +274,7 @@ def test_resume_with_text_encoder_lora_and_tokens_matches_uninterrupted(tiny_pip
         for key in want:
             assert torch.allclose(got[key], want[key], atol=1e-6, rtol=0), key
     start, end = load_file(str(run / "checkpoint-1" / LORA)), load_file(str(ref / LORA))
-    assert any(not torch.equal(start[k], end[k]) for k in _part(start, "text_encoder"))  # it trained after 1
+    assert any(not torch.equal(start[k], end[k]) for k in _part(start, "text_encoder_2"))  # it trained after 1
 
     card = (run / "README.md").read_text()
     assert "clip_skip=1" in card and "learned tokens" in card and "LoRA rank 4 on both CLIP encoders" in card

@@ -1,7 +1,9 @@
 """LoRA on both CLIP text encoders (``--train_text_encoder``), and the checks of the text-side flags.
 
 The adapters are PEFT's, on each encoder's attention projections (q/k/v/out_proj), with the UNet
-LoRA's rank, alpha and dropout, as diffusers' ``train_dreambooth_lora_sdxl.py`` installs them. They
+LoRA's rank and alpha, as diffusers' ``train_dreambooth_lora_sdxl.py`` installs them; without
+dropout (the encoders stay in eval mode, as validation and inference read them, so ``--lora_dropout``
+is the UNet's only). They
 have their own parameter group (``--text_encoder_lora_lr``, default ``--learning_rate``: the
 ``--text_encoder_lr`` flag stays the learned tokens' rate) and train for the first
 ``--train_text_encoder_frac`` of the steps; then they freeze and the captions are cached again
@@ -56,7 +58,7 @@ class TextEncoderLora:
         if not cfg.train_text_encoder:
             return cls([], [])
         encoders = [components.text_encoder, components.text_encoder_2]
-        params = [p for e in encoders for p in add_text_encoder_lora(e, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)]
+        params = [p for e in encoders for p in add_text_encoder_lora(e, cfg.rank, cfg.lora_alpha)]
         return cls(encoders, params)
 
     def parameter_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
