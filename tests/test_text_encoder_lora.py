@@ -280,3 +280,24 @@ def test_resume_with_text_encoder_lora_and_tokens_matches_uninterrupted(tiny_pip
     assert "clip_skip=1" in card and "learned tokens" in card and "LoRA rank 4 on both CLIP encoders" in card
     without = [a for a in argv(run, "--resume_from_checkpoint", "latest") if a != "--train_text_encoder"]
     assert main(without) == 2  # a usage error: the checkpoint's LoRA files hold the encoders' adapters
+
+
+def test_sampler_renders_with_the_pipelines_clip_skip(tiny_pipe):
+    """The sampler's --clip_skip reaches the pipeline: its base row is diffusers' own pipe(clip_skip=1)."""
+    from dreamcoeff import sample as S
+
+    def rendered(clip_skip):
+        result = S.sample_runs(tiny_pipe, [], ["a dog"], [0], include_base=True, num_inference_steps=2, height=64,
+                               width=64, progress=False, clip_skip=clip_skip)  # fmt: skip
+        assert result.settings["clip_skip"] == clip_skip
+        return np.asarray(result.image(result.find("base", 0, 0))).astype(np.int16)
+
+    theirs = tiny_pipe("a dog", num_inference_steps=2, height=64, width=64, clip_skip=1,
+                       generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    ours = rendered(1)
+    assert np.array_equal(ours, np.asarray(theirs).astype(np.int16))
+    assert np.abs(ours - rendered(None)).max() > 0
+    with pytest.raises(S.SamplingError, match="--clip_skip must be >= 0"):
+        rendered(-1)
+    flag = next(a for a in S.build_parser()._actions if "--clip_skip" in a.option_strings)
+    assert flag.type is int and flag.default is None
