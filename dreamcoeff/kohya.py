@@ -134,6 +134,7 @@ def ui_metadata(
     and files the LoRA under SDXL by ``ss_base_model_version``) and Stability's ``modelspec.*`` tags.
     Every value is a string, as safetensors headers require."""
     a = dict(training_args)
+    te = bool(a.get("train_text_encoder"))  # LoRA on both text encoders (lora_te1_ / lora_te2_ keys)
     res = a.get("resolution", 1024)
     now = time.time()
     ss = {
@@ -152,7 +153,9 @@ def ui_metadata(
         "ss_resolution": f"({res}, {res})",
         "ss_learning_rate": str(a.get("learning_rate")),
         "ss_unet_lr": str(a.get("learning_rate")),
-        "ss_text_encoder_lr": "None",
+        "ss_text_encoder_lr": str(a.get("text_encoder_lora_lr") or a.get("learning_rate")) if te else "None",
+        "ss_network_train_unet_only": str(not te),
+        "ss_clip_skip": str(a.get("clip_skip")),
         "ss_lr_scheduler": str(a.get("lr_scheduler")),
         "ss_lr_warmup_steps": str(a.get("lr_warmup_steps")),
         "ss_max_train_steps": str(a.get("max_train_steps")),

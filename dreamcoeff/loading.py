@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,11 +37,13 @@ from .lora import (
     LORA_WEIGHTS_NAME,
     init_lora_from,
     load_full_unet_weights,
+    load_lora_into_text_encoders,
     load_lora_into_unet,
     lora_problems,
     tensor_value_problems,
     unet_architecture_differences,
 )
+from .lora_check import RunLoadError, check_lora_file
 from .methods import EMBEDDINGS, artifacts_in
 from .processor import coeff_parameters, remove_coeff, set_coeff_scale, unwrap_unet
 from .tokens import (
@@ -87,10 +88,6 @@ __all__ = [
 
 #: The adapter name `load_run` gives a run's LoRA in the pipeline.
 LORA_ADAPTER = "dreamcoeff_run"
-
-
-class RunLoadError(ValueError):
-    """A run folder that holds nothing to load, or parts that do not fit the pipeline."""
 
 
 # ---- reading: find a run's files and tell them apart (nothing installed) -----------------------------
@@ -371,10 +368,14 @@ def read_full_unet(path: Path, base_unet: torch.nn.Module) -> tuple[torch.nn.Mod
 
 
 def load_checkpoint_parts(
-    method: TuningMethod, unet: torch.nn.Module, folder: str | Path, tokens: LearnedTokens | None = None
+    method: TuningMethod,
+    unet: torch.nn.Module,
+    folder: str | Path,
+    tokens: LearnedTokens | None = None,
+    text_encoders: Sequence[torch.nn.Module] = (),
 ) -> None:
     """Copy the parts `method` saved in `folder` (a checkpoint) into the installed ones, in place, so an
-    optimizer built on them keeps referring to the same parameters (resume)."""
+    optimizer built on them keeps referring to the same parameters (resume; the text encoders' LoRA too)."""
     folder = Path(folder)
     if method.tokens and tokens is not None:
         found = EMBEDDINGS.find(folder)
@@ -387,6 +388,8 @@ def load_checkpoint_parts(
             p.requires_grad_(True)
     if method.lora:
         load_lora_into_unet(unet, folder / LORA_WEIGHTS_NAME)
+        if text_encoders:
+            load_lora_into_text_encoders(text_encoders, folder / LORA_WEIGHTS_NAME)
     if method.full:
         load_full_unet_weights(unet, folder / FULL_UNET_DIR)
 
@@ -425,6 +428,8 @@ class LoadedRun:
     # injects an adapter and never unfreezes them, and the flag is not cosmetic (PyTorch's matmul folds
     # batched inputs differently when a weight requires grad, so even no_grad images move in the last bit)
     unet_requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
+    # the same for each text encoder the run's LoRA went into ("text_encoder", "text_encoder_2")
+    text_requires_grad: dict[str, dict[str, bool]] = field(default_factory=dict, repr=False)
 
     @property
     def token(self) -> str | None:
@@ -437,100 +442,6 @@ class LoadedRun:
         """`text` with each token abstraction (``TOK``, as a whole word, as in training) replaced by the
         run's learned tokens."""
         return replace_abstractions(text, self.abstractions)
-
-
-_LORA_PARAM = re.compile(
-    r"^unet\.(?P<module>.+?)\.(?P<kind>lora[._](?:down|up|A|B)\.weight|lora_magnitude_vector(?:\.weight)?)$"
-)
-
-
-def _number(value) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
-
-
-def check_lora_file(pipe: StableDiffusionXLPipeline, path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """A run's LoRA file, read with diffusers' reader (safetensors only) and checked against the UNet
-    before anything is loaded: UNet LoRA keys only, a down and an up matrix per module whose sizes fit
-    the module and each other, finite float values, and diffusers' adapter metadata of plain values.
-    Returns (state dict, the adapter metadata rebuilt from what was checked, or None when the file has
-    none); raises `RunLoadError` naming the file."""
-    try:
-        state, alphas, metadata = pipe.lora_state_dict(
-            str(path.parent), weight_name=path.name, use_safetensors=True, return_lora_metadata=True
-        )
-    except Exception as exc:  # noqa: BLE001 - safetensors, json and diffusers' converters raise many types
-        raise RunLoadError(f"{path} is not a LoRA file diffusers can read ({type(exc).__name__}: {exc})") from None
-    if not state:
-        raise RunLoadError(f"{path} holds no LoRA weights")
-    if alphas:  # kohya's per-module alphas: not what dreamcoeff writes
-        raise RunLoadError(f"{path} is a kohya-style LoRA (network alphas); load it with pipe.load_lora_weights")
-    problems = [f"{k}: not a UNet LoRA weight of diffusers' format" for k in state if not _LORA_PARAM.match(k)]
-    problems += tensor_value_problems(state)
-    if not problems:
-        problems = lora_problems(pipe.unet, state)
-    ranks: dict[str, int] = {}
-    if not problems:
-        modules: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in state.items():
-            m = _LORA_PARAM.match(key)
-            kind = "magnitude" if "magnitude" in m["kind"] else "down" if m["kind"][5] in "dA" else "up"
-            modules.setdefault(m["module"], {})[kind] = value
-        for name, parts in modules.items():
-            down, up = parts.get("down"), parts.get("up")
-            if down is None or up is None or down.ndim != up.ndim or down.ndim not in (2, 4):
-                problems.append(f"{name}: needs one down and one up matrix of the same kind")
-            elif down.shape[0] != up.shape[1] or down.shape[0] < 1:
-                problems.append(f"{name}: down matrix of rank {down.shape[0]}, up matrix of rank {up.shape[1]}")
-            elif "magnitude" in parts and tuple(parts["magnitude"].shape) != (up.shape[0],):
-                problems.append(f"{name}: DoRA magnitudes of shape {tuple(parts['magnitude'].shape)}")
-            else:
-                ranks[name] = int(down.shape[0])
-        doras = {name for name, parts in modules.items() if "magnitude" in parts}
-        if doras and doras != set(modules):
-            problems.append(f"DoRA magnitudes for {len(doras)} of {len(modules)} modules")
-    if problems:
-        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise RunLoadError(f"{path} does not fit this UNet ({len(problems)} problem(s)):\n  " + "\n  ".join(shown))
-    if metadata is None:
-        return state, None
-    # diffusers builds PEFT's LoraConfig from this metadata as it stands (any rank, init method, modules
-    # to save, target patterns); only the plain settings are taken, the rest follows from the tensors.
-    meta = (
-        {k[len("unet.") :]: v for k, v in metadata.items() if k.startswith("unet.")}
-        if isinstance(metadata, dict)
-        else None
-    )
-    alpha = meta.get("lora_alpha", None) if meta is not None else None
-    pattern = meta.get("alpha_pattern") or {} if meta is not None else None
-    if not (
-        meta is not None
-        and _number(alpha)
-        and isinstance(pattern, dict)
-        and all(isinstance(k, str) and k and _number(v) for k, v in pattern.items())
-        and type(meta.get("use_dora", False)) is bool
-        and meta.get("use_dora", False) == bool(doras)
-        and type(meta.get("use_rslora", False)) is bool
-    ):
-        raise RunLoadError(
-            f"{path}: its LoRA adapter metadata is not a valid LoRA config (lora_alpha, alpha_pattern, use_dora)"
-        )
-    for key in pattern:
-        try:
-            re.compile(rf"(.*\.)?({key})$")
-        except re.error:
-            raise RunLoadError(f"{path}: alpha_pattern key {key!r} is not a valid pattern") from None
-    common = max(set(ranks.values()), key=list(ranks.values()).count)
-    clean = {
-        "r": common,
-        "rank_pattern": {f"^{name}": r for name, r in ranks.items() if r != common},
-        "lora_alpha": alpha,
-        "alpha_pattern": pattern,
-        "use_dora": bool(doras),
-        "use_rslora": meta.get("use_rslora", False),
-        "target_modules": sorted(ranks),
-        "lora_dropout": 0.0,
-    }
-    return state, {f"unet.{k}": v for k, v in clean.items()}
 
 
 def load_run(
@@ -580,6 +491,11 @@ def load_run(
                     _remove_run_lora(pipe, loaded.unet_requires_grad)
                 raise RunLoadError(f"{files.lora} could not be loaded: {exc}") from exc
             loaded.parts.append("lora")  # from here on unload_run takes it out again
+            for prefix in sorted({k.split(".", 1)[0] for k in lora_state if k.startswith("text_encoder")}):
+                encoder = getattr(pipe, prefix)  # --train_text_encoder: the encoders' LoRA too
+                loaded.text_requires_grad[prefix] = {n: p.requires_grad for n, p in encoder.named_parameters()}
+                pipe.load_lora_into_text_encoder(lora_state, None, encoder, prefix=prefix, adapter_name=LORA_ADAPTER,
+                                                 metadata=lora_meta, _pipeline=pipe)  # fmt: skip
             pipe.set_adapters([LORA_ADAPTER], adapter_weights=[lora_scale])
     except BaseException:
         unload_run(pipe, loaded)
@@ -588,15 +504,26 @@ def load_run(
     return loaded
 
 
-def _remove_run_lora(pipe: StableDiffusionXLPipeline, requires_grad: dict[str, bool]) -> None:
+def _remove_run_lora(
+    pipe: StableDiffusionXLPipeline, requires_grad: dict[str, bool], text: dict[str, dict[str, bool]] | None = None
+) -> None:
     """Delete the run's adapter, and PEFT's wrapper layers with it when no other adapter is left; then
-    give every UNet parameter back the requires_grad flag it had before the adapter came in."""
+    give every UNet (and text encoder) parameter back the requires_grad flag it had before the adapter came in."""
+    from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch
+
     pipe.delete_adapters(LORA_ADAPTER)
     if not pipe.get_list_adapters().get("unet"):
         pipe.unet.unload_lora()
-    for name, param in pipe.unet.named_parameters():
-        if name in requires_grad:
-            param.requires_grad_(requires_grad[name])
+    models = [(pipe.unet, requires_grad)]
+    for prefix, flags in (text or {}).items():
+        encoder = getattr(pipe, prefix)
+        if not pipe.get_list_adapters().get(prefix):
+            _remove_text_encoder_monkey_patch(encoder)  # the encoder's module tree as it was
+        models.append((encoder, flags))
+    for model, flags in models:
+        for name, param in model.named_parameters():
+            if name in flags:
+                param.requires_grad_(flags[name])
 
 
 def unload_run(pipe: StableDiffusionXLPipeline, loaded: LoadedRun) -> None:
@@ -608,7 +535,7 @@ def unload_run(pipe: StableDiffusionXLPipeline, loaded: LoadedRun) -> None:
     flags are what they were before the load.
     """
     if "lora" in loaded.parts:
-        _remove_run_lora(pipe, loaded.unet_requires_grad)
+        _remove_run_lora(pipe, loaded.unet_requires_grad, loaded.text_requires_grad)
     if "alpha" in loaded.parts:
         remove_coeff(pipe)
     if "unet" in loaded.parts and loaded.base_unet is not None:

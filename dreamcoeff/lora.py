@@ -22,20 +22,30 @@ __all__ = [
     "FULL_UNET_DIR",
     "LORA_TARGET_MODULES",
     "LORA_WEIGHTS_NAME",
+    "TEXT_ENCODER_LORA_TARGETS",
+    "TEXT_ENCODER_PREFIXES",
     "add_lora",
+    "add_text_encoder_lora",
     "init_lora_from",
     "load_full_unet_weights",
+    "load_lora_into_text_encoders",
     "load_lora_into_unet",
     "lora_file_of",
     "lora_problems",
     "lora_state_dict",
     "save_lora",
     "tensor_value_problems",
+    "text_encoder_lora_state_dict",
+    "text_encoders_lora_state",
     "unet_architecture_differences",
 ]
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+#: CLIP's attention projections, where diffusers' train_dreambooth_lora_sdxl.py puts the text encoders' LoRA
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+#: The key prefixes of the two SDXL text encoders in diffusers' LoRA file (CLIP ViT-L, then OpenCLIP bigG)
+TEXT_ENCODER_PREFIXES = ("text_encoder", "text_encoder_2")
 #: Subfolder of a ``--tuning full`` output (and checkpoint) holding the whole fine-tuned UNet.
 FULL_UNET_DIR = "unet"
 
@@ -59,6 +69,68 @@ def add_lora(
     )
 
 
+def add_text_encoder_lora(
+    encoder: torch.nn.Module, rank: int, lora_alpha: int | None = None, dropout: float = 0.0
+) -> list[torch.nn.Parameter]:
+    """PEFT LoRA on a CLIP text encoder's attention projections (q/k/v/out_proj), as diffusers' SDXL
+    LoRA script does; its A/B matrices in float32 on a frozen encoder. Returns them (trainable).
+
+    PEFT's `inject_adapter_in_model` rather than transformers' `add_adapter`, which wants a newer PEFT
+    than diffusers does."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=lora_alpha or rank,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=TEXT_ENCODER_LORA_TARGETS,
+    )
+    inject_adapter_in_model(config, encoder)
+    params = [p for n, p in encoder.named_parameters() if ".lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def text_encoder_lora_state_dict(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A text encoder's LoRA weights in diffusers' format, without the encoder's prefix."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+
+
+def text_encoders_lora_state(text_encoders) -> dict[str, torch.Tensor]:
+    """Both encoders' LoRA weights behind their ``text_encoder.`` / ``text_encoder_2.`` prefixes."""
+    return {
+        f"{prefix}.{k}": v
+        for prefix, encoder in zip(TEXT_ENCODER_PREFIXES, text_encoders)
+        for k, v in text_encoder_lora_state_dict(encoder).items()
+    }
+
+
+def load_lora_into_text_encoders(text_encoders, path: str | os.PathLike) -> None:
+    """Copy the ``text_encoder.`` / ``text_encoder_2.`` LoRA weights of a diffusers-format file into
+    encoders that already carry the adapter (resume), in place; every adapter weight must be in it."""
+    from diffusers.utils import convert_state_dict_to_peft
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    for prefix, encoder in zip(TEXT_ENCODER_PREFIXES, text_encoders):
+        part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        want = set(get_peft_model_state_dict(encoder))
+        peft = convert_state_dict_to_peft(part)
+        if set(peft) != want:
+            raise ValueError(
+                f"{path}: its {prefix} LoRA does not fit the encoder ({len(want - set(peft))} weights missing, "
+                f"{len(set(peft) - want)} unexpected): a checkpoint of a run without --train_text_encoder?"
+            )
+        set_peft_model_state_dict(encoder, peft, adapter_name="default")
+
+
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The UNet's LoRA weights in diffusers' format (what `load_lora_weights` reads)."""
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -67,14 +139,24 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
-def save_lora(directory: str | os.PathLike, unet: torch.nn.Module) -> Path:
-    """Write `pytorch_lora_weights.safetensors` atomically (temp file + rename)."""
+def save_lora(directory: str | os.PathLike, unet: torch.nn.Module, text_encoders=()) -> Path:
+    """Write `pytorch_lora_weights.safetensors` atomically (temp file + rename): the UNet's LoRA and,
+    with `text_encoders` (both, each carrying an adapter), theirs under ``text_encoder.`` /
+    ``text_encoder_2.``, each with its adapter config, as diffusers' own script writes them."""
     from diffusers import StableDiffusionXLPipeline
 
+    def cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
     directory = Path(directory)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    state = cpu(lora_state_dict(unet))
     adapter_config = unet.peft_config["default"].to_dict()
-    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    extra = {}
+    for prefix, encoder in zip(TEXT_ENCODER_PREFIXES, text_encoders):
+        extra[f"{prefix}_lora_layers"] = cpu(text_encoder_lora_state_dict(encoder))
+        extra[f"{prefix}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
+    tensors = [state] + [v for k, v in extra.items() if k.endswith("_layers")]
+    bad = [k for part in tensors for k, v in part.items() if not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"refusing to save non-finite LoRA weights (e.g. {bad[0]}): the run diverged")
 
@@ -85,7 +167,11 @@ def save_lora(directory: str | os.PathLike, unet: torch.nn.Module) -> Path:
             # The adapter's config goes into the header as diffusers' own script writes it, so that
             # load_lora_weights knows lora_alpha (scale alpha / rank) and DoRA instead of assuming rank / no.
             StableDiffusionXLPipeline.save_lora_weights(
-                tmp_dir, unet_lora_layers=state, safe_serialization=True, unet_lora_adapter_metadata=adapter_config
+                tmp_dir,
+                unet_lora_layers=state,
+                safe_serialization=True,
+                unet_lora_adapter_metadata=adapter_config,
+                **extra,
             )
             os.replace(tmp_dir / LORA_WEIGHTS_NAME, tmp)
         finally:

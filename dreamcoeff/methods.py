@@ -13,14 +13,21 @@ adding a part or an entry to `METHODS`, not editing the loop.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .lora import FULL_UNET_DIR, LORA_WEIGHTS_NAME, add_lora, lora_state_dict, save_lora
+from .lora import (
+    FULL_UNET_DIR,
+    LORA_WEIGHTS_NAME,
+    add_lora,
+    lora_state_dict,
+    save_lora,
+    text_encoders_lora_state,
+)
 from .processor import apply_coeff, coeff_parameters
 from .tokens import EMBEDDINGS_SUFFIX
 from .weights import COEFF_WEIGHTS_NAME, save_coeff_weights
@@ -225,12 +232,15 @@ class TuningMethod:
         tokens: LearnedTokens | None = None,
         tokens_name: str | None = None,
         kohya_name: str | None = None,
+        text_encoders: Sequence[torch.nn.Module] = (),
     ) -> list[Path]:
         """Write every trained part into `folder` (each file atomically); returns their paths.
 
         `metadata` goes into the alpha file's header (the final files carry the training arguments);
         the learned tokens go to `tokens_name` (``<run name>_emb.safetensors``); with `kohya_name`
         the LoRA also goes there in kohya's key layout, UI-ready (``--save_precision``, ss_* metadata).
+        `text_encoders` (both, with a LoRA adapter: ``--train_text_encoder``) put their LoRA into both
+        LoRA files (``text_encoder.`` / ``text_encoder_2.`` keys; ``lora_te1_`` / ``lora_te2_`` in kohya's).
         """
         folder = Path(folder)
         written = []
@@ -239,7 +249,7 @@ class TuningMethod:
         if self.coeff:
             written.append(save_coeff_weights(folder / COEFF_WEIGHTS_NAME, unet, metadata))
         if self.lora:
-            written.append(save_lora(folder, unet))
+            written.append(save_lora(folder, unet, text_encoders))
             if kohya_name:
                 from .kohya import save_kohya_lora
 
@@ -247,7 +257,7 @@ class TuningMethod:
                 args = dict((metadata or {}).get("training_args") or {})
                 ui = dict(precision=args.get("save_precision", "fp16"), training_args=args)
                 ui["prediction_type"] = (metadata or {}).get("prediction_type", "epsilon")
-                state = lora_state_dict(unet)
+                state = {**lora_state_dict(unet), **text_encoders_lora_state(text_encoders)}
                 written.append(save_kohya_lora(folder / kohya_name, state, unet.config, lora_alpha, **ui))
         if self.full:
             unet.save_pretrained(folder / FULL_UNET_DIR, safe_serialization=True)

@@ -430,11 +430,19 @@ def token_length(tokenizer, prompt: str) -> int:
 
 
 def encode_prompt_batch(
-    prompts: Sequence[str], tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module], device: torch.device
+    prompts: Sequence[str],
+    tokenizers: Sequence[Any],
+    text_encoders: Sequence[torch.nn.Module],
+    device: torch.device,
+    clip_skip: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL prompt encoding of a batch, differentiable (learned tokens train through it):
-    penultimate hidden states of both encoders concatenated (B x 77 x D), and the second encoder's
-    pooled projection (B x P), in the encoders' dtype on `device`."""
+    """SDXL prompt encoding of a batch, differentiable (learned tokens and text-encoder LoRA train
+    through it): penultimate hidden states of both encoders concatenated (B x 77 x D), and the second
+    encoder's pooled projection (B x P), in the encoders' dtype on `device`.
+
+    `clip_skip` skips that many more layers, as the SDXL pipeline's ``encode_prompt(clip_skip=N)``
+    does: ``hidden_states[-(N + 2)]`` (the pooled projection stays the last layer's there too)."""
+    layer = -2 if clip_skip is None else -(clip_skip + 2)
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         ids = tokenizer(
@@ -446,14 +454,17 @@ def encode_prompt_batch(
         ).input_ids.to(device)
         result = encoder(ids, output_hidden_states=True)
         pooled = result[0]  # the last encoder's (projected) pooled output is what SDXL uses
-        hidden.append(result.hidden_states[-2])
+        hidden.append(result.hidden_states[layer])
     return torch.cat(hidden, dim=-1), pooled
 
 
 @torch.no_grad()
-def encode_prompts(prompts, tokenizers, text_encoders, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def encode_prompts(
+    prompts, tokenizers, text_encoders, device, clip_skip: int | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """SDXL prompt encoding of each distinct prompt (frozen encoders: computed once and cached).
-    Returns {prompt: (embeds 77 x D, pooled P)} in float32 on the CPU.
+    Returns {prompt: (embeds 77 x D, pooled P)} in float32 on the CPU; `clip_skip` as in
+    `encode_prompt_batch`.
 
     Prompts longer than the tokenizers' 77 tokens are cut, with a warning naming the prompt.
     """
@@ -463,6 +474,6 @@ def encode_prompts(prompts, tokenizers, text_encoders, device) -> dict[str, tupl
         n = token_length(tokenizers[0], prompt)
         if n > max_len:
             logger.warning("prompt is %d tokens, CLIP reads %d; the rest is cut: %r", n, max_len, prompt)
-        embeds, pooled = encode_prompt_batch([prompt], tokenizers, text_encoders, device)
+        embeds, pooled = encode_prompt_batch([prompt], tokenizers, text_encoders, device, clip_skip)
         out[prompt] = (embeds[0].float().cpu(), pooled[0].float().cpu())
     return out

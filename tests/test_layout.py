@@ -121,7 +121,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("alpha", {"processor", "attn_processors", "head_mix"}),
     ("files", {"weights", "lora", "tokens", "kohya"}),
     ("methods", {"methods"}),
-    ("runs", {"loading", "inspection"}),
+    ("runs", {"loading", "lora_check", "inspection"}),
     ("api", {""}),  # the package's __init__: the library's public names
     ("apps", {"train", "sample", "testing"}),
     ("demo", {"demo"}),
@@ -326,7 +326,7 @@ RUN_FILE_READERS = {
 #: collects a UNet's tensors in memory) or as a UNet class's loader.
 RUN_FILE_METHODS = {"lora_state_dict"}
 #: The run loader and the format modules whose readers it calls (each reads only its own format).
-READERS_ALLOWED = {"loading", "weights", "lora", "tokens", "kohya"}
+READERS_ALLOWED = {"loading", "lora_check", "weights", "lora", "tokens", "kohya"}
 #: Reads of files that are not a run's trained parts, each with why (module, function).
 READERS_EXEMPT = {
     ("train.checkpoints", "_file_problem"),  # checkpoint integrity: any file's header against its length

@@ -128,6 +128,13 @@ def _add_sampling_and_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per prompt per seed per row")
     g.add_argument("--num_inference_steps", type=int, default=30)
     g.add_argument("--guidance_scale", type=float, default=5.0)
+    g.add_argument(
+        "--clip_skip",
+        type=int,
+        default=None,
+        help="the pipeline's clip_skip: read the text encoders this many layers before the penultimate one "
+        "(use the value the runs trained with: their --clip_skip)",
+    )
     g.add_argument("--height", type=int, default=None, help="default: the model's (1024 for SDXL)")
     g.add_argument("--width", type=int, default=None)
     g.add_argument(
@@ -309,6 +316,7 @@ def _render(
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
+        clip_skip=args.clip_skip,
         height=args.height,
         width=args.width,
         batch_size=args.batch_size,

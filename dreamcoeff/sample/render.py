@@ -126,7 +126,8 @@ class _Job:
     """What every row renders the same way: prompts, (prompt, seed) batches, call settings, output.
 
     ``run_prompts`` holds the prompt texts of the runs whose rows render their own (learned tokens);
-    ``target_scales`` doses every alpha row by target (None: not dosed).
+    ``target_scales`` doses every alpha row by target (None: not dosed); ``clip_skip`` is the
+    pipeline's (None: SDXL's penultimate layer).
     """
 
     prompts: list[str]
@@ -141,6 +142,7 @@ class _Job:
     output_dir: Path | None
     keep_images: bool
     target_scales: dict[str, float] | None = None
+    clip_skip: int | None = None
 
     @property
     def images_per_row(self) -> int:
@@ -235,6 +237,7 @@ def _render_batch(
         latents=torch.cat([lat for lat, _ in drawn]),
         generator=[g for _, g in drawn],
         output_type="pil",
+        clip_skip=job.clip_skip,
     )
     return [_save_record(row, p, seed, image, job) for (p, seed), image in zip(batch, out.images, strict=True)]
 
@@ -305,6 +308,7 @@ def _settings(
         "negative_prompt": job.negative_prompt,
         "num_inference_steps": int(job.num_inference_steps),
         "guidance_scale": float(job.guidance_scale),
+        "clip_skip": job.clip_skip,
         "height": job.height,
         "width": job.width,
         "batch_size": int(batch_size),
@@ -357,6 +361,7 @@ def sample_runs(
     switcher: AdapterSwitcher | None = None,
     run_prompts: Mapping[str, Sequence[str]] | None = None,
     coeff_target_scales: Mapping[str, float] | None = None,
+    clip_skip: int | None = None,
 ) -> SampleResult:
     """Render every prompt for every seed with every run's adapters, from shared initial noise.
 
@@ -374,6 +379,7 @@ def sample_runs(
             (see :func:`dreamcoeff.processor.set_coeff_target_scales`; a sweep scales the global
             strength on top). Rows without alpha are unaffected.
         lora_scale: strength of the LoRA adapters.
+        clip_skip: the pipeline's ``clip_skip`` (use the value the runs trained with, ``--clip_skip``).
         height / width: default to the pipeline's default size (1024 for SDXL base).
         batch_size: images per pipeline call (every row uses the same batches).
         output_dir: where to write ``images/<row>_p<prompt>_s<seed>.png`` as they are made.
@@ -390,6 +396,8 @@ def sample_runs(
         )
         run_prompts = _checked_run_prompts(runs, prompts, run_prompts)  # after the rows: names checked there
         target_scales = check_target_scales_for(runs, coeff_target_scales)
+        if clip_skip is not None and clip_skip < 0:
+            raise SamplingError(f"--clip_skip must be >= 0, got {clip_skip}")
     except BaseException:
         if switcher is not None:
             switcher.close()
@@ -402,7 +410,7 @@ def sample_runs(
         (output_dir / "images").mkdir(parents=True, exist_ok=True)
     job = _Job(
         prompts, run_prompts, _batches(len(prompts), seeds, batch_size), negative_prompt, num_inference_steps,
-        guidance_scale, height, width, pipe.unet.dtype, output_dir, keep_images, target_scales,
+        guidance_scale, height, width, pipe.unet.dtype, output_dir, keep_images, target_scales, clip_skip,
     )  # fmt: skip
     records, row_timing = _render_rows(pipe, switcher, rows, job, lora_scale, progress)
     settings = _settings(pipe, job, seeds, include_base, coeff_scales, lora_scale, batch_size)

@@ -160,6 +160,15 @@ def write_model_card(
     rates = [f"alpha {cfg.coeff_lr}"] if method.coeff else []
     rates += [f"{method.weights_label} {cfg.learning_rate}"] if method.lora or method.full else []
     rates += [f"tokens {cfg.text_encoder_lr}"] if method.tokens else []
+    te_rate = cfg.text_encoder_lora_lr if cfg.text_encoder_lora_lr is not None else cfg.learning_rate
+    rates += [f"text encoders' LoRA {te_rate}"] if cfg.train_text_encoder else []
+    te_row = (
+        f"LoRA rank {cfg.rank} on both CLIP encoders (q/k/v/out_proj), first {cfg.train_text_encoder_frac:g} of the "
+        "steps; in both LoRA files (`text_encoder.` / `text_encoder_2.`, `lora_te1_` / `lora_te2_`)"
+        if cfg.train_text_encoder
+        else "frozen"
+    )
+    skip = f", clip_skip={cfg.clip_skip}" if cfg.clip_skip is not None else ""
     images = (
         "\n".join(f"![{p.name}]({p.relative_to(out).as_posix()})" for p in validation[:8])
         or "(no validation prompt given)"
@@ -186,6 +195,8 @@ Trained with [dreamcoeff](https://pypi.org/project/dreamcoeff/) on the images in
 | noise schedule | {noise_text(cfg)} |
 | coeff targets / dropout | {cfg.coeff_targets} / {cfg.coeff_dropout} |
 | learned tokens | {tokens_row} |
+| text encoders | {te_row} |
+| clip skip | {cfg.clip_skip if cfg.clip_skip is not None else "none (the penultimate layer, SDXL's default)"} |
 | resolution | {cfg.resolution} ({"square crops" if cfg.square_crop or cfg.with_prior_preservation else "aspect buckets"}) |
 | prior preservation | {f"yes: {cfg.class_prompt or 'the is_reg subsets'!r}, weight {cfg.prior_loss_weight}" if cfg.with_prior_preservation else "no"} |
 | mixed precision | {cfg.mixed_precision or "no"} |
@@ -200,7 +211,7 @@ from dreamcoeff import load_coeff_weights
 
 pipe = {base_loader(cfg)}.to("cuda")
 {chr(10).join(load)}
-image = pipe({json.dumps(prompt)}, cross_attention_kwargs={{"coeff_scale": 1.0}}).images[0]
+image = pipe({json.dumps(prompt)}, cross_attention_kwargs={{"coeff_scale": 1.0}}{skip}).images[0]
 ```
 
 Or all of it in one call: `dreamcoeff.load_run(pipe, "{out}")` (and `dreamcoeff.unload_run(pipe, loaded)` to go back

@@ -14,6 +14,7 @@ import logging
 import re
 import shutil
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,7 @@ _STRUCTURAL_ARGS = (
     "rank",
     "lora_alpha",
     "train_text_encoder_ti",
+    "train_text_encoder",  # the LoRA files hold the text encoders' adapters, or do not
     "token_abstraction",
     "num_new_tokens_per_abstraction",
 )
@@ -416,13 +418,15 @@ def register_hooks(
     unet: torch.nn.Module,
     tokens: LearnedTokens | None = None,
     tokens_name: str | None = None,
+    text_encoders: Sequence[torch.nn.Module] = (),
 ) -> None:
     """Make accelerate's save_state / load_state write and read only the trained parts (never the
-    multi-GB frozen UNet) and the learned tokens, plus the run's arguments."""
+    multi-GB frozen UNet), the learned tokens and the text encoders' LoRA (`text_encoders`, inside
+    the LoRA file), plus the run's arguments."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            method.save(unet, output_dir, tokens=tokens, tokens_name=tokens_name)
+            method.save(unet, output_dir, tokens=tokens, tokens_name=tokens_name, text_encoders=text_encoders)
             (Path(output_dir) / "args.json").write_text(run_args_json(cfg), encoding="utf-8")
         while weights:
             weights.pop()
@@ -430,7 +434,7 @@ def register_hooks(
     def load_hook(models, input_dir):
         while models:  # accelerate would otherwise load a whole UNet's weights: ours are the parts
             models.pop()
-        load_checkpoint_parts(method, unet, input_dir, tokens)
+        load_checkpoint_parts(method, unet, input_dir, tokens, text_encoders)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -499,15 +503,18 @@ def stage_final_files(
     tokens: LearnedTokens | None = None,
     tokens_name: str | None = None,
     kohya_name: str | None = None,
+    text_encoders: Sequence[torch.nn.Module] = (),
 ) -> list[Path]:
     """Write every final weight file in full beside the output first, then rename all into place:
-    a failed write (full disk) leaves the previous run's files intact and matching."""
+    a failed write (full disk) leaves the previous run's files intact and matching. `text_encoders`:
+    those carrying a LoRA (``--train_text_encoder``), saved into the LoRA files."""
     staging = out / ".final.tmp.d"
     files = []
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        for path in method.save(unet, staging, metadata, tokens=tokens, tokens_name=tokens_name, kohya_name=kohya_name):
+        saved = method.save(unet, staging, metadata, tokens, tokens_name, kohya_name, text_encoders)
+        for path in saved:
             replace_path(path, out / path.name)
             files.append(out / path.name)
         remove_stale_weights(out, {p.name for p in files})

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..methods import METHODS
 from .errors import UsageError  # defined below this module; importers keep `from .config import UsageError`
+from .text_encoder_lora import validate_text_side
 
 
 def _f(default, help, group, choices=None, aliases=(), nargs=None, action=None):
@@ -141,6 +142,20 @@ class TrainConfig:
     lora_alpha: int | None = _f(None, "LoRA scaling numerator (default: = rank)", METHOD)
     lora_dropout: float = _f(0.0, "dropout in the LoRA layers", METHOD)
     use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA, PEFT's use_dora) for the LoRA modes", METHOD)
+    train_text_encoder: bool = _f(
+        False,
+        "also train LoRA on both CLIP text encoders' attention projections (same rank and alpha; needs a LoRA "
+        "--tuning); saved in both LoRA files (text_encoder. / lora_te1_, lora_te2_ keys)",
+        METHOD,
+    )
+    train_text_encoder_frac: float = _f(
+        1.0, "--train_text_encoder: share of the steps the text encoders' LoRA trains; then it freezes", METHOD
+    )
+    text_encoder_lora_lr: float | None = _f(
+        None,
+        "learning rate of the text encoders' LoRA (default: --learning_rate; --text_encoder_lr is the tokens' own)",
+        METHOD,
+    )
     init_coeff_weights: str | None = _f(
         None,
         "start alpha from this coeff_weights.safetensors (or a run folder holding one): a new run, not a resume",
@@ -213,6 +228,12 @@ class TrainConfig:
     min_timestep: int = _f(0, "smallest training timestep drawn (inclusive)", TRAIN)
     max_timestep: int | None = _f(
         None, "training timesteps are drawn below this (exclusive; default: the scheduler's 1000)", TRAIN
+    )
+    clip_skip: int | None = _f(
+        None,
+        "read the text encoders this many layers before SDXL's usual penultimate one (the pipeline's clip_skip: "
+        "hidden_states[-(N + 2)]); pass the same to the sampler",
+        TRAIN,
     )
     seed: int = _f(0, "seed for data order, augmentation, noise and validation", TRAIN)
     max_bad_steps: int = _f(10, "stop after this many consecutive steps with a non-finite loss or gradient", TRAIN)
@@ -512,7 +533,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--checkpointing_steps must be >= 0 (0 disables checkpoints)")
     if cfg.learning_rate <= 0 or cfg.coeff_lr <= 0:
         raise UsageError("--learning_rate and --coeff_lr must be > 0")
-    validate_tokens(cfg)
+    validate_text_side(cfg)  # learned tokens, the text encoders' LoRA, --clip_skip
     validate_method_options(cfg)
     validate_loss_options(cfg)
     if cfg.validation_coeff_scales and not METHODS[cfg.tuning].coeff:
@@ -620,30 +641,6 @@ def validate_loss_options(cfg: TrainConfig) -> None:
 def writes_ui_lora(cfg: TrainConfig) -> bool:
     """Whether the run writes the UI-ready LoRA file: every LoRA mode but DoRA, unless --no-ui_lora."""
     return cfg.output_kohya_format is not False and METHODS[cfg.tuning].lora and not cfg.use_dora
-
-
-def validate_tokens(cfg: TrainConfig) -> None:
-    """The learned-token flags: what is asked must be trainable and the abstraction must be used."""
-    from ..tokens import TokenError, TokenPlan
-
-    if cfg.tuning == "none" and not cfg.train_text_encoder_ti:
-        raise UsageError("--tuning none trains nothing by itself: add --train_text_encoder_ti (learned tokens only)")
-    if not cfg.train_text_encoder_ti:
-        return
-    try:
-        plan = TokenPlan.make(cfg.token_abstraction, cfg.num_new_tokens_per_abstraction)
-    except TokenError as exc:
-        raise UsageError(str(exc)) from None
-    missing = plan.missing_from(cfg.instance_prompt or "")
-    if cfg.instance_prompt and missing:
-        raise UsageError(
-            f"--instance_prompt {cfg.instance_prompt!r} does not contain the token abstraction {missing[0]!r}: "
-            f"write it where the subject's name goes, e.g. 'a photo of {missing[0]} dog'"
-        )
-    if not 0.0 < cfg.train_text_encoder_ti_frac <= 1.0:
-        raise UsageError(f"--train_text_encoder_ti_frac must be in (0, 1], got {cfg.train_text_encoder_ti_frac}")
-    if cfg.text_encoder_lr <= 0:
-        raise UsageError("--text_encoder_lr must be > 0")
 
 
 def defaults() -> dict[str, Any]:

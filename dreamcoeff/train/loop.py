@@ -3,8 +3,7 @@
 `train(cfg)` runs one training of any tuning method (`methods.get_method(cfg.tuning, tokens)` says what is
 trained, saved and loaded) through one code path. Every random draw of a step (noise, timesteps,
 VAE sampling, dropout) is seeded from (seed, micro-step, rank), and data order and augmentation from
-(seed, epoch): a resumed run sees exactly what an uninterrupted one would, and ends with the same
-weights.
+(seed, epoch): a resumed run sees exactly what an uninterrupted one would, with the same weights.
 """
 
 from __future__ import annotations
@@ -56,6 +55,7 @@ from .runtime import check_ranks_agree, peak_memory, select_attention_impl, usab
 from .step import denoising_loss, encode_latents, training_scheduler, with_class_batch
 from .stopping import StopRequest, TrainingStopped
 from .text import TextConditioning
+from .text_encoder_lora import TextEncoderLora
 from .validation import ensure_class_images, log_alpha, run_validation
 from .validation_prompts import validation_prompts
 
@@ -83,9 +83,9 @@ class Trainer:
         self.stop_signal: StopRequest | None = None  # set by train(): SIGTERM asks for a stop
 
     @property
-    def token_rows(self) -> list[torch.nn.Parameter]:
-        """The learned tokens' rows (both encoders), or none."""
-        return list(self.tokens.rows) if self.tokens is not None else []
+    def text_side_params(self) -> list[torch.nn.Parameter]:
+        """The learned tokens' rows and the text encoders' LoRA weights (both encoders), or none."""
+        return (list(self.tokens.rows) if self.tokens is not None else []) + self.te_lora.params
 
     # ---- the output folder: one run at a time --------------------------------------------------------
 
@@ -213,6 +213,7 @@ class Trainer:
             self.class_paths = ensure_class_images(cfg, components, accelerator)  # else: the is_reg subsets
 
         self.method.install(unet, cfg)
+        self.te_lora = TextEncoderLora.install(components, cfg)  # --train_text_encoder: both CLIP encoders
         for flag, coeff_file, lora_file in (
             ("--init_coeff_weights", cfg.init_coeff_weights, None),
             ("--init_lora_weights", None, cfg.init_lora_weights),
@@ -234,7 +235,7 @@ class Trainer:
             c = components
             self.tokens = LearnedTokens(self.plan, [c.tokenizer, c.tokenizer_2], [c.text_encoder, c.text_encoder_2],
                                         cfg.initializer_concept, seed=cfg.seed).to(self.device)  # fmt: skip
-        self.trainable = sum(p.numel() for p in self.coeff_params + self.weight_params + self.token_rows)
+        self.trainable = sum(p.numel() for p in self.coeff_params + self.weight_params + self.text_side_params)
         self.unet_total = sum(p.numel() for p in unet.parameters())
 
     def build_data(self) -> None:
@@ -286,7 +287,8 @@ class Trainer:
                     )
                 ex.caption = self.plan.replace(ex.caption)
         captions = [ex.caption for ex in self.dataset.examples] + [""]  # "": a dropped caption (cheap to encode)
-        self.text = TextConditioning(self.components, self.device, self.weight_dtype, captions, self.tokens)
+        self.text = TextConditioning(self.components, self.device, self.weight_dtype, captions, self.tokens,
+                                     self.te_lora, cfg.clip_skip)  # fmt: skip
         # --validation_prompt and --validation_prompts FILE, as the model reads them (learned tokens in place)
         plan = self.plan
 
@@ -301,13 +303,15 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         cfg, accelerator = self.cfg, self.accelerator
-        self.optimizer = optim.build_optimizer(self.method.parameter_groups(self.unet, cfg, self.tokens), cfg)
+        groups = self.method.parameter_groups(self.unet, cfg, self.tokens)
+        self.optimizer = optim.build_optimizer(groups + self.te_lora.parameter_groups(cfg), cfg)
         self.batches_per_epoch = math.ceil(len(self.sampler) / accelerator.num_processes)
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
         self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * self.updates_per_epoch
         self.num_epochs = math.ceil(self.max_steps / self.updates_per_epoch)
         # with --tuning none the tokens are all there is to train: they train on every step
         self.text.set_schedule(self.max_steps, cfg.train_text_encoder_ti_frac if self.method.trains_unet else 1.0)
+        self.te_lora.set_schedule(self.max_steps, cfg.train_text_encoder_frac)
         self.ema = None
         if cfg.use_ema:  # the average of what the optimizer steps (tokens excluded)
             from diffusers.training_utils import EMAModel
@@ -325,7 +329,7 @@ class Trainer:
     def prepare(self) -> None:
         """Hand everything to accelerate, write args.json, start trackers, resume a checkpoint."""
         cfg, accelerator, out = self.cfg, self.accelerator, self.out
-        register_hooks(accelerator, self.method, cfg, self.unet, self.tokens, self.tokens_name)
+        register_hooks(accelerator, self.method, cfg, self.unet, self.tokens, self.tokens_name, self.te_lora.encoders)
         if self.ema is not None:  # saved and restored with every checkpoint (exact resume)
             accelerator.register_for_checkpointing(self.ema)
         if self.method.trains_unet:
@@ -580,7 +584,7 @@ class Trainer:
         """Final weight files (all or none), last validation, model card, completion record, summary."""
         cfg, accelerator, out = self.cfg, self.accelerator, self.out
         accelerator.wait_for_everyone()
-        check_ranks_agree(accelerator, self.coeff_params + self.weight_params + self.token_rows)
+        check_ranks_agree(accelerator, self.coeff_params + self.weight_params + self.text_side_params)
         if self.ema is not None:  # the final files (and the last validation) hold the average
             self.ema.copy_to(self.coeff_params + self.weight_params)
         files: list[Path] = []
@@ -589,9 +593,8 @@ class Trainer:
             meta = {"base_model": cfg.pretrained_model_name_or_path, "training_args": asdict(cfg)}
             meta["prediction_type"] = self.components.noise_scheduler.config.prediction_type
             kohya_name = kohya_file_name(out) if writes_ui_lora(cfg) else None
-            files.extend(
-                stage_final_files(self.method, self.bare_unet, out, meta, self.tokens, self.tokens_name, kohya_name)
-            )
+            files.extend(stage_final_files(self.method, self.bare_unet, out, meta, self.tokens, self.tokens_name,
+                                           kohya_name, self.te_lora.encoders))  # fmt: skip
 
         self.on_main_process("writing the final weights", write_final_files)
         if self.validation_prompts and self.validated_step != self.global_step:  # unless the last step made it

@@ -47,6 +47,7 @@ def ensure_class_images(cfg: TrainConfig, components: SDXLComponents, accelerato
                     height=cfg.resolution,
                     width=cfg.resolution,
                     num_inference_steps=cfg.class_generation_steps,
+                    clip_skip=cfg.clip_skip,
                 ).images
             for i, img in zip(batch, images):
                 atomic_write(class_dir / f"class_{i:05d}.png", lambda tmp, img=img: img.save(tmp, format="PNG"))
@@ -151,6 +152,7 @@ def _render_settings(cfg: TrainConfig, vp: ValidationPrompt) -> dict:
         "width": vp.width or cfg.validation_width or cfg.resolution,
         "num_inference_steps": vp.steps or cfg.validation_inference_steps,
         "guidance_scale": cfg.validation_guidance_scale if vp.guidance_scale is None else vp.guidance_scale,
+        "clip_skip": cfg.clip_skip,  # the pipeline's clip_skip, as the prompts were encoded in training
     }
     negative = cfg.validation_negative_prompt if vp.negative_prompt is None else vp.negative_prompt
     if negative is not None:  # none given: the pipeline's own default (zeros for SDXL base), as before
