@@ -6,6 +6,8 @@ silently dropped alpha fails): "no exception" is never the test.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -282,6 +284,28 @@ def test_unload_ip_adapter_keeps_alpha(alpha_pipe, tmp_path):
     pipe.unload_ip_adapter()
     np.testing.assert_allclose(_images(pipe), with_alpha, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(coeff_parameters(pipe), alphas))
+    assert keep_alpha_applied(pipe) == {}
+
+
+def test_an_ip_adapter_that_does_not_fit_is_refused_and_leaves_the_alpha_pipeline_as_it_was(alpha_pipe, tmp_path):
+    """An IP-Adapter made for another UNet (one layer's to_k_ip of the wrong width): diffusers' loader
+    refuses it loudly, and the alpha pipeline is left exactly as it was (processors, alpha, images)."""
+    from safetensors.torch import load_file, save_file
+
+    pipe, _, with_alpha = alpha_pipe
+    folder = Path(_tiny_ip_adapter(tmp_path, pipe.unet))
+    tensors = load_file(str(folder / "ip-adapter.safetensors"))
+    key = next(k for k in tensors if k.endswith("to_k_ip.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 3, tensors[key].shape[1])
+    save_file(tensors, str(folder / "ip-adapter.safetensors"))
+    processors = dict(pipe.unet.attn_processors)
+    alphas = [a.detach().clone() for a in coeff_parameters(pipe)]
+    with pytest.raises((RuntimeError, ValueError), match="size|shape"):
+        _load_ip(pipe, str(folder))
+    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == {k: type(v) for k, v in processors.items()}
+    assert all(torch.equal(a, b) for a, b in zip(coeff_parameters(pipe), alphas))
+    assert getattr(pipe.unet, "encoder_hid_proj", None) is None
+    np.testing.assert_allclose(_images(pipe), with_alpha, atol=1e-6)
     assert keep_alpha_applied(pipe) == {}
 
 
