@@ -152,8 +152,9 @@ def _render_settings(cfg: TrainConfig, vp: ValidationPrompt) -> dict:
         "width": vp.width or cfg.validation_width or cfg.resolution,
         "num_inference_steps": vp.steps or cfg.validation_inference_steps,
         "guidance_scale": cfg.validation_guidance_scale if vp.guidance_scale is None else vp.guidance_scale,
-        "clip_skip": cfg.clip_skip,  # the pipeline's clip_skip, as the prompts were encoded in training
     }
+    if cfg.clip_skip is not None:  # the pipeline's clip_skip, as the prompts were encoded in training
+        settings["clip_skip"] = cfg.clip_skip
     negative = cfg.validation_negative_prompt if vp.negative_prompt is None else vp.negative_prompt
     if negative is not None:  # none given: the pipeline's own default (zeros for SDXL base), as before
         settings["negative_prompt"] = negative
