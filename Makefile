@@ -10,7 +10,7 @@ PYTEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dreamcoeff-installed
 
-.PHONY: setup lint format test test-slow test-all test-stress demo docs bench bench-micro pretrain-micro pretrain-micro-v2 clean
+.PHONY: setup lint format test test-slow test-all test-stress test-diffusers-floor test-diffusers-newest demo docs bench bench-micro pretrain-micro pretrain-micro-v2 clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,17 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 test-all: test test-slow
+
+# The diffusers-facing tests (one process, -x) against another diffusers release, installed with
+# --no-deps into build/diffusers-<version> and put first on PYTHONPATH; torch and the rest stay the
+# venv's (tools/test_diffusers.sh). `test-diffusers-floor`: the floor pyproject.toml names;
+# `test-diffusers-newest`: the newest release on the index (the venv's own: said, and run on the venv).
+# Results per release: docs/pipelines.md, "diffusers versions".
+test-diffusers-floor: $(STAMP)
+	PYTHON=$(BIN)/python tools/test_diffusers.sh floor $(PYTEST_ARGS)
+
+test-diffusers-newest: $(STAMP)
+	PYTHON=$(BIN)/python tools/test_diffusers.sh newest $(PYTEST_ARGS)
 
 # The timing-sensitive tests (reliability, locking, stopping, two ranks) STRESS_N times (default 5), with
 # each test's pass count: `make test-stress STRESS_N=10`.
