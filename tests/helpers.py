@@ -1,5 +1,8 @@
 """Small helpers shared by the trainer tests."""
 
+import contextlib
+import re
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -55,3 +58,42 @@ def validation_pipeline(model_dir):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class Hang(BaseException):
+    """A call that did not return within its alarm (a BaseException: no reader may swallow it)."""
+
+
+@contextlib.contextmanager
+def hang_alarm(seconds: float):
+    """Raise `Hang` in the block after `seconds` (SIGALRM; main thread only)."""
+
+    def ring(signum, frame):
+        raise Hang(f"the call did not return within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+@contextlib.contextmanager
+def peak_rss_growth(result: dict):
+    """The process's peak RSS during the block over its RSS before, in result['bytes'] (Linux: VmHWM
+    reset through /proc/self/clear_refs); None where that is not available."""
+    result["bytes"] = None
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kib("VmRSS")
+    except (OSError, AttributeError):
+        yield
+        return
+    yield
+    result["bytes"] = max(0, _status_kib("VmHWM") - before) * 1024

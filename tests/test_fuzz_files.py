@@ -20,11 +20,8 @@ The counts of examples and outcomes are printed at the end of the module (docs/R
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
-import re
-import signal
 import struct
 import time
 from datetime import timedelta
@@ -40,7 +37,7 @@ from dreamcoeff import RunLoadError, load_coeff_weights, load_run, read_coeff_fi
 from dreamcoeff.processor import apply_coeff, coeff_parameters, remove_coeff
 from dreamcoeff.tokens import TokenError, load_embeddings_into, read_embeddings_file, unload_embeddings
 from dreamcoeff.weights import CoeffWeightsError
-from tests.helpers import assert_same_tensors, snapshot_tensors
+from tests.helpers import assert_same_tensors, hang_alarm, peak_rss_growth, snapshot_tensors
 
 EXAMPLES = int(os.environ.get("DREAMCOEFF_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
@@ -81,43 +78,6 @@ def _report_counts(request):
 
 # ------------------------------------------------------------------------------------------------
 # Guards: time, memory, the pipeline
-
-
-class Hang(BaseException):
-    """A load that did not return within HANG_SECONDS (a BaseException: no loader may swallow it)."""
-
-
-@contextlib.contextmanager
-def _hang_alarm(seconds: int = HANG_SECONDS):
-    def ring(signum, frame):
-        raise Hang(f"the loader did not return within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
-
-
-@contextlib.contextmanager
-def _peak_rss_growth(result: dict):
-    """The process's peak RSS during the block, over its RSS before (Linux: VmHWM reset through
-    /proc/self/clear_refs); result['bytes'] stays None where that is not available."""
-    result["bytes"] = None
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _status_kib("VmRSS")
-    except (OSError, AttributeError):
-        yield
-        return
-    yield
-    result["bytes"] = max(0, _status_kib("VmHWM") - before) * 1024
 
 
 def _fingerprint(pipe) -> dict:
@@ -170,7 +130,7 @@ class Harness:
         memory: dict = {}
         start = time.perf_counter()
         loaded = None
-        with _hang_alarm(), _peak_rss_growth(memory):
+        with hang_alarm(HANG_SECONDS), peak_rss_growth(memory):
             try:
                 loaded = self.load(self.path)
                 outcome = "loaded"
