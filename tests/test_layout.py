@@ -394,3 +394,40 @@ def test_the_run_file_scan_catches_every_form(tmp_path):
     assert sorted(f.split(" ", 1)[0] for f in found) == [
         "inspection:3", "sample.a:1", "sample.b:2", "sample.b:3", "sample.c:2"
     ], found  # fmt: skip
+
+
+# ---- the Trainer's state: every attribute is checkpointed, rebuilt, or per process -----------------
+
+
+def _trainer_attributes(source: str) -> set[str]:
+    """Every `self.X` that class Trainer assigns (plain, annotated, augmented, tuple targets)."""
+    trainer = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    names = set()
+    for node in ast.walk(trainer):
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if not isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            continue
+        for target in targets:
+            for t in ast.walk(target):
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                    names.add(t.attr)
+    return names
+
+
+def test_every_trainer_attribute_is_placed_for_resume():
+    """train/run_state.py says for each attribute of the Trainer whether a checkpoint restores it, it is
+    rebuilt from the flags, or it is this process's own; a new attribute must be placed there."""
+    from dreamcoeff.train.run_state import classification
+
+    placed = classification()
+    assigned = _trainer_attributes((PACKAGE / "train" / "loop.py").read_text(encoding="utf-8"))
+    assert not assigned - set(placed), f"place these in dreamcoeff/train/run_state.py: {sorted(assigned - set(placed))}"
+    assert not set(placed) - assigned, f"no longer Trainer attributes: {sorted(set(placed) - assigned)}"
+
+
+def test_the_trainer_attribute_check_sees_every_kind_of_assignment():
+    source = (
+        "class Trainer:\n    def f(self):\n        self.a = 1\n        self.b: int = 2\n        self.c += 1\n"
+        "        self.d, (self.e, x) = 1, (2, 3)\n        other.z = 4\n"
+    )
+    assert _trainer_attributes(source) == {"a", "b", "c", "d", "e"}
