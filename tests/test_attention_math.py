@@ -104,6 +104,17 @@ def test_coefficient_dropout():
     # strength scales only the residual
     assert torch.allclose(coefficient_matrix(alpha, 0.0), eye)
     assert torch.allclose(coefficient_matrix(alpha, 2.0), eye + 2 * alpha)
+    assert torch.equal(coefficient_matrix(alpha), eye + alpha)  # full strength unless told
+
+
+def test_coefficient_dropout_uses_its_own_rate():
+    """A rate other than torch's default 0.5 (mutation testing found p could be dropped unnoticed)."""
+    alpha = torch.full((40, 40), 0.9)
+    torch.manual_seed(0)
+    residual = torch.stack([coefficient_matrix(alpha, 1.0, dropout=0.1, training=True) for _ in range(200)])
+    residual -= torch.eye(40)
+    assert abs((residual == 0).float().mean().item() - 0.1) < 0.01  # 320,000 draws: sd 0.0005
+    assert torch.allclose(residual[residual != 0], torch.tensor(0.9 / 0.9))  # kept entries scaled by 1/(1-p)
 
 
 def test_dropout_in_processor_only_in_training():
@@ -276,3 +287,17 @@ def test_peak_memory_bounded_by_chunk_not_n():
     fused = _peak_extra_bytes("0", n, "cpu_fused")
     assert fused < 6 * block(64) + 8 * 2**20, fused
     assert fused < full_map / 4
+
+
+def test_chunked_mixes_every_batch_element_values_and_gradients():
+    """Batch > 1 takes the batched GEMM (a batch of 1 the plain one): forward and backward of the
+    chunked path against the float64 reference."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(3, 4, 7, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    coeff = (torch.eye(4, dtype=torch.float64) + 0.3 * torch.randn(4, 4, dtype=torch.float64)).requires_grad_()
+    out = mixed_attention(q, k, v, coeff, scale=0.4, chunk_size=3, impl="chunked")
+    ref = reference_mixed_attention(q, k, v, coeff, 0.4)
+    assert torch.allclose(out, ref, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, coeff))
+    expected = torch.autograd.grad(ref.square().sum(), (q, k, v, coeff))
+    assert all(torch.allclose(g, e, atol=1e-10) for g, e in zip(grads, expected))
