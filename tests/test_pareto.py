@@ -112,6 +112,17 @@ def test_run_order_interleaves_seeds(pareto):
     assert len(set(order)) == len(order)
 
 
+def test_shards_split_the_plan_without_overlap_or_gaps(pareto):
+    order = pareto.plan(["coeff", "lora"], {"coeff": [1, 2], "lora": [3, 4]}, ["c1", "c2"], [0, 1])
+    k0, n0 = pareto.shard_of("0/2")
+    k1, n1 = pareto.shard_of("1/2")
+    a, b = order[k0::n0], order[k1::n1]
+    assert not set(a) & set(b) and sorted(a + b, key=order.index) == order
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(SystemExit, match="--shard"):
+            pareto.shard_of(bad)
+
+
 def test_report_writes_the_figure_and_tables(pareto, tmp_path):
     from PIL import Image
 

@@ -28,6 +28,8 @@ No choice is made on test concepts: the grids come from the validation runs of v
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import sys
@@ -321,6 +323,26 @@ def cmd_report(args) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+def shard_of(spec: str) -> tuple[int, int]:
+    """``K/N`` -> (K, N): this process runs the plan's items whose index is K modulo N."""
+    k, _, n = spec.partition("/")
+    if not (k.isdigit() and n.isdigit()) or not 0 <= int(k) < int(n):
+        raise SystemExit(f"--shard {spec!r}: expected K/N with 0 <= K < N, e.g. 0/2 and 1/2 for two processes")
+    return int(k), int(n)
+
+
+@contextlib.contextmanager
+def locked(root: Path):
+    """Hold ``root/.lock`` while a row is appended: two shards may append to one folder's json."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def done_in(folder: Path) -> set[tuple[str, int]]:
     f = folder / "curves_all.json"
     return {(r["concept"], r["seed"]) for r in json.loads(f.read_text())["runs"]} if f.is_file() else set()
@@ -339,14 +361,24 @@ def cmd_run(args) -> None:
     tests = [c for c in mw.CONCEPT_SETS[args.concept_set] if c.split == "test"]
     # a flagged concept is never averaged in, so it is not trained (its ceiling is not a method choice)
     concepts = [c.name for c in tests if ceilings.get(c.name, 0.0) >= sc.CEILING_THRESHOLD]
+    if args.concepts:
+        wanted = [c.strip() for c in args.concepts.split(",") if c.strip()]
+        if not set(wanted) <= set(concepts):
+            raise SystemExit(f"--concepts {sorted(set(wanted) - set(concepts))}: not among this set's kept "
+                             f"test concepts {concepts}")  # fmt: skip
+        concepts = [c for c in concepts if c in wanted]
+    shard, shards = shard_of(args.shard)
     unknown = [m for m in args.methods if m not in GRIDS or m not in CV.METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {[m for m in GRIDS if m in CV.METHODS]}")
     points = sorted(args.points)
     every = int(np.gcd.reduce(points))
     deadline = time.time() + args.minutes * 60
-    order = plan(args.methods, GRIDS, concepts, args.seeds)
-    print(f"[run] {len(order)} items ({len(concepts)} concepts: {', '.join(concepts)}); points {points}", flush=True)
+    order = plan(args.methods, GRIDS, concepts, args.seeds)[shard::shards]
+    print(
+        f"[run] shard {shard}/{shards}: {len(order)} items ({len(concepts)} concepts: {', '.join(concepts)}); points {points}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="pareto-") as tmp:
         for seed, cname, m, lr in order:
             folder = root / ("untrained" if m == "untrained" else folder_name(m, lr))
@@ -373,9 +405,10 @@ def cmd_run(args) -> None:
                 CV.shutil.rmtree(run, ignore_errors=True)
             row.update(scorer="v2", wall_s=round(time.time() - t0, 1))
             CV.save_images(CV.images_path(folder, m, cname, seed), kept)  # before the row: a listed run has images
-            res = CV.load_json(folder / "curves_all.json", {"horizon": max(points), "runs": []})
-            res["runs"].append(row)
-            CV.save_json(folder / "curves_all.json", res)
+            with locked(root):
+                res = CV.load_json(folder / "curves_all.json", {"horizon": max(points), "runs": []})
+                res["runs"].append(row)
+                CV.save_json(folder / "curves_all.json", res)
             print(f"[run] {m} @ {lr} {cname} seed {seed} ({row['wall_s']:.0f} s): " + ", ".join(
                 f"{p['step']}: s {p['subject']:.2f} bg {p['background']:.2f} copy {p['bg_copy']:.2f}"
                 for p in row["points"]), flush=True)  # fmt: skip
@@ -397,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--inference_steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--concepts", default="", help="run only these kept test concepts (comma-separated)")
+    p.add_argument("--shard", default="0/1", help="K/N: run every N-th item from the K-th (N processes in parallel)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--minutes", type=float, default=110, help="end this part after about this long")
     p.add_argument("--levels", default=",".join(map(str, LEVELS)), help="report: prompt fidelity levels")
