@@ -51,6 +51,8 @@ __all__ = [
     "set_coeff_scale",
     "set_coeff_target_scales",
     "zero_row_sums_",
+    "keep_structure_",
+    "COEFF_STRUCTURES",
     "set_plain_attention_backend",
     "set_coeff_attention_impl",
     "COEFF_TARGETS",
@@ -332,6 +334,28 @@ def zero_row_sums_(alphas: Iterable[torch.Tensor]) -> None:
     benchmarks/micro/puzzle/README.md for why)."""
     for alpha in alphas:
         alpha.sub_(alpha.mean(dim=-1, keepdim=True))
+
+
+#: alpha's structures (``--coeff_structure``): the paper's full H x H matrix, its diagonal alone (a gain
+#: per head on its own map, no mixing), or its off-diagonal alone (mixing between heads, no own-map gain).
+COEFF_STRUCTURES = ("full", "diagonal", "off_diagonal")
+
+
+@torch.no_grad()
+def keep_structure_(alphas: Iterable[torch.Tensor], structure: str) -> None:
+    """Set the entries of every alpha outside `structure` to exactly 0, in place.
+
+    ``"full"`` keeps everything; ``"diagonal"`` zeroes the off-diagonal entries (A = I + c * alpha is
+    then a gain per head); ``"off_diagonal"`` zeroes the diagonal (a head's own map keeps weight 1
+    and alpha only adds the others'). Applied after every optimizer step, this is the exact
+    projection onto the subspace: the masked entries are zero, the free ones untouched."""
+    if structure not in COEFF_STRUCTURES:
+        raise ValueError(f"unknown alpha structure {structure!r}: choose one of {COEFF_STRUCTURES}")
+    if structure == "full":
+        return
+    for alpha in alphas:
+        eye = torch.eye(alpha.shape[-1], dtype=torch.bool, device=alpha.device)
+        alpha.masked_fill_(~eye if structure == "diagonal" else eye, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ NOTES = {
     "--masked_loss": "as kohya's `--masked_loss`; grey weighs in between; a mask of another size or all black is "
     "refused; images without one are learned whole (with a warning); `*.mask.png` files are never training images",
     "--coeff_zero_row_sum": "why, and its measured effect: [the puzzle](../benchmarks/micro/puzzle/README.md)",
+    "--coeff_structure": "a projected step (after every step and at the start); with `--coeff_zero_row_sum`: "
+    "`off_diagonal` keeps both, `diagonal` is refused (nothing left); see [training.md](training.md#defaults-and-why)",
     "--init_coeff_weights": "step 0, fresh optimizer; the file must cover exactly the layers that train alpha",
     "--text_encoder_lr": "its own parameter group, no weight decay",
     "--loss_type": "composes with `--masked_loss`, `--snr_gamma` and prior preservation",

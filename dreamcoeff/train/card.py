@@ -114,6 +114,13 @@ def noise_text(cfg: TrainConfig) -> str:
     return ", ".join(parts)
 
 
+def coeff_structure_text(cfg: TrainConfig) -> str:
+    """Which of alpha's entries trained (--coeff_structure, --coeff_zero_row_sum) in words."""
+    text = {"full": "full H x H", "diagonal": "diagonal only (per-head gains)", "off_diagonal": "off-diagonal only"}
+    rows = ", rows summing to zero" if cfg.coeff_zero_row_sum else ""
+    return text[cfg.coeff_structure] + rows
+
+
 def settings_text(cfg: TrainConfig) -> str:
     """Every setting that differs from its default, as the flags that set it (the card's "Settings").
 
@@ -193,7 +200,7 @@ Trained with [dreamcoeff](https://pypi.org/project/dreamcoeff/) on the images in
 | learning rates | {", ".join(rates)} ({schedule_text(cfg)}) |
 | loss | {loss_text(cfg)} |
 | noise schedule | {noise_text(cfg)} |
-| coeff targets / dropout | {cfg.coeff_targets} / {cfg.coeff_dropout} |
+| coeff targets / dropout / structure | {cfg.coeff_targets} / {cfg.coeff_dropout} / {coeff_structure_text(cfg)} |
 | learned tokens | {tokens_row} |
 | text encoders | {te_row} |
 | clip skip | {cfg.clip_skip if cfg.clip_skip is not None else "none (the penultimate layer, SDXL's default)"} |

@@ -67,6 +67,7 @@ _STRUCTURAL_ARGS = (
     "use_8bit_adam",
     "use_ema",  # the EMA copy is one of the checkpoint's objects, or is not
     "coeff_targets",
+    "coeff_structure",  # which of alpha's entries are free: another would silently drop trained entries
     "rank",
     "lora_alpha",
     "train_text_encoder_ti",

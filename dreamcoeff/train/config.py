@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
+from ..processor import COEFF_STRUCTURES
+from .coeff_options import validate_coeff_options
 from .errors import UsageError  # defined below this module; importers keep `from .config import UsageError`
 from .text_encoder_lora import validate_text_side
 
@@ -137,6 +139,13 @@ class TrainConfig:
         "after every step, make each row of alpha sum to zero, so A only redistributes between the heads' maps and "
         "never scales a head's output (not in the paper; see benchmarks/micro/puzzle)",
         METHOD,
+    )
+    coeff_structure: str = _f(
+        "full",
+        "which entries of alpha train: the paper's full H x H matrix, the diagonal only (a gain per head, no "
+        "mixing) or the off-diagonal only (mixing, no own-map gain); the rest is held at exactly 0",
+        METHOD,
+        choices=COEFF_STRUCTURES,
     )
     rank: int = _f(4, "LoRA rank", METHOD)
     lora_alpha: int | None = _f(None, "LoRA scaling numerator (default: = rank)", METHOD)
@@ -525,8 +534,6 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--max_train_steps must be >= 1, got {cfg.max_train_steps}")
     if cfg.resolution % 8:
         raise UsageError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {cfg.resolution}")
-    if not 0.0 <= cfg.coeff_dropout < 1.0:
-        raise UsageError(f"--coeff_dropout must be in [0, 1), got {cfg.coeff_dropout}")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise UsageError("--checkpoints_total_limit must be >= 1")
     if cfg.checkpointing_steps < 0:
@@ -536,8 +543,6 @@ def validate(cfg: TrainConfig) -> None:
     validate_text_side(cfg)  # learned tokens, the text encoders' LoRA, --clip_skip
     validate_method_options(cfg)
     validate_loss_options(cfg)
-    if cfg.validation_coeff_scales and not METHODS[cfg.tuning].coeff:
-        raise UsageError("--validation_coeff_scales sweeps alpha's strength: it needs --tuning coeff or coeff+lora")
     validate_validation(cfg)
 
 
@@ -599,12 +604,7 @@ def validate_method_options(cfg: TrainConfig) -> None:
         raise UsageError(f"--ema_decay must be in (0, 1), got {cfg.ema_decay}")
     if cfg.use_ema and not method.trains_unet:
         raise UsageError("--use_ema averages the UNet's trainable weights; --tuning none has none")
-    if cfg.coeff_zero_row_sum and not method.coeff:
-        raise UsageError(
-            f"--coeff_zero_row_sum constrains alpha: it needs --tuning coeff or coeff+lora, not {cfg.tuning}"
-        )
-    if cfg.init_coeff_weights and not method.coeff:
-        raise UsageError(f"--init_coeff_weights needs --tuning coeff or coeff+lora, not --tuning {cfg.tuning}")
+    validate_coeff_options(cfg)  # alpha's flags: dropout, constraints, init file, strength sweep
     if cfg.output_kohya_format and cfg.use_dora:
         raise UsageError(
             "--output_kohya_format does not write DoRA (A1111 and ComfyUI read DoRA magnitudes differently); "

@@ -27,9 +27,9 @@ from ..loading import initialize_parts
 from ..locking import FolderBusyError, FolderLock
 from ..methods import get_method
 from ..models import base_model_flags, check_base_model, load_components
-from ..processor import set_plain_attention_backend, zero_row_sums_
+from ..processor import set_plain_attention_backend
 from ..tokens import LearnedTokens, TokenPlan, embeddings_file_name
-from . import data, optim, ranks
+from . import coeff_options, data, optim, ranks
 from .card import TrainResult, print_summary, write_model_card
 from .checkpoints import (
     STATE_NAME,
@@ -231,6 +231,7 @@ class Trainer:
         unet.train()
         self.unet, self.vae = unet, vae
         self.coeff_params, self.weight_params = self.method.trainable_parameters(unet)
+        coeff_options.start_constrained(self.coeff_params, cfg)  # before EMA's copy and the first step
         if self.method.tokens:
             c = components
             self.tokens = LearnedTokens(self.plan, [c.tokenizer, c.tokenizer_2], [c.text_encoder, c.text_encoder_2],
@@ -487,8 +488,7 @@ class Trainer:
         else:
             self.bad_steps = 0
             self.optimizer.step()
-            if cfg.coeff_zero_row_sum:  # projected step: alpha stays in the gain-free subspace
-                zero_row_sums_(self.coeff_params)
+            coeff_options.constrain_alpha_(self.coeff_params, cfg.coeff_structure, cfg.coeff_zero_row_sum)  # projected
             if self.ema is not None:
                 self.ema.step(self.coeff_params + self.weight_params)
             self.lr_scheduler.step()
