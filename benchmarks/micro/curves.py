@@ -57,14 +57,22 @@ HERE = Path(__file__).resolve().parent
 #: name -> (--tuning, extra flags, which learning-rate flag the selection sweeps)
 METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "coeff": ("coeff", (), "coeff_lr"),
+    # the head-mixing ablation (issue 35 item 4): alpha's diagonal alone (per-head gains), its off-diagonal
+    # alone (mixing), and alpha with zero row sums (mixing that keeps every head's output gain)
+    "coeff diag": ("coeff", ("--coeff_structure", "diagonal"), "coeff_lr"),
+    "coeff offdiag": ("coeff", ("--coeff_structure", "off_diagonal"), "coeff_lr"),
+    "coeff zrs": ("coeff", ("--coeff_zero_row_sum",), "coeff_lr"),
     "lora": ("lora", (), "learning_rate"),
     "coeff+lora d0": ("coeff+lora", ("--coeff_dropout", "0"), "both"),
     "coeff+lora d0.1": ("coeff+lora", ("--coeff_dropout", "0.1"), "both"),
     "coeff+lora d0.2": ("coeff+lora", ("--coeff_dropout", "0.2"), "both"),
     "ti": ("none", ("--train_text_encoder_ti",), "text_encoder_lr"),
     "coeff+ti": ("coeff", ("--train_text_encoder_ti",), "coeff_lr"),
+    "lora+ti": ("lora", ("--train_text_encoder_ti",), "learning_rate"),
     "full": ("full", (), "learning_rate"),
 }
+#: curves.py's own default --methods: the v2 curves' (the later ones are the v3 Pareto sweep's, named there)
+DEFAULT_METHODS = ("coeff", "lora", "coeff+lora d0", "coeff+lora d0.1", "coeff+lora d0.2", "ti", "coeff+ti", "full")
 LR_GRIDS = {
     "coeff_lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
     "learning_rate": [3e-4, 1e-3, 3e-3],
@@ -76,8 +84,9 @@ LR_GRIDS = {
 #: the paper's middle setting, dropout 0.1) fixed and varies only the dropout, as the paper's table does.
 RATE_FROM = {"coeff+lora d0": "coeff+lora d0.1", "coeff+lora d0.2": "coeff+lora d0.1"}
 #: Methods that train the learned tokens beside something else take the tokens' rate chosen for tokens
-#: alone, so that the only difference between "ti" and "coeff+ti" is alpha (its own rate is swept).
-TOKEN_RATE_FROM = {"coeff+ti": "ti"}
+#: alone, so that the only difference between "ti" and "coeff+ti" is alpha (its own rate is swept), and
+#: between "coeff+ti" and "lora+ti" what trains beside the same tokens.
+TOKEN_RATE_FROM = {"coeff+ti": "ti", "lora+ti": "ti"}
 POINTS = (125, 250, 500, 1000, 2000, 4000, 8000)
 BG_COPY_OVERFIT = 0.3
 
@@ -111,22 +120,30 @@ def flags(method: str, concept: mw.Concept, tokens: float | None) -> tuple[str, 
     return tuple(out)
 
 
-def train_run(args, method: str, lr: float, c: mw.Concept, seed: int, steps: int, every: int, out: Path) -> dict:
-    """Train one run with a checkpoint every `every` steps (all kept); wall time and parameters."""
+def run_flags(args, method: str, lr: float, c: mw.Concept, every: int) -> tuple[str, float, tuple[str, ...], dict]:
+    """One run of `method` at rate `lr` as run_bench.train takes it: (--tuning, the shared rate, the extra
+    flags (a checkpoint every `every` steps), what to record beside the run's own `lr`)."""
     tuning, _, knob = METHODS[method]
-    inst = RB.write_instances(c, out.parent / f"inst-{c.name}")
     base_lr = lr if knob != "text_encoder_lr" else 1e-3  # the other groups' rate where tokens train alone
     tokens = token_rate(method, lr, chosen_rates(Path(args.out), args.rate))
     extra = flags(method, c, tokens) + ("--checkpointing_steps", str(every))
     alpha = args.alpha_rate if knob == "both" else None  # alpha+LoRA: alpha at its own rate (a stress test)
+    info = {}
     if alpha is not None:
         extra += ("--coeff_lr", str(alpha))  # after run_bench's shared --coeff_lr, so it wins
+        info["alpha_lr"] = alpha
+    if method in TOKEN_RATE_FROM:  # the tokens' rate is not the run's own `lr` (another method's choice)
+        info["token_lr"] = tokens
+    return tuning, base_lr, extra, info
+
+
+def train_run(args, method: str, lr: float, c: mw.Concept, seed: int, steps: int, every: int, out: Path) -> dict:
+    """Train one run with a checkpoint every `every` steps (all kept); wall time and parameters."""
+    tuning, base_lr, extra, recorded = run_flags(args, method, lr, c, every)
+    inst = RB.write_instances(c, out.parent / f"inst-{c.name}")
     secs, params = RB.train(args.model, c, tuning, base_lr, seed, steps, out, inst, args.noise_offset, extra)
     info = {"train_s": round(secs, 1), "trainable_parameters": params}
-    if alpha is not None:
-        info["alpha_lr"] = alpha
-    # recorded where the tokens' rate is not the run's own `lr` (taken from another method's choice)
-    return {**info, "token_lr": tokens} if method in TOKEN_RATE_FROM else info
+    return {**info, **recorded}
 
 
 def sample_concept(args, pipe, c: mw.Concept, seed: int, prompt_map=None) -> np.ndarray:
@@ -613,7 +630,7 @@ def main(argv=None) -> int:
     p.add_argument("--concept_set", default="recombination", choices=sorted(mw.CONCEPT_SETS))
     p.add_argument("--out", required=True)
     p.add_argument("--phase", default="select,horizon,curves,report")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {list(METHODS)}")
     p.add_argument("--seeds", default="0")
     p.add_argument("--concepts", type=int, default=5, help="how many of the set's test concepts")
     p.add_argument("--select_steps", type=int, default=500)

@@ -88,6 +88,30 @@ def train(
     """One DreamBooth run through the real trainer; (wall seconds, trainable parameters)."""
     from dreamcoeff.train import main
 
+    flags = train_argv(model, c, method, lr, seed, steps, out, inst, noise_offset, extra)
+    t0 = time.time()
+    with contextlib.redirect_stderr(io.StringIO()):
+        rc = main(flags)
+    reset_accelerate()
+    if rc != 0:
+        raise RuntimeError(f"training failed ({method}, {c.name}, lr {lr}, seed {seed})")
+    done = json.loads((out / "dreamcoeff_complete.json").read_text())
+    return time.time() - t0, int(done["trainable_parameters"])
+
+
+def train_argv(
+    model: str,
+    c: mw.Concept,
+    method: str,
+    lr: float,
+    seed: int,
+    steps: int,
+    out: Path,
+    inst: Path,
+    noise_offset: float = 0.0,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """The trainer's command line of one run of `train` (`extra` last, so its flags win)."""
     flags = [
         "--pretrained_model_name_or_path",
         model,
@@ -116,15 +140,7 @@ def train(
         str(noise_offset),
     ]
     # One learning rate per method; alpha+LoRA uses it for both parameter groups, full for the whole UNet.
-    flags += ["--coeff_lr", str(lr), "--learning_rate", str(lr), *extra]
-    t0 = time.time()
-    with contextlib.redirect_stderr(io.StringIO()):
-        rc = main(flags)
-    reset_accelerate()
-    if rc != 0:
-        raise RuntimeError(f"training failed ({method}, {c.name}, lr {lr}, seed {seed})")
-    done = json.loads((out / "dreamcoeff_complete.json").read_text())
-    return time.time() - t0, int(done["trainable_parameters"])
+    return flags + ["--coeff_lr", str(lr), "--learning_rate", str(lr), *extra]
 
 
 def load(model: str, method: str | None, out: Path | None) -> StableDiffusionXLPipeline:
