@@ -22,7 +22,10 @@ fidelity. It draws ``pareto_SET.png`` (each method's points, mean over seeds, an
 upper-right staircase) and writes ``pareto_SET.json`` / ``.md``: each method's subject fidelity at
 prompt fidelity levels (the front's value: the best subject among its points with prompt at least
 the level) with a t interval over seeds (one front per seed), and paired differences per seed.
-No choice is made on test concepts: the grids come from the validation runs of v2.
+No choice is made on test concepts: the grids come from the validation runs of v2 (and, for the
+head-mixing ablation ``coeff diag`` / ``coeff offdiag`` / ``coeff zrs`` of issue 35 item 4, from the
+puzzle's runs and the ViT ablation: v3/README.md "Rate grids"). ``run --dry_run`` lists the plan;
+``report --methods ... --name ...`` reports some methods on their own.
 """
 
 from __future__ import annotations
@@ -47,17 +50,33 @@ sys.path.insert(0, str(HERE))  # curves.py and run_bench.py are siblings, not a 
 #: Each method's rate grid (README "Rate grids": the v2 validation runs behind each end).
 GRIDS: dict[str, list[float]] = {
     "coeff": [1e-4, 3e-4, 1e-3, 3e-3],
+    # the head-mixing ablation (issue 35 item 4), on one set beside "coeff"
+    "coeff diag": [1e-3, 3e-3, 1e-2, 3e-2],
+    "coeff offdiag": [1e-4, 3e-4, 1e-3, 3e-3],
+    "coeff zrs": [3e-4, 1e-3, 3e-3, 1e-2],
     "lora": [3e-4, 1e-3, 3e-3, 1e-2],
     "coeff+lora d0.1": [3e-4, 1e-3, 3e-3, 1e-2],
     "full": [1e-5, 3e-5, 1e-4, 3e-4],
     "coeff+ti": [1e-4, 3e-4, 1e-3, 3e-3],
+    "lora+ti": [3e-4, 1e-3, 3e-3, 1e-2],
 }
-#: The learned tokens' rate where tokens train beside alpha (v2's choice for tokens alone, validation).
+#: The learned tokens' rate where tokens train beside alpha or LoRA (v2's choice for tokens alone, validation).
 TOKEN_RATE = 2e-2
 LEVELS = (0.5, 0.6, 0.7)
-#: (with, without): the paired differences at matched prompt fidelity
-PAIRS = (("coeff+lora d0.1", "lora"), ("coeff", "untrained"))
+#: (a, b): the paired differences a - b at matched prompt fidelity (each where both methods ran): alpha
+#: beside LoRA, alpha against nothing, full alpha against each restricted one (does mixing matter), and
+#: what trains beside the same learned tokens
+PAIRS = (
+    ("coeff+lora d0.1", "lora"),
+    ("coeff", "untrained"),
+    ("coeff", "coeff diag"),
+    ("coeff", "coeff offdiag"),
+    ("coeff", "coeff zrs"),
+    ("coeff+ti", "lora+ti"),
+    ("lora+ti", "lora"),
+)
 DEFAULT_ROOT = HERE / "v3" / "pareto"
+RUN_METHODS = "coeff,lora,coeff+lora d0.1"  # run's default --methods
 
 
 def folder_name(method: str, lr: float) -> str:
@@ -165,11 +184,17 @@ def seed_points(runs: list[dict], ceilings: dict[str, float]) -> tuple[dict, dic
     return out, used
 
 
+def method_rank(method: str) -> tuple[int, str]:
+    """The report's order: untrained, then :data:`GRIDS`' order (an ablation beside its method), then others."""
+    order = ["untrained", *GRIDS]
+    return (order.index(method) if method in order else len(order), method)
+
+
 def summarize(runs: list[dict], ceilings: dict[str, float], levels: Sequence[float] = LEVELS) -> dict:
     """The report's numbers: per method the mean points over seeds, the mean front, per-seed front values
     at each level with t intervals, and the paired differences of :data:`PAIRS`."""
     pts, used = seed_points(runs, ceilings)
-    methods = sorted({m for m, _, _ in pts}, key=lambda m: (m != "untrained", m))
+    methods = sorted({m for m, _, _ in pts}, key=method_rank)
     seeds = sorted({s for _, _, s in pts})
     res: dict = {"levels": list(levels), "seeds": seeds, **used, "methods": {}}
     per_seed_value: dict[str, dict[int, list[float]]] = {}
@@ -212,7 +237,26 @@ def summarize(runs: list[dict], ceilings: dict[str, float], levels: Sequence[flo
 
 
 COLOURS = {"untrained": "#000000", "coeff": "#d62728", "lora": "#1f77b4", "coeff+lora d0.1": "#6a3d9a",
-           "full": "#7f7f7f", "coeff+ti": "#2ca02c"}  # fmt: skip
+           "full": "#7f7f7f", "coeff+ti": "#2ca02c", "lora+ti": "#17becf",
+           "coeff diag": "#ff7f0e", "coeff offdiag": "#e377c2", "coeff zrs": "#8c564b"}  # fmt: skip
+#: Point shapes: alpha's restricted forms apart from full alpha's dots also where colours are hard to tell
+#: apart; the untrained model is a square
+MARKERS = {"untrained": "square", "coeff diag": "diamond", "coeff offdiag": "triangle", "coeff zrs": "cross"}
+
+
+def marker(d, shape: str, cx: float, cy: float, r: float, colour: str) -> None:
+    """One point of the figure: ``dot`` (default), ``square``, ``diamond``, ``triangle`` or ``cross``."""
+    if shape == "square":
+        d.rectangle([cx - 6, cy - 6, cx + 6, cy + 6], fill=colour)
+    elif shape == "diamond":
+        d.polygon([(cx, cy - r - 1), (cx + r + 1, cy), (cx, cy + r + 1), (cx - r - 1, cy)], fill=colour)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r - 1), (cx + r + 1, cy + r), (cx - r - 1, cy + r)], fill=colour)
+    elif shape == "cross":
+        d.line([(cx - r - 1, cy - r - 1), (cx + r + 1, cy + r + 1)], fill=colour, width=2)
+        d.line([(cx - r - 1, cy + r + 1), (cx + r + 1, cy - r - 1)], fill=colour, width=2)
+    else:
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
 
 
 def draw(summary: dict, path: Path, title: str, size: int = 560) -> None:
@@ -251,12 +295,10 @@ def draw(summary: dict, path: Path, title: str, size: int = 560) -> None:
         for p in info["points"]:
             cx, cy = xy(p["prompt"], p["subject"])
             r = 2 + 4 * steps.index(p["step"]) / max(len(steps) - 1, 1)
-            if m == "untrained":
-                d.rectangle([cx - 6, cy - 6, cx + 6, cy + 6], fill=colour)
-            else:
-                d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            marker(d, MARKERS.get(m, "dot"), cx, cy, r, colour)
         ly = top + 10 + 22 * j
         d.line([(left + w + 20, ly + 8), (left + w + 44, ly + 8)], fill=colour, width=4)
+        marker(d, MARKERS.get(m, "dot"), left + w + 32, ly + 8, 4, colour)
         d.text((left + w + 50, ly), m, fill="black", font=f)
     d.text((left + w + 20, top + 10 + 22 * (len(summary["methods"]) + 1)),
            f"dots: larger = later\ncheckpoint ({', '.join(map(str, steps))})", fill="black", font=small)  # fmt: skip
@@ -304,6 +346,8 @@ def ceilings_of(path: Path, concept_set: str) -> dict[str, float]:
 def cmd_report(args) -> dict:
     root = Path(args.root) / args.concept_set
     runs = load_runs(root)
+    if args.methods is not None:  # only these (and the untrained rows): their (concept, seed) pairs alone decide
+        runs = [r for r in runs if r["method"] in {"untrained", *args.methods}]
     if not runs:
         raise SystemExit(f"{root}: no runs yet (pareto.py run --concept_set {args.concept_set})")
     scorers = {r.get("scorer", "v1") for r in runs}
@@ -311,10 +355,12 @@ def cmd_report(args) -> dict:
         raise SystemExit(f"{root}: runs scored by {sorted(scorers)}; the fronts need scorer v2 throughout")
     summary = summarize(runs, ceilings_of(Path(args.ceilings), args.concept_set), args.levels)
     summary["concept_set"] = args.concept_set
-    (root / f"pareto_{args.concept_set}.json").write_text(json.dumps(summary, indent=1))
-    (root / f"pareto_{args.concept_set}.md").write_text(markdown(summary, args.concept_set))
-    draw(summary, root / f"pareto_{args.concept_set}.png", args.concept_set)
-    print(f"[report] {root / f'pareto_{args.concept_set}.png'}, .json, .md")
+    name = args.name or f"pareto_{args.concept_set}"
+    title = args.concept_set if args.methods is None else f"{args.concept_set} ({', '.join(args.methods)})"
+    (root / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    (root / f"{name}.md").write_text(markdown(summary, title))
+    draw(summary, root / f"{name}.png", title)
+    print(f"[report] {root / f'{name}.png'}, .json, .md")
     return summary
 
 
@@ -379,6 +425,11 @@ def cmd_run(args) -> None:
         f"[run] shard {shard}/{shards}: {len(order)} items ({len(concepts)} concepts: {', '.join(concepts)}); points {points}",
         flush=True,
     )
+    if args.dry_run:  # the plan, with what is already done: nothing trained, nothing written
+        for seed, cname, m, lr in order:
+            folder = root / ("untrained" if m == "untrained" else folder_name(m, lr))
+            print(f"  seed {seed} {cname} {folder.name}{' (done)' if (cname, seed) in done_in(folder) else ''}")
+        return
     with tempfile.TemporaryDirectory(prefix="pareto-") as tmp:
         for seed, cname, m, lr in order:
             folder = root / ("untrained" if m == "untrained" else folder_name(m, lr))
@@ -421,7 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--concept_set", default="recombination", choices=("recombination", "texture", "refinement"))
     p.add_argument("--root", default=str(DEFAULT_ROOT), help="results go to ROOT/SET/METHOD@RATE/")
     p.add_argument("--model", default=str(HERE.parents[1] / "models" / "microworld-sdxl-v2"))
-    p.add_argument("--methods", default="coeff,lora,coeff+lora d0.1", help=f"comma-separated, of {list(GRIDS)}")
+    p.add_argument("--methods", default=None, help=f"comma-separated, of {list(GRIDS)}; run: default "
+                   f"{RUN_METHODS!r}; report: default every method under the root (a report of some methods "
+                   "uses the (concept, seed) pairs those have reached, not waiting for the others)")  # fmt: skip
     p.add_argument("--grid", action="append", default=[], metavar="METHOD=R1,R2,...", help="replace a rate grid")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--points", default="125,250,500,1000", help="checkpoints scored; the last is the horizon")
@@ -433,11 +486,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--concepts", default="", help="run only these kept test concepts (comma-separated)")
     p.add_argument("--shard", default="0/1", help="K/N: run every N-th item from the K-th (N processes in parallel)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dry_run", action="store_true", help="run: list the plan's items (and which are done), then exit")
     p.add_argument("--minutes", type=float, default=110, help="end this part after about this long")
+    p.add_argument("--name", default=None, help="report: file names NAME.png/.json/.md (default pareto_SET)")
     p.add_argument("--levels", default=",".join(map(str, LEVELS)), help="report: prompt fidelity levels")
     p.add_argument("--ceilings", default=str(HERE / "v2" / "ceilings.json"))
     args = p.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods is None and args.command == "run":
+        args.methods = RUN_METHODS
+    if args.methods is not None:
+        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.points = [int(s) for s in args.points.split(",")]
     args.levels = [float(s) for s in args.levels.split(",")]
