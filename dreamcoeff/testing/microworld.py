@@ -404,6 +404,30 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return mask & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
 
 
+def object_geometry(mask: np.ndarray) -> tuple[dict[str, Any], tuple[float, float, float, float]]:
+    """What an object mask says by its outline alone (both scorers share it): ``object``, ``bbox``
+    (y0, x0, y1, x1), ``size``, ``position``, and the ``shape`` of best IoU among the shapes fitted to the
+    bounding box with that ``shape_iou``; also (cx, cy, ry, rx), the box's centre and half-sizes, on
+    which the pattern templates are laid."""
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    cy, cx = (y0 + y1) / 2.0, (x0 + x1) / 2.0
+    ry, rx = (y1 - y0) / 2.0, (x1 - x0) / 2.0
+    extent = max(y1 - y0, x1 - x0)
+    out: dict[str, Any] = {
+        "object": True,
+        "bbox": (int(y0), int(x0), int(y1), int(x1)),
+        "size": "small" if extent < SIZE_SPLIT else "large",
+        "position": "left" if cx < POS_SPLITS[0] else ("right" if cx > POS_SPLITS[1] else "center"),
+    }
+    ious = {
+        s: float((m & mask).sum() / max((m | mask).sum(), 1)) for s in SHAPES for m in [shape_mask(s, cx, cy, ry, rx)]
+    }
+    shape = max(ious, key=ious.get)
+    out.update(shape=shape, shape_iou=ious[shape])
+    return out, (cx, cy, ry, rx)
+
+
 def analyze(img: np.ndarray) -> dict[str, Any]:
     """Measure an image: background, object mask, size, position, shape, colours, pattern.
 
@@ -425,24 +449,8 @@ def analyze(img: np.ndarray) -> dict[str, Any]:
     out["n_pixels"] = n
     if n < MIN_OBJECT_PIXELS:
         return out
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    cy, cx = (y0 + y1) / 2.0, (x0 + x1) / 2.0
-    ry, rx = (y1 - y0) / 2.0, (x1 - x0) / 2.0
-    extent = max(y1 - y0, x1 - x0)
-    out.update(
-        object=True,
-        bbox=(int(y0), int(x0), int(y1), int(x1)),
-        size="small" if extent < SIZE_SPLIT else "large",
-        position="left" if cx < POS_SPLITS[0] else ("right" if cx > POS_SPLITS[1] else "center"),
-    )
-    # shape: best IoU against each shape fitted to the bounding box
-    ious = {}
-    for s in SHAPES:
-        m = shape_mask(s, cx, cy, ry, rx)
-        ious[s] = float((m & mask).sum() / max((m | mask).sum(), 1))
-    shape = max(ious, key=ious.get)
-    out.update(shape=shape, shape_iou=ious[shape])
+    geometry, (cx, cy, ry, rx) = object_geometry(mask)
+    out.update(geometry)
     # colours: nearest palette colour per pixel of the mask's interior. Edge pixels of a decoded
     # (VAE-blurred) image blend object and background colours into a spurious third colour, so they
     # are left out whenever the interior is big enough; crisp world images are unaffected.

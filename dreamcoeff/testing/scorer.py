@@ -91,23 +91,8 @@ def analyze(img: np.ndarray) -> dict[str, Any]:
     out["n_pixels"] = n
     if n < mw.MIN_OBJECT_PIXELS or n > MAX_OBJECT_FRACTION * mw.RES * mw.RES:
         return out
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    cy, cx = (y0 + y1) / 2.0, (x0 + x1) / 2.0
-    ry, rx = (y1 - y0) / 2.0, (x1 - x0) / 2.0
-    extent = max(y1 - y0, x1 - x0)
-    out.update(
-        object=True,
-        bbox=(int(y0), int(x0), int(y1), int(x1)),
-        size="small" if extent < mw.SIZE_SPLIT else "large",
-        position="left" if cx < mw.POS_SPLITS[0] else ("right" if cx > mw.POS_SPLITS[1] else "center"),
-    )
-    ious = {}
-    for s in mw.SHAPES:
-        m = mw.shape_mask(s, cx, cy, ry, rx)
-        ious[s] = float((m & mask).sum() / max((m | mask).sum(), 1))
-    shape = max(ious, key=ious.get)
-    out.update(shape=shape, shape_iou=ious[shape])
+    geometry, (cx, cy, ry, rx) = mw.object_geometry(mask)
+    out.update(geometry)
     core = _core(mask)
     dist = np.linalg.norm(x[core][:, None, :] - mw._PALETTE[None], axis=-1)
     lab_all = np.argmin(dist, axis=1)
