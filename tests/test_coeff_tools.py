@@ -355,6 +355,19 @@ def test_init_coeff_from_names_wrong_head_counts_and_unknown_modules(tiny_pipe, 
     # the unknown key also counts as a layer the run does not train, and its own layer as missing
     assert "1 layers that train alpha are not in the file" in msg and "1 layers in the file do not train" in msg
     _assert_unchanged(tiny_pipe.unet, before)
+    # four problems (two unknown modules, two missing, two extra): the first three shown, "; " apart
+    renamed["unet.no_such_block.attn2.alpha"] = renamed.pop(keys[1])
+    save_file(renamed, str(bad), metadata=meta)
+    with pytest.raises(CoeffWeightsError) as err:
+        init_coeff_from(tiny_pipe.unet, bad)
+    msg = str(err.value)
+    assert msg == (
+        f"{bad} does not fit this run (bad.safetensors: unet.no_such_block.attn1.alpha: the UNet has no attention "
+        "module 'no_such_block.attn1'; bad.safetensors: unet.no_such_block.attn2.alpha: the UNet has no attention "
+        f"module 'no_such_block.attn2'; 2 layers that train alpha are not in the file (e.g. {keys[0][5:-6]})): "
+        "another base model, or other --coeff_targets than the run that wrote it?"
+    )
+    _assert_unchanged(tiny_pipe.unet, before)
     with pytest.raises(CoeffWeightsError, match="alpha file not found"):
         init_coeff_from(tiny_pipe.unet, tmp_path / "missing.safetensors")
     _assert_unchanged(tiny_pipe.unet, before)
