@@ -371,3 +371,26 @@ def test_init_coeff_from_names_wrong_head_counts_and_unknown_modules(tiny_pipe, 
     with pytest.raises(CoeffWeightsError, match="alpha file not found"):
         init_coeff_from(tiny_pipe.unet, tmp_path / "missing.safetensors")
     _assert_unchanged(tiny_pipe.unet, before)
+
+
+@pytest.mark.parametrize("n_bad", [20, 21, 23])
+def test_a_misfit_is_listed_twenty_lines_at_most(tiny_pipe, tmp_path, n_bad):
+    """Every entry names an attention module the UNet lacks: the message names the file and the
+    count, lists the first 20 problems, then says how many more there are."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    tensors = {f"unet.nowhere_{i:02d}.attn1.alpha": torch.zeros(2, 2) for i in range(n_bad)}
+    save_file(tensors, str(path), metadata={"format": "dreamcoeff"})
+    with pytest.raises(CoeffWeightsError) as err:
+        load_coeff_weights(tiny_pipe, path)
+    head, *lines = str(err.value).split("\n  ")
+    assert head == (
+        f"{path} does not fit this UNet ({n_bad} of {n_bad} entries); was it trained on another base model?"
+    )
+    expected = [
+        f"other.safetensors: unet.nowhere_{i:02d}.attn1.alpha: the UNet has no attention module 'nowhere_{i:02d}.attn1'"
+        for i in range(min(n_bad, 20))
+    ]
+    assert lines == expected + ([f"... and {n_bad - 20} more"] if n_bad > 20 else [])
+    assert not coeff_modules(tiny_pipe.unet)
