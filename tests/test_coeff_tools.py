@@ -394,3 +394,36 @@ def test_a_misfit_is_listed_twenty_lines_at_most(tiny_pipe, tmp_path, n_bad):
     ]
     assert lines == expected + ([f"... and {n_bad - 20} more"] if n_bad > 20 else [])
     assert not coeff_modules(tiny_pipe.unet)
+
+
+def test_a_misfit_among_several_files_names_how_many(tiny_pipe, tmp_path):
+    """Combining: the message counts the files ("2 alpha files do not fit"), every entry of both."""
+    from safetensors.torch import save_file
+
+    dog, a_dog = _random_alpha_file(tiny_pipe, tmp_path / "dog.safetensors", seed=1)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"unet.nowhere.attn1.alpha": torch.zeros(2, 2)}, str(bad), metadata={"format": "dreamcoeff"})
+    with pytest.raises(CoeffWeightsError) as err:
+        load_coeff_weights(tiny_pipe, [dog, bad], scale=[1.0, 0.5])
+    assert str(err.value).split("\n  ") == [
+        f"2 alpha files do not fit this UNet (1 of {len(a_dog) + 1} entries); was it trained on another base model?",
+        "bad.safetensors: unet.nowhere.attn1.alpha: the UNet has no attention module 'nowhere.attn1'",
+    ]
+    assert not coeff_modules(tiny_pipe.unet)
+
+
+def test_one_file_at_a_strength_keeps_the_files_alpha(tiny_pipe, tmp_path):
+    """One file at scale 0.5: alpha is the file's (safetensors' own reader), the strength 0.5 (not
+    alpha * 0.5 at strength 0.5); layers with alpha that the file lacks go back to plain attention."""
+    from safetensors.torch import load_file
+
+    path, _ = _random_alpha_file(tiny_pipe, tmp_path / "cross.safetensors", targets=("attn2",), seed=4)
+    expected = load_file(str(path))
+    apply_coeff(tiny_pipe.unet, targets=("attn1", "attn2"))  # alpha on attn1 too, which the file lacks
+    loaded = load_coeff_weights(tiny_pipe, path, scale=0.5)
+    modules = coeff_modules(tiny_pipe.unet)
+    assert sorted(modules) == sorted(loaded) == sorted(k[len("unet.") : -len(".alpha")] for k in expected)
+    assert all(name.endswith("attn2") for name in modules)
+    for name, module in modules.items():
+        assert torch.equal(module.head_mix.alpha.detach(), expected[f"unet.{name}.alpha"]), name
+        assert module.head_mix.strength == 0.5
