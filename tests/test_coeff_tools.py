@@ -427,3 +427,32 @@ def test_one_file_at_a_strength_keeps_the_files_alpha(tiny_pipe, tmp_path):
     for name, module in modules.items():
         assert torch.equal(module.head_mix.alpha.detach(), expected[f"unet.{name}.alpha"]), name
         assert module.head_mix.strength == 0.5
+
+
+def test_combined_files_run_at_strength_one_whatever_the_first_scale(tiny_pipe, tmp_path):
+    """The c_k are in alpha (float64 reference), so the processors run at strength 1, not at c_1."""
+    dog, a_dog = _random_alpha_file(tiny_pipe, tmp_path / "dog.safetensors", seed=1)
+    hat, a_hat = _random_alpha_file(tiny_pipe, tmp_path / "hat.safetensors", seed=2)
+    load_coeff_weights(tiny_pipe, [dog, hat], scale=[0.5, 0.7])
+    for name, module in coeff_modules(tiny_pipe.unet).items():
+        expected = 0.5 * a_dog[name].double() + 0.7 * a_hat[name].double()
+        assert torch.allclose(module.head_mix.alpha.double(), expected, atol=1e-7, rtol=0), name
+        assert module.head_mix.strength == 1.0
+
+
+def test_metadata_values_are_stored_as_strings_or_sorted_json(tiny_pipe, tmp_path):
+    """Strings as given; anything else as JSON with sorted keys, a Path (not JSON) as its text; keys
+    as strings. Compared with the JSON the standard library writes, read back by safetensors."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    apply_coeff(tiny_pipe.unet)
+    meta = {"base_model": "org/model", "training_args": {"zeta": 1, "alpha": [0.5], "out": Path("/runs/a")}, 7: 2.5}
+    path = save_coeff_weights(tmp_path / "a.safetensors", tiny_pipe.unet, metadata=meta)
+    with safe_open(str(path), framework="pt") as fh:
+        stored = fh.metadata()
+    assert stored["base_model"] == "org/model"
+    assert stored["training_args"] == '{"alpha": [0.5], "out": "/runs/a", "zeta": 1}'
+    assert stored["7"] == "2.5"
+    assert stored["format"] == "dreamcoeff"
