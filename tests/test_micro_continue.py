@@ -82,6 +82,22 @@ def test_continuation_writes_a_loadable_folder_with_the_source_vae(tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     assert pipe.vae.config.scaling_factor == StableDiffusionXLPipeline.from_pretrained(src).vae.config.scaling_factor
 
+    # in two parts (--state, stopped after step 1, the same command again): the same weights and counts
+    half = [a if a != str(out) else str(tmp_path / "parts") for a in argv]
+    half = [a if a != str(log_path) else str(tmp_path / "parts.json") for a in half]
+    half = [a if a != "1.0" else "0.5" for a in half] + ["--state", str(tmp_path / "s.state")]
+    straight = [a if a != "1.0" else "0.5" for a in argv]
+    straight = [a if a != str(log_path) else str(tmp_path / "straight.json") for a in straight]
+    try:
+        assert pt.main(straight) == 0
+        assert pt.main([*half, "--stop_after", "1"]) == 0 and not (tmp_path / "parts.json").exists()
+        assert pt.main(half) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("straight.json", "parts.json"))
+    assert a["weights_sha256"] == b["weights_sha256"]
+    assert a["colour_drop_counts"] == b["colour_drop_counts"] and a["colour_drop_counts"]["captions"] == 8
+
 
 def test_continuation_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
     pt = _pretrain_module()

@@ -197,6 +197,8 @@ def train_unet(
         opt.load_state_dict(state["opt"])
         first = state["step"] + 1
         curve[:] = state["log"].get("unet_curve", [])
+        if "colour_drop_counts" in state["log"]:  # the steps before the stop count too
+            log["colour_drop_counts"] = dict(state["log"]["colour_drop_counts"])
         ema = curve[-1]["loss_ema"] if curve else None
         t0 -= state["log"].get("unet_seconds_so_far", 0.0)
         print(f"resuming from {state_path} at step {first}", flush=True)
