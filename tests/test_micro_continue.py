@@ -105,3 +105,23 @@ def test_continuation_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
         pt.main(["--continue_from", str(tmp_path), "--out", str(tmp_path / "o"), "--log", str(tmp_path / "l.json")])
     with pytest.raises(SystemExit):
         pt.main(["--continue_from", str(tmp_path), "--colour_drop", "1.5"])
+
+
+V2R_LOG = ROOT / "benchmarks" / "micro" / "v2r" / "pretrain_log.json"
+
+
+@pytest.mark.skipif(not V2R_LOG.is_file(), reason="the v2r model is not finished and shipped yet")
+def test_shipped_v2r_matches_its_log_and_keeps_the_v2_vae():
+    """The committed v2r folder: every weight file's sha256 is the log's, the VAE is v2's byte for byte
+    (the continuation freezes it), 600 steps at a 0.3 colour drop."""
+    import hashlib
+
+    log = json.loads(V2R_LOG.read_text())
+    model, v2 = ROOT / "models" / "microworld-sdxl-v2r", ROOT / "models" / "microworld-sdxl-v2"
+    for name, digest in log["weights_sha256"].items():
+        assert hashlib.sha256((model / name).read_bytes()).hexdigest() == digest, name
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert (model / vae).read_bytes() == (v2 / vae).read_bytes()
+    assert log["unet_steps"] == 600 and log["args"]["colour_drop"] == 0.3
+    counts = log["colour_drop_counts"]
+    assert counts["captions"] == 600 * 32 and abs(counts["dropped"] / counts["captions"] - 0.3) < 0.02
