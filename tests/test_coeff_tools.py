@@ -249,3 +249,210 @@ def test_a_valid_file_whose_header_length_looks_like_pickle_loads(tiny_pipe, tmp
     torch.save({"unet.x.alpha": torch.zeros(2, 2)}, tmp_path / "pickled.safetensors")
     with pytest.raises(CoeffWeightsError, match="pickle"):
         read_coeff_file(tmp_path / "pickled.safetensors")
+
+
+def _install_zero_alpha(unet, targets=("attn1", "attn2"), dropout=0.0):
+    """A run's own processors (its targets and dropout), alpha at zero; returns {module: processor}."""
+    apply_coeff(unet, targets=targets, dropout=dropout)
+    return {name: module.processor for name, module in coeff_modules(unet).items()}
+
+
+def test_init_coeff_from_copies_the_file_into_the_runs_own_processors(tiny_pipe, tmp_path):
+    """`--init_coeff_weights` without a training run: every layer's alpha equals the file as
+    safetensors' own reader gives it (not our reader), the processors (dropout 0.25) stay the run's."""
+    from safetensors.torch import load_file
+
+    from dreamcoeff.weights import init_coeff_from
+
+    path, _ = _random_alpha_file(tiny_pipe, tmp_path / "run" / "coeff_weights.safetensors", seed=5)
+    expected = load_file(str(path))
+    processors = _install_zero_alpha(tiny_pipe.unet, dropout=0.25)
+    assert init_coeff_from(tiny_pipe.unet, tmp_path / "run") == path  # a run folder names its file
+    modules = coeff_modules(tiny_pipe.unet)
+    assert sorted(f"unet.{n}.alpha" for n in modules) == sorted(expected)
+    for name, module in modules.items():
+        assert module.processor is processors[name], name
+        assert module.head_mix.dropout == 0.25
+        alpha = module.head_mix.alpha
+        assert alpha.dtype == torch.float32 and alpha.requires_grad
+        assert torch.equal(alpha.detach(), expected[f"unet.{name}.alpha"]), name
+        assert not torch.equal(alpha.detach(), torch.zeros_like(alpha)), name
+
+
+def _alphas(unet):
+    return {n: m.head_mix.alpha.detach().clone() for n, m in coeff_modules(unet).items()}
+
+
+def _assert_unchanged(unet, before):
+    after = _alphas(unet)
+    assert sorted(after) == sorted(before)
+    for name, alpha in before.items():
+        assert torch.equal(after[name], alpha), name
+
+
+def test_init_coeff_from_refuses_a_file_that_covers_other_layers(tiny_pipe, tmp_path):
+    """Layers missing from the file, layers the run does not train, and nothing changes on a refusal."""
+    from dreamcoeff.weights import init_coeff_from
+
+    only_attn2, _ = _random_alpha_file(tiny_pipe, tmp_path / "attn2.safetensors", targets=("attn2",), seed=1)
+    both, _ = _random_alpha_file(tiny_pipe, tmp_path / "both.safetensors", seed=2)
+    _install_zero_alpha(tiny_pipe.unet)
+    n_attn1 = sum(n.endswith("attn1") for n in coeff_modules(tiny_pipe.unet))
+    first_attn1 = sorted(n for n in coeff_modules(tiny_pipe.unet) if n.endswith("attn1"))[0]
+    before = _alphas(tiny_pipe.unet)
+    with pytest.raises(CoeffWeightsError) as err:
+        init_coeff_from(tiny_pipe.unet, only_attn2)
+    msg = str(err.value)
+    assert msg.startswith(f"{only_attn2} does not fit this run (")
+    assert f"({n_attn1} layers that train alpha are not in the file (e.g. {first_attn1})): " in msg
+    assert "do not train alpha" not in msg and "--coeff_targets" in msg
+    _assert_unchanged(tiny_pipe.unet, before)
+
+    remove_coeff(tiny_pipe)
+    _install_zero_alpha(tiny_pipe.unet, targets=("attn2",))
+    before = _alphas(tiny_pipe.unet)
+    with pytest.raises(CoeffWeightsError) as err:
+        init_coeff_from(tiny_pipe.unet, both)
+    msg = str(err.value)
+    assert f"({n_attn1} layers in the file do not train alpha in this run (e.g. {first_attn1})): " in msg
+    assert "are not in the file" not in msg
+    _assert_unchanged(tiny_pipe.unet, before)
+
+
+def test_init_coeff_from_names_wrong_head_counts_and_unknown_modules(tiny_pipe, tmp_path):
+    """A file written for another UNet: each defect named (at most three), nothing changes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dreamcoeff.weights import init_coeff_from
+
+    path, _ = _random_alpha_file(tiny_pipe, tmp_path / "ok.safetensors", seed=3)
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:  # the metadata as written (format marker included)
+        meta = fh.metadata()
+    keys = sorted(tensors)
+    heads = tensors[keys[0]].shape[0]
+    wrong = dict(tensors)
+    wrong[keys[0]] = torch.zeros(heads + 1, heads + 1)
+    bad = tmp_path / "bad.safetensors"
+    save_file(wrong, str(bad), metadata=meta)
+    _install_zero_alpha(tiny_pipe.unet)
+    before = _alphas(tiny_pipe.unet)
+    with pytest.raises(CoeffWeightsError) as err:
+        init_coeff_from(tiny_pipe, bad)  # a pipeline is unwrapped to its UNet
+    assert f"bad.safetensors: {keys[0]}: {heads + 1} heads in the file, {heads} in the UNet" in str(err.value)
+    _assert_unchanged(tiny_pipe.unet, before)
+
+    renamed = dict(tensors)
+    renamed["unet.no_such_block.attn1.alpha"] = renamed.pop(keys[0])
+    save_file(renamed, str(bad), metadata=meta)
+    with pytest.raises(CoeffWeightsError) as err:
+        init_coeff_from(tiny_pipe.unet, bad)
+    msg = str(err.value)
+    assert (
+        "bad.safetensors: unet.no_such_block.attn1.alpha: the UNet has no attention module 'no_such_block.attn1'" in msg
+    )
+    # the unknown key also counts as a layer the run does not train, and its own layer as missing
+    assert "1 layers that train alpha are not in the file" in msg and "1 layers in the file do not train" in msg
+    _assert_unchanged(tiny_pipe.unet, before)
+    # four problems (two unknown modules, two missing, two extra): the first three shown, "; " apart
+    renamed["unet.no_such_block.attn2.alpha"] = renamed.pop(keys[1])
+    save_file(renamed, str(bad), metadata=meta)
+    with pytest.raises(CoeffWeightsError) as err:
+        init_coeff_from(tiny_pipe.unet, bad)
+    msg = str(err.value)
+    assert msg == (
+        f"{bad} does not fit this run (bad.safetensors: unet.no_such_block.attn1.alpha: the UNet has no attention "
+        "module 'no_such_block.attn1'; bad.safetensors: unet.no_such_block.attn2.alpha: the UNet has no attention "
+        f"module 'no_such_block.attn2'; 2 layers that train alpha are not in the file (e.g. {keys[0][5:-6]})): "
+        "another base model, or other --coeff_targets than the run that wrote it?"
+    )
+    _assert_unchanged(tiny_pipe.unet, before)
+    with pytest.raises(CoeffWeightsError, match="alpha file not found"):
+        init_coeff_from(tiny_pipe.unet, tmp_path / "missing.safetensors")
+    _assert_unchanged(tiny_pipe.unet, before)
+
+
+@pytest.mark.parametrize("n_bad", [20, 21, 23])
+def test_a_misfit_is_listed_twenty_lines_at_most(tiny_pipe, tmp_path, n_bad):
+    """Every entry names an attention module the UNet lacks: the message names the file and the
+    count, lists the first 20 problems, then says how many more there are."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    tensors = {f"unet.nowhere_{i:02d}.attn1.alpha": torch.zeros(2, 2) for i in range(n_bad)}
+    save_file(tensors, str(path), metadata={"format": "dreamcoeff"})
+    with pytest.raises(CoeffWeightsError) as err:
+        load_coeff_weights(tiny_pipe, path)
+    head, *lines = str(err.value).split("\n  ")
+    assert head == (
+        f"{path} does not fit this UNet ({n_bad} of {n_bad} entries); was it trained on another base model?"
+    )
+    expected = [
+        f"other.safetensors: unet.nowhere_{i:02d}.attn1.alpha: the UNet has no attention module 'nowhere_{i:02d}.attn1'"
+        for i in range(min(n_bad, 20))
+    ]
+    assert lines == expected + ([f"... and {n_bad - 20} more"] if n_bad > 20 else [])
+    assert not coeff_modules(tiny_pipe.unet)
+
+
+def test_a_misfit_among_several_files_names_how_many(tiny_pipe, tmp_path):
+    """Combining: the message counts the files ("2 alpha files do not fit"), every entry of both."""
+    from safetensors.torch import save_file
+
+    dog, a_dog = _random_alpha_file(tiny_pipe, tmp_path / "dog.safetensors", seed=1)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"unet.nowhere.attn1.alpha": torch.zeros(2, 2)}, str(bad), metadata={"format": "dreamcoeff"})
+    with pytest.raises(CoeffWeightsError) as err:
+        load_coeff_weights(tiny_pipe, [dog, bad], scale=[1.0, 0.5])
+    assert str(err.value).split("\n  ") == [
+        f"2 alpha files do not fit this UNet (1 of {len(a_dog) + 1} entries); was it trained on another base model?",
+        "bad.safetensors: unet.nowhere.attn1.alpha: the UNet has no attention module 'nowhere.attn1'",
+    ]
+    assert not coeff_modules(tiny_pipe.unet)
+
+
+def test_one_file_at_a_strength_keeps_the_files_alpha(tiny_pipe, tmp_path):
+    """One file at scale 0.5: alpha is the file's (safetensors' own reader), the strength 0.5 (not
+    alpha * 0.5 at strength 0.5); layers with alpha that the file lacks go back to plain attention."""
+    from safetensors.torch import load_file
+
+    path, _ = _random_alpha_file(tiny_pipe, tmp_path / "cross.safetensors", targets=("attn2",), seed=4)
+    expected = load_file(str(path))
+    apply_coeff(tiny_pipe.unet, targets=("attn1", "attn2"))  # alpha on attn1 too, which the file lacks
+    loaded = load_coeff_weights(tiny_pipe, path, scale=0.5)
+    modules = coeff_modules(tiny_pipe.unet)
+    assert sorted(modules) == sorted(loaded) == sorted(k[len("unet.") : -len(".alpha")] for k in expected)
+    assert all(name.endswith("attn2") for name in modules)
+    for name, module in modules.items():
+        assert torch.equal(module.head_mix.alpha.detach(), expected[f"unet.{name}.alpha"]), name
+        assert module.head_mix.strength == 0.5
+
+
+def test_combined_files_run_at_strength_one_whatever_the_first_scale(tiny_pipe, tmp_path):
+    """The c_k are in alpha (float64 reference), so the processors run at strength 1, not at c_1."""
+    dog, a_dog = _random_alpha_file(tiny_pipe, tmp_path / "dog.safetensors", seed=1)
+    hat, a_hat = _random_alpha_file(tiny_pipe, tmp_path / "hat.safetensors", seed=2)
+    load_coeff_weights(tiny_pipe, [dog, hat], scale=[0.5, 0.7])
+    for name, module in coeff_modules(tiny_pipe.unet).items():
+        expected = 0.5 * a_dog[name].double() + 0.7 * a_hat[name].double()
+        assert torch.allclose(module.head_mix.alpha.double(), expected, atol=1e-7, rtol=0), name
+        assert module.head_mix.strength == 1.0
+
+
+def test_metadata_values_are_stored_as_strings_or_sorted_json(tiny_pipe, tmp_path):
+    """Strings as given; anything else as JSON with sorted keys, a Path (not JSON) as its text; keys
+    as strings. Compared with the JSON the standard library writes, read back by safetensors."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    apply_coeff(tiny_pipe.unet)
+    meta = {"base_model": "org/model", "training_args": {"zeta": 1, "alpha": [0.5], "out": Path("/runs/a")}, 7: 2.5}
+    path = save_coeff_weights(tmp_path / "a.safetensors", tiny_pipe.unet, metadata=meta)
+    with safe_open(str(path), framework="pt") as fh:
+        stored = fh.metadata()
+    assert stored["base_model"] == "org/model"
+    assert stored["training_args"] == '{"alpha": [0.5], "out": "/runs/a", "zeta": 1}'
+    assert stored["7"] == "2.5"
+    assert stored["format"] == "dreamcoeff"

@@ -243,3 +243,66 @@ def test_trainer_runs_with_the_new_options(
         "True",
     )
     assert (meta["ss_loss_type"], meta["ss_huber_c"], meta["ss_debiased_estimation"]) == ("huber", "0.2", "True")
+
+
+class _RecordingUNet:
+    """Records every input the loss gives the UNet and returns a fixed prediction."""
+
+    def __init__(self, pred):
+        self.pred, self.seen = pred, None
+
+    def __call__(self, noisy, t, embeds, added_cond_kwargs, return_dict):
+        self.seen = dict(noisy=noisy, t=t, embeds=embeds, added=added_cond_kwargs, return_dict=return_dict)
+        return (self.pred,)
+
+
+@pytest.mark.parametrize("noise_offset", [0.0, 0.1])
+def test_the_unet_gets_the_noisy_latents_and_the_conditioning(noise_offset):
+    """What the UNet is given, against float64 formulas with the trainer's draws (noise, the offset
+    noise per channel, then the timesteps): x_t = sqrt(abar) x_0 + sqrt(1 - abar) noise, the prompt
+    embeddings and pooled embeddings as passed, time ids in the weight dtype, return_dict False;
+    and the epsilon loss against the noise with its offset. float64 latents: noise is drawn in theirs."""
+    cfg = replace(TrainConfig(), noise_offset=noise_offset)
+    torch.manual_seed(2)
+    latents = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    pred = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    embeds, pooled = torch.randn(3, 77, 16), torch.randn(3, 12)
+    time_ids = torch.arange(18, dtype=torch.float32).view(3, 6)
+    batch = {"add_time_ids": time_ids, "is_class": torch.zeros(3, dtype=torch.bool)}
+    unet = _RecordingUNet(pred)
+    loss = denoising_loss(
+        unet, _scheduler(), latents, batch, (embeds, pooled), cfg, torch.Generator().manual_seed(4), torch.float64
+    )
+    gen = torch.Generator().manual_seed(4)
+    noise = torch.randn(latents.shape, generator=gen, dtype=torch.float64)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((3, 4, 1, 1), generator=gen, dtype=torch.float64)
+    t = torch.randint(0, T, (3,), generator=gen)
+    abar = _abar64()[t].view(-1, 1, 1, 1)
+    seen = unet.seen
+    assert torch.equal(seen["t"], t)
+    torch.testing.assert_close(seen["noisy"], abar.sqrt() * latents + (1 - abar).sqrt() * noise, rtol=1e-6, atol=1e-6)
+    assert (
+        seen["embeds"] is embeds
+        and seen["added"]["text_embeds"] is pooled
+        and set(seen["added"])
+        == {
+            "text_embeds",
+            "time_ids",
+        }
+    )
+    assert seen["added"]["time_ids"].dtype == torch.float64 and torch.equal(
+        seen["added"]["time_ids"], time_ids.double()
+    )
+    assert seen["return_dict"] is False
+    torch.testing.assert_close(loss.double(), ((pred - noise) ** 2).mean(), rtol=1e-6, atol=0)
+
+
+def test_an_unknown_prediction_type_is_named():
+    x = torch.zeros(1, 4, 8, 8)
+    batch = {"add_time_ids": torch.zeros(1, 6), "is_class": torch.zeros(1, dtype=torch.bool)}
+    with pytest.raises(Exception, match="unsupported prediction_type 'sample' in the model's scheduler"):
+        denoising_loss(
+            _FixedUNet(x), _scheduler(prediction_type="sample"), x, batch, (None, None), TrainConfig(),
+            torch.Generator(), torch.float32,
+        )  # fmt: skip

@@ -59,3 +59,36 @@ def test_committed_rates_follow_the_rule(refinement):
     saved = json.loads((MICRO / "v2" / "refinement" / "rates.json").read_text())
     assert saved["scorer"] == "v2"
     assert refinement.select(saved["candidates"]) == saved["selection"]
+
+
+def test_sharded_sampling_gives_the_images_and_rates_of_one_process(refinement, tmp_path):
+    """Two shards, then the merge pass, against one unsharded run (1 image, 1 sampler step, an
+    untrained micro pipeline): every image equal, the same candidate rows and selection."""
+    import numpy as np
+    import torch
+
+    from dreamcoeff.testing.tiny import build_tiny_tokenizer_files, write_tokenizer_files
+
+    model = tmp_path / "model"
+    mw.build_micro_pipeline(seed=0).save_pretrained(model, safe_serialization=True)
+    vocab, merges = build_tiny_tokenizer_files(mw.VOCAB_WORDS)
+    for sub in ("tokenizer", "tokenizer_2"):
+        write_tokenizer_files(model / sub, vocab, merges)
+    common = ["--model", str(model), "--images", "1", "--inference_steps", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert refinement.main([*common, "--out", str(tmp_path / "one" / "rates.json")]) == 0
+        split = [*common, "--out", str(tmp_path / "two" / "rates.json")]
+        assert refinement.main([*split, "--shard", "0/2"]) == 0
+        assert refinement.main([*split, "--shard", "1/2"]) == 0
+        assert not (tmp_path / "two" / "rates.json").exists()  # a shard only samples
+        assert refinement.main(split) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one, two = (np.load(tmp_path / d / "rates_images.npz") for d in ("one", "two"))
+    committed = np.load(MICRO / "v2" / "refinement" / "rates_images.npz")  # v2's run: the same prompts
+    assert sorted(one.files) == sorted(two.files) == sorted(committed.files)
+    for k in one.files:
+        assert np.array_equal(one[k], two[k]), k
+    a, b = (json.loads((tmp_path / d / "rates.json").read_text()) for d in ("one", "two"))
+    assert a["candidates"] == b["candidates"] and a["selection"] == b["selection"]

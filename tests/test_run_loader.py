@@ -120,3 +120,53 @@ def test_load_run_installs_a_combination_as_the_weighted_sum(tiny_pipe, tmp_path
         assert module.head_mix.strength == 0.5  # the row's c scales the whole sum
     unload_run(tiny_pipe, loaded)
     assert not coeff_modules(tiny_pipe)
+
+
+def test_alpha_record_install_alpha_and_the_no_alpha_messages(tiny_pipe, tmp_path):
+    """The sampler's record of an alpha file against hashlib, os.stat and safetensors' reader;
+    install_alpha's strength (default 1); what a run without alpha says it has."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from dreamcoeff import save_coeff_weights as save
+    from dreamcoeff.loading import alpha_record, install_alpha
+
+    apply_coeff(tiny_pipe.unet)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in coeff_parameters(tiny_pipe.unet):
+            p.copy_(torch.randn(p.shape, generator=g))
+    path = Path(save(tmp_path / "a.safetensors", tiny_pipe.unet, metadata={"training_args": {"seed": 1}}))
+    remove_coeff(tiny_pipe)
+    reference = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = fh.metadata()
+    record = alpha_record(tiny_pipe, path)
+    assert record == {
+        "path": str(path.resolve()),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "bytes": path.stat().st_size,
+        "layers": len(reference),
+        "coefficients": sum(t.numel() for t in reference.values()),
+        "max_abs_alpha": max(float(t.abs().max()) for t in reference.values()),
+        "metadata": {k: v for k, v in metadata.items() if k != "training_args"},
+        "has_training_args": True,
+    }
+    assert "training_args" in metadata and not coeff_modules(tiny_pipe)  # checked, then removed again
+
+    files = RunFiles(alpha=path)
+    assert files.found() == [("alpha", path)]
+    install_alpha(tiny_pipe, files)
+    assert {m.head_mix.strength for m in coeff_modules(tiny_pipe).values()} == {1.0}
+    install_alpha(tiny_pipe, files, scale=0.5)
+    assert {m.head_mix.strength for m in coeff_modules(tiny_pipe).values()} == {0.5}
+    remove_coeff(tiny_pipe)
+
+    lora, unet, emb = tmp_path / "l.safetensors", tmp_path / "unet", tmp_path / "t_emb.safetensors"
+    everything = RunFiles(lora=lora, unet=unet, embeddings=emb)
+    assert everything.found() == [("lora", lora), ("unet", unet), ("embeddings", emb)]
+    with pytest.raises(RunLoadError) as err:
+        install_alpha(tiny_pipe, everything)
+    assert str(err.value) == f"{lora} holds no alpha (coeff_weights.safetensors): it has lora, unet, embeddings"
+    assert RunFiles().no_alpha() == "this run holds no alpha (coeff_weights.safetensors): it has no trained files"

@@ -145,6 +145,21 @@ def save_state(path: Path, step: int, pipe, opt, log: dict) -> None:
     print(f"state at step {step} -> {path}", flush=True)
 
 
+def drop_colour_words(caps: list[str], scenes, seed: int, prob: float, counts: dict | None = None) -> list[str]:
+    """The captions with "<colour> <shape>" replaced by "<shape>" in a `prob` share of them, drawn from
+    ``numpy.random.default_rng(10_000_000 + seed)`` (its own stream: the world batch's draws are unchanged).
+
+    A base model trained on such captions draws a spread of colours for the class prompt ("a circle on a
+    blue background") instead of none or one; `counts` (if given) accumulates ``captions`` / ``dropped``.
+    """
+    rng = np.random.default_rng(10_000_000 + seed)
+    out = [c.replace(f"{s.colour} {s.shape}", s.shape) if rng.random() < prob else c for c, s in zip(caps, scenes)]
+    if counts is not None:
+        counts["captions"] = counts.get("captions", 0) + len(caps)
+        counts["dropped"] = counts.get("dropped", 0) + sum(a != b for a, b in zip(out, caps))
+    return out
+
+
 def train_unet(
     pipe,
     steps: int,
@@ -156,10 +171,12 @@ def train_unet(
     noise_offset: float = 0.0,
     state_path: Path | None = None,
     stop_after: int | None = None,
+    colour_drop: float = 0.0,
 ) -> int:
     """UNet + text-encoder pretraining; with `state_path`, resumable in parts: it continues from the
     state saved there (if any), saves it every `save_every` steps, and ends early after `stop_after`.
-    Returns the last step done."""
+    With `colour_drop` > 0 the colour word is left out of that share of the captions
+    (:func:`drop_colour_words`; counted in ``log["colour_drop_counts"]``). Returns the last step done."""
     unet, te1, te2 = pipe.unet, pipe.text_encoder, pipe.text_encoder_2
     sched = DDPMScheduler(
         **{k: v for k, v in tiny_scheduler_config().items() if k not in ("interpolation_type", "use_karras_sigmas")}
@@ -180,6 +197,8 @@ def train_unet(
         opt.load_state_dict(state["opt"])
         first = state["step"] + 1
         curve[:] = state["log"].get("unet_curve", [])
+        if "colour_drop_counts" in state["log"]:  # the steps before the stop count too
+            log["colour_drop_counts"] = dict(state["log"]["colour_drop_counts"])
         ema = curve[-1]["loss_ema"] if curve else None
         t0 -= state["log"].get("unet_seconds_so_far", 0.0)
         print(f"resuming from {state_path} at step {first}", flush=True)
@@ -188,7 +207,9 @@ def train_unet(
         for g in opt.param_groups:
             g["lr"] = lr * warmup_cosine(step, steps, warmup=100)
         gen = torch.Generator().manual_seed(step)
-        imgs, caps, _ = mw.world_batch(step, batch)
+        imgs, caps, scenes = mw.world_batch(step, batch)
+        if colour_drop:
+            caps = drop_colour_words(caps, scenes, step, colour_drop, log.setdefault("colour_drop_counts", {}))
         drop = torch.rand(batch, generator=gen) < 0.1
         with torch.no_grad():
             lat = pipe.vae.encode(to_tensor(imgs)).latent_dist.sample(generator=gen) * scaling
@@ -282,6 +303,71 @@ def weight_hashes(out: Path) -> dict[str, str]:
     }
 
 
+def load_pipeline(model: str | Path):
+    """A saved micro-world pipeline folder, with a clear error when it is not one."""
+    from diffusers import StableDiffusionXLPipeline
+
+    if not (Path(model) / "model_index.json").is_file():
+        raise SystemExit(
+            f"{model}: not a pipeline folder (no model_index.json); pass the folder pretrain.py wrote, "
+            "e.g. models/microworld-sdxl-v2"
+        )
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def continue_pretraining(
+    model: str | Path,
+    steps: int,
+    colour_drop: float,
+    log: dict,
+    lr: float = 3e-4,
+    batch: int = 32,
+    noise_offset: float = 0.1,
+    **train_kw,
+):
+    """Load the pipeline at `model` and continue its UNet + text-encoder pretraining for `steps` steps
+    (train_unet: same loss, offset noise, warm-up + cosine schedule; the VAE stays frozen) with the
+    colour word dropped from a `colour_drop` share of the captions. Returns the pipeline (not saved);
+    records the source folder's weight hashes in ``log["continued_from_sha256"]``.
+
+    Used by ``--continue_from`` (the v2r model of the refinement set) and probe_colour_dropout.py.
+    """
+    pipe = load_pipeline(model)
+    log["continued_from"] = str(model)
+    log["continued_from_sha256"] = weight_hashes(Path(model))
+    done = train_unet(pipe, steps, batch, lr, log, noise_offset=noise_offset, colour_drop=colour_drop, **train_kw)
+    return pipe, done
+
+
+@torch.no_grad()
+def class_prompt_colours(pipe, n_per_prompt: int = 4, steps: int = 20, guidance: float = 4.0) -> dict:
+    """{shape: {colours drawn: count}} of the objects sampled for 'a <shape> on a <bg> background' on 4
+    backgrounds (microworld.analyze; "no object" when none is found). Noise seed 10_000 * 0 + prompt
+    index, as run_bench.generate."""
+    pipe.set_progress_bar_config(disable=True)
+    out = {}
+    for shape in mw.SHAPES:
+        prompts = [f"a {shape} on a {bg} background" for bg in ("blue", "green", "white", "black")]
+        found = []
+        for i, prompt in enumerate(prompts):
+            images = pipe(
+                [prompt] * n_per_prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=torch.Generator().manual_seed(i),
+                output_type="np",
+            ).images
+            found += [mw.analyze(im) for im in images]
+        counts: dict[str, int] = {}
+        for a in found:
+            key = "+".join(a["colours"]) if a["object"] else "no object"
+            counts[key] = counts.get(key, 0) + 1
+        out[shape] = counts
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="models/microworld-sdxl")
@@ -332,16 +418,51 @@ def main(argv=None) -> int:
         help="end this part after UNet step STEP (with --state; rerun the same command to continue)",
     )
     p.add_argument(
+        "--continue_from",
+        default=None,
+        metavar="DIR",
+        help="continue this pipeline folder's UNet + text-encoder pretraining for --steps steps (peak rate --lr) "
+        "instead of building and pretraining a new one; the VAE is kept frozen",
+    )
+    p.add_argument(
+        "--colour_drop",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="leave the colour word out of this share of the UNet captions ('a circle on a blue background'), "
+        "so that the class prompt draws a spread of colours (0.3 for models/microworld-sdxl-v2r)",
+    )
+    p.add_argument(
+        "--class_colours",
+        type=int,
+        default=0,
+        metavar="N",
+        help="log the colours drawn for each shape's class prompt on 4 backgrounds, N images each (0: skip; "
+        "4 for models/microworld-sdxl-v2r)",
+    )
+    p.add_argument(
         "--check_against",
         default=None,
         metavar="LOG",
         help="a pretrain_log.json to compare the weight hashes with at the end (exit 1 on a difference)",
     )
     args = p.parse_args(argv)
+    if not 0.0 <= args.colour_drop <= 1.0:
+        p.error(f"--colour_drop {args.colour_drop}: a share of the captions, between 0 and 1")
+    if args.continue_from and args.vae_from:
+        p.error("--continue_from keeps the folder's own VAE: leave out --vae_from")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.time()
     log: dict = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    out = Path(args.out)
+    state = Path(args.state) if args.state else None
+    train_kw = {"save_every": args.save_every, "out": out, "state_path": state, "stop_after": args.stop_after}
+    if args.continue_from:
+        pipe, done = continue_pretraining(
+            args.continue_from, args.steps, args.colour_drop, log, args.lr, args.batch, args.noise_offset, **train_kw
+        )
+        return finish(pipe, args, log, out, start, done)
     pipe = mw.build_micro_pipeline(seed=args.seed, version=args.model_version)
     if args.vae_from:
         from diffusers import AutoencoderKL
@@ -358,20 +479,22 @@ def main(argv=None) -> int:
         vae_report(pipe, log)
         pipe.vae.register_to_config(scaling_factor=round(1.0 / log["vae_recon"]["latent_std"], 5))
     log["scaling_factor"] = pipe.vae.config.scaling_factor
-    out = Path(args.out)
-    state = Path(args.state) if args.state else None
     done = train_unet(
         pipe,
         args.steps,
         args.batch,
         args.lr,
         log,
-        args.save_every,
-        out,
         noise_offset=args.noise_offset,
-        state_path=state,
-        stop_after=args.stop_after,
+        colour_drop=args.colour_drop,
+        **train_kw,
     )
+    return finish(pipe, args, log, out, start, done)
+
+
+def finish(pipe, args, log: dict, out: Path, start: float, done: int) -> int:
+    """Save the pipeline, its hashes, the sample reports and the log; after a part (`done` < --steps),
+    only say so (the state file holds the rest)."""
     if done < args.steps:
         print(f"part done at step {done} of {args.steps}; rerun the same command to continue", flush=True)
         return 0
@@ -380,6 +503,9 @@ def main(argv=None) -> int:
     log["grid_path"] = str(Path(args.log).with_name("pretrain_samples.png"))
     if args.eval_samples:
         sample_report(pipe, args.eval_samples, log)
+    if args.class_colours:
+        log["class_prompt_colours"] = class_prompt_colours(pipe, args.class_colours)
+        print("class prompts:", log["class_prompt_colours"], flush=True)
     log["total_seconds"] = round(time.time() - start, 1)
     log["size_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     Path(args.log).write_text(json.dumps(log, indent=1))

@@ -20,13 +20,11 @@ One seed, two concepts, a continued (not re-pretrained) model: a test of a readi
 
 from __future__ import annotations
 
-import collections
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pretrain as PT
 import run_bench as RB
 import torch
@@ -42,30 +40,6 @@ CONCEPTS = ("flat-yellow-circle", "flat-red-triangle")
 RUNS = (("coeff", 1e-3), ("coeff", 3e-3), ("lora", 1e-3))
 
 
-_world_batch = mw.world_batch  # the original, kept while train_unet draws from the patched one
-
-
-def colour_dropped_batch(seed: int, n: int, drop_prob: float = 0.25):
-    """mw.world_batch with the colour word also left out of a COLOUR_DROP share of the captions."""
-    imgs, caps, scenes = _world_batch(seed, n, drop_prob)
-    rng = np.random.default_rng(10_000_000 + seed)
-    caps = [
-        c.replace(f"{s.colour} {s.shape}", s.shape) if rng.random() < COLOUR_DROP else c for c, s in zip(caps, scenes)
-    ]
-    return imgs, caps, scenes
-
-
-def class_colours(pipe, n_per_prompt: int = 4) -> dict[str, dict[str, int]]:
-    """Dominant colours of the objects drawn for 'a <shape> on a <background> background'."""
-    out = {}
-    for shape in mw.SHAPES:
-        prompts = [f"a {shape} on a {bg} background" for bg in ("blue", "green", "white", "black")]
-        imgs = RB.generate(pipe, prompts, n_per_prompt, 0, 20, 4.0)
-        found = [mw.analyze(im) for im in imgs]
-        out[shape] = dict(collections.Counter("+".join(a["colours"]) if a["object"] else "no object" for a in found))
-    return out
-
-
 def main(work: str = "/tmp/probe_colour_dropout") -> int:
     torch.set_num_threads(2)
     work_dir = Path(work)
@@ -73,16 +47,12 @@ def main(work: str = "/tmp/probe_colour_dropout") -> int:
     log: dict = {"continue_steps": CONTINUE_STEPS, "colour_drop": COLOUR_DROP}
     t0 = time.time()
     if not (model / "model_index.json").is_file():
-        pipe = RB.load(str(MODEL), None, None)
-        mw.world_batch = colour_dropped_batch  # what train_unet draws its batches from
-        try:
-            PT.train_unet(pipe, CONTINUE_STEPS, 32, 1e-3 * 0.3, log, noise_offset=0.1)
-        finally:
-            mw.world_batch = _world_batch
+        # the same continuation as `pretrain.py --continue_from` (the refinement set's v2r model)
+        pipe, _ = PT.continue_pretraining(MODEL, CONTINUE_STEPS, COLOUR_DROP, log, lr=1e-3 * 0.3, batch=32)
         PT.save(pipe, model)
     log["continue_s"] = round(time.time() - t0, 1)
     base = RB.load(str(model), None, None)
-    log["class_prompt_colours"] = class_colours(base)
+    log["class_prompt_colours"] = PT.class_prompt_colours(base)
     print("class prompts on the continued model:", log["class_prompt_colours"], flush=True)
     log["runs"] = []
     for name in CONCEPTS:

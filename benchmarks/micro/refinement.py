@@ -98,7 +98,17 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rescore", action="store_true", help="recompute rates from the saved images; no sampling")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="K/N",
+        help="sample only every N-th prompt pair from the K-th into its own images file (N processes side by "
+        "side); then run once without --shard to merge the files and score",
+    )
     args = p.parse_args(argv)
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    if not 0 <= shard < shards:
+        p.error(f"--shard {args.shard}: expected K/N with 0 <= K < N")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -109,13 +119,19 @@ def main(argv=None) -> int:
 
     pipe = StableDiffusionXLPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    # the images so far, saved after every prompt pair: a stopped run resumes where it ended
-    images = dict(np.load(npz)) if npz.is_file() else {}
+    # the images so far, saved after every prompt pair: a stopped run resumes where it ended; the
+    # shards' files are read too (every pair's noise is fixed by the pair, so a split changes no image)
+    images = {}
+    for f in [npz, *sorted(out.parent.glob(out.stem + "_images.shard*.npz"))]:
+        if f.is_file():
+            images.update(np.load(f))
+    own = out.with_name(f"{out.stem}_images.shard{shard}-{shards}.npz") if shards > 1 else npz
+    mine = dict(np.load(own)) if shards > 1 and own.is_file() else images
     if args.rescore and not images:
         raise SystemExit(f"--rescore: no saved images at {npz}; run without --rescore first")
     if not args.rescore:
         pairs = sorted({(c.shape, r["background"]) for c in cands for r in c.eval_prompts()[:3]})
-        for i, (shape, bg) in enumerate(pairs):
+        for i, (shape, bg) in list(enumerate(pairs))[shard::shards]:
             if prompt_key("instance", shape, bg) in images:
                 continue
             for j, (kind, prompt) in enumerate(
@@ -123,11 +139,19 @@ def main(argv=None) -> int:
             ):
                 # fixed noise per (shape, background, prompt kind): the class and instance prompts differ in noise
                 seed = 1000 * mw.SHAPES.index(shape) + 10 * mw.BACKGROUNDS.index(bg) + j
-                images[prompt_key(kind, shape, bg)] = sample(
+                images[prompt_key(kind, shape, bg)] = mine[prompt_key(kind, shape, bg)] = sample(
                     pipe, prompt, args.images, seed, args.inference_steps, args.guidance
                 )
-            np.savez_compressed(npz, **images)
+            np.savez_compressed(own, **mine)
             print(f"[refinement] {i + 1}/{len(pairs)} {shape} on {bg} ({time.time() - t0:.0f} s)", flush=True)
+    if shards > 1:
+        print(f"[refinement] shard {args.shard} done; run without --shard to merge the shards and score", flush=True)
+        return 0
+    missing = [c.name for c in cands if any(prompt_key(k, c.shape, r["background"]) not in images
+                                             for k in ("class", "instance") for r in c.eval_prompts()[:3])]  # fmt: skip
+    if missing:
+        raise SystemExit(f"no saved images for {missing}: rerun without --rescore (or finish the shards)")
+    np.savez_compressed(npz, **images)  # the merged images, one file
     rows = []
     for c in cands:
         ceil = sc.concept_ceiling(pipe.vae, c, "v2")
