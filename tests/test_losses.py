@@ -144,6 +144,7 @@ def test_prediction_type_wins_over_the_scheduler_with_a_warning():
     assert v.config.prediction_type == "v_prediction" and sched.config.prediction_type == "epsilon"
     assert len(warnings) == 1
     assert "--prediction_type v_prediction wins" in warnings[0] and "'epsilon'" in warnings[0]
+    assert "the base model was trained for the other target" in warnings[0]  # why it matters, not only what
     torch.testing.assert_close(v.alphas_cumprod, sched.alphas_cumprod, rtol=0, atol=0)
 
 
@@ -306,3 +307,10 @@ def test_an_unknown_prediction_type_is_named():
             _FixedUNet(x), _scheduler(prediction_type="sample"), x, batch, (None, None), TrainConfig(),
             torch.Generator(), torch.float32,
         )  # fmt: skip
+
+
+def test_an_unknown_loss_type_is_named():
+    from dreamcoeff.train.step import elementwise_loss
+
+    with pytest.raises(ValueError, match=r"unknown --loss_type 'l3'"):
+        elementwise_loss(torch.zeros(2), torch.ones(2), replace(TrainConfig(), loss_type="l3"))

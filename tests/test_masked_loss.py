@@ -134,3 +134,52 @@ def test_trainer_runs_with_masked_loss(tiny_pipeline_dir, tmp_path, caplog):
     assert main(trainer_argv(tiny_pipeline_dir, inst, out, "--masked_loss", "--max_train_steps", 2)) == 0
     assert (out / "coeff_weights.safetensors").is_file()
     assert "1 image(s) have no mask" in caplog.text
+
+
+@pytest.mark.parametrize("processes, batch", [(1, 1), (2, 1), (2, 2), (3, 2)])
+def test_class_images_join_the_batch_with_whole_image_masks_each_once_per_cycle(tmp_path, processes, batch):
+    """`with_class_batch` under --masked_loss: the instance part (masks included) stays as it was, the
+    class images follow with an all-ones mask (learned whole) and their own pixels, captions and flags,
+    and across steps and ranks every aligned block of len(class images) picks is each class image once
+    (a rank that draws its neighbour's images, or the same ones, breaks that)."""
+    import types
+
+    from dreamcoeff.train.step import with_class_batch
+
+    inst, cls = tmp_path / "inst", tmp_path / "cls"
+    inst.mkdir()
+    cls.mkdir()
+    for i in range(2):
+        _write_pair(inst, f"im{i}", 64, 64, i)
+    for i in range(4):  # no sidecars: the class images have no masks
+        Image.fromarray(np.full((64, 64, 3), 40 * i + 20, np.uint8)).save(cls / f"c{i}.png")
+    ds = DreamBoothDataset(list_images(inst), "a photo of sks dog", class_images=list_images(cls),
+                           class_prompt="a photo of a dog", resolution=64, masked_loss=True, seed=3,
+                           warn=lambda m: None)  # fmt: skip
+    class_ids = list(ds.class_indices)
+    assert len(class_ids) == 4 and not set(class_ids) & set(ds.instance_indices)
+    cfg = types.SimpleNamespace(seed=11, train_batch_size=batch)
+    instance = collate_examples([ds[i] for i in list(ds.instance_indices)[:batch]])
+    picks = []
+    for micro in range(1, 9):
+        for rank in range(processes):
+            acc = types.SimpleNamespace(process_index=rank, num_processes=processes)
+            got = with_class_batch(instance, ds, cfg, micro, acc)
+            extra = got["indices"][batch:]
+            assert len(extra) == batch and set(extra) <= set(class_ids)
+            picks += extra
+            items = [ds[i] for i in extra]
+            want_pixels = torch.cat([instance["pixel_values"], torch.stack([it["pixel_values"] for it in items])])
+            assert torch.equal(got["pixel_values"], want_pixels)
+            assert got["captions"] == list(instance["captions"]) + ["a photo of a dog"] * batch
+            assert got["is_class"].tolist() == [False] * batch + [True] * batch
+            assert got["indices"][:batch] == list(instance["indices"])
+            rows = [[*it["original_size"], *it["crop_top_left"], *it["target_size"]] for it in items]
+            want_ids = torch.cat([instance["add_time_ids"], torch.tensor(rows, dtype=torch.long)])
+            assert torch.equal(got["add_time_ids"], want_ids)
+            assert got["loss_mask"].shape == (2 * batch, 1, 64, 64)
+            assert torch.equal(got["loss_mask"][:batch], instance["loss_mask"])  # the instance masks, unchanged
+            assert torch.equal(got["loss_mask"][batch:], torch.ones(batch, 1, 64, 64))
+    blocks = [picks[k : k + 4] for k in range(0, len(picks), 4)]
+    assert all(sorted(b) == class_ids for b in blocks), blocks
+    assert len({tuple(b) for b in blocks}) > 1, "every cycle drew the class images in the same order"
