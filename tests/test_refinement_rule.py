@@ -55,10 +55,13 @@ def test_more_than_six_keeps_the_closest_and_low_ceilings_are_not_taken(refineme
     assert refinement.select(low) == {"made": False, "chosen": ["w", "v"], "why": "fewer than 3 qualify"}
 
 
-def test_committed_rates_follow_the_rule(refinement):
-    saved = json.loads((MICRO / "v2" / "refinement" / "rates.json").read_text())
-    assert saved["scorer"] == "v2"
+@pytest.mark.parametrize("model", ["v2", "v2r"])
+def test_committed_rates_follow_the_rule(refinement, model):
+    saved = json.loads((MICRO / model / "refinement" / "rates.json").read_text())
+    assert saved["scorer"] == "v2" and saved["model"] == f"microworld-sdxl-{model}"
+    assert len(saved["candidates"]) == 26
     assert refinement.select(saved["candidates"]) == saved["selection"]
+    assert saved["selection"]["made"] is False  # on both base models the rule makes no set (micro README)
 
 
 def test_sharded_sampling_gives_the_images_and_rates_of_one_process(refinement, tmp_path):
