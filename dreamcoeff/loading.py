@@ -83,6 +83,7 @@ __all__ = [
     "read_full_unet",
     "read_run",
     "remove_tokens",
+    "trained_clip_skip",
     "unload_run",
 ]
 
@@ -417,12 +418,16 @@ class LoadedRun:
         parts: the kinds loaded, in order: ``alpha``, ``lora``, ``unet``, ``embeddings``.
         tokens: the learned token strings (``["<s0>", "<s1>"]``), empty without embeddings.
         abstractions: ``{"TOK": "<s0><s1>"}``: what to write in prompts for each token abstraction.
+        clip_skip: the ``--clip_skip`` the run trained with (its ``args.json``; None: SDXL's default
+            penultimate layer). The pipeline does not keep it: pass it to every call,
+            ``pipe(prompt, clip_skip=loaded.clip_skip)``, or the prompts are read from another layer.
     """
 
     folder: Path
     parts: list[str] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
     abstractions: dict[str, str] = field(default_factory=dict)
+    clip_skip: int | None = None
     base_unet: torch.nn.Module | None = None
     # the UNet parameters' requires_grad flags before the LoRA: PEFT freezes the base layers when it
     # injects an adapter and never unfreezes them, and the flag is not cosmetic (PyTorch's matmul folds
@@ -442,6 +447,13 @@ class LoadedRun:
         """`text` with each token abstraction (``TOK``, as a whole word, as in training) replaced by the
         run's learned tokens."""
         return replace_abstractions(text, self.abstractions)
+
+
+def trained_clip_skip(files: RunFiles) -> int | None:
+    """The ``--clip_skip`` of the run's ``args.json``; None when it trained with SDXL's default layer
+    (no flag, or 0, which reads the same penultimate layer) or has no readable ``args.json``."""
+    value = (files.training_args() or {}).get("clip_skip")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def load_run(
@@ -468,7 +480,7 @@ def load_run(
         raise RunLoadError(f"{folder} {_NOTHING_TO_LOAD}")
     if files.lora is not None:  # checked before anything changes
         lora_state, lora_meta = check_lora_file(pipe, files.lora)
-    loaded = LoadedRun(folder)
+    loaded = LoadedRun(folder, clip_skip=trained_clip_skip(files))
     try:
         if files.embeddings is not None:
             loaded.tokens = install_tokens(pipe, files.embeddings)

@@ -170,3 +170,46 @@ def test_alpha_record_install_alpha_and_the_no_alpha_messages(tiny_pipe, tmp_pat
         install_alpha(tiny_pipe, everything)
     assert str(err.value) == f"{lora} holds no alpha (coeff_weights.safetensors): it has lora, unet, embeddings"
     assert RunFiles().no_alpha() == "this run holds no alpha (coeff_weights.safetensors): it has no trained files"
+
+
+def test_a_runs_clip_skip_comes_with_it_to_load_run_and_the_sampler(tiny_pipe, tmp_path, capsys):
+    """The pipeline does not keep clip_skip, so a run trained with --clip_skip 1 and sampled without it
+    reads its prompts from another layer: `load_run` hands the value back, and the sampler takes it as
+    its default (refusing runs that disagree, warning where the flag overrides a run's)."""
+    import argparse
+    import json
+
+    from dreamcoeff import sample as S
+    from dreamcoeff.sample.cli import _resolve_clip_skip
+
+    def run(name, trained):
+        folder = tmp_path / name
+        folder.mkdir()
+        _alpha_run(tiny_pipe, folder, seed=len(name))
+        if trained != "no args.json":
+            (folder / "args.json").write_text(json.dumps({"tuning": "coeff", "clip_skip": trained}))
+        return folder
+
+    folders = {
+        n: run(n, t) for n, t in [("one", 1), ("one_b", 1), ("zero", 0), ("unset", None), ("bare", "no args.json")]
+    }
+    for name, want in [("one", 1), ("zero", None), ("unset", None), ("bare", None)]:
+        loaded = load_run(tiny_pipe, folders[name])
+        assert loaded.clip_skip == want, name
+        unload_run(tiny_pipe, loaded)
+
+    def resolve(given, *names):
+        args = argparse.Namespace(clip_skip=given)
+        _resolve_clip_skip(args, [S.parse_run(f"{n}={folders[n]}") for n in names])
+        return args.clip_skip, capsys.readouterr().err
+
+    value, err = resolve(None, "one", "one_b", "bare")  # a run without args.json says nothing
+    assert value == 1 and "--clip_skip 1, as the runs trained (one: 1, one_b: 1)" in err
+    assert resolve(None, "zero", "unset", "bare") == (None, "")  # 0 reads SDXL's default layer too
+    assert resolve(0, "zero") == (0, "")
+    with pytest.raises(S.SamplingError, match=r"different --clip_skip \(one: 1, zero: default\).*--clip_skip N"):
+        resolve(None, "one", "zero")
+    value, err = resolve(2, "one", "unset")
+    assert value == 2 and "warning: --clip_skip 2, but one, unset trained otherwise" in err
+    value, err = resolve(1, "one", "unset")
+    assert value == 1 and "but unset trained otherwise" in err and "one," not in err.split("but")[1]

@@ -133,7 +133,7 @@ def _add_sampling_and_output_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="the pipeline's clip_skip: read the text encoders this many layers before the penultimate one "
-        "(use the value the runs trained with: their --clip_skip)",
+        "(default: the --clip_skip the runs trained with, from their args.json; runs that differ are refused)",
     )
     g.add_argument("--height", type=int, default=None, help="default: the model's (1024 for SDXL)")
     g.add_argument("--width", type=int, default=None)
@@ -205,6 +205,34 @@ def _parse_runs(args: argparse.Namespace) -> list[RunSpec]:
     given = args.coeff_target_scales
     args.target_scales = check_target_scales_for(runs, None if given is None else parse_target_scales(given))
     return runs
+
+
+def _resolve_clip_skip(args: argparse.Namespace, runs: Sequence[RunSpec]) -> None:
+    """``--clip_skip`` from the runs: the pipeline reads every row's prompts from one layer, so without
+    the flag it is the layer the runs trained with (their ``args.json``), and runs trained with
+    different layers are refused; a flag that differs from a run's training is kept, with a warning."""
+    from ..loading import trained_clip_skip
+
+    trained = {r.name: trained_clip_skip(r.files) for r in runs if r.training_args() is not None}
+    listed = ", ".join(f"{name}: {value or 'default'}" for name, value in trained.items())
+    if args.clip_skip is None:
+        values = set(trained.values())
+        if len(values) > 1:
+            raise SamplingError(
+                f"the runs trained with different --clip_skip ({listed}) and one pipeline setting serves "
+                "every row: pass --clip_skip N to choose one, or sample them apart"
+            )
+        args.clip_skip = values.pop() if values else None
+        if args.clip_skip is not None:
+            print(f"{PROG}: --clip_skip {args.clip_skip}, as the runs trained ({listed})", file=sys.stderr)
+        return
+    differ = [name for name, value in trained.items() if value != (args.clip_skip or None)]
+    if differ:
+        print(
+            f"{PROG}: warning: --clip_skip {args.clip_skip}, but {', '.join(differ)} trained otherwise "
+            f"({listed}): their rows read the prompts from another layer than in training",
+            file=sys.stderr,
+        )
 
 
 def _check_sampling_flags(args: argparse.Namespace) -> None:
@@ -428,6 +456,7 @@ def _run(args: argparse.Namespace) -> int:
     # --- everything that needs no model: fail fast -------------------------------------------
     templates = _read_templates(args)
     runs = _parse_runs(args)
+    _resolve_clip_skip(args, runs)
     prompts = _fill_prompts(args, templates, runs)
     _check_sampling_flags(args)
     want_metrics, instance_images = _check_metric_flags(args)
