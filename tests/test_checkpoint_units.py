@@ -824,3 +824,97 @@ def test_a_failed_final_write_keeps_the_previous_files_and_says_what_to_do(tmp_p
     with pytest.raises(KeyError):  # no write failure: raised as it is, staging removed all the same
         ck.stage_final_files(FakeMethod(fail_after=0, error=KeyError("bug")), object(), tmp_path, {})
     assert _names(tmp_path) == [ALPHA_FILE, LORA_FILE]
+
+
+# ------------------------------------------------------------------------------------------------
+# Added after the fourth mutation pass: each kills survivors that were real behaviour changes
+
+
+def test_a_checkpoint_written_on_a_gpu_is_judged_on_any_machine(tmp_path, monkeypatch):
+    """accelerate saves a CUDA run's optimizer state with CUDA storages: it is read onto the CPU, so a
+    CPU-only machine (or a busy GPU) can still tell that the checkpoint is intact."""
+    import torch.serialization
+
+    folder = _checkpoint(tmp_path, 3, manifest=False)
+    with monkeypatch.context() as m:  # torch.save tags each storage with its device: say CUDA
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(_optimizer_state(3), folder / "optimizer.bin")
+    assert ck.checkpoint_problem(folder) is None
+
+
+def test_objects_are_refused_whatever_torchs_default(tmp_path, monkeypatch):
+    """torch < 2.6, or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, unpickles everything by default: the check
+    asks for weights only itself."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    folder = _checkpoint(tmp_path, 3, manifest=False)
+    torch.save({**_optimizer_state(3), "extra": _NotTensorData()}, folder / "optimizer.bin")
+    problem = ck.checkpoint_problem(folder)
+    assert problem is not None and problem.startswith("optimizer.bin cannot be read (UnpicklingError: "), problem
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_stop_the_cleaning(tmp_path, monkeypatch):
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        name = os.path.basename(os.fspath(path))
+        if name == "stuck":  # a file the user cannot delete inside a leftover folder
+            raise PermissionError(errno.EACCES, "Permission denied", name)
+        if name == ".tmpGone12":  # removed by its own writer in the meantime
+            real_unlink(path, *args, **kwargs)
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", name)
+        return real_unlink(path, *args, **kwargs)
+
+    (tmp_path / "checkpoint-3.tmp").mkdir()
+    (tmp_path / "checkpoint-3.tmp" / "stuck").write_text("x")
+    (tmp_path / ".tmpGone12").write_text("x")
+    (tmp_path / COMPLETE_NAME).write_text("{}")
+    monkeypatch.setattr(os, "unlink", unlink)
+    ck.clean_output_dir(tmp_path, drop_checkpoints=False)
+    monkeypatch.undo()
+    assert _names(tmp_path) == ["checkpoint-3.tmp"]  # what could go went; the marker too
+
+
+def test_stage_final_files_into_a_missing_folder_is_a_clear_error(tmp_path):
+    out = tmp_path / "gone"
+    with pytest.raises(TrainingError) as err:
+        ck.stage_final_files(FakeMethod(), object(), out, {})
+    assert str(err.value) == (
+        f"could not write the final files in {out} (.final.tmp.d): No such file or directory" + END_OF_WRITE_MESSAGE
+    )
+
+
+def test_remove_stale_weights_removes_every_stale_embedding_and_no_folder_of_the_user(tmp_path):
+    for name in ("a_emb.safetensors", "b_emb.safetensors", "c_emb.safetensors"):
+        (tmp_path / name).write_text("x")
+    for folder in ("unet", "unet.old"):  # unet.old: the user's own, not ours to delete
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_text("{}")
+    ck.remove_stale_weights(tmp_path, {"c_emb.safetensors"})
+    assert _names(tmp_path) == ["c_emb.safetensors", "unet.old"]
+    assert (tmp_path / "unet.old" / "config.json").is_file()
+
+
+def test_save_checkpoint_never_prunes_the_checkpoint_it_just_wrote(tmp_path):
+    for step in (2, 5, 6):  # resumed from checkpoint-2 while 5 and 6 exist: 3 is written anew
+        _checkpoint(tmp_path, step)
+    final = ck.save_checkpoint(FakeAccelerator(), tmp_path, 3, 1, updates=3)
+    assert ck.list_checkpoints(tmp_path) == [(3, final)] and _names(tmp_path) == ["checkpoint-3"]
+
+
+def test_a_kill_while_a_step_is_redone_leaves_only_what_the_next_run_cleans(tmp_path, monkeypatch):
+    _checkpoint(tmp_path, 4)
+    real_replace, calls = os.replace, []
+
+    def killed_replace(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == 2:  # the old checkpoint-4 is aside, the new one not yet in place
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_replace)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(FakeAccelerator(), tmp_path, 4, None, updates=4)
+    monkeypatch.undo()
+    assert ck.list_checkpoints(tmp_path) == []  # neither half is taken for a checkpoint
+    ck.clean_output_dir(tmp_path, drop_checkpoints=False)
+    assert _names(tmp_path) == []  # the aside copy and the new write both count as leftovers
