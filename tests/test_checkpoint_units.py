@@ -393,9 +393,19 @@ def test_refuse_other_shape_names_every_structural_flag(tmp_path):
     (tmp_path / "args.json").write_text(json.dumps({**now, "rank": 16, "tuning": "full"}))
     with pytest.raises(UsageError, match=r"\(--tuning 'full' in the checkpoint, 'coeff' now; --rank 16 in the"):
         ck.refuse_other_shape(_cfg(), tmp_path)
-    # flags an older args.json lacks, non-structural changes, no args.json, unreadable args.json: no error
-    (tmp_path / "args.json").write_text(json.dumps({k: v for k, v in now.items() if k != "rank"}))
-    ck.refuse_other_shape(_cfg(rank=16, learning_rate=1.0), tmp_path)
+    # a flag an older args.json lacks: that version trained as the flag's default does, so only a
+    # non-default value now is refused (an older run's full alpha resumed as --coeff_structure diagonal)
+    default = TrainConfig()
+    for key, other in (("rank", 16), ("coeff_structure", "diagonal")):
+        (tmp_path / "args.json").write_text(json.dumps({k: v for k, v in now.items() if k != key}))
+        ck.refuse_other_shape(_cfg(learning_rate=1.0), tmp_path)  # the default now, non-structural changes
+        with pytest.raises(UsageError) as err:
+            ck.refuse_other_shape(_cfg(**{key: other}), tmp_path)
+        assert (
+            f"(--{key} {getattr(default, key)!r} in the checkpoint (the default: it predates the flag), "
+            f"{other!r} now)" in str(err.value)
+        )
+    # no args.json, unreadable args.json: nothing to compare, no error
     (tmp_path / "args.json").write_text("{broken")
     ck.refuse_other_shape(_cfg(tuning="lora"), tmp_path)
     (tmp_path / "args.json").unlink()

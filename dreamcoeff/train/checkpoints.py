@@ -320,10 +320,16 @@ def refuse_other_shape(cfg: TrainConfig, checkpoint: Path) -> None:
     if saved is None:
         return
     now = json.loads(cfg.to_json())
+    # A key the checkpoint lacks was written before its flag existed, by a version that trained as the
+    # flag's default does (a new flag keeps the old behaviour by default): compare with that default,
+    # so that e.g. --coeff_structure diagonal cannot resume an older run's full alpha.
+    defaults = json.loads(TrainConfig().to_json())
+    was = {k: saved.get(k, defaults.get(k)) for k in _STRUCTURAL_ARGS}
     clash = [
-        f"--{k} {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+        f"--{k} {was[k]!r} in the checkpoint{'' if k in saved else ' (the default: it predates the flag)'}, "
+        f"{now.get(k)!r} now"
         for k in _STRUCTURAL_ARGS
-        if k in saved and saved.get(k) != now.get(k)
+        if was[k] != now.get(k)
     ]
     if clash:
         raise UsageError(
