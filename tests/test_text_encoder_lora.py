@@ -93,7 +93,7 @@ def test_text_encoder_lora_trains_only_its_own_weights_and_freezes_on_time(tiny_
     assert all(not any(".lora_" in n for n, _ in e.named_parameters()) for e in encoders)
 
     cfg = SimpleNamespace(train_text_encoder=True, rank=2, lora_alpha=4, text_encoder_lora_lr=5e-2,
-                          learning_rate=1e-4, adam_weight_decay=1e-2)  # fmt: skip
+                          learning_rate=1e-4, adam_weight_decay=1e-2, gradient_checkpointing=False)  # fmt: skip
     lora = TextEncoderLora.install(tiny_pipe, cfg)
     assert len(lora.params) == 2 * 4 * 2 * 2  # 2 encoders x 2 layers x q/k/v/out x A/B
     assert {p.dtype for p in lora.params} == {torch.float32} and all(p.requires_grad for p in lora.params)
@@ -116,6 +116,42 @@ def test_text_encoder_lora_trains_only_its_own_weights_and_freezes_on_time(tiny_
     assert lora.freeze_if_due(2) and lora.frozen and not any(p.requires_grad for p in lora.params)
     lora.set_schedule(max_steps=4, fraction=1.0)
     assert lora.steps is None  # every step: no freeze after the last one
+
+
+def test_gradient_checkpointing_reaches_the_text_encoders_lora_with_the_same_gradients(tiny_pipe):
+    """--gradient_checkpointing with --train_text_encoder: the encoders keep fewer activations for the
+    backward pass (they recompute them) and their LoRA gets the gradients it gets without (float64)."""
+    import copy
+
+    def lora_grads(checkpointing: bool):
+        pipe = copy.deepcopy(tiny_pipe)
+        for e in (pipe.text_encoder, pipe.text_encoder_2):
+            e.double()
+        cfg = SimpleNamespace(train_text_encoder=True, rank=2, lora_alpha=4, gradient_checkpointing=checkpointing)
+        lora = TextEncoderLora.install(pipe, cfg)
+        tokenizers, encoders = _encoders(pipe)
+        for p in lora.params:  # B starts at 0: move it so that A gets a gradient too
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(p.numel()))
+        saved = []  # every tensor autograd keeps for the backward pass: checkpointing keeps fewer
+
+        def pack(t):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            embeds, pooled = encode_prompt_batch(PROMPTS, tokenizers, encoders, "cpu")
+        (embeds.square().mean() + pooled.square().mean()).backward()
+        kept = sum(saved)
+        return [None if p.grad is None else p.grad.clone() for p in lora.params], kept
+
+    plain, kept_plain = lora_grads(False)
+    checkpointed, kept_ckpt = lora_grads(True)
+    assert kept_ckpt < 0.7 * kept_plain, (kept_ckpt, kept_plain)  # the layers' activations are recomputed
+    assert [g is None for g in checkpointed] == [g is None for g in plain]
+    assert sum(g is not None and g.abs().max() > 0 for g in plain) >= len(plain) * 3 // 4
+    for a, b in zip(plain, checkpointed):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize(

@@ -370,7 +370,7 @@ class TrainConfig:
         choices=("no", "fp16", "bf16"),
     )
     allow_tf32: bool = _f(False, "allow TF32 matmuls on Ampere+ GPUs", SYSTEM)
-    gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward to save memory", SYSTEM)
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory (UNet, TE LoRA)", SYSTEM)
     enable_xformers_memory_efficient_attention: bool = _f(
         False, "xformers for plain attention (layers without alpha; alpha layers keep exact mixing)", SYSTEM
     )

@@ -59,6 +59,16 @@ class TextEncoderLora:
             return cls([], [])
         encoders = [components.text_encoder, components.text_encoder_2]
         params = [p for e in encoders for p in add_text_encoder_lora(e, cfg.rank, cfg.lora_alpha)]
+        if cfg.gradient_checkpointing:  # the encoders' activations too, as for the UNet
+            for encoder in encoders:
+                # non-reentrant: the encoders' inputs (token embeddings of frozen tables) need no grad for
+                # the LoRA inside to get one; transformers checkpoints only in train mode (CLIP's dropout is 0)
+                kwargs = {"use_reentrant": False}
+                if hasattr(encoder, "activation_checkpointing_enable"):  # transformers 5's name
+                    encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                else:  # transformers 4
+                    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+                encoder.train()
         return cls(encoders, params)
 
     def parameter_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
