@@ -456,3 +456,46 @@ def test_metadata_values_are_stored_as_strings_or_sorted_json(tiny_pipe, tmp_pat
     assert stored["training_args"] == '{"alpha": [0.5], "out": "/runs/a", "zeta": 1}'
     assert stored["7"] == "2.5"
     assert stored["format"] == "dreamcoeff"
+
+
+def test_the_file_holds_float32_whatever_alphas_dtype_and_reads_back_as_float32(tiny_pipe, tmp_path):
+    """The format stores float32 (docs/DESIGN.md): alpha kept in float64 or bf16 is cast on save, and a
+    file another tool wrote in float16 reads back as float32 values; the metadata names no base model
+    unless one is given."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    apply_coeff(tiny_pipe.unet, targets=("attn1",))
+    for dtype in (torch.float64, torch.bfloat16):
+        for p in coeff_parameters(tiny_pipe.unet):
+            p.data = torch.full(p.shape, 0.25, dtype=dtype)
+        path = save_coeff_weights(tmp_path / f"{dtype}.safetensors", tiny_pipe.unet)
+        with safe_open(str(path), framework="pt") as fh:
+            assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float32}, dtype
+            assert fh.metadata()["base_model"] == ""
+            meta = fh.metadata()
+    tensors, _ = read_coeff_file(path)
+    half = {k: v.half() for k, v in tensors.items()}
+    save_file(half, str(tmp_path / "f16.safetensors"), metadata=meta)
+    again, _ = read_coeff_file(tmp_path / "f16.safetensors")
+    assert {v.dtype for v in again.values()} == {torch.float32}
+    assert all(torch.equal(again[k], half[k].float()) for k in half)
+    remove_coeff(tiny_pipe)
+
+
+def test_save_and_read_messages_say_what_to_do(tiny_pipe, tmp_path):
+    with pytest.raises(CoeffWeightsError) as err:
+        save_coeff_weights(tmp_path / "a.safetensors", tiny_pipe.unet)
+    assert str(err.value) == "nothing to save: the model has no alpha (call apply_coeff first)"
+    apply_coeff(tiny_pipe.unet, targets=("attn1",))
+    first = coeff_parameters(tiny_pipe.unet)[0]
+    with torch.no_grad():
+        first[0, 0] = float("nan")
+    with pytest.raises(CoeffWeightsError) as err:
+        save_coeff_weights(tmp_path / "a.safetensors", tiny_pipe.unet)
+    assert str(err.value).startswith("refusing to save non-finite alpha (1 layers, e.g. unet.")
+    assert str(err.value).endswith(
+        "the run diverged; lower --coeff_lr / --learning_rate or resume from an earlier checkpoint"
+    )
+    assert not (tmp_path / "a.safetensors").exists()
+    remove_coeff(tiny_pipe)
