@@ -144,7 +144,10 @@ def test_prediction_type_wins_over_the_scheduler_with_a_warning():
     assert v.config.prediction_type == "v_prediction" and sched.config.prediction_type == "epsilon"
     assert len(warnings) == 1
     assert "--prediction_type v_prediction wins" in warnings[0] and "'epsilon'" in warnings[0]
-    assert "the base model was trained for the other target" in warnings[0]  # why it matters, not only what
+    assert warnings[0] == (  # why it matters, not only what
+        "--prediction_type v_prediction wins over the model's scheduler, which says 'epsilon': training and "
+        "validation use it; the base model was trained for the other target"
+    )
     torch.testing.assert_close(v.alphas_cumprod, sched.alphas_cumprod, rtol=0, atol=0)
 
 
@@ -314,3 +317,31 @@ def test_an_unknown_loss_type_is_named():
 
     with pytest.raises(ValueError, match=r"unknown --loss_type 'l3'"):
         elementwise_loss(torch.zeros(2), torch.ones(2), replace(TrainConfig(), loss_type="l3"))
+
+
+def test_low_precision_latents_stay_in_their_dtype_with_offset_noise():
+    """bf16 latents (mixed precision): the noise and its per-channel offset are drawn in the latents'
+    dtype, so the UNet gets bf16 noisy latents, not float32 ones promoted by a float32 offset."""
+    cfg = replace(TrainConfig(), noise_offset=0.1)
+    latents = torch.randn(2, 4, 8, 8).bfloat16()
+    unet = _RecordingUNet(torch.zeros(2, 4, 8, 8, dtype=torch.bfloat16))
+    batch = {"add_time_ids": torch.zeros(2, 6), "is_class": torch.zeros(2, dtype=torch.bool)}
+    embeds = (torch.zeros(2, 77, 16, dtype=torch.bfloat16), torch.zeros(2, 12, dtype=torch.bfloat16))
+    denoising_loss(unet, _scheduler(), latents, batch, embeds, cfg, torch.Generator().manual_seed(0), torch.bfloat16)
+    assert unet.seen["noisy"].dtype == torch.bfloat16
+    assert unet.seen["added"]["time_ids"].dtype == torch.bfloat16
+
+
+def test_debiased_estimation_caps_the_snr_at_1000():
+    """--debiased_estimation_loss weighs by 1 / sqrt(min(SNR, 1000)) (kohya's cap): at t = 0 SDXL's schedule
+    has an SNR above 1000, so the cap is what sets the weight there."""
+    from dreamcoeff.train.step import snr_weights
+
+    sched = _scheduler()
+    abar = _abar64()
+    t = torch.tensor([0, 1, 500])
+    snr = abar[t] / (1 - abar[t])
+    assert snr[0] > 1000 > snr[2]
+    got = snr_weights(sched, t, replace(TrainConfig(), debiased_estimation_loss=True), v_prediction=False)
+    want = 1 / torch.sqrt(torch.clamp(snr, max=1000.0))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
