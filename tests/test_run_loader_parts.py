@@ -557,7 +557,7 @@ def _assert_unchanged(pipe, before: dict) -> None:
 
 def _full_run(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A run folder with learned tokens, alpha and a UNet + both text encoders' LoRA (lora_alpha 8 at
-    rank 4); returns (folder, lora file, embeddings file)."""
+    rank 4, so a lost lora_alpha shows); returns (folder, lora file, embeddings file)."""
     from dreamcoeff.lora import add_lora, add_text_encoder_lora, save_lora
 
     folder = tmp_path / "run"
@@ -569,7 +569,7 @@ def _full_run(tmp_path: Path) -> tuple[Path, Path, Path]:
     add_lora(maker.unet, rank=4, lora_alpha=8)
     encoders = [maker.text_encoder, maker.text_encoder_2]
     for encoder in encoders:
-        add_text_encoder_lora(encoder, rank=4)
+        add_text_encoder_lora(encoder, rank=4, lora_alpha=8)
     g = torch.Generator().manual_seed(12)
     with torch.no_grad():
         for module in [maker.unet, *encoders]:
@@ -605,8 +605,9 @@ def test_load_run_loads_every_part_and_unload_run_gives_the_base_back(tmp_path):
         assert keys, prefix
         for key in keys:
             assert torch.equal(params[_peft_name(key, "dreamcoeff_run", prefix)].detach(), state[key]), key
-    scaled = {m.scaling["dreamcoeff_run"] for m in pipe.unet.modules() if hasattr(m, "scaling")}
-    assert scaled == {0.5 * 8 / 4}
+    for prefix in ("unet", "text_encoder", "text_encoder_2"):  # lora_alpha from the file's metadata
+        scaled = {m.scaling["dreamcoeff_run"] for m in getattr(pipe, prefix).modules() if hasattr(m, "scaling")}
+        assert scaled == {0.5 * 8 / 4}, prefix
     # the tokens: rows of the file in both encoders
     rows = load_file(str(emb))
     ids = pipe.tokenizer_2.convert_tokens_to_ids(loaded.tokens)
