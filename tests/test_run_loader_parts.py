@@ -30,6 +30,7 @@ from dreamcoeff.loading import (
     load_run,
     lora_record,
     read_full_unet,
+    read_run,
     remove_tokens,
     unload_run,
 )
@@ -674,3 +675,20 @@ def test_a_lora_that_fails_to_load_leaves_the_pipeline_as_it_was(tmp_path, monke
     with pytest.raises(RunLoadError, match="could not be loaded: early"):
         load_run(pipe, folder)
     _assert_unchanged(pipe, before)
+
+
+def test_read_run_names_each_file_kind_and_the_folder(tiny_pipe, tmp_path):
+    folder, lora, emb = _full_run(tmp_path)
+    alpha = folder / "coeff_weights.safetensors"
+    assert read_run(folder) == RunFiles(alpha=alpha, lora=lora, embeddings=emb, source=folder)
+    assert read_run(emb) == RunFiles(embeddings=emb)
+    assert read_run(lora) == RunFiles(lora=lora)
+    assert read_run(alpha) == RunFiles(alpha=alpha)
+    keys = [f"w{i}" for i in range(4)]
+    save_file({k: torch.zeros(1) for k in keys}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(RunLoadError) as err:
+        read_run(tmp_path / "other.safetensors")
+    assert str(err.value) == (
+        f"{tmp_path / 'other.safetensors'} is neither a dreamcoeff alpha file nor a LoRA file nor learned "
+        "token embeddings (clip_l/clip_g) (keys such as ['w0', 'w1'])"
+    )
