@@ -134,8 +134,9 @@ class RunFiles:
 
     def training_args(self) -> dict[str, Any] | None:
         """The run's ``args.json`` (in its folder, else beside its files), or None if absent / unreadable."""
-        unet_folder = self.unet.parent if self.unet else None
-        files = (self.alpha, self.lora, unet_folder, self.embeddings)
+        # the unet/ folder's parent is the run folder, as a weight file's is (it was unet.parent.parent
+        # before: a RunFiles(unet=run/unet) looked for args.json above the run folder)
+        files = (self.alpha, self.lora, self.unet, self.embeddings)
         folders = [self.source] if self.source else [p.parent for p in files if p]
         for folder in folders:
             try:

@@ -358,3 +358,44 @@ def test_gradient_checkpointing_gives_the_same_gradients(unet_inputs):
         grads.append(torch.cat([p.grad.reshape(-1) for p in coeff_parameters(unet)]))
     assert grads[0].abs().max() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_head_mix_settings_and_their_errors():
+    """`HeadMix`'s constructor, setters and dtype rule, each against the value it was given (issue 34
+    item 2: mutants of these lines survived every model-level test)."""
+    from types import MappingProxyType
+
+    from dreamcoeff.head_mix import CoeffStrength, HeadMix, check_target_scales
+
+    one = HeadMix(1)  # a one-head layer is a valid layer (alpha 1 x 1)
+    assert one.num_heads == 1 and one.alpha.shape == (1, 1)
+    with pytest.raises(ValueError) as err:
+        HeadMix(0)
+    assert str(err.value) == "num_heads must be >= 1, got 0"
+    mix = HeadMix(3, dropout=0.25, chunk_size=16)
+    assert (mix.num_heads, mix.dropout, mix.chunk_size, mix.attention_impl) == (3, 0.25, 16, "auto")
+    assert mix.extra_repr() == "num_heads=3, dropout=0.25, strength=1.0"
+    assert mix.alpha.dtype == torch.float32 and not mix.alpha.any()
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError) as err:
+            mix.set_dropout(bad)
+        assert str(err.value) == f"coefficient dropout must be in [0, 1), got {bad}"
+    with pytest.raises(ValueError) as err:
+        mix.set_attention_impl("fast")
+    assert str(err.value) == (
+        "unknown coeff attention impl 'fast': use one of 'auto', 'chunked', 'triton', 'materialized', 'cpu_fused'"
+    )
+    # alpha never goes below float32, and follows float64
+    assert mix.half().alpha.dtype == torch.float32 and mix.to(torch.bfloat16).alpha.dtype == torch.float32
+    assert mix.double().alpha.dtype == torch.float64
+
+    with pytest.raises(ValueError) as err:
+        check_target_scales({"attn3": 1.0})
+    assert str(err.value) == "unknown coeff targets ['attn3']: use attn1, attn2, down_blocks, mid_block, up_blocks"
+    given = {"attn1": 2}
+    strength = CoeffStrength(1, given)
+    given["attn1"] = 5  # the caller's dict is copied, and the copy is read-only
+    assert type(strength.scale) is float and isinstance(strength.targets, MappingProxyType)
+    assert dict(strength.targets) == {"attn1": 2.0} and type(strength.targets["attn1"]) is float
+    with pytest.raises(TypeError):
+        strength.targets["attn1"] = 3.0
