@@ -136,7 +136,7 @@ def test_each_header_rule_has_its_own_message(tmp_path, name, header, data, mess
     assert str(err.value) == message.format(p=path)
 
 
-@pytest.mark.parametrize("length", [2**64 - 1, 1000])  # the high bit set (unsigned), or past the end
+@pytest.mark.parametrize("length", [2**64 - 1, 1000, 95])  # the high bit set (unsigned), past the end, just past
 def test_a_header_length_beyond_the_file_is_named(tmp_path, length):
     path = tmp_path / "a.safetensors"
     path.write_bytes(struct.pack("<Q", length) + b"{" + bytes(91))
