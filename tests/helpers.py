@@ -37,6 +37,29 @@ def assert_same_tensors(now: torch.nn.Module | Mapping[str, torch.Tensor], befor
     assert not changed, changed[:5]
 
 
+def pipeline_fingerprint(pipe) -> dict:
+    """Everything loading a run could change: every tensor and requires_grad flag of the UNet and both
+    text encoders, the attention processors, both tokenizers' vocabularies, the LoRA adapters."""
+    models = ("unet", "text_encoder", "text_encoder_2")
+    adapters = pipe.get_list_adapters() if hasattr(pipe, "get_list_adapters") else {}
+    return {
+        "tensors": {f"{m}.{k}": v for m in models for k, v in snapshot_tensors(getattr(pipe, m)).items()},
+        "processors": {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()},
+        "vocab": [sorted(t.get_vocab().items()) for t in (pipe.tokenizer, pipe.tokenizer_2)],
+        "adapters": {k: sorted(v) for k, v in adapters.items()},
+        # PEFT freezes the base layers and diffusers' unloading leaves them frozen; it shows in images
+        "requires_grad": {f"{m}.{k}": p.requires_grad for m in models for k, p in getattr(pipe, m).named_parameters()},
+    }
+
+
+def assert_pipeline_unchanged(pipe, before: dict) -> None:
+    """`pipe` is as `pipeline_fingerprint(pipe)` recorded it in `before`, tensors bit for bit."""
+    now = pipeline_fingerprint(pipe)
+    for key in ("processors", "vocab", "adapters", "requires_grad"):
+        assert now[key] == before[key], key
+    assert_same_tensors(now["tensors"], before["tensors"])
+
+
 def snapshot_unet(pipe) -> tuple[dict[str, torch.Tensor], dict[str, type]]:
     """Every UNet tensor and each attention processor's type: what a refused load must leave as it was."""
     return snapshot_tensors(pipe.unet), {k: type(v) for k, v in pipe.unet.attn_processors.items()}

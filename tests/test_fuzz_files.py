@@ -37,7 +37,7 @@ from dreamcoeff import RunLoadError, load_coeff_weights, load_run, read_coeff_fi
 from dreamcoeff.processor import apply_coeff, coeff_parameters, remove_coeff
 from dreamcoeff.tokens import TokenError, load_embeddings_into, read_embeddings_file, unload_embeddings
 from dreamcoeff.weights import CoeffWeightsError
-from tests.helpers import assert_same_tensors, hang_alarm, peak_rss_growth, snapshot_tensors
+from tests.helpers import assert_pipeline_unchanged, hang_alarm, peak_rss_growth, pipeline_fingerprint
 
 EXAMPLES = int(os.environ.get("DREAMCOEFF_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
@@ -80,38 +80,6 @@ def _report_counts(request):
 # Guards: time, memory, the pipeline
 
 
-def _fingerprint(pipe) -> dict:
-    """Everything a load could change: every tensor of the UNet and both text encoders, the attention
-    processors, both tokenizers' vocabularies, the LoRA adapters."""
-    tensors = {
-        f"{name}.{key}": value
-        for name in ("unet", "text_encoder", "text_encoder_2")
-        for key, value in snapshot_tensors(getattr(pipe, name)).items()
-    }
-    adapters = pipe.get_list_adapters() if hasattr(pipe, "get_list_adapters") else {}
-    return {
-        "tensors": tensors,
-        "processors": {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()},
-        "vocab": [sorted(t.get_vocab().items()) for t in (pipe.tokenizer, pipe.tokenizer_2)],
-        "adapters": {k: sorted(v) for k, v in adapters.items()},
-        # PEFT freezes the base layers and diffusers' unloading leaves them frozen; it shows in images
-        "requires_grad": {
-            f"{name}.{key}": p.requires_grad
-            for name in ("unet", "text_encoder", "text_encoder_2")
-            for key, p in getattr(pipe, name).named_parameters()
-        },
-    }
-
-
-def _assert_unchanged(pipe, before: dict) -> None:
-    now = _fingerprint(pipe)
-    assert now["processors"] == before["processors"]
-    assert now["vocab"] == before["vocab"]
-    assert now["adapters"] == before["adapters"]
-    assert now["requires_grad"] == before["requires_grad"]
-    assert_same_tensors(now["tensors"], before["tensors"])
-
-
 class Harness:
     """One loader on one pipeline: try a file, check the properties, count the outcome."""
 
@@ -120,7 +88,7 @@ class Harness:
     ):
         self.kind, self.valid, self.pipe, self.path = kind, valid, pipe, path
         self.load, self.unload, self.errors = load, unload, errors
-        self.before = _fingerprint(pipe)
+        self.before = pipeline_fingerprint(pipe)
 
     def __repr__(self) -> str:
         return f"<{self.kind} loader>"
@@ -146,10 +114,10 @@ class Harness:
                 f"peak RSS grew by {memory['bytes']} bytes loading a {len(blob)}-byte file"
             )
         if outcome == "refused":
-            _assert_unchanged(self.pipe, self.before)
+            assert_pipeline_unchanged(self.pipe, self.before)
         else:
             self.unload(loaded)
-            self.before = _fingerprint(self.pipe)
+            self.before = pipeline_fingerprint(self.pipe)
         COUNTS[(self.kind, outcome)] += 1
         assert elapsed < HANG_SECONDS
         return outcome
@@ -524,7 +492,7 @@ def test_load_run_loads_a_valid_lora_as_diffusers_does(tmp_path):
         return np.asarray(out.images[0])
 
     ours = build_tiny_pipeline(seed=0)
-    base, before = image(ours), _fingerprint(ours)
+    base, before = image(ours), pipeline_fingerprint(ours)
     loaded = load_run(ours, tmp_path)
     with_run = image(ours)
     unload_run(ours, loaded)
@@ -532,7 +500,7 @@ def test_load_run_loads_a_valid_lora_as_diffusers_does(tmp_path):
     theirs.load_lora_weights(str(tmp_path))
     assert np.array_equal(with_run, image(theirs)) and not np.array_equal(with_run, base)
     # unloaded: the base's module tree (no PEFT wrapper left) and every tensor, exactly
-    _assert_unchanged(ours, before)
+    assert_pipeline_unchanged(ours, before)
     assert not any(isinstance(m, BaseTunerLayer) for m in ours.unet.modules())
     # and so the same image, bit for bit: with the base's parameters left frozen (as PEFT leaves them)
     # PyTorch's matmul folds the batched proj_in input another way and the image moves by ~5e-6
@@ -550,7 +518,7 @@ def test_unload_run_keeps_the_callers_own_adapter(tmp_path):
     save_lora(tmp_path, maker.unet)
     pipe = build_tiny_pipeline(seed=0)
     pipe.load_lora_weights(str(tmp_path), adapter_name="mine")
-    before = _fingerprint(pipe)
+    before = pipeline_fingerprint(pipe)
     unload_run(pipe, load_run(pipe, tmp_path))
-    _assert_unchanged(pipe, before)  # every tensor (wrappers included) and the adapter list {"unet": ["mine"]}
+    assert_pipeline_unchanged(pipe, before)  # every tensor (wrappers included) and the adapter list {"unet": ["mine"]}
     assert pipe.get_active_adapters() == ["mine"]

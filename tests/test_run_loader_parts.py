@@ -37,6 +37,7 @@ from dreamcoeff.loading import (
 from dreamcoeff.methods import get_method
 from dreamcoeff.testing.tiny import build_tiny_pipeline
 from dreamcoeff.tokens import LearnedTokens, TokenError, TokenPlan
+from tests.helpers import assert_pipeline_unchanged, pipeline_fingerprint
 
 
 def _sha(path: Path) -> str:
@@ -531,31 +532,6 @@ def _image(pipe, prompt="a photo of a dog"):
     return np.asarray(out.images[0])
 
 
-def _fingerprint(pipe) -> dict:
-    """What a load could change: every tensor and requires_grad flag of the UNet and both text encoders,
-    the attention processors, both vocabularies, the adapters."""
-    from tests.helpers import snapshot_tensors
-
-    models = ("unet", "text_encoder", "text_encoder_2")
-    return {
-        "tensors": {f"{m}.{k}": v for m in models for k, v in snapshot_tensors(getattr(pipe, m)).items()},
-        "grad": {f"{m}.{k}": p.requires_grad for m in models for k, p in getattr(pipe, m).named_parameters()},
-        "processors": {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()},
-        "vocab": [sorted(t.get_vocab().items()) for t in (pipe.tokenizer, pipe.tokenizer_2)],
-        "adapters": {k: sorted(v) for k, v in pipe.get_list_adapters().items()},
-    }
-
-
-def _assert_unchanged(pipe, before: dict) -> None:
-    from tests.helpers import assert_same_tensors
-
-    now = _fingerprint(pipe)
-    assert {k: now[k] for k in ("grad", "processors", "vocab", "adapters")} == {
-        k: before[k] for k in ("grad", "processors", "vocab", "adapters")
-    }
-    assert_same_tensors(now["tensors"], before["tensors"])
-
-
 def _full_run(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A run folder with learned tokens, alpha and a UNet + both text encoders' LoRA (lora_alpha 8 at
     rank 4, so a lost lora_alpha shows); returns (folder, lora file, embeddings file)."""
@@ -587,7 +563,7 @@ def test_load_run_loads_every_part_and_unload_run_gives_the_base_back(tmp_path):
     pipe = build_tiny_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
     pipe.text_encoder.final_layer_norm.weight.requires_grad_(True)  # a flag PEFT would lose
-    before, base_unet = _fingerprint(pipe), pipe.unet
+    before, base_unet = pipeline_fingerprint(pipe), pipe.unet
     loaded = load_run(pipe, folder, lora_scale=0.5)
     assert loaded.folder == folder and loaded.parts == ["alpha", "lora", "embeddings"]
     assert loaded.tokens == ["<s0>", "<s1>"] and loaded.abstractions == {"TOK": "<s0><s1>"}
@@ -616,7 +592,7 @@ def test_load_run_loads_every_part_and_unload_run_gives_the_base_back(tmp_path):
 
     unload_run(pipe, loaded)
     assert loaded.parts == [] and pipe.unet is base_unet
-    _assert_unchanged(pipe, before)
+    assert_pipeline_unchanged(pipe, before)
     assert not coeff_modules(pipe)
 
 
@@ -654,7 +630,7 @@ def test_load_run_of_a_full_unet_run_and_of_files_without_a_folder(tiny_pipe, tm
 def test_a_lora_that_fails_to_load_leaves_the_pipeline_as_it_was(tmp_path, monkeypatch):
     folder, lora, _ = _full_run(tmp_path)
     pipe = build_tiny_pipeline(seed=0)
-    before = _fingerprint(pipe)
+    before = pipeline_fingerprint(pipe)
     real = type(pipe).load_lora_into_unet
 
     def half_then_fail(*args, **kwargs):  # the adapter is in the UNet when the error comes
@@ -665,7 +641,7 @@ def test_a_lora_that_fails_to_load_leaves_the_pipeline_as_it_was(tmp_path, monke
     with pytest.raises(RunLoadError) as err:
         load_run(pipe, folder)
     assert str(err.value) == f"{lora} could not be loaded: boom"
-    _assert_unchanged(pipe, before)  # adapter, alpha and tokens all taken out again
+    assert_pipeline_unchanged(pipe, before)  # adapter, alpha and tokens all taken out again
     assert not coeff_modules(pipe) and not any("lora" in n for n, _ in pipe.unet.named_parameters())
 
     def fail_at_once(*args, **kwargs):
@@ -674,7 +650,7 @@ def test_a_lora_that_fails_to_load_leaves_the_pipeline_as_it_was(tmp_path, monke
     monkeypatch.setattr(pipe, "load_lora_into_unet", fail_at_once)
     with pytest.raises(RunLoadError, match="could not be loaded: early"):
         load_run(pipe, folder)
-    _assert_unchanged(pipe, before)
+    assert_pipeline_unchanged(pipe, before)
 
 
 def test_read_run_names_each_file_kind_and_the_folder(tiny_pipe, tmp_path):
