@@ -37,6 +37,17 @@ def assert_same_tensors(now: torch.nn.Module | Mapping[str, torch.Tensor], befor
     assert not changed, changed[:5]
 
 
+def random_alpha(unet, seed: int = 0, targets=("attn1", "attn2"), include=None, std: float = 0.3) -> None:
+    """Alpha on the chosen layers of `unet`, filled with `std` x N(0, 1) from `seed` (no training)."""
+    from dreamcoeff import apply_coeff, coeff_parameters
+
+    apply_coeff(unet, targets=targets, include=include)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in coeff_parameters(unet):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 def pipeline_fingerprint(pipe) -> dict:
     """Everything loading a run could change: every tensor and requires_grad flag of the UNet and both
     text encoders, the attention processors, both tokenizers' vocabularies, the LoRA adapters."""

@@ -17,16 +17,13 @@ from dreamcoeff import (
     set_coeff_target_scales,
 )
 from dreamcoeff.processor import target_scale_of
+from tests.helpers import random_alpha
 from tests.reference import reference_attention_module
 
 
 def _random_alpha_file(pipe, path, targets=("attn1", "attn2"), include=None, seed=0, std=0.3):
     """Train nothing: random alpha on the chosen layers, saved, and the pipeline back to plain attention."""
-    apply_coeff(pipe.unet, targets=targets, include=include)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in coeff_parameters(pipe.unet):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+    random_alpha(pipe.unet, seed, targets, include, std)
     save_coeff_weights(path, pipe.unet)
     state = {k: m.head_mix.alpha.detach().clone() for k, m in coeff_modules(pipe.unet).items()}
     remove_coeff(pipe)

@@ -24,15 +24,12 @@ from dreamcoeff import (
     unload_run,
 )
 from dreamcoeff.loading import RunFiles, RunLoadError, read_run
+from tests.helpers import random_alpha
 
 
 def _alpha_run(pipe, folder: Path, seed: int, targets=("attn1", "attn2")) -> Path:
     """Random alpha (no training) saved into `folder` (a file path or a run folder); the pipeline back to plain."""
-    apply_coeff(pipe.unet, targets=targets)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in coeff_parameters(pipe.unet):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    random_alpha(pipe.unet, seed, targets)
     path = save_coeff_weights(folder, pipe.unet)
     remove_coeff(pipe)
     return Path(path)

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreamcoeff import apply_coeff, coeff_modules, coeff_parameters, remove_coeff, save_coeff_weights
+from dreamcoeff import coeff_modules, coeff_parameters, remove_coeff, save_coeff_weights
 from dreamcoeff.loading import (
     LoadedRun,
     RunFiles,
@@ -37,7 +37,7 @@ from dreamcoeff.loading import (
 from dreamcoeff.methods import get_method
 from dreamcoeff.testing.tiny import build_tiny_pipeline
 from dreamcoeff.tokens import LearnedTokens, TokenError, TokenPlan
-from tests.helpers import assert_pipeline_unchanged, pipeline_fingerprint
+from tests.helpers import assert_pipeline_unchanged, pipeline_fingerprint, random_alpha
 
 
 def _sha(path: Path) -> str:
@@ -80,14 +80,6 @@ def _embeddings_file(path: Path, abstractions: str = "TOK", per: int = 2) -> Pat
         seed=3,
     )
     return tokens.save(path)
-
-
-def _random_alpha(unet, seed: int, targets=("attn1", "attn2")) -> None:
-    apply_coeff(unet, targets=targets)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in coeff_parameters(unet):
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
 
 
 # ---- lora_record -------------------------------------------------------------------------------------
@@ -363,10 +355,10 @@ def test_training_args_are_read_from_the_folder_or_beside_the_files(tmp_path):
 def test_check_alpha_mix_returns_every_layer_covered_and_leaves_no_alpha(tiny_pipe, tmp_path):
     from dreamcoeff.weights import CoeffWeightsError
 
-    _random_alpha(tiny_pipe.unet, seed=1, targets=("attn2",))
+    random_alpha(tiny_pipe.unet, seed=1, targets=("attn2",))
     cross = save_coeff_weights(tmp_path / "cross.safetensors", tiny_pipe.unet)
     remove_coeff(tiny_pipe)
-    _random_alpha(tiny_pipe.unet, seed=2, targets=("attn1",))
+    random_alpha(tiny_pipe.unet, seed=2, targets=("attn1",))
     own = save_coeff_weights(tmp_path / "self.safetensors", tiny_pipe.unet)
     remove_coeff(tiny_pipe)
     want = sorted(k.removeprefix("unet.").removesuffix(".alpha") for f in (cross, own) for k in load_file(str(f)))
@@ -540,7 +532,7 @@ def _full_run(tmp_path: Path) -> tuple[Path, Path, Path]:
     folder = tmp_path / "run"
     folder.mkdir()
     maker = build_tiny_pipeline(seed=0)
-    _random_alpha(maker.unet, seed=11)
+    random_alpha(maker.unet, seed=11)
     save_coeff_weights(folder / "coeff_weights.safetensors", maker.unet)
     remove_coeff(maker.unet)
     add_lora(maker.unet, rank=4, lora_alpha=8)
@@ -609,7 +601,7 @@ def test_load_run_of_a_full_unet_run_and_of_files_without_a_folder(tiny_pipe, tm
     assert tiny_pipe.unet is base and loaded.base_unet is None and loaded.parts == []
 
     alpha = tmp_path / "a.safetensors"
-    _random_alpha(tiny_pipe.unet, seed=3)
+    random_alpha(tiny_pipe.unet, seed=3)
     save_coeff_weights(alpha, tiny_pipe.unet)
     remove_coeff(tiny_pipe)
     loaded = load_run(tiny_pipe, RunFiles(alpha=alpha), coeff_scale=0.25)
