@@ -450,10 +450,10 @@ class LoadedRun:
         return replace_abstractions(text, self.abstractions)
 
 
-def trained_clip_skip(files: RunFiles) -> int | None:
-    """The ``--clip_skip`` of the run's ``args.json``; None when it trained with SDXL's default layer
-    (no flag, or 0, which reads the same penultimate layer) or has no readable ``args.json``."""
-    value = (files.training_args() or {}).get("clip_skip")
+def trained_clip_skip(training_args: dict[str, Any] | None) -> int | None:
+    """The ``--clip_skip`` of a run's ``args.json`` (`RunFiles.training_args`); None when it trained with
+    SDXL's default layer (no flag, or 0, which reads the same penultimate layer) or has no ``args.json``."""
+    value = (training_args or {}).get("clip_skip")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
@@ -481,7 +481,7 @@ def load_run(
         raise RunLoadError(f"{folder} {_NOTHING_TO_LOAD}")
     if files.lora is not None:  # checked before anything changes
         lora_state, lora_meta = check_lora_file(pipe, files.lora)
-    loaded = LoadedRun(folder, clip_skip=trained_clip_skip(files))
+    loaded = LoadedRun(folder, clip_skip=trained_clip_skip(files.training_args()))
     try:
         if files.embeddings is not None:
             loaded.tokens = install_tokens(pipe, files.embeddings)

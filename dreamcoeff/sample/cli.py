@@ -213,7 +213,8 @@ def _resolve_clip_skip(args: argparse.Namespace, runs: Sequence[RunSpec]) -> Non
     different layers are refused; a flag that differs from a run's training is kept, with a warning."""
     from ..loading import trained_clip_skip
 
-    trained = {r.name: trained_clip_skip(r.files) for r in runs if r.training_args() is not None}
+    saved = {r.name: r.training_args() for r in runs}  # a run without args.json says nothing
+    trained = {name: trained_clip_skip(a) for name, a in saved.items() if a is not None}
     listed = ", ".join(f"{name}: {value or 'default'}" for name, value in trained.items())
     if args.clip_skip is None:
         values = set(trained.values())
