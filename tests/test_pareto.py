@@ -251,6 +251,8 @@ def test_report_of_some_methods_waits_only_for_those(pareto, tmp_path):
     alone = json.loads((root / "coeff_alone.json").read_text())
     assert alone["seeds"] == [0, 1] and list(alone["methods"]) == ["untrained", "coeff"]
     assert json.loads((root / "pareto_recombination.json").read_text()) == everything  # not overwritten
+    pareto.main([*base, "--methods", "coeff", "--seeds", "1", "--name", "seed_1"])  # a report of some seeds
+    assert json.loads((root / "seed_1.json").read_text())["seeds"] == [1]
 
 
 def test_new_methods_build_the_right_trainer_command(curves, tmp_path):

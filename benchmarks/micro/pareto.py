@@ -348,6 +348,8 @@ def cmd_report(args) -> dict:
     runs = load_runs(root)
     if args.methods is not None:  # only these (and the untrained rows): their (concept, seed) pairs alone decide
         runs = [r for r in runs if r["method"] in {"untrained", *args.methods}]
+    if args.seeds is not None:  # only these seeds: their (concept, seed) pairs alone decide
+        runs = [r for r in runs if r["seed"] in args.seeds]
     if not runs:
         raise SystemExit(f"{root}: no runs yet (pareto.py run --concept_set {args.concept_set})")
     scorers = {r.get("scorer", "v1") for r in runs}
@@ -476,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    f"{RUN_METHODS!r}; report: default every method under the root (a report of some methods "
                    "uses the (concept, seed) pairs those have reached, not waiting for the others)")  # fmt: skip
     p.add_argument("--grid", action="append", default=[], metavar="METHOD=R1,R2,...", help="replace a rate grid")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default=None, help="run: default 0,1,2; report: default every seed under the root "
+                   "(a report of some seeds remakes one made before later seeds arrived)")  # fmt: skip
     p.add_argument("--points", default="125,250,500,1000", help="checkpoints scored; the last is the horizon")
     p.add_argument("--token_rate", type=float, default=TOKEN_RATE, help="learned tokens' rate beside alpha")
     p.add_argument("--noise_offset", type=float, default=0.1)
@@ -496,7 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.methods = RUN_METHODS
     if args.methods is not None:
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    args.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.seeds is None and args.command == "run":
+        args.seeds = "0,1,2"
+    if args.seeds is not None:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
     args.points = [int(s) for s in args.points.split(",")]
     args.levels = [float(s) for s in args.levels.split(",")]
     for spec in args.grid:
