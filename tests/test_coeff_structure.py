@@ -14,7 +14,7 @@ import torch
 
 from dreamcoeff.processor import keep_structure_
 from dreamcoeff.train import main
-from dreamcoeff.train.coeff_options import constrain_alpha_, validate_coeff_constraints
+from dreamcoeff.train.coeff_options import constrain_alpha_, free_alpha_entries, validate_coeff_constraints
 from dreamcoeff.train.errors import UsageError
 from tests.helpers import make_images
 from tests.trainer_runs import final_adapter_weights, run_killed_after_checkpoint, trainer_argv
@@ -79,6 +79,25 @@ def test_constrain_alpha_is_the_orthogonal_projection(structure, zero_rows):
 # ---- the flag checks ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("structure", ["full", "diagonal", "off_diagonal"])
+@pytest.mark.parametrize("zero_rows", [False, True])
+def test_free_entries_are_the_projections_rank(structure, zero_rows):
+    # the count the card reports as trainable = the dimension of the subspace the projection keeps,
+    # measured as the rank of the projection applied to every basis matrix (2 layers: 3 and 5 heads)
+    if structure == "diagonal" and zero_rows:
+        pytest.skip("refused by the checks: nothing is left to train")
+    expected = 0
+    for heads in (3, 5):
+        basis = [torch.zeros(heads, heads, dtype=torch.float64) for _ in range(heads * heads)]
+        for i, b in enumerate(basis):
+            b.view(-1)[i] = 1.0
+        constrain_alpha_(basis, structure, zero_rows)
+        expected += int(torch.linalg.matrix_rank(torch.stack([b.reshape(-1) for b in basis])))
+    alphas = [torch.zeros(3, 3), torch.zeros(5, 5)]
+    assert free_alpha_entries(alphas, structure, zero_rows) == expected
+    assert free_alpha_entries(alphas, "full", False) == 9 + 25
+
+
 def test_structure_flag_checks(tmp_path, capsys):
     with pytest.raises(UsageError, match="leaves nothing to train"):
         validate_coeff_constraints("coeff", "diagonal", True)
@@ -119,7 +138,10 @@ def test_structure_holds_through_training_resume_and_init(tiny_pipeline_dir, tmp
     assert alphas and all((_off(a) == 0).all() for a in alphas.values())  # held at exactly 0
     assert min(a.diagonal().abs().max().item() for a in alphas.values()) > 1e-2  # every layer's gains moved
     assert json.loads((ref / "args.json").read_text())["coeff_structure"] == "diagonal"
-    assert "diagonal only (per-head gains)" in (ref / "README.md").read_text()
+    card = (ref / "README.md").read_text()
+    assert "diagonal only (per-head gains)" in card
+    heads = sum(a.shape[0] for a in alphas.values())  # H free entries per layer, not H x H
+    assert f"| trainable parameters | {heads:,} (" in card
 
     # a resume: refused with another structure, exact with the same one
     out = tmp_path / "resumed"

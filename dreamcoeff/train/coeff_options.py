@@ -36,7 +36,13 @@ TrainConfig = Any
 
 logger = logging.getLogger("dreamcoeff")
 
-__all__ = ["constrain_alpha_", "start_constrained", "validate_coeff_constraints", "validate_coeff_options"]
+__all__ = [
+    "constrain_alpha_",
+    "free_alpha_entries",
+    "start_constrained",
+    "validate_coeff_constraints",
+    "validate_coeff_options",
+]
 
 
 def validate_coeff_constraints(tuning: str, structure: str, zero_row_sum: bool) -> None:
@@ -82,6 +88,22 @@ def constrain_alpha_(alphas: Sequence[torch.Tensor], structure: str, zero_row_su
     for alpha in alphas:
         free = ~torch.eye(alpha.shape[-1], dtype=torch.bool, device=alpha.device)
         alpha.sub_(alpha.sum(dim=-1, keepdim=True) / max(alpha.shape[-1] - 1, 1) * free)
+
+
+def free_alpha_entries(alphas: Sequence[torch.Tensor], structure: str, zero_row_sum: bool) -> int:
+    """How many of alpha's entries training can move under the constraints: H x H per layer for the
+    full matrix, H for the diagonal, H (H - 1) for the off-diagonal, H fewer again with zero row sums
+    (one equation per row). The count the run card and the logs report as trainable, so a restricted
+    alpha is not credited with entries the projection holds at 0."""
+    per_row = {"full": lambda h: h, "diagonal": lambda h: 1, "off_diagonal": lambda h: h - 1}
+    if structure not in per_row:
+        raise ValueError(f"unknown alpha structure {structure!r}: choose one of {COEFF_STRUCTURES}")
+    total = 0
+    for alpha in alphas:
+        heads = alpha.shape[-1]
+        rows = alpha.numel() // heads
+        total += rows * max(per_row[structure](heads) - (1 if zero_row_sum else 0), 0)
+    return total
 
 
 @torch.no_grad()

@@ -166,8 +166,7 @@ class Trainer:
         from accelerate.utils import ProjectConfiguration
 
         cfg, out = self.cfg, self.out
-        # `accelerate launch --multi_gpu` (torchrun) on a machine without CUDA: run the processes on
-        # the CPU with gloo instead of silently training N independent single-process copies.
+        # `accelerate launch --multi_gpu` without CUDA: gloo on the CPU, not N independent copies
         cpu_distributed = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
             cpu=cpu_distributed,
@@ -236,7 +235,8 @@ class Trainer:
             c = components
             self.tokens = LearnedTokens(self.plan, [c.tokenizer, c.tokenizer_2], [c.text_encoder, c.text_encoder_2],
                                         cfg.initializer_concept, seed=cfg.seed).to(self.device)  # fmt: skip
-        self.trainable = sum(p.numel() for p in self.coeff_params + self.weight_params + self.text_side_params)
+        free_alpha = coeff_options.free_alpha_entries(self.coeff_params, cfg.coeff_structure, cfg.coeff_zero_row_sum)
+        self.trainable = free_alpha + sum(p.numel() for p in self.weight_params + self.text_side_params)
         self.unet_total = sum(p.numel() for p in unet.parameters())
 
     def build_data(self) -> None:
