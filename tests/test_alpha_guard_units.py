@@ -1,0 +1,134 @@
+"""The alpha guard's parts, on the bare tiny UNet (no pipeline call): which layers `keep_alpha_applied`
+reports, when its warning fires (once per broken state, again when the state changes), and
+`set_plain_attention_backend`'s split between layers with and without alpha.
+
+tests/test_pipelines.py checks the same guard through real pipelines (images against the base model);
+these pin the bookkeeping those image checks cannot see, such as a second warning for the same state.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+
+import pytest
+from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor, XFormersAttnProcessor
+
+from dreamcoeff.attn_processors import CoeffAttnProcessor
+from dreamcoeff.processor import (
+    AlphaNotAppliedWarning,
+    apply_coeff,
+    coeff_modules,
+    keep_alpha_applied,
+    set_plain_attention_backend,
+)
+
+
+class UsersOwn(AttnProcessor2_0):
+    """A processor dreamcoeff cannot reproduce (exact types only: a subclass may compute anything)."""
+
+
+@pytest.fixture
+def alpha_unet(tiny_pipe):
+    unet = tiny_pipe.unet
+    apply_coeff(unet, targets=("attn2",))  # alpha on the cross-attention layers only
+    return unet
+
+
+def _guard_warnings(unet) -> tuple[dict[str, str], list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dropped = keep_alpha_applied(unet)
+    return dropped, [str(w.message) for w in caught if issubclass(w.category, AlphaNotAppliedWarning)]
+
+
+def test_dropped_layers_are_reported_by_path_and_class(alpha_unet):
+    paths = sorted(coeff_modules(alpha_unet))
+    assert paths and all(p.endswith(".attn2") for p in paths)
+    first, second = paths[0], paths[1]
+    coeff_modules(alpha_unet)[first].set_processor(UsersOwn())
+    coeff_modules(alpha_unet)[second].set_processor(SlicedAttnProcessor(1))  # reproducible: taken over
+    dropped, messages = _guard_warnings(alpha_unet)
+    assert dropped == {first: "UsersOwn"}
+    assert len(messages) == 1
+    assert f"alpha is NOT applied on 1 of {len(paths)} attention layers" in messages[0]
+    assert f"(e.g. {first})" in messages[0] and "their processor (UsersOwn)" in messages[0]
+    taken = coeff_modules(alpha_unet)[second].processor
+    assert isinstance(taken, CoeffAttnProcessor) and taken.slice_size == 1
+    assert isinstance(coeff_modules(alpha_unet)[first].processor, UsersOwn)  # never replaced by guesswork
+
+
+def test_the_warning_fires_once_per_state_and_again_when_it_changes(alpha_unet):
+    layers = coeff_modules(alpha_unet)
+    paths = sorted(layers)
+    for path in paths:
+        layers[path].set_processor(UsersOwn())
+    _, messages = _guard_warnings(alpha_unet)
+    assert len(messages) == 1 and f"on {len(paths)} of {len(paths)} " in messages[0]
+    _, messages = _guard_warnings(alpha_unet)  # the same state: every UNet call runs the guard, one warning
+    assert messages == []
+
+    layers[paths[0]].set_processor(AttnProcessor2_0())  # one layer taken over: a new state, a new warning
+    dropped, messages = _guard_warnings(alpha_unet)
+    assert len(dropped) == len(paths) - 1
+    assert len(messages) == 1 and f"on {len(paths) - 1} of {len(paths)} " in messages[0]
+
+    for path in paths:  # all fixed: silent, nothing dropped
+        layers[path].set_processor(AttnProcessor2_0())
+    assert _guard_warnings(alpha_unet) == ({}, [])
+
+    for path in paths:  # broken exactly as the first time: warned again, not remembered from before the fix
+        layers[path].set_processor(UsersOwn())
+    _, messages = _guard_warnings(alpha_unet)
+    assert len(messages) == 1 and f"on {len(paths)} of {len(paths)} " in messages[0]
+
+
+def test_two_class_names_are_listed_sorted_once_each(alpha_unet):
+    class Another(AttnProcessor2_0):
+        pass
+
+    paths = sorted(coeff_modules(alpha_unet))
+    for i, path in enumerate(paths):
+        coeff_modules(alpha_unet)[path].set_processor(UsersOwn() if i % 2 else Another())
+    _, messages = _guard_warnings(alpha_unet)
+    assert "their processor (Another, UsersOwn)" in messages[0]
+
+
+def test_plain_backend_sdpa_splits_layers_with_and_without_alpha(alpha_unet):
+    alpha_paths = set(coeff_modules(alpha_unet))
+    next(iter(coeff_modules(alpha_unet).values())).set_processor(SlicedAttnProcessor(2))  # set over alpha
+    set_plain_attention_backend(alpha_unet, "sdpa")
+    processors = alpha_unet.attn_processors
+    for key, processor in processors.items():
+        path = key.removesuffix(".processor")
+        if path in alpha_paths:
+            assert isinstance(processor, CoeffAttnProcessor) and processor.plain_backend == "sdpa", path
+        else:
+            assert type(processor) is AttnProcessor2_0, path
+    assert len(alpha_paths) < len(processors)  # both kinds are there (self-attention has no alpha)
+
+
+def test_plain_backend_xformers_when_installed(alpha_unet, monkeypatch):
+    fake = types.ModuleType("xformers")
+    fake.ops = types.ModuleType("xformers.ops")
+    monkeypatch.setitem(sys.modules, "xformers", fake)
+    monkeypatch.setitem(sys.modules, "xformers.ops", fake.ops)
+    alpha_paths = set(coeff_modules(alpha_unet))
+    set_plain_attention_backend(alpha_unet, "xformers")
+    for key, processor in alpha_unet.attn_processors.items():
+        if key.removesuffix(".processor") in alpha_paths:
+            assert isinstance(processor, CoeffAttnProcessor) and processor.plain_backend == "xformers"
+        else:
+            assert type(processor) is XFormersAttnProcessor
+
+
+def test_plain_backend_refuses_what_it_cannot_do(alpha_unet, monkeypatch):
+    before = {k: type(v) for k, v in alpha_unet.attn_processors.items()}
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flash': use 'sdpa' or 'xformers'"):
+        set_plain_attention_backend(alpha_unet, "flash")
+    monkeypatch.setitem(sys.modules, "xformers", None)  # not installed
+    monkeypatch.setitem(sys.modules, "xformers.ops", None)
+    with pytest.raises(ImportError, match=r"needs xformers: `pip install xformers`"):
+        set_plain_attention_backend(alpha_unet, "xformers")
+    assert {k: type(v) for k, v in alpha_unet.attn_processors.items()} == before  # nothing changed
