@@ -13,14 +13,20 @@ import types
 import warnings
 
 import pytest
+import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor, XFormersAttnProcessor
 
 from dreamcoeff.attn_processors import CoeffAttnProcessor
 from dreamcoeff.processor import (
     AlphaNotAppliedWarning,
+    CoeffStrength,
     apply_coeff,
+    attention_modules,
     coeff_modules,
+    coeff_strength,
     keep_alpha_applied,
+    remove_coeff,
+    set_coeff_strength,
     set_plain_attention_backend,
 )
 
@@ -132,3 +138,48 @@ def test_plain_backend_refuses_what_it_cannot_do(alpha_unet, monkeypatch):
     with pytest.raises(ImportError, match=r"needs xformers: `pip install xformers`"):
         set_plain_attention_backend(alpha_unet, "xformers")
     assert {k: type(v) for k, v in alpha_unet.attn_processors.items()} == before  # nothing changed
+
+
+def test_remove_coeff_keeps_a_users_processor_set_over_alpha_and_drops_the_guard(alpha_unet, unet_inputs):
+    paths = sorted(coeff_modules(alpha_unet))
+    own = UsersOwn()
+    coeff_modules(alpha_unet)[paths[0]].set_processor(own)  # set after alpha: it never applied alpha
+    hooks_with_alpha = len(alpha_unet._forward_pre_hooks)
+    assert sorted(remove_coeff(alpha_unet)) == paths
+    processors = alpha_unet.attn_processors
+    assert processors[f"{paths[0]}.processor"] is own  # stays: it was the user's choice
+    assert all(type(processors[f"{p}.processor"]) is AttnProcessor2_0 for p in paths[1:])
+    assert coeff_modules(alpha_unet) == {}
+    assert len(alpha_unet._forward_pre_hooks) < hooks_with_alpha  # the guard went with alpha
+    sliced = SlicedAttnProcessor(1)
+    alpha_unet.set_attn_processor(sliced)
+    with torch.no_grad():
+        alpha_unet(**unet_inputs)
+    assert all(p is sliced for p in alpha_unet.attn_processors.values())  # nothing takes it over any more
+
+
+def test_strength_parts_given_later_keep_the_others(alpha_unet):
+    set_coeff_strength(alpha_unet, targets={"up_blocks": 0.5})
+    new = set_coeff_strength(alpha_unet, scale=2.0)  # the targets set before stay
+    assert new == CoeffStrength(scale=2.0, targets={"up_blocks": 0.5}) == coeff_strength(alpha_unet)
+    for path, module in coeff_modules(alpha_unet).items():
+        assert module.head_mix.strength == (1.0 if path.startswith("up_blocks") else 2.0), path
+
+
+def test_strength_and_guard_on_a_model_without_alpha(tiny_pipe):
+    unet = tiny_pipe.unet
+    with pytest.raises(
+        ValueError, match=r"^set_coeff_strength: this model has no alpha \(load or apply alpha first\)$"
+    ):
+        set_coeff_strength(unet, scale=0.5)
+    assert keep_alpha_applied(unet) == {}  # nothing to keep, nothing to warn about
+
+
+def test_include_and_exclude_take_one_pattern_as_a_string(tiny_pipe):
+    unet = tiny_pipe.unet
+    every = [p for p in attention_modules(unet) if p.endswith(".attn2")]
+    mid = apply_coeff(unet, targets=("attn2",), include="mid_block")  # a string is one pattern, not letters
+    assert mid and mid == [p for p in every if "mid_block" in p] and len(mid) < len(every)
+    remove_coeff(unet)
+    rest = apply_coeff(unet, targets=("attn2",), exclude="mid_block")
+    assert rest == [p for p in every if "mid_block" not in p]
