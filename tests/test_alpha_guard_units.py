@@ -183,3 +183,58 @@ def test_include_and_exclude_take_one_pattern_as_a_string(tiny_pipe):
     remove_coeff(unet)
     rest = apply_coeff(unet, targets=("attn2",), exclude="mid_block")
     assert rest == [p for p in every if "mid_block" not in p]
+
+
+def test_the_same_broken_state_warns_once_over_many_calls(alpha_unet):
+    for module in coeff_modules(alpha_unet).values():
+        module.set_processor(UsersOwn())
+    counts = [len(_guard_warnings(alpha_unet)[1]) for _ in range(4)]
+    assert counts == [1, 0, 0, 0]
+
+
+def test_the_warning_points_at_the_callers_line(alpha_unet):
+    next(iter(coeff_modules(alpha_unet).values())).set_processor(UsersOwn())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keep_alpha_applied(alpha_unet)
+    assert [w.filename for w in caught if issubclass(w.category, AlphaNotAppliedWarning)] == [__file__]
+
+
+def test_the_warning_and_the_xformers_error_say_what_to_do(alpha_unet, monkeypatch):
+    layers = coeff_modules(alpha_unet)
+    for module in layers.values():
+        module.set_processor(UsersOwn())
+    _, messages = _guard_warnings(alpha_unet)
+    first = sorted(layers, key=list(attention_modules(alpha_unet)).index)[0]
+    assert messages == [
+        f"dreamcoeff: alpha is NOT applied on {len(layers)} of {len(layers)} attention layers that carry it "
+        f"(e.g. {first}): their processor (UsersOwn) was set after alpha (by set_attn_processor or a library) "
+        "and does not apply it, so those layers run as the base model. Keep alpha with a processor dreamcoeff "
+        "reproduces (diffusers' default, sliced, fused-QKV, xformers, IP-Adapter, PAG: see docs/pipelines.md), "
+        "or call dreamcoeff.remove_coeff(pipe) first if alpha should go."
+    ]
+    monkeypatch.setitem(sys.modules, "xformers", None)
+    monkeypatch.setitem(sys.modules, "xformers.ops", None)
+    with pytest.raises(ImportError) as err:
+        set_plain_attention_backend(alpha_unet, "xformers")
+    assert str(err.value) == (
+        "--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers` "
+        "(CUDA builds only), or leave the flag out (PyTorch SDPA is used)."
+    )
+
+
+def test_a_good_layer_first_does_not_stop_the_takeover_of_later_ones(alpha_unet):
+    ordered = [p for p in attention_modules(alpha_unet) if p in coeff_modules(alpha_unet)]
+    coeff_modules(alpha_unet)[ordered[-1]].set_processor(SlicedAttnProcessor(1))  # the first ones still apply alpha
+    assert keep_alpha_applied(alpha_unet) == {}
+    assert isinstance(coeff_modules(alpha_unet)[ordered[-1]].processor, CoeffAttnProcessor)
+
+
+def test_apply_coeff_passes_its_chunk_size_and_remove_gives_back_the_processor_it_took(tiny_pipe):
+    unet = tiny_pipe.unet
+    sliced = SlicedAttnProcessor(1)
+    unet.set_attn_processor(sliced)
+    apply_coeff(unet, targets=("attn2",), chunk_size=7)
+    assert {m.head_mix.chunk_size for m in coeff_modules(unet).values()} == {7}
+    remove_coeff(unet)
+    assert all(p is sliced for p in unet.attn_processors.values())
