@@ -660,3 +660,30 @@ def test_read_run_names_each_file_kind_and_the_folder(tiny_pipe, tmp_path):
         f"{tmp_path / 'other.safetensors'} is neither a dreamcoeff alpha file nor a LoRA file nor learned "
         "token embeddings (clip_l/clip_g) (keys such as ['w0', 'w1'])"
     )
+
+
+@pytest.mark.parametrize("encoder", ["text_encoder", "text_encoder_2"])
+def test_lora_record_takes_a_text_encoder_only_file(tiny_pipe, tmp_path, encoder):
+    # PEFT's key format (lora_A / lora_B), one module of one encoder: accepted, its rank read from lora_A
+    module = next(n for n, _ in getattr(tiny_pipe, encoder).named_modules() if n.endswith("self_attn.q_proj"))
+    width = getattr(tiny_pipe, encoder).get_submodule(module).weight.shape[1]
+    state = {f"{encoder}.{module}.lora_A.weight": torch.randn(3, width),
+             f"{encoder}.{module}.lora_B.weight": torch.randn(width, 3)}  # fmt: skip
+    path = tmp_path / f"{encoder}.safetensors"
+    save_file(state, str(path))
+    record = lora_record(tiny_pipe, path)
+    assert (record["tensors"], record["modules"], record["rank"]) == (2, 1, 3)
+
+
+def test_lora_record_shows_ten_problems_and_counts_the_rest(tiny_pipe, tmp_path):
+    state = load_file(str(_lora_file(tmp_path / "run")))
+    bad = sorted(state)[:11]  # exactly 11 non-finite tensors: ten shown, "... and 1 more"
+    for key in bad:
+        state[key] = torch.full_like(state[key], float("nan"))
+    path = tmp_path / "nan.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(RunLoadError) as err:
+        lora_record(tiny_pipe, path)
+    lines = str(err.value).split("\n  ")
+    assert "(11 problem(s))" in lines[0]
+    assert lines[1:] == [f"{k}: non-finite values" for k in bad[:10]] + ["... and 1 more"]
