@@ -238,3 +238,21 @@ def test_apply_coeff_passes_its_chunk_size_and_remove_gives_back_the_processor_i
     assert {m.head_mix.chunk_size for m in coeff_modules(unet).values()} == {7}
     remove_coeff(unet)
     assert all(p is sliced for p in unet.attn_processors.values())
+
+
+def test_unwrap_unet_sees_through_wrappers(tiny_pipe):
+    from dreamcoeff.processor import unwrap_unet
+
+    unet = tiny_pipe.unet
+
+    class DataParallelLike(torch.nn.Module):  # what DDP and accelerate's wrappers look like: `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    compiled = torch.compile(unet)  # an OptimizedModule holding `_orig_mod`; nothing compiles until a call
+    assert unwrap_unet(tiny_pipe) is unet
+    assert unwrap_unet(DataParallelLike(unet)) is unet
+    assert unwrap_unet(compiled) is unet
+    assert unwrap_unet(DataParallelLike(torch.compile(DataParallelLike(unet)))) is unet
+    assert apply_coeff(DataParallelLike(compiled), targets=("attn2",)) == list(coeff_modules(unet))
