@@ -256,3 +256,13 @@ def test_unwrap_unet_sees_through_wrappers(tiny_pipe):
     assert unwrap_unet(compiled) is unet
     assert unwrap_unet(DataParallelLike(torch.compile(DataParallelLike(unet)))) is unet
     assert apply_coeff(DataParallelLike(compiled), targets=("attn2",)) == list(coeff_modules(unet))
+
+
+def test_an_xformers_processor_set_over_alpha_is_taken_over_keeping_xformers(alpha_unet):
+    # building diffusers' xformers processor needs no xformers; only calling it would
+    path = sorted(coeff_modules(alpha_unet))[0]
+    coeff_modules(alpha_unet)[path].set_processor(XFormersAttnProcessor())
+    assert keep_alpha_applied(alpha_unet) == {}
+    taken = coeff_modules(alpha_unet)[path].processor
+    assert isinstance(taken, CoeffAttnProcessor) and taken.plain_backend == "xformers"
+    assert isinstance(taken.__dict__["replaced"], XFormersAttnProcessor)  # what remove_coeff gives back
