@@ -28,6 +28,7 @@ from dreamcoeff.processor import (
     remove_coeff,
     set_coeff_strength,
     set_plain_attention_backend,
+    unwrap_unet,
 )
 
 
@@ -241,8 +242,6 @@ def test_apply_coeff_passes_its_chunk_size_and_remove_gives_back_the_processor_i
 
 
 def test_unwrap_unet_sees_through_wrappers(tiny_pipe):
-    from dreamcoeff.processor import unwrap_unet
-
     unet = tiny_pipe.unet
 
     class DataParallelLike(torch.nn.Module):  # what DDP and accelerate's wrappers look like: `.module`
